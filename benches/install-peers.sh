@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs the peer proxies and load tools the benchmark compares against:
+# nginx, HAProxy and wrk. Idempotent: does nothing when all are present.
+# Needs root (or sudo) and Debian/Ubuntu apt.
+set -euo pipefail
+
+want=()
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || want+=(nginx)
+command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || want+=(haproxy)
+command -v wrk >/dev/null 2>&1 || want+=(wrk)
+
+if [ ${#want[@]} -eq 0 ]; then
+    echo "install-peers: nginx, haproxy and wrk already present"
+    exit 0
+fi
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+    SUDO="sudo"
+fi
+
+echo "install-peers: installing ${want[*]}"
+$SUDO apt-get update
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends "${want[@]}"
+
+# The packages may start system services; the benchmark starts its own
+# instances with generated configs, so stop the system ones if they run.
+for svc in nginx haproxy; do
+    if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet "$svc" 2>/dev/null; then
+        $SUDO systemctl stop "$svc" || true
+    fi
+done
+echo "install-peers: done"

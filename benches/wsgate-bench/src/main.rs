@@ -1,0 +1,511 @@
+//! wsgate-bench: wsgate against nginx, HAProxy and a direct connection, on
+//! loopback, with in-process echo backends. See README.md beside Cargo.toml.
+
+mod backend;
+mod client;
+mod procstat;
+mod report;
+mod scenarios;
+mod targets;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+
+use crate::backend::Backend;
+use crate::report::{Record, Sink};
+use crate::scenarios::{Outcome, Scenario};
+use crate::targets::{Kind, Spec, Target};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "wsgate-bench",
+    about = "Benchmark wsgate against nginx, HAProxy and direct connections on loopback"
+)]
+struct Args {
+    /// Scenarios: all, or a comma list of echo64, echo16k, echo1m, handshake, idle, http.
+    #[arg(long, default_value = "all")]
+    scenario: String,
+    /// Targets, in the order they are interleaved within a run.
+    #[arg(long, default_value = "wsgate,nginx,haproxy,direct")]
+    targets: String,
+    /// Worker threads/processes given to each proxy.
+    #[arg(long, default_value_t = 1)]
+    threads: u32,
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Runs per scenario (targets interleaved in each run).
+    #[arg(long, default_value_t = 2)]
+    runs: u32,
+    /// Idle connections per target [default: from the fd hard limit, at most 9000].
+    #[arg(long)]
+    idle_conns: Option<usize>,
+    /// Seconds to hold the idle connections.
+    #[arg(long, default_value_t = 20)]
+    idle_hold: u64,
+    /// wsgate binary; when absent the tool runs `cargo build --release --bin wsgate`
+    /// and uses target/release/wsgate.
+    #[arg(long)]
+    wsgate: Option<PathBuf>,
+    /// Do not build wsgate; use target/release/wsgate as it is.
+    #[arg(long)]
+    no_build: bool,
+    #[arg(long, default_value = "/usr/sbin/nginx")]
+    nginx: PathBuf,
+    #[arg(long, default_value = "/usr/sbin/haproxy")]
+    haproxy: PathBuf,
+    /// wrk binary for the http scenario [default: `wrk` on PATH].
+    #[arg(long)]
+    wrk: Option<PathBuf>,
+    /// Use the built-in HTTP client even if wrk is installed.
+    #[arg(long)]
+    no_wrk: bool,
+    /// Results file [default: results/bench-<UTC timestamp>.jsonl in the repository].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Keep the generated configs and proxy logs.
+    #[arg(long)]
+    keep_tmp: bool,
+    /// Tokio worker threads for the load generator and echo backends.
+    #[arg(long, default_value_t = 2)]
+    client_threads: usize,
+}
+
+/// Largest idle-connection default: the nginx config allows 20000 connections
+/// per worker and each proxied connection takes two.
+const IDLE_CAP: usize = 9000;
+/// File descriptors kept free for everything else.
+const FD_MARGIN: u64 = 2000;
+
+fn main() {
+    let args = Args::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.client_threads.max(1))
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("wsgate-bench: cannot start runtime: {e}");
+            std::process::exit(2);
+        }
+    };
+    let code = rt.block_on(async {
+        tokio::select! {
+            r = run(args) => match r {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("wsgate-bench: {e}");
+                    1
+                }
+            },
+            _ = tokio::signal::ctrl_c() => {
+                eprintln!("wsgate-bench: interrupted; stopping proxies");
+                130
+            }
+        }
+    });
+    // Dropping the runtime cancels every remaining task; the proxies were
+    // already stopped when `run`'s targets were dropped.
+    rt.shutdown_timeout(Duration::from_secs(2));
+    std::process::exit(code);
+}
+
+fn workspace_root() -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    p.canonicalize().unwrap_or(p)
+}
+
+/// Removes the temp dir on drop unless kept.
+struct TempDir {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if self.keep {
+            eprintln!("kept configs and logs in {}", self.path.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+fn parse_list<T>(s: &str, all: &[T], parse: fn(&str) -> Option<T>) -> Result<Vec<T>, String>
+where
+    T: Copy,
+{
+    if s.trim() == "all" {
+        return Ok(all.to_vec());
+    }
+    s.split(',')
+        .map(|w| parse(w.trim()).ok_or_else(|| format!("unknown name {w:?}")))
+        .collect()
+}
+
+fn find_on_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| is_executable(p))
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p)
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}
+
+fn target_dir(root: &Path) -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(d) => {
+            let d = PathBuf::from(d);
+            if d.is_absolute() { d } else { root.join(d) }
+        }
+        None => root.join("target"),
+    }
+}
+
+/// Builds wsgate (release) unless told not to; returns its path.
+async fn wsgate_binary(args: &Args, root: &Path) -> Result<PathBuf, String> {
+    if let Some(p) = &args.wsgate {
+        return if is_executable(p) {
+            Ok(p.clone())
+        } else {
+            Err(format!("{} is not an executable", p.display()))
+        };
+    }
+    let bin = target_dir(root).join("release/wsgate");
+    if !args.no_build {
+        eprintln!("building wsgate: cargo build --release --bin wsgate");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let status = tokio::process::Command::new(cargo)
+            .args(["build", "--release", "--bin", "wsgate"])
+            .current_dir(root)
+            .stdin(Stdio::null())
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .status();
+        match tokio::time::timeout(Duration::from_secs(1800), status).await {
+            Ok(Ok(s)) if s.success() => {}
+            Ok(Ok(s)) => return Err(format!("cargo build --release --bin wsgate failed ({s})")),
+            Ok(Err(e)) => return Err(format!("cannot run cargo: {e}")),
+            Err(_) => return Err("cargo build --release --bin wsgate took over 30 min".into()),
+        }
+    }
+    if is_executable(&bin) {
+        Ok(bin)
+    } else {
+        Err(format!(
+            "{} not found (build it with `cargo build --release --bin wsgate`)",
+            bin.display()
+        ))
+    }
+}
+
+/// "20260101-120000" (UTC) without a date crate.
+fn utc_stamp() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let days = secs.div_euclid(86_400);
+    let tod = secs.rem_euclid(86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
+        tod / 3600,
+        tod % 3600 / 60,
+        tod % 60
+    )
+}
+
+fn fmt_us(v: Option<u64>) -> String {
+    match v {
+        None => "–".into(),
+        Some(us) if us >= 10_000 => format!("{:.1}ms", us as f64 / 1000.0),
+        Some(us) if us >= 1000 => format!("{:.2}ms", us as f64 / 1000.0),
+        Some(us) => format!("{us}µs"),
+    }
+}
+
+fn progress_line(sc: Scenario, run: u32, runs: u32, r: &Record) -> String {
+    let mut s = format!(
+        "[{sc} {run}/{runs}] {:<8} {:>10.0} {}/s  p50 {} p99 {} max {}",
+        r.target,
+        r.ops_per_s,
+        sc.unit(),
+        fmt_us(r.p50_us),
+        fmt_us(r.p99_us),
+        fmt_us(r.max_us),
+    );
+    if let Some(c) = r.proxy_cpu_s {
+        s.push_str(&format!("  cpu {c:.2}s"));
+    }
+    if let Some(o) = r.ops_per_cpu_s {
+        s.push_str(&format!(" ({o:.0}/cpu-s)"));
+    }
+    if let Some(m) = r.rss_per_conn_bytes {
+        s.push_str(&format!("  rss/conn {m:.0} B"));
+    }
+    s.push_str(&format!("  errors {}", r.errors));
+    if let Some(e) = &r.first_error {
+        s.push_str(&format!(" (first: {e})"));
+    }
+    s
+}
+
+/// Waits (bounded) until the backends hold at most `limit` sockets, so one
+/// target's closing connections do not eat the next one's descriptors.
+async fn settle(backends: &[Backend], limit: usize, wait: Duration) {
+    let deadline = Instant::now() + wait;
+    while Instant::now() < deadline {
+        let live: usize = backends.iter().map(|b| b.live()).sum();
+        if live <= limit {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let live: usize = backends.iter().map(|b| b.live()).sum();
+    eprintln!("    note: backends still hold {live} sockets after {wait:?}");
+}
+
+async fn measure(
+    sc: Scenario,
+    target: &Target,
+    args: &Args,
+    idle_conns: usize,
+    wrk: Option<&Path>,
+) -> Outcome {
+    let d = Duration::from_secs(args.duration.max(1));
+    let addr = target.addr;
+    let probe = target.probe();
+    match sc {
+        Scenario::Echo64 => scenarios::echo::run(addr, 50, 64, d, probe).await,
+        Scenario::Echo16k => scenarios::echo::run(addr, 50, 16 * 1024, d, probe).await,
+        Scenario::Echo1m => scenarios::echo::run(addr, 4, 1 << 20, d, probe).await,
+        Scenario::Handshake => scenarios::handshake::run(addr, 20, d, probe).await,
+        Scenario::Idle => {
+            let hold = Duration::from_secs(args.idle_hold);
+            scenarios::idle::run(addr, idle_conns, hold, probe).await
+        }
+        Scenario::Http => scenarios::http::run(addr, 50, d, probe, wrk).await,
+    }
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let scenario_list = parse_list(&args.scenario, &Scenario::ALL, Scenario::parse)?;
+    let kinds = parse_list(&args.targets, &Kind::ALL, Kind::parse)?;
+    if args.threads == 0 || args.runs == 0 {
+        return Err("--threads and --runs must be at least 1".into());
+    }
+
+    let (soft, hard) = procstat::raise_nofile();
+    let fd_room = (soft.saturating_sub(FD_MARGIN) / 2) as usize;
+    let idle_conns = match args.idle_conns {
+        Some(n) => {
+            if n > fd_room {
+                eprintln!(
+                    "warning: --idle-conns {n} needs ~{} fds in this process; RLIMIT_NOFILE is {soft}",
+                    2 * n
+                );
+            }
+            n
+        }
+        None => fd_room.min(IDLE_CAP),
+    };
+    eprintln!("RLIMIT_NOFILE soft {soft} hard {hard}; idle scenario uses {idle_conns} connections");
+
+    let root = workspace_root();
+    let out_path = args.out.clone().unwrap_or_else(|| {
+        root.join("results")
+            .join(format!("bench-{}.jsonl", utc_stamp()))
+    });
+    let mut sink = Sink::create(&out_path).map_err(|e| format!("{}: {e}", out_path.display()))?;
+
+    let tmp = TempDir {
+        path: std::env::temp_dir().join(format!(
+            "wsgate-bench-{}-{}",
+            std::process::id(),
+            utc_stamp()
+        )),
+        keep: args.keep_tmp,
+    };
+    std::fs::create_dir_all(&tmp.path).map_err(|e| format!("{}: {e}", tmp.path.display()))?;
+
+    let wrk = if args.no_wrk {
+        None
+    } else {
+        match &args.wrk {
+            Some(p) => Some(p.clone()),
+            None => find_on_path("wrk"),
+        }
+    };
+    if scenario_list.contains(&Scenario::Http) {
+        match &wrk {
+            Some(w) => eprintln!("http scenario uses {}", w.display()),
+            None => eprintln!("http scenario uses the built-in client (wrk not found)"),
+        }
+    }
+
+    let b1 = backend::start()
+        .await
+        .map_err(|e| format!("backend: {e}"))?;
+    let b2 = backend::start()
+        .await
+        .map_err(|e| format!("backend: {e}"))?;
+    eprintln!("echo backends on {} and {}", b1.addr, b2.addr);
+    let backend_addrs = [b1.addr, b2.addr];
+    let backends = [b1, b2];
+
+    // Start every available target once; they stay up for the whole run.
+    let mut running: Vec<Target> = Vec::new();
+    let mut skipped: Vec<String> = Vec::new();
+    for kind in &kinds {
+        let bin = match kind {
+            Kind::Direct => PathBuf::new(),
+            Kind::Wsgate => match wsgate_binary(&args, &root).await {
+                Ok(p) => p,
+                Err(e) => {
+                    skipped.push(format!("wsgate skipped: {e}"));
+                    continue;
+                }
+            },
+            Kind::Nginx | Kind::Haproxy => {
+                let p = if *kind == Kind::Nginx {
+                    &args.nginx
+                } else {
+                    &args.haproxy
+                };
+                if !is_executable(p) {
+                    skipped.push(format!(
+                        "{kind} skipped: {} not installed (bash benches/install-peers.sh)",
+                        p.display()
+                    ));
+                    continue;
+                }
+                p.clone()
+            }
+        };
+        let spec = Spec {
+            kind: *kind,
+            bin,
+            threads: args.threads,
+            backends: backend_addrs,
+            nofile_hard: hard,
+            dir: tmp.path.clone(),
+        };
+        match Target::start(spec).await {
+            Ok(t) => {
+                eprintln!("{kind} listening on {}", t.addr);
+                running.push(t);
+            }
+            Err(e) => skipped.push(format!("{kind} skipped: {e}")),
+        }
+    }
+    for s in &skipped {
+        eprintln!("note: {s}");
+    }
+    if running.is_empty() {
+        return Err("no target could be started".into());
+    }
+
+    let mut records: Vec<Record> = Vec::new();
+    for &sc in &scenario_list {
+        for run in 1..=args.runs {
+            for target in running.iter_mut() {
+                if let Some(why) = target.check_alive() {
+                    eprintln!(
+                        "[{sc} {run}/{}] {} is down: {why}; restarting",
+                        args.runs,
+                        target.kind()
+                    );
+                    let spec = target.spec.clone();
+                    target.stop();
+                    match Target::start(spec).await {
+                        Ok(t) => *target = t,
+                        Err(e) => {
+                            let mut o = Outcome::default();
+                            o.note_error(format!("down, restart failed: {e}"));
+                            let r =
+                                Record::new(target.kind().name(), sc.name(), run, args.threads, o);
+                            eprintln!("{}", progress_line(sc, run, args.runs, &r));
+                            sink.write(&r)
+                                .map_err(|e| format!("{}: {e}", out_path.display()))?;
+                            records.push(r);
+                            continue;
+                        }
+                    }
+                }
+                eprintln!("[{sc} {run}/{}] {} ...", args.runs, target.kind());
+                let o = measure(sc, target, &args, idle_conns, wrk.as_deref()).await;
+                let mut r = Record::new(target.kind().name(), sc.name(), run, args.threads, o);
+                if let Some(why) = target.check_alive() {
+                    r.errors += 1;
+                    r.note = Some(format!("{} exited during the run: {why}", target.kind()));
+                }
+                eprintln!("{}", progress_line(sc, run, args.runs, &r));
+                sink.write(&r)
+                    .map_err(|e| format!("{}: {e}", out_path.display()))?;
+                records.push(r);
+                if sc == Scenario::Idle {
+                    settle(&backends, 200, Duration::from_secs(15)).await;
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+    }
+    // Stop the proxies before printing.
+    drop(running);
+
+    let sc_names: Vec<&str> = scenario_list.iter().map(|s| s.name()).collect();
+    let t_names: Vec<&str> = kinds.iter().map(|k| k.name()).collect();
+    println!("{}", report::markdown(&records, &sc_names, &t_names));
+    for s in &skipped {
+        println!("- {s}");
+    }
+    eprintln!("results: {}", out_path.display());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stamp_has_fixed_shape() {
+        let s = utc_stamp();
+        assert_eq!(s.len(), 15);
+        assert_eq!(&s[8..9], "-");
+    }
+
+    #[test]
+    fn lists_parse() {
+        assert_eq!(
+            parse_list("all", &Scenario::ALL, Scenario::parse)
+                .unwrap()
+                .len(),
+            6
+        );
+        assert_eq!(
+            parse_list("idle,http", &Scenario::ALL, Scenario::parse).unwrap(),
+            vec![Scenario::Idle, Scenario::Http]
+        );
+        assert!(parse_list("nope", &Kind::ALL, Kind::parse).is_err());
+    }
+}

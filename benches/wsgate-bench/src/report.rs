@@ -1,0 +1,240 @@
+//! Result records (one JSON line per target × scenario × run) and the final
+//! markdown summary.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::scenarios::Outcome;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Record {
+    pub target: String,
+    pub scenario: String,
+    pub run: u32,
+    pub threads: u32,
+    pub duration_s: f64,
+    pub ops: u64,
+    pub ops_per_s: f64,
+    pub p50_us: Option<u64>,
+    pub p99_us: Option<u64>,
+    pub max_us: Option<u64>,
+    pub proxy_cpu_s: Option<f64>,
+    pub ops_per_cpu_s: Option<f64>,
+    pub rss_per_conn_bytes: Option<f64>,
+    pub errors: u64,
+    pub connections: u64,
+    pub message_bytes: Option<u64>,
+    pub rss_before_bytes: Option<u64>,
+    pub rss_after_bytes: Option<u64>,
+    pub first_error: Option<String>,
+    pub note: Option<String>,
+    pub unix_time: u64,
+}
+
+impl Record {
+    pub fn new(target: &str, scenario: &str, run: u32, threads: u32, o: Outcome) -> Record {
+        let ops_per_s = if o.duration_s > 0.0 {
+            o.ops as f64 / o.duration_s
+        } else {
+            0.0
+        };
+        // Below 10 ms of CPU the tick resolution makes a ratio meaningless.
+        let ops_per_cpu_s = o
+            .proxy_cpu_s
+            .filter(|c| *c >= 0.01)
+            .map(|c| o.ops as f64 / c);
+        Record {
+            target: target.into(),
+            scenario: scenario.into(),
+            run,
+            threads,
+            duration_s: o.duration_s,
+            ops: o.ops,
+            ops_per_s,
+            p50_us: o.p50_us,
+            p99_us: o.p99_us,
+            max_us: o.max_us,
+            proxy_cpu_s: o.proxy_cpu_s,
+            ops_per_cpu_s,
+            rss_per_conn_bytes: o.rss_per_conn_bytes,
+            errors: o.errors,
+            connections: o.connections,
+            message_bytes: o.message_bytes,
+            rss_before_bytes: o.rss_before_bytes,
+            rss_after_bytes: o.rss_after_bytes,
+            first_error: o.first_error,
+            note: o.note,
+            unix_time: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        }
+    }
+}
+
+/// Appends records to a .jsonl file, flushing each line.
+pub struct Sink {
+    w: BufWriter<File>,
+}
+
+impl Sink {
+    pub fn create(path: &Path) -> std::io::Result<Sink> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        Ok(Sink {
+            w: BufWriter::new(File::create(path)?),
+        })
+    }
+
+    pub fn write(&mut self, r: &Record) -> std::io::Result<()> {
+        serde_json::to_writer(&mut self.w, r)?;
+        self.w.write_all(b"\n")?;
+        self.w.flush()
+    }
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.retain(|x| x.is_finite());
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
+}
+
+fn fmt_num(v: Option<f64>) -> String {
+    match v {
+        None => "–".into(),
+        Some(x) if x.abs() >= 100.0 => format!("{x:.0}"),
+        Some(x) if x.abs() >= 10.0 => format!("{x:.1}"),
+        Some(x) => format!("{x:.2}"),
+    }
+}
+
+fn fmt_ratio(a: Option<f64>, b: Option<f64>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}×", a / b),
+        _ => "–".into(),
+    }
+}
+
+struct Summary {
+    ops_per_s: Option<f64>,
+    p99_us: Option<f64>,
+    ops_per_cpu_s: Option<f64>,
+    rss_per_conn: Option<f64>,
+    errors: u64,
+    runs: usize,
+}
+
+fn summarize(rs: &[&Record]) -> Summary {
+    let opt = |f: &dyn Fn(&Record) -> Option<f64>| median(rs.iter().filter_map(|r| f(r)).collect());
+    Summary {
+        ops_per_s: opt(&|r| Some(r.ops_per_s)),
+        p99_us: opt(&|r| r.p99_us.map(|v| v as f64)),
+        ops_per_cpu_s: opt(&|r| r.ops_per_cpu_s),
+        rss_per_conn: opt(&|r| r.rss_per_conn_bytes),
+        errors: rs.iter().map(|r| r.errors).sum(),
+        runs: rs.len(),
+    }
+}
+
+/// Markdown: per scenario, medians over runs per target, and wsgate's ratio
+/// to each other target (ops/s and ops per CPU-second; for idle, memory).
+pub fn markdown(records: &[Record], scenarios: &[&str], targets: &[&str]) -> String {
+    let mut by: BTreeMap<(&str, &str), Vec<&Record>> = BTreeMap::new();
+    for r in records {
+        by.entry((r.scenario.as_str(), r.target.as_str()))
+            .or_default()
+            .push(r);
+    }
+    let threads = records.first().map(|r| r.threads).unwrap_or(0);
+    let mut s = format!(
+        "### wsgate-bench: medians over runs, proxies with {threads} thread(s)\n\n\
+         | scenario | target | runs | ops/s | p99 µs | ops per proxy CPU-s | RSS/conn B | errors | wsgate ÷ target ops/s | wsgate ÷ target ops/CPU-s |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n"
+    );
+    for sc in scenarios {
+        let ws = by.get(&(*sc, "wsgate")).map(|v| summarize(v));
+        for t in targets {
+            let Some(rs) = by.get(&(*sc, *t)) else {
+                continue;
+            };
+            let m = summarize(rs);
+            let (r_ops, r_cpu) = match &ws {
+                Some(w) if *t != "wsgate" => {
+                    if *sc == "idle" {
+                        // Lower memory is better: show target's bytes ÷ wsgate's.
+                        (
+                            "–".to_string(),
+                            match (m.rss_per_conn, w.rss_per_conn) {
+                                (Some(a), Some(b)) if b > 0.0 => format!("mem {:.2}× less", a / b),
+                                _ => "–".into(),
+                            },
+                        )
+                    } else {
+                        (
+                            fmt_ratio(w.ops_per_s, m.ops_per_s),
+                            fmt_ratio(w.ops_per_cpu_s, m.ops_per_cpu_s),
+                        )
+                    }
+                }
+                _ => ("–".into(), "–".into()),
+            };
+            s.push_str(&format!(
+                "| {sc} | {t} | {} | {} | {} | {} | {} | {} | {r_ops} | {r_cpu} |\n",
+                m.runs,
+                fmt_num(m.ops_per_s),
+                fmt_num(m.p99_us),
+                fmt_num(m.ops_per_cpu_s),
+                if *t == "direct" && *sc == "idle" {
+                    "na".into()
+                } else {
+                    fmt_num(m.rss_per_conn)
+                },
+                m.errors,
+            ));
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(target: &str, ops_per_s: f64) -> Record {
+        let o = Outcome {
+            ops: (ops_per_s * 2.0) as u64,
+            duration_s: 2.0,
+            proxy_cpu_s: Some(1.0),
+            ..Default::default()
+        };
+        Record::new(target, "echo64", 1, 1, o)
+    }
+
+    #[test]
+    fn median_of_even_and_odd() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![4.0, 1.0]), Some(2.5));
+        assert_eq!(median(vec![]), None);
+    }
+
+    #[test]
+    fn table_has_ratio() {
+        let rs = vec![rec("wsgate", 200.0), rec("nginx", 100.0)];
+        let md = markdown(&rs, &["echo64"], &["wsgate", "nginx"]);
+        assert!(md.contains("| echo64 | nginx |"), "{md}");
+        assert!(md.contains("2.00×"), "{md}");
+    }
+}

@@ -1,0 +1,146 @@
+//! The scenarios. Each measures one target and returns an [`Outcome`]; the
+//! caller turns it into a result record.
+
+pub mod echo;
+pub mod handshake;
+pub mod http;
+pub mod idle;
+
+use std::fmt;
+
+use hdrhistogram::Histogram;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scenario {
+    Echo64,
+    Echo16k,
+    Echo1m,
+    Handshake,
+    Idle,
+    Http,
+}
+
+impl Scenario {
+    pub const ALL: [Scenario; 6] = [
+        Scenario::Echo64,
+        Scenario::Echo16k,
+        Scenario::Echo1m,
+        Scenario::Handshake,
+        Scenario::Idle,
+        Scenario::Http,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Echo64 => "echo64",
+            Scenario::Echo16k => "echo16k",
+            Scenario::Echo1m => "echo1m",
+            Scenario::Handshake => "handshake",
+            Scenario::Idle => "idle",
+            Scenario::Http => "http",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Scenario> {
+        Scenario::ALL.into_iter().find(|k| k.name() == s)
+    }
+
+    /// What one op is, for progress lines.
+    pub fn unit(self) -> &'static str {
+        match self {
+            Scenario::Echo64 | Scenario::Echo16k | Scenario::Echo1m => "msg",
+            Scenario::Handshake => "handshake",
+            Scenario::Idle => "conn",
+            Scenario::Http => "req",
+        }
+    }
+}
+
+impl fmt::Display for Scenario {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Latency histogram in microseconds, 1 µs .. 10 min, 3 significant digits.
+pub fn new_hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 600_000_000, 3).expect("static histogram bounds are valid")
+}
+
+/// What one measurement of one target produced.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub ops: u64,
+    pub duration_s: f64,
+    pub p50_us: Option<u64>,
+    pub p99_us: Option<u64>,
+    pub max_us: Option<u64>,
+    pub errors: u64,
+    pub proxy_cpu_s: Option<f64>,
+    pub connections: u64,
+    pub message_bytes: Option<u64>,
+    pub rss_before_bytes: Option<u64>,
+    pub rss_after_bytes: Option<u64>,
+    pub rss_per_conn_bytes: Option<f64>,
+    /// The first error seen, for the progress line.
+    pub first_error: Option<String>,
+    pub note: Option<String>,
+}
+
+impl Outcome {
+    pub fn set_latency(&mut self, h: &Histogram<u64>) {
+        if h.is_empty() {
+            return;
+        }
+        self.p50_us = Some(h.value_at_quantile(0.50));
+        self.p99_us = Some(h.value_at_quantile(0.99));
+        self.max_us = Some(h.max());
+    }
+
+    pub fn note_error(&mut self, e: String) {
+        self.errors += 1;
+        if self.first_error.is_none() {
+            self.first_error = Some(e);
+        }
+    }
+}
+
+/// Per-task tallies merged at the end (no shared locks on the hot path).
+pub struct Tally {
+    pub ops: u64,
+    pub hist: Histogram<u64>,
+    pub errors: u64,
+    pub first_error: Option<String>,
+}
+
+impl Tally {
+    pub fn new() -> Self {
+        Tally {
+            ops: 0,
+            hist: new_hist(),
+            errors: 0,
+            first_error: None,
+        }
+    }
+
+    pub fn error(&mut self, e: String) {
+        self.errors += 1;
+        if self.first_error.is_none() {
+            self.first_error = Some(e);
+        }
+    }
+
+    pub fn record_us(&mut self, us: u64) {
+        self.ops += 1;
+        self.hist.saturating_record(us.max(1));
+    }
+
+    pub fn merge_into(self, total: &mut Tally) {
+        total.ops += self.ops;
+        total.errors += self.errors;
+        let _ = total.hist.add(&self.hist);
+        if total.first_error.is_none() {
+            total.first_error = self.first_error;
+        }
+    }
+}

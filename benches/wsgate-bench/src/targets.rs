@@ -1,0 +1,475 @@
+//! The proxies under test: config generation, spawning as child processes in
+//! their own process group, readiness checks and guaranteed teardown.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+use tokio::time::timeout;
+
+use crate::procstat::Probe;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Wsgate,
+    Nginx,
+    Haproxy,
+    Direct,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 4] = [Kind::Wsgate, Kind::Nginx, Kind::Haproxy, Kind::Direct];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Wsgate => "wsgate",
+            Kind::Nginx => "nginx",
+            Kind::Haproxy => "haproxy",
+            Kind::Direct => "direct",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.name() == s)
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What a proxy needs to be started.
+#[derive(Clone, Debug)]
+pub struct Spec {
+    pub kind: Kind,
+    /// Executable (unused for direct).
+    pub bin: PathBuf,
+    pub threads: u32,
+    pub backends: [SocketAddr; 2],
+    pub nofile_hard: u64,
+    pub dir: PathBuf,
+}
+
+/// A running target. For direct, `addr` is the first backend and there is no process.
+pub struct Target {
+    pub spec: Spec,
+    pub addr: SocketAddr,
+    proc: Option<ProcGuard>,
+}
+
+impl Target {
+    pub fn kind(&self) -> Kind {
+        self.spec.kind
+    }
+
+    pub fn probe(&self) -> Probe {
+        Probe {
+            pid: self.proc.as_ref().and_then(|p| p.child.id()),
+        }
+    }
+
+    /// None while running (or for direct); otherwise why it is not.
+    pub fn check_alive(&mut self) -> Option<String> {
+        let p = self.proc.as_mut()?;
+        match p.child.try_wait() {
+            Ok(None) => None,
+            Ok(Some(st)) => Some(format!("{} exited ({st}); log: {}", p.name, p.log_tail())),
+            Err(e) => Some(format!("{}: wait failed: {e}", p.name)),
+        }
+    }
+
+    /// Starts (or for direct, just describes) the target and waits until it proxies.
+    pub async fn start(spec: Spec) -> Result<Target, String> {
+        if spec.kind == Kind::Direct {
+            return Ok(Target {
+                addr: spec.backends[0],
+                spec,
+                proc: None,
+            });
+        }
+        let port = free_port().map_err(|e| format!("no free port: {e}"))?;
+        let addr: SocketAddr = SocketAddr::from(([127, 0, 0, 1], port));
+        let name = spec.kind.name();
+        let conf_dir = spec.dir.join(name);
+        std::fs::create_dir_all(&conf_dir).map_err(|e| format!("{}: {e}", conf_dir.display()))?;
+        let (conf_file, text, args) = match spec.kind {
+            Kind::Wsgate => {
+                let f = conf_dir.join("wsgate.toml");
+                let args = vec![
+                    "run".into(),
+                    "--config".into(),
+                    f.display().to_string(),
+                    "--threads".into(),
+                    spec.threads.to_string(),
+                ];
+                (f.clone(), wsgate_config(&spec, addr), args)
+            }
+            Kind::Nginx => {
+                let f = conf_dir.join("nginx.conf");
+                let args = vec![
+                    "-c".into(),
+                    f.display().to_string(),
+                    "-p".into(),
+                    conf_dir.display().to_string(),
+                    "-e".into(),
+                    conf_dir.join("error.log").display().to_string(),
+                ];
+                (f.clone(), nginx_config(&spec, addr, &conf_dir), args)
+            }
+            Kind::Haproxy => {
+                let f = conf_dir.join("haproxy.cfg");
+                let args = vec!["-f".into(), f.display().to_string(), "-db".into()];
+                (f.clone(), haproxy_config(&spec, addr), args)
+            }
+            Kind::Direct => unreachable!(),
+        };
+        std::fs::write(&conf_file, text).map_err(|e| format!("{}: {e}", conf_file.display()))?;
+        let log = conf_dir.join("output.log");
+        let proc = ProcGuard::spawn(name, &spec.bin, &args, &log)?;
+        let mut t = Target {
+            spec,
+            addr,
+            proc: Some(proc),
+        };
+        t.wait_ready(Duration::from_secs(15)).await?;
+        Ok(t)
+    }
+
+    /// Waits until `GET /` through the target answers 200.
+    async fn wait_ready(&mut self, limit: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + limit;
+        let mut last = String::from("not tried");
+        while Instant::now() < deadline {
+            if let Some(dead) = self.check_alive() {
+                return Err(dead);
+            }
+            match http_get_status(self.addr, Duration::from_secs(2)).await {
+                Ok(200) => return Ok(()),
+                Ok(s) => last = format!("GET / answered {s}"),
+                Err(e) => last = e,
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let tail = self.proc.as_ref().map(|p| p.log_tail()).unwrap_or_default();
+        Err(format!(
+            "{} not ready after {limit:?}: {last}; log: {tail}",
+            self.kind()
+        ))
+    }
+
+    /// Stops the process now (also done on drop).
+    pub fn stop(&mut self) {
+        self.proc.take();
+    }
+}
+
+/// A port free on 127.0.0.1 right now (bound and released).
+pub fn free_port() -> std::io::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// Minimal `GET /` with `Connection: close`; returns the status code.
+pub async fn http_get_status(addr: SocketAddr, limit: Duration) -> Result<u16, String> {
+    let fut = async {
+        let mut s = TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect {addr}: {e}"))?;
+        s.write_all(b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+            .await
+            .map_err(|e| format!("write: {e}"))?;
+        let mut buf = Vec::with_capacity(512);
+        let mut chunk = [0u8; 512];
+        loop {
+            let n = s.read(&mut chunk).await.map_err(|e| format!("read: {e}"))?;
+            if n == 0 || buf.len() > 64 * 1024 {
+                break;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            if buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                break;
+            }
+        }
+        let head = String::from_utf8_lossy(&buf);
+        head.split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse::<u16>().ok())
+            .ok_or_else(|| format!("bad response: {:?}", head.lines().next().unwrap_or("")))
+    };
+    match timeout(limit, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("GET / to {addr} timed out")),
+    }
+}
+
+pub fn wsgate_config(spec: &Spec, addr: SocketAddr) -> String {
+    format!(
+        r#"# generated by wsgate-bench
+workers = {threads}
+
+[[listener]]
+name = "bench"
+listen = "{addr}"
+
+[[route]]
+name = "all"
+path_prefix = "/"
+pool = "echo"
+websocket = {{ ping_interval = "0s", idle_timeout = "3600s", max_message_size = "64MiB" }}
+
+[pool.echo]
+policy = "least_conn"
+backends = [ {{ addr = "{b1}" }}, {{ addr = "{b2}" }} ]
+"#,
+        threads = spec.threads,
+        b1 = spec.backends[0],
+        b2 = spec.backends[1],
+    )
+}
+
+pub fn nginx_config(spec: &Spec, addr: SocketAddr, dir: &Path) -> String {
+    // As root the workers would drop to "nobody"; keep them as the caller.
+    // SAFETY: geteuid has no preconditions.
+    let user = if unsafe { libc::geteuid() } == 0 {
+        "user root;\n"
+    } else {
+        ""
+    };
+    let d = dir.display();
+    format!(
+        r#"# generated by wsgate-bench
+{user}worker_processes {threads};
+daemon off;
+master_process on;
+worker_rlimit_nofile {nofile};
+error_log {d}/error.log warn;
+pid {d}/nginx.pid;
+
+events {{
+    worker_connections 20000;
+}}
+
+http {{
+    access_log off;
+    client_body_temp_path {d}/client_body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+
+    # The usual WebSocket map; '' maps to no Connection header so plain HTTP
+    # keeps its upstream keepalive connections.
+    map $http_upgrade $connection_upgrade {{
+        default upgrade;
+        ''      '';
+    }}
+
+    upstream echo {{
+        least_conn;
+        server {b1};
+        server {b2};
+        keepalive 64;
+    }}
+
+    server {{
+        listen {addr} backlog=4096;
+        location / {{
+            proxy_pass http://echo;
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection $connection_upgrade;
+            proxy_set_header Host $host;
+            proxy_read_timeout 3600s;
+            proxy_send_timeout 3600s;
+            proxy_buffer_size 16k;
+            proxy_busy_buffers_size 16k;
+        }}
+    }}
+}}
+"#,
+        threads = spec.threads,
+        nofile = spec.nofile_hard,
+        b1 = spec.backends[0],
+        b2 = spec.backends[1],
+    )
+}
+
+/// HAProxy wants about 2 fds per connection and refuses to start when
+/// `maxconn` needs more than RLIMIT_NOFILE allows: 40000, or what fits.
+pub fn haproxy_maxconn(nofile_hard: u64) -> u64 {
+    (nofile_hard.saturating_sub(200) / 2).clamp(100, 40_000)
+}
+
+pub fn haproxy_config(spec: &Spec, addr: SocketAddr) -> String {
+    format!(
+        r#"# generated by wsgate-bench
+global
+    nbthread {threads}
+    maxconn {maxconn}
+
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    timeout http-request 10s
+    timeout http-keep-alive 60s
+    timeout client-fin 5s
+    timeout tunnel 3600s
+    http-reuse safe
+
+frontend bench
+    bind {addr}
+    default_backend echo
+
+backend echo
+    balance leastconn
+    server b1 {b1}
+    server b2 {b2}
+"#,
+        threads = spec.threads,
+        maxconn = haproxy_maxconn(spec.nofile_hard),
+        b1 = spec.backends[0],
+        b2 = spec.backends[1],
+    )
+}
+
+/// A child process in its own process group; the whole group is terminated
+/// (SIGTERM, then SIGKILL) when the guard is dropped.
+struct ProcGuard {
+    name: &'static str,
+    child: Child,
+    pgid: i32,
+    log: PathBuf,
+}
+
+impl ProcGuard {
+    fn spawn(
+        name: &'static str,
+        bin: &Path,
+        args: &[String],
+        log: &Path,
+    ) -> Result<ProcGuard, String> {
+        let out = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
+        let err = out.try_clone().map_err(|e| e.to_string())?;
+        let mut cmd = Command::new(bin);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
+            .kill_on_drop(true)
+            .process_group(0);
+        // SAFETY: prctl is async-signal-safe; if this tool dies the child is
+        // told to terminate (and an nginx master then stops its workers).
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot start {name} ({}): {e}", bin.display()))?;
+        let pgid = child.id().map(|p| p as i32).unwrap_or(0);
+        Ok(ProcGuard {
+            name,
+            child,
+            pgid,
+            log: log.to_path_buf(),
+        })
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let start = lines.len().saturating_sub(8);
+        let mut tail = lines[start..].join(" | ");
+        // nginx writes to its error.log rather than stderr.
+        let elog = self.log.with_file_name("error.log");
+        if let Ok(e) = std::fs::read_to_string(elog) {
+            let el: Vec<&str> = e.lines().collect();
+            let s = el.len().saturating_sub(5);
+            if !el.is_empty() {
+                tail.push_str(" | error.log: ");
+                tail.push_str(&el[s..].join(" | "));
+            }
+        }
+        tail
+    }
+}
+
+fn group_exists(pgid: i32) -> bool {
+    // SAFETY: kill with signal 0 only checks for existence.
+    unsafe { libc::kill(-pgid, 0) == 0 }
+}
+
+impl Drop for ProcGuard {
+    fn drop(&mut self) {
+        if self.pgid <= 1 {
+            let _ = self.child.start_kill();
+            return;
+        }
+        // SAFETY: signalling our own child's process group.
+        unsafe {
+            libc::kill(-self.pgid, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_millis(1500);
+        while Instant::now() < deadline {
+            let _ = self.child.try_wait();
+            if !group_exists(self.pgid) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // SAFETY: as above.
+        unsafe {
+            libc::kill(-self.pgid, libc::SIGKILL);
+        }
+        let _ = self.child.start_kill();
+        let deadline = Instant::now() + Duration::from_millis(500);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(kind: Kind) -> Spec {
+        Spec {
+            kind,
+            bin: PathBuf::from("x"),
+            threads: 2,
+            backends: [
+                "127.0.0.1:1001".parse().unwrap(),
+                "127.0.0.1:1002".parse().unwrap(),
+            ],
+            nofile_hard: 20000,
+            dir: PathBuf::from("/tmp/x"),
+        }
+    }
+
+    #[test]
+    fn configs_name_backends_and_threads() {
+        let addr: SocketAddr = "127.0.0.1:9999".parse().unwrap();
+        let w = wsgate_config(&spec(Kind::Wsgate), addr);
+        assert!(w.contains("workers = 2") && w.contains("127.0.0.1:1002"));
+        assert!(w.contains("ping_interval = \"0s\""));
+        let n = nginx_config(&spec(Kind::Nginx), addr, Path::new("/tmp/x"));
+        assert!(n.contains("worker_processes 2;") && n.contains("least_conn;"));
+        let h = haproxy_config(&spec(Kind::Haproxy), addr);
+        assert!(h.contains("nbthread 2") && h.contains("balance leastconn"));
+    }
+}
