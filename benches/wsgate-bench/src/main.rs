@@ -425,6 +425,21 @@ async fn run(args: Args) -> Result<(), String> {
         return Err("no target could be started".into());
     }
 
+    let per_run: u64 = scenario_list
+        .iter()
+        .map(|sc| match sc {
+            Scenario::Idle => args.idle_hold + 5,
+            _ => args.duration + 1,
+        })
+        .sum();
+    eprintln!(
+        "{} target(s) × {} scenario(s) × {} run(s): about {} min",
+        running.len(),
+        scenario_list.len(),
+        args.runs,
+        (per_run * args.runs as u64 * running.len() as u64).div_ceil(60)
+    );
+
     let mut records: Vec<Record> = Vec::new();
     for &sc in &scenario_list {
         for run in 1..=args.runs {
