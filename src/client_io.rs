@@ -1,0 +1,146 @@
+//! The client's TCP stream as the HTTP layer sees it, with the two HTTP timeouts hyper does not keep the
+//! way a proxy needs them:
+//!
+//! - `header`: a request head must be complete within this time of its first byte (slowloris guard); a new
+//!   connection must also send its first request within it;
+//! - `http_idle`: a keep-alive connection with no request in flight is closed after this long.
+//!
+//! While a request is being served (`Phase::Busy`) neither applies: backend timeouts govern then, and an
+//! upgraded connection leaves this wrapper entirely (the tunnel takes the inner `TcpStream`).
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
+
+/// Where a client connection is between requests; shared by the stream and the request handler.
+#[derive(Debug, Default)]
+pub struct Phase(AtomicU8);
+
+const WAITING_FIRST: u8 = 0;
+const IDLE_STARTED: u8 = 1;
+const IDLE: u8 = 2;
+const HEADERS: u8 = 3;
+const BUSY: u8 = 4;
+
+impl Phase {
+    /// A request head has arrived and is being served.
+    pub fn busy(&self) {
+        self.0.store(BUSY, Ordering::Relaxed);
+    }
+
+    /// The response has been sent completely: the connection waits for its next request.
+    pub fn idle(&self) {
+        self.0.store(IDLE_STARTED, Ordering::Relaxed);
+    }
+}
+
+pub struct ClientIo {
+    stream: TcpStream,
+    phase: Arc<Phase>,
+    header_timeout: Duration,
+    idle_timeout: Duration,
+    timer: Pin<Box<Sleep>>,
+}
+
+impl ClientIo {
+    pub fn new(
+        stream: TcpStream,
+        phase: Arc<Phase>,
+        header_timeout: Duration,
+        idle_timeout: Duration,
+    ) -> ClientIo {
+        ClientIo {
+            stream,
+            phase,
+            header_timeout,
+            idle_timeout,
+            timer: Box::pin(tokio::time::sleep(header_timeout)),
+        }
+    }
+
+    pub fn into_stream(self) -> TcpStream {
+        self.stream
+    }
+}
+
+impl AsyncRead for ClientIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let mut phase = this.phase.0.load(Ordering::Relaxed);
+        if phase == IDLE_STARTED {
+            this.timer
+                .as_mut()
+                .reset(Instant::now() + this.idle_timeout);
+            this.phase.0.store(IDLE, Ordering::Relaxed);
+            phase = IDLE;
+        }
+        let before = buf.filled().len();
+        match Pin::new(&mut this.stream).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before && phase == IDLE {
+                    this.timer
+                        .as_mut()
+                        .reset(Instant::now() + this.header_timeout);
+                    this.phase.0.store(HEADERS, Ordering::Relaxed);
+                } else if buf.filled().len() > before && phase == WAITING_FIRST {
+                    // The header timer of a new connection runs from the accept; it keeps running.
+                    this.phase.0.store(HEADERS, Ordering::Relaxed);
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                if phase != BUSY && this.timer.as_mut().poll(cx).is_ready() {
+                    let what = if phase == IDLE {
+                        "keep-alive idle timeout"
+                    } else {
+                        "request header timeout"
+                    };
+                    return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, what)));
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl AsyncWrite for ClientIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,653 @@
+//! The configuration the gateway runs on, and the step that builds it from a TOML file.
+//!
+//! `file.rs` holds what the file says; this module checks it and turns it into typed values. Every problem is
+//! reported as `file:line: key: message`, and all of them are collected, so `wsgate check` can list them at once.
+
+mod file;
+pub mod units;
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use file::{FileBackend, FileConfig, FileRoute, FileWebSocket, Text};
+use toml::Spanned;
+
+/// One problem in a config file, with where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    pub line: usize,
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}:{}: {}", self.file, self.line, self.message)
+        } else {
+            write!(
+                f,
+                "{}:{}: {}: {}",
+                self.file, self.line, self.key, self.message
+            )
+        }
+    }
+}
+
+/// Every problem found in one config file (never empty).
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, error) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{error}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The file this config was read from, if any (used in logs, `/status` and reloads).
+    pub source: Option<PathBuf>,
+    /// Runtime worker threads; `None` means one per core.
+    pub workers: Option<usize>,
+    pub admin: Option<SocketAddr>,
+    pub timeouts: Timeouts,
+    pub limits: Limits,
+    pub listeners: Vec<ListenerConfig>,
+    pub routes: Vec<RouteConfig>,
+    pub pools: BTreeMap<String, PoolConfig>,
+}
+
+/// Timeouts of the HTTP side. None of them applies to an upgraded connection: tunnels have their own
+/// settings in [`WebSocketSettings`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Timeouts {
+    /// TCP connect to a backend.
+    pub connect: Duration,
+    /// From sending the upgrade request to a backend until its full answer head has arrived.
+    pub handshake: Duration,
+    /// A client must send a complete request head within this time of its first byte (slowloris guard).
+    pub header: Duration,
+    /// A keep-alive client connection with no request in flight is closed after this long.
+    pub http_idle: Duration,
+    /// A backend must start its HTTP response within this time (else 504).
+    pub backend_response: Duration,
+    /// On shutdown, how long live connections get to finish.
+    pub drain: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(5),
+            handshake: Duration::from_secs(10),
+            header: Duration::from_secs(10),
+            http_idle: Duration::from_secs(60),
+            backend_response: Duration::from_secs(60),
+            drain: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    /// Largest request head a client may send; larger gets 431.
+    pub max_header_size: usize,
+    /// Most client connections open at once per listener; further accepts wait.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_header_size: 64 << 10,
+            max_connections: 100_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteConfig {
+    pub name: String,
+    /// Lower-cased host without port; `None` matches every host.
+    pub host: Option<String>,
+    pub path_prefix: String,
+    pub pool: String,
+    pub websocket: WebSocketSettings,
+}
+
+/// Per-route settings of upgraded connections (DESIGN.md §2).
+#[derive(Debug, Clone, PartialEq)]
+pub struct WebSocketSettings {
+    /// No data frame in either direction for this long ends the tunnel.
+    pub idle_timeout: Duration,
+    /// wsgate pings the client after this much silence from it; `None` disables pings.
+    pub ping_interval: Option<Duration>,
+    /// After a ping, some frame must arrive within this time or the peer is dead.
+    pub pong_timeout: Duration,
+    /// Largest message, summed over its fragments.
+    pub max_message_size: u64,
+    /// After wsgate sends or forwards a Close, how long it waits for the answer before dropping TCP.
+    pub close_timeout: Duration,
+    /// Ping the backend too, the same way as the client.
+    pub ping_backend: bool,
+    /// Upper bound on a tunnel's whole life; `None` is unbounded.
+    pub max_lifetime: Option<Duration>,
+}
+
+impl Default for WebSocketSettings {
+    fn default() -> Self {
+        WebSocketSettings {
+            idle_timeout: Duration::from_secs(300),
+            ping_interval: Some(Duration::from_secs(30)),
+            pong_timeout: Duration::from_secs(10),
+            max_message_size: 16 << 20,
+            close_timeout: Duration::from_secs(2),
+            ping_backend: false,
+            max_lifetime: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    LeastConn,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolConfig {
+    pub policy: Policy,
+    pub backends: Vec<BackendConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct BackendConfig {
+    /// `host:port` as written; the backend's identity across reloads.
+    pub addr: String,
+    pub weight: u32,
+    /// A draining backend takes no new connections; its live ones finish.
+    pub drain: bool,
+}
+
+impl Config {
+    /// Reads and checks a config file.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigErrors> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                file: name.clone(),
+                line: 0,
+                key: String::new(),
+                message: format!("cannot read the file: {e}"),
+            }])
+        })?;
+        let mut config = Config::from_toml(&text, &name)?;
+        config.source = Some(path.to_path_buf());
+        Ok(config)
+    }
+
+    /// Checks config text; `file_name` is what error messages call it.
+    pub fn from_toml(text: &str, file_name: &str) -> Result<Config, ConfigErrors> {
+        let mut check = Checker {
+            file: file_name,
+            text,
+            errors: Vec::new(),
+        };
+        let parsed: FileConfig = match toml::from_str(text) {
+            Ok(parsed) => parsed,
+            Err(e) => {
+                let line = e.span().map_or(0, |s| check.line_of(s.start));
+                check.errors.push(ConfigError {
+                    file: file_name.to_string(),
+                    line,
+                    key: String::new(),
+                    message: e.message().trim().to_string(),
+                });
+                return Err(ConfigErrors(check.errors));
+            }
+        };
+        let config = check.config(parsed);
+        if check.errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors(check.errors))
+        }
+    }
+}
+
+/// Walks the parsed file, collecting every problem.
+struct Checker<'a> {
+    file: &'a str,
+    text: &'a str,
+    errors: Vec<ConfigError>,
+}
+
+impl Checker<'_> {
+    fn line_of(&self, offset: usize) -> usize {
+        let end = offset.min(self.text.len());
+        self.text.as_bytes()[..end]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
+            + 1
+    }
+
+    fn error(&mut self, at: usize, key: impl Into<String>, message: impl Into<String>) {
+        self.errors.push(ConfigError {
+            file: self.file.to_string(),
+            line: self.line_of(at),
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    fn config(&mut self, file: FileConfig) -> Config {
+        let defaults = Timeouts::default();
+        let workers = file.workers.and_then(|w| match *w.get_ref() {
+            0 => None,
+            n if (1..=1024).contains(&n) => Some(n as usize),
+            _ => {
+                self.error(
+                    w.span().start,
+                    "workers",
+                    "must be between 0 (one per core) and 1024",
+                );
+                None
+            }
+        });
+        let admin = file
+            .admin
+            .and_then(|a| self.socket_addr(&a.listen, "admin.listen"));
+        let t = &file.timeouts;
+        let timeouts = Timeouts {
+            connect: self.timeout(&t.connect, "timeouts.connect", defaults.connect),
+            handshake: self.timeout(&t.handshake, "timeouts.handshake", defaults.handshake),
+            header: self.timeout(&t.header, "timeouts.header", defaults.header),
+            http_idle: self.timeout(&t.http_idle, "timeouts.http_idle", defaults.http_idle),
+            backend_response: self.timeout(
+                &t.backend_response,
+                "timeouts.backend_response",
+                defaults.backend_response,
+            ),
+            drain: self.timeout(&t.drain, "timeouts.drain", defaults.drain),
+        };
+        let limits = self.limits(&file.limits);
+
+        let mut listeners = Vec::new();
+        let mut seen = HashSet::new();
+        for (i, l) in file.listener.iter().enumerate() {
+            let key = format!("listener[{i}]");
+            if !seen.insert(l.name.get_ref().clone()) {
+                self.error(
+                    l.name.span().start,
+                    format!("{key}.name"),
+                    "duplicate listener name",
+                );
+            }
+            self.label(&l.name, &format!("{key}.name"));
+            if let Some(listen) = self.socket_addr(&l.listen, &format!("{key}.listen")) {
+                listeners.push(ListenerConfig {
+                    name: l.name.get_ref().clone(),
+                    listen,
+                });
+            }
+        }
+        if file.listener.is_empty() {
+            self.error(0, "listener", "at least one [[listener]] is needed");
+        }
+
+        let mut pools = BTreeMap::new();
+        for (name, pool) in &file.pool {
+            let key = format!("pool.{name}");
+            let start = pool.span().start;
+            if name.is_empty() || !is_label(name) {
+                self.error(
+                    start,
+                    &key,
+                    "pool names may use letters, digits, '-', '_' and '.'",
+                );
+            }
+            let pool = pool.get_ref();
+            let policy = match pool.policy.as_ref().map(|p| (p.get_ref().as_str(), p)) {
+                None | Some(("least_conn", _)) => Policy::LeastConn,
+                Some((other, p)) => {
+                    self.error(
+                        p.span().start,
+                        format!("{key}.policy"),
+                        format!("unknown policy `{other}` (expected \"least_conn\")"),
+                    );
+                    Policy::LeastConn
+                }
+            };
+            if pool.backends.get_ref().is_empty() {
+                self.error(
+                    pool.backends.span().start,
+                    format!("{key}.backends"),
+                    "a pool needs at least one backend",
+                );
+            }
+            let mut addrs = HashSet::new();
+            let backends = pool
+                .backends
+                .get_ref()
+                .iter()
+                .enumerate()
+                .filter_map(|(i, b)| {
+                    let key = format!("{key}.backends[{i}]");
+                    if !addrs.insert(b.addr.get_ref().clone()) {
+                        self.error(
+                            b.addr.span().start,
+                            format!("{key}.addr"),
+                            "the same backend is listed twice",
+                        );
+                    }
+                    self.backend(b, &key)
+                })
+                .collect();
+            pools.insert(name.clone(), PoolConfig { policy, backends });
+        }
+
+        let mut routes = Vec::new();
+        let mut seen = HashSet::new();
+        for (i, r) in file.route.iter().enumerate() {
+            if !seen.insert(r.name.get_ref().clone()) {
+                self.error(
+                    r.name.span().start,
+                    format!("route[{i}].name"),
+                    "duplicate route name",
+                );
+            }
+            if let Some(route) = self.route(r, i, &file.pool) {
+                routes.push(route);
+            }
+        }
+        if file.route.is_empty() {
+            self.error(0, "route", "at least one [[route]] is needed");
+        }
+
+        Config {
+            source: None,
+            workers,
+            admin,
+            timeouts,
+            limits,
+            listeners,
+            routes,
+            pools,
+        }
+    }
+
+    fn limits(&mut self, l: &file::FileLimits) -> Limits {
+        let defaults = Limits::default();
+        let max_header_size = match &l.max_header_size {
+            None => defaults.max_header_size,
+            Some(text) => match units::parse_size(text.get_ref()) {
+                Ok(n) if (1024..=(16 << 20)).contains(&n) => n as usize,
+                Ok(_) => {
+                    self.error(
+                        text.span().start,
+                        "limits.max_header_size",
+                        "must be between 1KiB and 16MiB",
+                    );
+                    defaults.max_header_size
+                }
+                Err(e) => {
+                    self.error(text.span().start, "limits.max_header_size", e);
+                    defaults.max_header_size
+                }
+            },
+        };
+        let max_connections = match &l.max_connections {
+            None => defaults.max_connections,
+            Some(n) if *n.get_ref() >= 1 => *n.get_ref() as usize,
+            Some(n) => {
+                self.error(
+                    n.span().start,
+                    "limits.max_connections",
+                    "must be at least 1",
+                );
+                defaults.max_connections
+            }
+        };
+        Limits {
+            max_header_size,
+            max_connections,
+        }
+    }
+
+    fn route(
+        &mut self,
+        r: &FileRoute,
+        index: usize,
+        pools: &BTreeMap<String, Spanned<file::FilePool>>,
+    ) -> Option<RouteConfig> {
+        let key = format!("route[{index}]");
+        self.label(&r.name, &format!("{key}.name"));
+        let host = r.host.as_ref().and_then(|h| {
+            let host = h.get_ref().trim().to_ascii_lowercase();
+            if host.is_empty() || host.contains(['/', ' ', ':']) {
+                self.error(
+                    h.span().start,
+                    format!("{key}.host"),
+                    "expected a host name without port, e.g. \"chat.example.com\"",
+                );
+                None
+            } else {
+                Some(host)
+            }
+        });
+        let path_prefix = match &r.path_prefix {
+            None => "/".to_string(),
+            Some(p) if p.get_ref().starts_with('/') => p.get_ref().clone(),
+            Some(p) => {
+                self.error(
+                    p.span().start,
+                    format!("{key}.path_prefix"),
+                    "must start with '/'",
+                );
+                "/".to_string()
+            }
+        };
+        if !pools.contains_key(r.pool.get_ref()) {
+            self.error(
+                r.pool.span().start,
+                format!("{key}.pool"),
+                format!(
+                    "no pool named `{}` (add a [pool.{}] section)",
+                    r.pool.get_ref(),
+                    r.pool.get_ref()
+                ),
+            );
+        }
+        let websocket = self.websocket(&r.websocket, &format!("{key}.websocket"));
+        Some(RouteConfig {
+            name: r.name.get_ref().clone(),
+            host,
+            path_prefix,
+            pool: r.pool.get_ref().clone(),
+            websocket,
+        })
+    }
+
+    fn websocket(&mut self, w: &FileWebSocket, key: &str) -> WebSocketSettings {
+        let d = WebSocketSettings::default();
+        let ping_interval = match &w.ping_interval {
+            None => d.ping_interval,
+            Some(text) => match units::parse_duration(text.get_ref()) {
+                Ok(Duration::ZERO) => None,
+                Ok(v) => Some(v),
+                Err(e) => {
+                    self.error(text.span().start, format!("{key}.ping_interval"), e);
+                    d.ping_interval
+                }
+            },
+        };
+        let max_lifetime = match &w.max_lifetime {
+            None => None,
+            Some(text) => match units::parse_duration(text.get_ref()) {
+                Ok(Duration::ZERO) => None,
+                Ok(v) => Some(v),
+                Err(e) => {
+                    self.error(text.span().start, format!("{key}.max_lifetime"), e);
+                    None
+                }
+            },
+        };
+        let max_message_size = match &w.max_message_size {
+            None => d.max_message_size,
+            Some(text) => match units::parse_size(text.get_ref()) {
+                Ok(0) => {
+                    self.error(
+                        text.span().start,
+                        format!("{key}.max_message_size"),
+                        "must be larger than zero",
+                    );
+                    d.max_message_size
+                }
+                Ok(v) => v,
+                Err(e) => {
+                    self.error(text.span().start, format!("{key}.max_message_size"), e);
+                    d.max_message_size
+                }
+            },
+        };
+        WebSocketSettings {
+            idle_timeout: self.timeout(
+                &w.idle_timeout,
+                &format!("{key}.idle_timeout"),
+                d.idle_timeout,
+            ),
+            ping_interval,
+            pong_timeout: self.timeout(
+                &w.pong_timeout,
+                &format!("{key}.pong_timeout"),
+                d.pong_timeout,
+            ),
+            max_message_size,
+            close_timeout: self.timeout(
+                &w.close_timeout,
+                &format!("{key}.close_timeout"),
+                d.close_timeout,
+            ),
+            ping_backend: w.ping_backend.unwrap_or(d.ping_backend),
+            max_lifetime,
+        }
+    }
+
+    fn backend(&mut self, b: &FileBackend, key: &str) -> Option<BackendConfig> {
+        let weight = match &b.weight {
+            None => 1,
+            Some(w) if (1..=1000).contains(w.get_ref()) => *w.get_ref() as u32,
+            Some(w) => {
+                self.error(
+                    w.span().start,
+                    format!("{key}.weight"),
+                    "must be between 1 and 1000",
+                );
+                1
+            }
+        };
+        let addr = b.addr.get_ref().trim();
+        match split_host_port(addr) {
+            Some(_) => Some(BackendConfig {
+                addr: addr.to_string(),
+                weight,
+                drain: b.drain,
+            }),
+            None => {
+                self.error(
+                    b.addr.span().start,
+                    format!("{key}.addr"),
+                    format!("`{addr}` is not a backend address: expected host:port, e.g. \"10.0.0.11:9000\""),
+                );
+                None
+            }
+        }
+    }
+
+    /// A timeout that must be larger than zero.
+    fn timeout(&mut self, value: &Option<Text>, key: &str, default: Duration) -> Duration {
+        let Some(text) = value else { return default };
+        match units::parse_duration(text.get_ref()) {
+            Ok(Duration::ZERO) => {
+                self.error(text.span().start, key, "a timeout of zero is not allowed");
+                default
+            }
+            Ok(v) => v,
+            Err(e) => {
+                self.error(text.span().start, key, e);
+                default
+            }
+        }
+    }
+
+    fn socket_addr(&mut self, text: &Text, key: &str) -> Option<SocketAddr> {
+        match text.get_ref().trim().parse() {
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                self.error(
+                    text.span().start,
+                    key,
+                    format!(
+                        "`{}` is not an address: expected ip:port, e.g. \"127.0.0.1:8080\"",
+                        text.get_ref()
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    /// Names become metric labels and log fields: keep them plain.
+    fn label(&mut self, name: &Text, key: &str) {
+        if !is_label(name.get_ref()) {
+            self.error(
+                name.span().start,
+                key,
+                "names may use letters, digits, '-', '_' and '.' only",
+            );
+        }
+    }
+}
+
+fn is_label(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// Splits `host:port` (`[v6]:port` for IPv6); `None` when it is not of that form.
+pub fn split_host_port(addr: &str) -> Option<(&str, u16)> {
+    let (host, port) = addr.rsplit_once(':')?;
+    let port: u16 = port.parse().ok().filter(|p| *p != 0)?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    let valid = !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b':'));
+    valid.then_some((host, port))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,195 @@
+//! `wsgate demo`: two built-in WebSocket backends behind a gateway on 127.0.0.1:8080, and a page that
+//! shows which backend answered. Nothing else needs to be installed or running.
+//!
+//! Each demo backend serves the page on `GET /` and a chat room on `/ws`: every text message is sent back to
+//! everyone connected to the same backend, tagged with the backend's name.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use futures_util::{SinkExt, StreamExt};
+use http::{Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::broadcast;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::Role;
+
+use crate::body::{self, ProxyBody};
+use crate::config::{Config, ConfigErrors};
+use crate::websocket::{accept_key, is_upgrade_request};
+
+const PAGE: &str = include_str!("demo.html");
+
+/// A demo backend, serving until its task is dropped.
+pub struct DemoBackend {
+    pub name: String,
+    pub addr: SocketAddr,
+}
+
+/// Starts a demo backend on `127.0.0.1:0`.
+pub async fn start_backend(name: &str) -> std::io::Result<DemoBackend> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let room = Arc::new(Room {
+        name: name.to_string(),
+        chat: broadcast::channel(256).0,
+    });
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let room = Arc::clone(&room);
+            tokio::spawn(async move {
+                let service = service_fn(move |req| serve(req, Arc::clone(&room)));
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+    Ok(DemoBackend {
+        name: name.to_string(),
+        addr,
+    })
+}
+
+struct Room {
+    name: String,
+    chat: broadcast::Sender<String>,
+}
+
+async fn serve(
+    mut req: Request<Incoming>,
+    room: Arc<Room>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    if !is_upgrade_request(&req) {
+        return Ok(match req.uri().path() {
+            "/" => body::with_type(StatusCode::OK, "text/html; charset=utf-8", PAGE),
+            "/healthz" => body::text(StatusCode::OK, "ok\n"),
+            _ => body::text(StatusCode::NOT_FOUND, "not found\n"),
+        });
+    }
+    let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned() else {
+        return Ok(body::text(StatusCode::BAD_REQUEST, "missing key\n"));
+    };
+    let upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        if let Ok(upgraded) = upgrade.await {
+            let ws =
+                WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+            chat(ws, room).await;
+        }
+    });
+    let mut response = Response::new(body::empty());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::UPGRADE,
+        header::HeaderValue::from_static("websocket"),
+    );
+    headers.insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("Upgrade"),
+    );
+    if let Ok(accept) = header::HeaderValue::from_str(&accept_key(key.as_bytes())) {
+        headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    Ok(response)
+}
+
+async fn chat<S>(ws: WebSocketStream<S>, room: Arc<Room>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let (mut sink, mut stream) = ws.split();
+    let mut chat = room.chat.subscribe();
+    let hello = format!("{{\"backend\":\"{}\",\"text\":\"connected\"}}", room.name);
+    if sink.send(Message::text(hello)).await.is_err() {
+        return;
+    }
+    loop {
+        tokio::select! {
+            incoming = stream.next() => match incoming {
+                Some(Ok(Message::Text(text))) => {
+                    let line = format!(
+                        "{{\"backend\":\"{}\",\"text\":{}}}",
+                        room.name,
+                        json_string(text.as_str())
+                    );
+                    let _ = room.chat.send(line);
+                }
+                Some(Ok(Message::Binary(data))) => {
+                    if sink.send(Message::Binary(data)).await.is_err() {
+                        return;
+                    }
+                }
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                Some(Ok(_)) => {}
+            },
+            line = chat.recv() => match line {
+                Ok(line) => {
+                    if sink.send(Message::text(line)).await.is_err() {
+                        return;
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => return,
+            },
+        }
+    }
+}
+
+fn json_string(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// The demo's config: `listen` in front of the given backends, balanced by least-connections.
+pub fn config(
+    listen: SocketAddr,
+    admin: Option<SocketAddr>,
+    backends: &[DemoBackend],
+) -> Result<Config, ConfigErrors> {
+    let backends: Vec<String> = backends
+        .iter()
+        .map(|b| format!("{{ addr = \"{}\" }}", b.addr))
+        .collect();
+    let admin = admin.map_or(String::new(), |a| format!("[admin]\nlisten = \"{a}\"\n"));
+    let text = format!(
+        r#"{admin}
+[[listener]]
+name = "demo"
+listen = "{listen}"
+
+[[route]]
+name = "demo"
+path_prefix = "/"
+pool = "demo"
+websocket = {{ ping_interval = "20s", idle_timeout = "10m" }}
+
+[pool.demo]
+policy = "least_conn"
+backends = [ {} ]
+"#,
+        backends.join(", ")
+    );
+    Config::from_toml(&text, "<demo>")
+}

@@ -1,0 +1,34 @@
+//! wsgate: a WebSocket-aware reverse proxy and load balancer.
+//!
+//! # Layout
+//!
+//! The path of one connection, in the order it runs (DESIGN.md §1):
+//!
+//! - `listener`: accepts client connections and serves HTTP/1.1 on them (hyper), with the header and
+//!   keep-alive timeouts of `client_io`.
+//! - `dispatch`: finds a request's route (`router`) and sends it on as HTTP or as an upgrade.
+//! - `http_proxy`: forwards ordinary requests over pooled backend connections (`upstream`).
+//! - `websocket`: the upgrade handshake, then the frame-aware tunnel between client and backend.
+//! - `balancer`: pools and backends, live-connection guards, the policy that picks a backend.
+//!
+//! Around it: `config` (the TOML file, checked with file:line errors), `gateway` (the running state:
+//! start, shutdown), `metrics` (every Prometheus metric), `headers` and `body` (helpers shared by the two
+//! proxy paths), `demo` (built-in backends and a page for `wsgate demo`).
+
+pub mod balancer;
+pub mod body;
+mod client_io;
+pub mod config;
+pub mod demo;
+mod dispatch;
+pub mod gateway;
+pub mod headers;
+mod http_proxy;
+mod listener;
+pub mod metrics;
+pub mod router;
+pub mod upstream;
+pub mod websocket;
+
+pub use config::Config;
+pub use gateway::{Gateway, StartError};

@@ -1,0 +1,195 @@
+//! The `wsgate` command: parses the command line, sets up logging and the runtime, and hands over to the
+//! library. `run` serves a config file, `check` validates one, `demo` runs the built-in demo.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use wsgate::{Config, Gateway};
+
+#[derive(Parser)]
+#[command(
+    name = "wsgate",
+    version,
+    about = "A WebSocket-aware reverse proxy and load balancer"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Worker threads of the runtime (default: the config's `workers`, else one per core).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Log filter, e.g. `info` or `wsgate=debug` (default: RUST_LOG, else `info`).
+    #[arg(long, global = true)]
+    log_level: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway with a config file.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Check a config file: print every problem and exit non-zero, or exit 0.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Run a demo: wsgate in front of two built-in WebSocket backends, with a page to open in a browser.
+    Demo {
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin: SocketAddr,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format, cli.log_level.as_deref());
+    match cli.command {
+        Command::Check { config } => match Config::from_file(&config) {
+            Ok(_) => {
+                println!("{}: ok", config.display());
+                ExitCode::SUCCESS
+            }
+            Err(errors) => {
+                eprintln!("{errors}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Run { config: path } => {
+            let config = match Config::from_file(&path) {
+                Ok(config) => config,
+                Err(errors) => {
+                    eprintln!("{errors}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let threads = cli.threads.or(config.workers);
+            block_on(threads, serve(config))
+        }
+        Command::Demo { listen, admin } => block_on(cli.threads, demo(listen, admin)),
+    }
+}
+
+fn init_logging(format: LogFormat, level: Option<&str>) {
+    use tracing_subscriber::EnvFilter;
+    let filter = match level {
+        Some(level) => EnvFilter::new(level),
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+/// Runs `main` on a runtime with `threads` workers (one per core by default). One thread means a
+/// current-thread runtime: all the work really runs on that one thread.
+fn block_on(threads: Option<usize>, main: impl Future<Output = ExitCode>) -> ExitCode {
+    let threads = threads
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let runtime = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    };
+    match runtime {
+        Ok(runtime) => runtime.block_on(main),
+        Err(error) => {
+            eprintln!("cannot start the runtime: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: Config) -> ExitCode {
+    let gateway = match Gateway::start(config).await {
+        Ok(gateway) => gateway,
+        Err(error) => {
+            tracing::error!(%error, "cannot start");
+            return ExitCode::FAILURE;
+        }
+    };
+    wait_for_signals(&gateway).await;
+    gateway.shutdown().await;
+    ExitCode::SUCCESS
+}
+
+async fn demo(listen: SocketAddr, admin: SocketAddr) -> ExitCode {
+    let mut backends = Vec::new();
+    for name in ["demo-1", "demo-2"] {
+        match wsgate::demo::start_backend(name).await {
+            Ok(backend) => backends.push(backend),
+            Err(error) => {
+                eprintln!("cannot start demo backend {name}: {error}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let config = match wsgate::demo::config(listen, Some(admin), &backends) {
+        Ok(config) => config,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let gateway = match Gateway::start(config).await {
+        Ok(gateway) => gateway,
+        Err(error) => {
+            eprintln!("cannot start: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let addr = gateway.listener_addr("demo").unwrap_or(listen);
+    for backend in &backends {
+        println!("demo backend {} on {}", backend.name, backend.addr);
+    }
+    println!("metrics on http://{admin}/metrics");
+    println!("wsgate demo: open http://{addr}/ in a browser (Ctrl-C to stop)");
+    wait_for_signals(&gateway).await;
+    gateway.shutdown().await;
+    ExitCode::SUCCESS
+}
+
+/// Waits for SIGTERM or SIGINT.
+async fn wait_for_signals(_gateway: &Gateway) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            tracing::error!("cannot install signal handlers");
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: draining"),
+            _ = int.recv() => tracing::info!("SIGINT: draining"),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,199 @@
+//! Every metric wsgate exports, defined in one place (names and labels are part of the interface:
+//! DESIGN.md §4). Label values come only from the config (route, pool, backend, listener names) or from
+//! fixed sets (status class, result, reason, direction), never from client input.
+
+use prometheus::{
+    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub connections_accepted: IntCounterVec,
+    pub connections_active: IntGaugeVec,
+    pub http_requests: IntCounterVec,
+    pub http_request_duration: HistogramVec,
+    pub ws_upgrades: IntCounterVec,
+    pub ws_handshake_duration: HistogramVec,
+    pub ws_tunnels_active: IntGaugeVec,
+    pub ws_tunnel_duration: HistogramVec,
+    pub ws_closes: IntCounterVec,
+    pub ws_bytes: IntCounterVec,
+    pub ws_frames: IntCounterVec,
+    pub ws_ping_rtt: HistogramVec,
+    pub backend_up: IntGaugeVec,
+    pub backend_connections_active: IntGaugeVec,
+    pub config_reloads: IntCounterVec,
+    pub config_last_reload_success: Gauge,
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+const LIFETIME_BUCKETS: &[f64] = &[
+    1.0,
+    10.0,
+    60.0,
+    300.0,
+    900.0,
+    3600.0,
+    4.0 * 3600.0,
+    12.0 * 3600.0,
+    86400.0,
+];
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels)
+                .expect("static metric definition");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("metric registered once");
+            c
+        };
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            let g =
+                IntGaugeVec::new(Opts::new(name, help), labels).expect("static metric definition");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("metric registered once");
+            g
+        };
+        let histogram = |name: &str, help: &str, labels: &[&str], buckets: &[f64]| {
+            let h = HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+                labels,
+            )
+            .expect("static metric definition");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("metric registered once");
+            h
+        };
+        let last_reload = Gauge::new(
+            "wsgate_config_last_reload_success_timestamp_seconds",
+            "Unix time of the last successful config load",
+        )
+        .expect("static metric definition");
+        registry
+            .register(Box::new(last_reload.clone()))
+            .expect("metric registered once");
+        #[cfg(target_os = "linux")]
+        {
+            // Process metrics (CPU, memory, fds) are best effort: a failure here must not stop the gateway.
+            let _ = registry.register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ));
+        }
+        Metrics {
+            connections_accepted: counter(
+                "wsgate_connections_accepted_total",
+                "Client connections accepted",
+                &["listener"],
+            ),
+            connections_active: gauge(
+                "wsgate_connections_active",
+                "Client connections open, upgraded ones included",
+                &["listener"],
+            ),
+            http_requests: counter(
+                "wsgate_http_requests_total",
+                "HTTP requests answered (upgrades excluded)",
+                &["route", "status_class"],
+            ),
+            http_request_duration: histogram(
+                "wsgate_http_request_duration_seconds",
+                "Time to the response head of proxied HTTP requests",
+                &["route"],
+                LATENCY_BUCKETS,
+            ),
+            ws_upgrades: counter(
+                "wsgate_ws_upgrades_total",
+                "WebSocket upgrade attempts by result",
+                &["route", "result"],
+            ),
+            ws_handshake_duration: histogram(
+                "wsgate_ws_handshake_duration_seconds",
+                "From the client's upgrade request to the 101 sent back",
+                &["route"],
+                LATENCY_BUCKETS,
+            ),
+            ws_tunnels_active: gauge(
+                "wsgate_ws_tunnels_active",
+                "Live WebSocket tunnels",
+                &["route", "backend"],
+            ),
+            ws_tunnel_duration: histogram(
+                "wsgate_ws_tunnel_duration_seconds",
+                "Lifetime of ended tunnels",
+                &["route"],
+                LIFETIME_BUCKETS,
+            ),
+            ws_closes: counter(
+                "wsgate_ws_closes_total",
+                "Ended tunnels by reason",
+                &["route", "reason"],
+            ),
+            ws_bytes: counter(
+                "wsgate_ws_bytes_total",
+                "Bytes relayed by tunnels",
+                &["route", "direction"],
+            ),
+            ws_frames: counter(
+                "wsgate_ws_frames_total",
+                "Frames relayed by tunnels",
+                &["route", "direction"],
+            ),
+            ws_ping_rtt: histogram(
+                "wsgate_ws_ping_rtt_seconds",
+                "Round trip of wsgate's own pings",
+                &["route"],
+                LATENCY_BUCKETS,
+            ),
+            backend_up: gauge(
+                "wsgate_backend_up",
+                "1 when the backend takes new connections",
+                &["pool", "backend"],
+            ),
+            backend_connections_active: gauge(
+                "wsgate_backend_connections_active",
+                "Live connections to the backend",
+                &["pool", "backend"],
+            ),
+            config_reloads: counter(
+                "wsgate_config_reloads_total",
+                "Config reloads by result",
+                &["result"],
+            ),
+            config_last_reload_success: last_reload,
+            registry,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed metric families.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// "2xx", "4xx", ...: the status label.
+pub fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}

@@ -1,0 +1,12 @@
+//! WebSocket proxying: the upgrade handshake (`handshake.rs`), then the frame-aware tunnel (`tunnel.rs`)
+//! built on frame headers (`frame.rs`), an in-place stream scanner (`scanner.rs`) and read buffers lent
+//! only while data moves (`buffers.rs`).
+
+mod buffers;
+pub mod frame;
+mod handshake;
+pub mod scanner;
+pub mod tunnel;
+
+pub use buffers::{BUFFER_SIZE, BufferPool};
+pub use handshake::{accept_key, is_upgrade_request, upgrade};

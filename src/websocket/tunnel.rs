@@ -1,0 +1,764 @@
+//! The frame-aware splice between a client and a backend after a successful upgrade (DESIGN.md §2).
+//!
+//! One task drives both directions over the raw `TcpStream`s: it waits for readiness, borrows a buffer,
+//! reads, lets the direction's [`Scanner`] walk the frames in place, writes the result, and gives the buffer
+//! back. A direction reads nothing more until its last chunk is written, so a slow reader slows its writer
+//! and memory stays bounded. wsgate's own frames (keepalive pings, Close) go in only at frame boundaries.
+//! Timers (keepalive, pong, idle, lifetime, close) share one `Sleep`, re-armed lazily.
+
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
+
+use super::buffers::{Buffer, BufferPool};
+use super::frame::{ClosePayload, ControlFrame, OP_PING, Role};
+use super::scanner::{Scanner, Violation};
+use crate::config::WebSocketSettings;
+
+/// Reads per direction before the task yields, so one busy tunnel cannot hold a worker thread.
+const READS_PER_POLL: usize = 16;
+/// Counters are copied to the shared metrics at most this often while a tunnel is busy.
+const FLUSH_EVERY: Duration = Duration::from_secs(1);
+
+/// Why a tunnel ended: one value per row of DESIGN.md's table "How a tunnel ends".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndReason {
+    ClientClose,
+    BackendClose,
+    ClientGone,
+    BackendGone,
+    PongTimeout,
+    BackendPongTimeout,
+    IdleTimeout,
+    MessageTooBig,
+    ProtocolError,
+    BackendProtocolError,
+    MaxLifetime,
+    Shutdown,
+}
+
+impl EndReason {
+    /// The `reason` label of `wsgate_ws_closes_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            EndReason::ClientClose => "client_close",
+            EndReason::BackendClose => "backend_close",
+            EndReason::ClientGone => "client_gone",
+            EndReason::BackendGone => "backend_gone",
+            EndReason::PongTimeout => "pong_timeout",
+            EndReason::BackendPongTimeout => "backend_pong_timeout",
+            EndReason::IdleTimeout => "idle_timeout",
+            EndReason::MessageTooBig => "message_too_big",
+            EndReason::ProtocolError => "protocol_error",
+            EndReason::BackendProtocolError => "backend_protocol_error",
+            EndReason::MaxLifetime => "max_lifetime",
+            EndReason::Shutdown => "shutdown",
+        }
+    }
+
+    /// The Close wsgate itself sends to (client, backend) for this ending; `None` where a Close is only forwarded
+    /// or the side is gone.
+    fn own_closes(self) -> (OwnClose, OwnClose) {
+        const GOING_AWAY: u16 = 1001;
+        match self {
+            EndReason::ClientClose | EndReason::BackendClose => (None, None),
+            EndReason::ClientGone => (None, Some((GOING_AWAY, "client gone"))),
+            EndReason::BackendGone => (Some((1014, "backend gone")), None),
+            EndReason::PongTimeout => (
+                Some((GOING_AWAY, "pong timeout")),
+                Some((GOING_AWAY, "client not responding")),
+            ),
+            EndReason::BackendPongTimeout => (
+                Some((1014, "backend not responding")),
+                Some((GOING_AWAY, "pong timeout")),
+            ),
+            EndReason::IdleTimeout => (
+                Some((GOING_AWAY, "idle timeout")),
+                Some((GOING_AWAY, "idle timeout")),
+            ),
+            EndReason::MessageTooBig => (
+                Some((1009, "message too big")),
+                Some((GOING_AWAY, "client sent a message too big")),
+            ),
+            EndReason::ProtocolError => (
+                Some((1002, "protocol error")),
+                Some((GOING_AWAY, "client protocol error")),
+            ),
+            EndReason::BackendProtocolError => (
+                Some((1014, "backend protocol error")),
+                Some((1002, "protocol error")),
+            ),
+            EndReason::MaxLifetime => (
+                Some((GOING_AWAY, "max lifetime")),
+                Some((GOING_AWAY, "max lifetime")),
+            ),
+            EndReason::Shutdown => (
+                Some((GOING_AWAY, "going away")),
+                Some((GOING_AWAY, "going away")),
+            ),
+        }
+    }
+}
+
+/// A Close of wsgate's own: code and reason.
+type OwnClose = Option<(u16, &'static str)>;
+
+/// Bytes and frames relayed in one direction, handed to the metrics as they accumulate.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Traffic {
+    pub bytes: u64,
+    pub frames: u64,
+}
+
+/// Where a tunnel's counters go. Implemented by the gateway's per-route metrics; tests may count themselves.
+pub trait TunnelObserver: Send + Sync {
+    fn traffic(&self, client_to_backend: Traffic, backend_to_client: Traffic);
+    fn ping_rtt(&self, rtt: Duration);
+}
+
+/// What a tunnel needs besides its two streams.
+pub struct TunnelParams<'a> {
+    pub settings: &'a WebSocketSettings,
+    /// RSV bits the negotiated extensions allow (RSV1 for permessage-deflate); 0 without extensions.
+    pub allowed_rsv: u8,
+    pub buffers: &'a BufferPool,
+    pub shutdown: &'a CancellationToken,
+    pub observer: &'a dyn TunnelObserver,
+}
+
+/// How a tunnel ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TunnelOutcome {
+    pub reason: EndReason,
+    /// The Close code that reached the client (forwarded or wsgate's own), if any.
+    pub close_code: Option<u16>,
+    pub client_to_backend: Traffic,
+    pub backend_to_client: Traffic,
+    pub duration: Duration,
+}
+
+/// Relays frames between `client` and `backend` until the connection ends. `client_early` and
+/// `backend_early` are bytes each side sent right behind its handshake, already read by the HTTP layer.
+pub async fn run(
+    client: TcpStream,
+    client_early: Bytes,
+    backend: TcpStream,
+    backend_early: Bytes,
+    params: TunnelParams<'_>,
+) -> TunnelOutcome {
+    let now = Instant::now();
+    let settings = params.settings;
+    let mut tunnel = Tunnel {
+        client: &client,
+        backend: &backend,
+        up: Half::new(
+            Scanner::new(true, params.allowed_rsv, settings.max_message_size),
+            Role::Client,
+            client_early,
+        ),
+        // Limits protect backends from clients; what a backend sends is its own business.
+        down: Half::new(
+            Scanner::new(false, params.allowed_rsv, u64::MAX),
+            Role::Server,
+            backend_early,
+        ),
+        client_alive: Keepalive::new(now, settings.ping_interval),
+        backend_alive: Keepalive::new(
+            now,
+            settings.ping_interval.filter(|_| settings.ping_backend),
+        ),
+        started: now,
+        last_data: now,
+        last_flush: now,
+        flushed: (Traffic::default(), Traffic::default()),
+        ending: None,
+        client_close_code: None,
+        queued: false,
+        params,
+    };
+    let sleep = tokio::time::sleep_until(tunnel.next_deadline(now));
+    let shutdown = tunnel.params.shutdown.clone();
+    let cancelled = shutdown.cancelled();
+    tokio::pin!(sleep, cancelled);
+    poll_fn(|cx| tunnel.poll(cx, sleep.as_mut(), cancelled.as_mut())).await;
+    tunnel.flush_traffic();
+    TunnelOutcome {
+        reason: tunnel.ending.map_or(EndReason::ClientGone, |e| e.reason),
+        close_code: tunnel.client_close_code,
+        client_to_backend: tunnel.up.traffic,
+        backend_to_client: tunnel.down.traffic,
+        duration: tunnel.started.elapsed(),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Client,
+    Backend,
+}
+
+/// One direction: bytes from `src` to `dst`.
+struct Half {
+    scanner: Scanner,
+    /// How wsgate's own frames into `dst` are masked.
+    role: Role,
+    /// Scanned bytes not yet written to `dst`; `None` while the direction is idle, so idle holds no buffer.
+    out: Option<Pending>,
+    /// A frame of wsgate's own waiting for a frame boundary, and how much of it is written.
+    inject: Option<(ControlFrame, usize)>,
+    /// The injected frame is a Close: once it is out, nothing else may follow it.
+    inject_is_close: bool,
+    /// Read `src` at all (false after its EOF, its Close, or a violation).
+    reading: bool,
+    /// Write what `src` sends to `dst` (false once wsgate has sent its own Close to `dst`).
+    forwarding: bool,
+    /// `src` sent a Close.
+    close_received: bool,
+    /// `src` hung up (EOF or error).
+    gone: bool,
+    /// `dst` is dead: what is queued for it does not hold the tunnel open.
+    abandoned: bool,
+    /// Bytes `src` sent behind its handshake, read by the HTTP layer: scanned before the socket is read.
+    early: Bytes,
+    traffic: Traffic,
+}
+
+struct Pending {
+    buf: Buffer,
+    start: usize,
+    end: usize,
+}
+
+/// What happened in one direction during one poll.
+#[derive(Default)]
+struct Step {
+    progressed: bool,
+    data: bool,
+    frames: bool,
+    pong_matched: bool,
+    close: Option<ClosePayload>,
+    violation: Option<Violation>,
+    src_gone: bool,
+    dst_gone: bool,
+    /// The budget ran out with work left: the task woke itself.
+    yielded: bool,
+}
+
+impl Half {
+    fn new(scanner: Scanner, role: Role, early: Bytes) -> Half {
+        Half {
+            abandoned: false,
+            early,
+            scanner,
+            role,
+            out: None,
+            inject: None,
+            inject_is_close: false,
+            reading: true,
+            forwarding: true,
+            close_received: false,
+            gone: false,
+            traffic: Traffic::default(),
+        }
+    }
+
+    /// Writes pending bytes and injected frames, then reads and scans more, until something would block.
+    fn pump(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &TcpStream,
+        dst: &TcpStream,
+        buffers: &BufferPool,
+    ) -> Step {
+        let mut step = Step::default();
+        let mut reads = 0;
+        loop {
+            if let Some(out) = &mut self.out {
+                match write_some(cx, dst, &out.buf[out.start..out.end]) {
+                    Poll::Pending => return step,
+                    Poll::Ready(Err(_)) => {
+                        self.out = None;
+                        step.dst_gone = true;
+                        return step;
+                    }
+                    Poll::Ready(Ok(n)) => {
+                        out.start += n;
+                        step.progressed = true;
+                        if out.start == out.end {
+                            self.out = None;
+                        }
+                    }
+                }
+                continue;
+            }
+            if let Some((frame, written)) = &mut self.inject
+                && self.scanner.at_boundary()
+            {
+                match write_some(cx, dst, &frame.as_bytes()[*written..]) {
+                    Poll::Pending => return step,
+                    Poll::Ready(Err(_)) => {
+                        self.inject = None;
+                        step.dst_gone = true;
+                        return step;
+                    }
+                    Poll::Ready(Ok(n)) => {
+                        *written += n;
+                        step.progressed = true;
+                        if *written == frame.as_bytes().len() {
+                            self.inject = None;
+                            if self.inject_is_close {
+                                self.forwarding = false;
+                            }
+                        }
+                    }
+                }
+                continue;
+            }
+            if !self.reading {
+                return step;
+            }
+            if reads == READS_PER_POLL {
+                cx.waker().wake_by_ref();
+                step.yielded = true;
+                return step;
+            }
+            if !self.early.is_empty() {
+                let mut buf = buffers.take();
+                let carried = self.scanner.prepare(&mut buf);
+                let n = self.early.len().min(buf.len() - carried);
+                buf[carried..carried + n].copy_from_slice(&self.early.split_to(n));
+                reads += 1;
+                step.progressed = true;
+                self.accept(buf, carried + n, &mut step);
+                if step.violation.is_some() || step.close.is_some() {
+                    self.reading = false;
+                }
+                continue;
+            }
+            match src.poll_read_ready(cx) {
+                Poll::Pending => return step,
+                Poll::Ready(Err(_)) => {
+                    self.src_gone(&mut step);
+                    return step;
+                }
+                Poll::Ready(Ok(())) => {}
+            }
+            let mut buf = buffers.take();
+            let carried = self.scanner.prepare(&mut buf);
+            match src.try_read(&mut buf[carried..]) {
+                Ok(0) => {
+                    self.src_gone(&mut step);
+                    return step;
+                }
+                Ok(n) => {
+                    reads += 1;
+                    step.progressed = true;
+                    self.accept(buf, carried + n, &mut step);
+                    if step.violation.is_some() || step.close.is_some() {
+                        // Nothing more is read from a side that broke the protocol or said goodbye.
+                        self.reading = false;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => {
+                    self.src_gone(&mut step);
+                    return step;
+                }
+            }
+        }
+    }
+
+    fn src_gone(&mut self, step: &mut Step) {
+        self.reading = false;
+        self.gone = true;
+        step.src_gone = true;
+    }
+
+    /// Scans a freshly read chunk and queues what is to be forwarded.
+    fn accept(&mut self, mut buf: Buffer, filled: usize, step: &mut Step) {
+        let scan = self.scanner.scan(&mut buf, filled);
+        step.data |= scan.data;
+        step.frames |= scan.frames > 0;
+        step.pong_matched |= scan.pong_matched;
+        if scan.close.is_some() {
+            self.close_received = true;
+            step.close = scan.close;
+        }
+        step.violation = scan.violation;
+        self.traffic.frames += u64::from(scan.frames);
+        if self.forwarding && scan.out_len > 0 {
+            self.traffic.bytes += scan.out_len as u64;
+            self.out = Some(Pending {
+                buf,
+                start: 0,
+                end: scan.out_len,
+            });
+        }
+    }
+
+    /// Queues a frame of wsgate's own for the next frame boundary (a Close replaces a pending ping).
+    fn inject(&mut self, frame: ControlFrame, is_close: bool) {
+        let started = matches!(self.inject, Some((_, written)) if written > 0);
+        if started || (self.inject.is_some() && !is_close) {
+            return;
+        }
+        self.inject = Some((frame, 0));
+        self.inject_is_close = is_close;
+    }
+
+    fn idle(&self) -> bool {
+        self.out.is_none() && self.inject.is_none()
+    }
+}
+
+fn write_some(cx: &mut Context<'_>, dst: &TcpStream, bytes: &[u8]) -> Poll<io::Result<usize>> {
+    loop {
+        match dst.poll_write_ready(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Ready(Ok(())) => {}
+        }
+        match dst.try_write(bytes) {
+            Ok(n) => return Poll::Ready(Ok(n)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Poll::Ready(Err(e)),
+        }
+    }
+}
+
+/// wsgate's own pings to one side.
+struct Keepalive {
+    interval: Option<Duration>,
+    /// Last frame of any kind from this side.
+    last_frame: Instant,
+    /// The outstanding ping: when it went out. Cleared by any frame from the side.
+    waiting_since: Option<Instant>,
+    /// When the last ping went out, for the round trip of its pong.
+    sent_at: Option<Instant>,
+}
+
+impl Keepalive {
+    fn new(now: Instant, interval: Option<Duration>) -> Keepalive {
+        Keepalive {
+            interval,
+            last_frame: now,
+            waiting_since: None,
+            sent_at: None,
+        }
+    }
+
+    fn next_ping(&self) -> Option<Instant> {
+        match (self.interval, self.waiting_since) {
+            (Some(interval), None) => Some(self.last_frame + interval),
+            _ => None,
+        }
+    }
+}
+
+struct Ending {
+    reason: EndReason,
+    /// After this, TCP is dropped whatever the peers are doing.
+    deadline: Instant,
+}
+
+struct Tunnel<'a> {
+    client: &'a TcpStream,
+    backend: &'a TcpStream,
+    /// Client to backend.
+    up: Half,
+    /// Backend to client.
+    down: Half,
+    client_alive: Keepalive,
+    backend_alive: Keepalive,
+    started: Instant,
+    /// Last data frame in either direction, or write progress on held-back data.
+    last_data: Instant,
+    last_flush: Instant,
+    flushed: (Traffic, Traffic),
+    ending: Option<Ending>,
+    client_close_code: Option<u16>,
+    /// A frame of wsgate's own was queued during this poll.
+    queued: bool,
+    params: TunnelParams<'a>,
+}
+
+impl Tunnel<'_> {
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut sleep: Pin<&mut Sleep>,
+        mut cancelled: Pin<&mut WaitForCancellationFuture<'_>>,
+    ) -> Poll<()> {
+        loop {
+            // The shutdown future stays registered between polls, so a quiet tunnel hears it too.
+            if self.ending.is_none() && cancelled.as_mut().poll(cx).is_ready() {
+                self.end(EndReason::Shutdown, Instant::now());
+            }
+            self.queued = false;
+            let buffers = self.params.buffers;
+            let up = self.up.pump(cx, self.client, self.backend, buffers);
+            let down = self.down.pump(cx, self.backend, self.client, buffers);
+            let now = Instant::now();
+            let progressed = up.progressed || down.progressed;
+            let yielded = up.yielded || down.yielded;
+            self.after_step(Side::Client, up, now);
+            self.after_step(Side::Backend, down, now);
+            self.check_timers(now);
+            if now.duration_since(self.last_flush) >= FLUSH_EVERY {
+                self.flush_traffic();
+                self.last_flush = now;
+            }
+            if self.finished(now) {
+                return Poll::Ready(());
+            }
+            // Re-arming a timer costs more than a spurious wake-up: move it only when it must fire sooner.
+            let deadline = self.next_deadline(now);
+            if deadline < sleep.deadline() {
+                sleep.as_mut().reset(deadline);
+            }
+            if sleep.as_mut().poll(cx).is_ready() {
+                sleep.as_mut().reset(self.next_deadline(now));
+                continue;
+            }
+            if yielded {
+                return Poll::Pending;
+            }
+            // Progress or newly queued frames may have unblocked work; stop once everything would block.
+            if !(progressed || self.queued) {
+                return Poll::Pending;
+            }
+        }
+    }
+
+    /// Reacts to what one direction (read from `side`) did.
+    fn after_step(&mut self, side: Side, step: Step, now: Instant) {
+        if step.data {
+            self.last_data = now;
+        }
+        let alive = match side {
+            Side::Client => &mut self.client_alive,
+            Side::Backend => &mut self.backend_alive,
+        };
+        if step.frames || step.pong_matched {
+            alive.last_frame = now;
+            alive.waiting_since = None;
+        }
+        if step.pong_matched
+            && let Some(sent) = alive.sent_at.take()
+        {
+            self.params.observer.ping_rtt(now.duration_since(sent));
+        }
+        if let Some(close) = step.close {
+            if side == Side::Backend && self.down.forwarding {
+                self.client_close_code = match close {
+                    ClosePayload::Code(code) => Some(code),
+                    _ => Some(1005),
+                };
+            }
+            let reason = match side {
+                Side::Client => EndReason::ClientClose,
+                Side::Backend => EndReason::BackendClose,
+            };
+            self.end(reason, now);
+        }
+        if let Some(violation) = step.violation {
+            let reason = match (side, violation) {
+                (Side::Client, Violation::MessageTooBig) => EndReason::MessageTooBig,
+                (Side::Client, Violation::Protocol(_)) => EndReason::ProtocolError,
+                (Side::Backend, _) => EndReason::BackendProtocolError,
+            };
+            tracing::debug!(side = ?side, %violation, "websocket stream violation");
+            self.end(reason, now);
+        }
+        if step.src_gone {
+            self.side_gone(side, now);
+        }
+        if step.dst_gone {
+            let other = match side {
+                Side::Client => Side::Backend,
+                Side::Backend => Side::Client,
+            };
+            self.side_gone(other, now);
+        }
+    }
+
+    fn side_gone(&mut self, side: Side, now: Instant) {
+        // Nothing more can be written to a side that hung up.
+        let (gone, towards) = match side {
+            Side::Client => (&mut self.up, &mut self.down),
+            Side::Backend => (&mut self.down, &mut self.up),
+        };
+        gone.reading = false;
+        gone.gone = true;
+        towards.out = None;
+        towards.inject = None;
+        towards.forwarding = false;
+        let said_goodbye = gone.close_received;
+        if !said_goodbye {
+            let reason = match side {
+                Side::Client => EndReason::ClientGone,
+                Side::Backend => EndReason::BackendGone,
+            };
+            self.end(reason, now);
+        }
+    }
+
+    fn check_timers(&mut self, now: Instant) {
+        if self.ending.is_some() {
+            return;
+        }
+        let settings = self.params.settings;
+        if let Some(lifetime) = settings.max_lifetime
+            && now >= self.started + lifetime
+        {
+            return self.end(EndReason::MaxLifetime, now);
+        }
+        for side in [Side::Client, Side::Backend] {
+            let alive = match side {
+                Side::Client => &self.client_alive,
+                Side::Backend => &self.backend_alive,
+            };
+            if let Some(since) = alive.waiting_since
+                && now >= since + settings.pong_timeout
+            {
+                let reason = match side {
+                    Side::Client => EndReason::PongTimeout,
+                    Side::Backend => EndReason::BackendPongTimeout,
+                };
+                return self.end(reason, now);
+            }
+        }
+        // Held-back data is activity: wsgate itself is the one waiting.
+        if !(self.up.idle() && self.down.idle()) {
+            self.last_data = now;
+        } else if now >= self.last_data + settings.idle_timeout {
+            return self.end(EndReason::IdleTimeout, now);
+        }
+        self.send_pings(now);
+    }
+
+    fn send_pings(&mut self, now: Instant) {
+        let client_due = self.client_alive.next_ping().is_some_and(|at| now >= at);
+        if client_due && self.down.inject.is_none() {
+            let token = fastrand::u64(..).to_be_bytes();
+            self.up.scanner.expect_pong(token);
+            self.down
+                .inject(ControlFrame::new(OP_PING, &token, Role::Server), false);
+            self.queued = true;
+            self.client_alive.waiting_since = Some(now);
+            self.client_alive.sent_at = Some(now);
+        }
+        let backend_due = self.backend_alive.next_ping().is_some_and(|at| now >= at);
+        if backend_due && self.up.inject.is_none() {
+            let token = fastrand::u64(..).to_be_bytes();
+            self.down.scanner.expect_pong(token);
+            self.up
+                .inject(ControlFrame::new(OP_PING, &token, Role::Client), false);
+            self.queued = true;
+            self.backend_alive.waiting_since = Some(now);
+            self.backend_alive.sent_at = Some(now);
+        }
+    }
+
+    /// Starts the ending of the tunnel: queues wsgate's own Close frames and stops reading from sides that
+    /// have nothing more to say. The first cause wins.
+    fn end(&mut self, reason: EndReason, now: Instant) {
+        if self.ending.is_some() {
+            return;
+        }
+        self.ending = Some(Ending {
+            reason,
+            deadline: now + self.params.settings.close_timeout,
+        });
+        self.queued = true;
+        let (to_client, to_backend) = reason.own_closes();
+        if let Some((code, text)) = to_client
+            && !self.up.gone
+        {
+            let frame = ControlFrame::close(code, text, self.down.role);
+            self.down.inject(frame, true);
+            self.client_close_code = Some(code);
+        }
+        if let Some((code, text)) = to_backend
+            && !self.down.gone
+        {
+            let frame = ControlFrame::close(code, text, self.up.role);
+            self.up.inject(frame, true);
+        }
+        if matches!(
+            reason,
+            EndReason::PongTimeout | EndReason::ProtocolError | EndReason::MessageTooBig
+        ) {
+            // The client is dead or broke the protocol: its answer is not awaited.
+            self.up.reading = false;
+        }
+        if matches!(
+            reason,
+            EndReason::BackendPongTimeout | EndReason::BackendProtocolError
+        ) {
+            self.down.reading = false;
+        }
+        // A dead peer gets one attempt at a Close; it does not hold the tunnel open until the deadline.
+        match reason {
+            EndReason::PongTimeout => self.down.abandoned = true,
+            EndReason::BackendPongTimeout => self.up.abandoned = true,
+            _ => {}
+        }
+    }
+
+    /// Whether there is nothing left to wait for.
+    fn finished(&self, now: Instant) -> bool {
+        let Some(ending) = &self.ending else {
+            return false;
+        };
+        if now >= ending.deadline {
+            return true;
+        }
+        // Done when every side is either silent for good or has answered, and everything is written.
+        let settled = |h: &Half| !h.reading || h.close_received || h.gone;
+        let flushed = |h: &Half| h.abandoned || h.idle() || (!h.forwarding && h.inject.is_none());
+        settled(&self.up) && settled(&self.down) && flushed(&self.up) && flushed(&self.down)
+    }
+
+    fn next_deadline(&self, now: Instant) -> Instant {
+        let far = now + Duration::from_secs(86_400);
+        if let Some(ending) = &self.ending {
+            return ending.deadline;
+        }
+        let settings = self.params.settings;
+        let mut deadline = far.min(self.last_data + settings.idle_timeout);
+        if let Some(lifetime) = settings.max_lifetime {
+            deadline = deadline.min(self.started + lifetime);
+        }
+        for alive in [&self.client_alive, &self.backend_alive] {
+            if let Some(at) = alive.next_ping() {
+                deadline = deadline.min(at);
+            }
+            if let Some(since) = alive.waiting_since {
+                deadline = deadline.min(since + settings.pong_timeout);
+            }
+        }
+        deadline
+    }
+
+    /// Hands the traffic counted since the last flush to the observer.
+    fn flush_traffic(&mut self) {
+        let (up, down) = (self.up.traffic, self.down.traffic);
+        let delta = |now: Traffic, before: Traffic| Traffic {
+            bytes: now.bytes - before.bytes,
+            frames: now.frames - before.frames,
+        };
+        let (up_delta, down_delta) = (delta(up, self.flushed.0), delta(down, self.flushed.1));
+        if up_delta != Traffic::default() || down_delta != Traffic::default() {
+            self.params.observer.traffic(up_delta, down_delta);
+        }
+        self.flushed = (up, down);
+    }
+}
