@@ -50,6 +50,10 @@ struct Args {
     /// and uses target/release/wsgate.
     #[arg(long)]
     wsgate: Option<PathBuf>,
+    /// Log filter (RUST_LOG) for wsgate. The default turns its per-request
+    /// access log off, as nginx (`access_log off`) and HAProxy (no `log`) are run.
+    #[arg(long, default_value = "info,wsgate::access=off")]
+    wsgate_log: String,
     /// Do not build wsgate; use target/release/wsgate as it is.
     #[arg(long)]
     no_build: bool,
@@ -409,6 +413,10 @@ async fn run(args: Args) -> Result<(), String> {
             backends: backend_addrs,
             nofile_hard: hard,
             dir: tmp.path.clone(),
+            env: match kind {
+                Kind::Wsgate => vec![("RUST_LOG".into(), args.wsgate_log.clone())],
+                _ => Vec::new(),
+            },
         };
         match Target::start(spec).await {
             Ok(t) => {

@@ -174,13 +174,14 @@ pub fn markdown(records: &[Record], scenarios: &[&str], targets: &[&str]) -> Str
             let (r_ops, r_cpu) = match &ws {
                 Some(w) if *t != "wsgate" => {
                     if *sc == "idle" {
-                        // Lower memory is better: show target's bytes ÷ wsgate's.
+                        // Memory: wsgate's bytes per connection ÷ the target's
+                        // (below 1 means wsgate holds less).
                         (
-                            "–".to_string(),
-                            match (m.rss_per_conn, w.rss_per_conn) {
-                                (Some(a), Some(b)) if b > 0.0 => format!("mem {:.2}× less", a / b),
+                            match (w.rss_per_conn, m.rss_per_conn) {
+                                (Some(a), Some(b)) if b > 0.0 => format!("RSS {:.2}×", a / b),
                                 _ => "–".into(),
                             },
+                            fmt_ratio(w.ops_per_cpu_s, m.ops_per_cpu_s),
                         )
                     } else {
                         (
@@ -206,6 +207,11 @@ pub fn markdown(records: &[Record], scenarios: &[&str], targets: &[&str]) -> Str
             ));
         }
     }
+    s.push_str(
+        "\nRatios above 1 favour wsgate, except idle's `RSS` (wsgate's proxy memory per \
+         connection ÷ the target's: below 1 favours wsgate). idle's ops/s is the rate of \
+         opening connections.\n",
+    );
     s
 }
 

@@ -55,6 +55,8 @@ pub struct Spec {
     pub backends: [SocketAddr; 2],
     pub nofile_hard: u64,
     pub dir: PathBuf,
+    /// Extra environment for the process (wsgate's log filter).
+    pub env: Vec<(String, String)>,
 }
 
 /// A running target. For direct, `addr` is the first backend and there is no process.
@@ -132,7 +134,7 @@ impl Target {
         };
         std::fs::write(&conf_file, text).map_err(|e| format!("{}: {e}", conf_file.display()))?;
         let log = conf_dir.join("output.log");
-        let proc = ProcGuard::spawn(name, &spec.bin, &args, &log)?;
+        let proc = ProcGuard::spawn(name, &spec.bin, &args, &spec.env, &log)?;
         let mut t = Target {
             spec,
             addr,
@@ -355,12 +357,14 @@ impl ProcGuard {
         name: &'static str,
         bin: &Path,
         args: &[String],
+        env: &[(String, String)],
         log: &Path,
     ) -> Result<ProcGuard, String> {
         let out = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
         let err = out.try_clone().map_err(|e| e.to_string())?;
         let mut cmd = Command::new(bin);
         cmd.args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err))
@@ -458,6 +462,7 @@ mod tests {
             ],
             nofile_hard: 20000,
             dir: PathBuf::from("/tmp/x"),
+            env: Vec::new(),
         }
     }
 

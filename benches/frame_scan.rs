@@ -1,0 +1,2 @@
+//! Placeholder replaced by the scanner micro-benchmark.
+fn main() {}
