@@ -30,6 +30,7 @@ pub struct Record {
     pub message_bytes: Option<u64>,
     pub rss_before_bytes: Option<u64>,
     pub rss_after_bytes: Option<u64>,
+    pub rss_after_close_bytes: Option<u64>,
     pub first_error: Option<String>,
     pub note: Option<String>,
     pub unix_time: u64,
@@ -66,6 +67,7 @@ impl Record {
             message_bytes: o.message_bytes,
             rss_before_bytes: o.rss_before_bytes,
             rss_after_bytes: o.rss_after_bytes,
+            rss_after_close_bytes: o.rss_after_close_bytes,
             first_error: o.first_error,
             note: o.note,
             unix_time: std::time::SystemTime::now()

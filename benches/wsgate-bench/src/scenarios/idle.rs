@@ -99,6 +99,10 @@ pub async fn run(addr: SocketAddr, conns: usize, hold: Duration, probe: Probe) -
         .buffer_unordered(PARALLEL * 2)
         .for_each(|_| async {})
         .await;
+    // Memory the proxy keeps once the connections are gone (leaks, allocator
+    // retention): reported, not part of the per-connection figure.
+    tokio::time::sleep(SETTLE).await;
+    out.rss_after_close_bytes = probe.rss();
 
     out.ops = opened;
     out.duration_s = open_time.as_secs_f64();

@@ -81,6 +81,7 @@ pub struct Outcome {
     pub message_bytes: Option<u64>,
     pub rss_before_bytes: Option<u64>,
     pub rss_after_bytes: Option<u64>,
+    pub rss_after_close_bytes: Option<u64>,
     pub rss_per_conn_bytes: Option<f64>,
     /// The first error seen, for the progress line.
     pub first_error: Option<String>,
