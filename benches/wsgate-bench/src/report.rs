@@ -34,6 +34,9 @@ pub struct Record {
     pub first_error: Option<String>,
     pub note: Option<String>,
     pub unix_time: u64,
+    /// 1-minute load average when the measurement ended: other work on the
+    /// machine shows up here.
+    pub loadavg_1m: Option<f64>,
 }
 
 impl Record {
@@ -74,6 +77,9 @@ impl Record {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
+            loadavg_1m: std::fs::read_to_string("/proc/loadavg")
+                .ok()
+                .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok())),
         }
     }
 }
