@@ -6,18 +6,22 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
-use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admin;
 use crate::balancer::Pools;
-use crate::config::Config;
-use crate::listener;
+use crate::config::{Config, ConfigErrors};
+use crate::listener::ListenerHandle;
 use crate::metrics::Metrics;
 use crate::router::Router;
+use crate::tls::{self, TlsError};
 use crate::upstream::Upstream;
 use crate::websocket::BufferPool;
 
@@ -51,6 +55,31 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// Every connection and tunnel task, so shutdown can wait for them.
     pub tasks: TaskTracker,
+    /// When the running config was loaded.
+    pub loaded_at: Mutex<SystemTime>,
+    /// Listeners bound and not shutting down (for `/readyz`).
+    pub ready: AtomicBool,
+}
+
+impl Shared {
+    /// The Prometheus text exposition, with the per-backend gauges brought up to date first.
+    pub fn render_metrics(&self) -> String {
+        let state = self.state.load();
+        for pool in state.pools.iter() {
+            for backend in &pool.backends {
+                let labels = [pool.name.as_str(), backend.addr.as_str()];
+                self.metrics
+                    .backend_up
+                    .with_label_values(&labels)
+                    .set(i64::from(backend.is_available()));
+                self.metrics
+                    .backend_connections_active
+                    .with_label_values(&labels)
+                    .set(backend.active() as i64);
+            }
+        }
+        self.metrics.render()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -62,36 +91,44 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    #[error("admin listener cannot bind {addr}: {source}")]
+    Admin {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+}
+
+/// Why a reload was refused; the running config stays in place.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("{0}")]
+    Config(#[from] ConfigErrors),
+    #[error(transparent)]
+    Start(#[from] StartError),
+    #[error("the gateway was not started from a file, so there is nothing to re-read")]
+    NoSource,
 }
 
 /// A running gateway.
 pub struct Gateway {
     shared: Arc<Shared>,
-    addrs: HashMap<String, SocketAddr>,
+    listeners: Mutex<HashMap<String, ListenerHandle>>,
+    admin: Option<SocketAddr>,
 }
 
 impl Gateway {
-    /// Binds every listener of `config` and starts serving.
+    /// Binds every listener of `config` (and the admin listener) and starts serving.
     pub async fn start(config: Config) -> Result<Gateway, StartError> {
-        let mut bound = Vec::new();
-        for l in &config.listeners {
-            let listener =
-                TcpListener::bind(l.listen)
-                    .await
-                    .map_err(|source| StartError::Bind {
-                        name: l.name.clone(),
-                        addr: l.listen,
-                        source,
-                    })?;
-            let addr = listener.local_addr().map_err(|source| StartError::Bind {
-                name: l.name.clone(),
-                addr: l.listen,
-                source,
-            })?;
-            bound.push((l.name.clone(), addr, listener));
-        }
+        let acceptors = load_tls(&config)?;
         let metrics = Metrics::new();
         metrics.config_reloads.with_label_values(&["ok"]).inc_by(0);
+        metrics
+            .config_reloads
+            .with_label_values(&["error"])
+            .inc_by(0);
         metrics.config_last_reload_success.set(unix_now());
         let shared = Arc::new(Shared {
             state: ArcSwap::from_pointee(State::new(config, None)),
@@ -100,19 +137,44 @@ impl Gateway {
             upstream: Arc::new(Upstream::default()),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            loaded_at: Mutex::new(SystemTime::now()),
+            ready: AtomicBool::new(false),
         });
-        let mut addrs = HashMap::new();
-        for (name, addr, listener) in bound {
-            tracing::info!(listener = %name, %addr, "listening");
-            addrs.insert(name.clone(), addr);
-            tokio::spawn(listener::accept_loop(listener, name, Arc::clone(&shared)));
+        crate::balancer::start_health_checks(&shared);
+        let config = Arc::clone(&shared.state.load().config);
+        let mut listeners = HashMap::new();
+        for (listener, tls) in config.listeners.iter().zip(acceptors) {
+            let handle = ListenerHandle::bind(listener, tls, &shared).await?;
+            listeners.insert(listener.name.clone(), handle);
         }
-        Ok(Gateway { shared, addrs })
+        let admin = match config.admin {
+            Some(addr) => Some(
+                admin::start(addr, Arc::clone(&shared))
+                    .await
+                    .map_err(|source| StartError::Admin { addr, source })?,
+            ),
+            None => None,
+        };
+        shared.ready.store(true, Ordering::Relaxed);
+        Ok(Gateway {
+            shared,
+            listeners: Mutex::new(listeners),
+            admin,
+        })
     }
 
     /// The bound address of a listener (the real port when the config said port 0).
     pub fn listener_addr(&self, name: &str) -> Option<SocketAddr> {
-        self.addrs.get(name).copied()
+        self.listeners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .map(|l| l.addr)
+    }
+
+    /// The bound address of the admin listener.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin
     }
 
     pub fn shared(&self) -> &Arc<Shared> {
@@ -126,13 +188,141 @@ impl Gateway {
 
     /// The Prometheus text exposition of the gateway's metrics.
     pub fn metrics_text(&self) -> String {
-        self.shared.metrics.render()
+        self.shared.render_metrics()
     }
 
-    /// Stops accepting, closes every tunnel with 1001 "going away", lets in-flight requests finish, and
-    /// waits for all of it, at most the config's drain timeout.
+    /// Re-reads the file the running config came from and applies it (SIGHUP).
+    pub async fn reload_from_file(&self) -> Result<(), ReloadError> {
+        let path = self
+            .shared
+            .state
+            .load()
+            .config
+            .source
+            .clone()
+            .ok_or(ReloadError::NoSource)?;
+        let result = match Config::from_file(&path) {
+            Ok(config) => self.reload(config).await,
+            Err(errors) => Err(errors.into()),
+        };
+        if let Err(error) = &result
+            && matches!(error, ReloadError::Config(_))
+        {
+            self.shared
+                .metrics
+                .config_reloads
+                .with_label_values(&["error"])
+                .inc();
+        }
+        result
+    }
+
+    /// Applies a new config: new connections follow it at once; live tunnels keep the settings, route and
+    /// backend they started with; listeners are diffed (unchanged ones keep their socket); certificates are
+    /// re-read. On any error nothing changes.
+    pub async fn reload(&self, config: Config) -> Result<(), ReloadError> {
+        let result = self.apply(config).await;
+        let label = if result.is_ok() { "ok" } else { "error" };
+        self.shared
+            .metrics
+            .config_reloads
+            .with_label_values(&[label])
+            .inc();
+        match &result {
+            Ok(()) => {
+                self.shared
+                    .metrics
+                    .config_last_reload_success
+                    .set(unix_now());
+                tracing::info!("config reloaded");
+            }
+            Err(error) => tracing::error!(%error, "reload refused; the running config stays"),
+        }
+        result
+    }
+
+    async fn apply(&self, config: Config) -> Result<(), ReloadError> {
+        let old = self.shared.state.load_full();
+        if config.admin != old.config.admin {
+            tracing::warn!("the admin address changes only on restart");
+        }
+        if config.workers != old.config.workers {
+            tracing::warn!("the number of workers changes only on restart");
+        }
+        let acceptors = load_tls(&config).map_err(StartError::from)?;
+        // Bind what is new before changing anything, so a failed bind leaves the old setup whole.
+        let mut fresh = HashMap::new();
+        {
+            let current: HashMap<String, SocketAddr> = self
+                .listeners
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .map(|(name, l)| (name.clone(), l.config.listen))
+                .collect();
+            for (listener, tls) in config.listeners.iter().zip(acceptors) {
+                if current.get(&listener.name) == Some(&listener.listen) {
+                    fresh.insert(listener.name.clone(), (None, tls));
+                } else {
+                    let handle = ListenerHandle::bind(listener, tls.clone(), &self.shared).await;
+                    match handle {
+                        Ok(handle) => fresh.insert(listener.name.clone(), (Some(handle), tls)),
+                        Err(error) => {
+                            for (handle, _) in fresh.into_values() {
+                                if let Some(handle) = handle {
+                                    handle.stop();
+                                }
+                            }
+                            return Err(error.into());
+                        }
+                    };
+                }
+            }
+        }
+        let state = State::new(config, Some(&old));
+        self.shared.state.store(Arc::new(state));
+        *self
+            .shared
+            .loaded_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = SystemTime::now();
+        let mut listeners = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
+        listeners.retain(|name, handle| {
+            let keep = matches!(fresh.get(name), Some((None, _)));
+            if !keep {
+                handle.stop();
+                tracing::info!(listener = %name, "listener closed");
+            }
+            keep
+        });
+        for (name, (handle, tls)) in fresh {
+            match handle {
+                Some(handle) => {
+                    listeners.insert(name, handle);
+                }
+                None => {
+                    if let Some(kept) = listeners.get(&name) {
+                        kept.set_tls(tls);
+                    }
+                }
+            }
+        }
+        drop(listeners);
+        let state = self.shared.state.load();
+        self.shared.upstream.retain(|addr| {
+            state
+                .pools
+                .iter()
+                .any(|p| p.backends.iter().any(|b| b.addr == addr))
+        });
+        Ok(())
+    }
+
+    /// Stops accepting, closes every tunnel with 1001 "going away" (spread over `close_spread`), lets
+    /// in-flight requests finish, and waits for all of it, at most the config's drain timeout.
     pub async fn shutdown(self) {
         let drain = self.shared.state.load().config.timeouts.drain;
+        self.shared.ready.store(false, Ordering::Relaxed);
         self.shared.shutdown.cancel();
         self.shared.tasks.close();
         if tokio::time::timeout(drain, self.shared.tasks.wait())
@@ -145,6 +335,15 @@ impl Gateway {
             );
         }
     }
+}
+
+/// Loads the certificates of every TLS listener, in listener order.
+fn load_tls(config: &Config) -> Result<Vec<Option<TlsAcceptor>>, TlsError> {
+    config
+        .listeners
+        .iter()
+        .map(|l| l.tls.as_ref().map(tls::acceptor).transpose())
+        .collect()
 }
 
 fn unix_now() -> f64 {

@@ -15,6 +15,7 @@
 //! start, shutdown), `metrics` (every Prometheus metric), `headers` and `body` (helpers shared by the two
 //! proxy paths), `demo` (built-in backends and a page for `wsgate demo`).
 
+mod admin;
 pub mod balancer;
 pub mod body;
 mod client_io;
@@ -27,8 +28,9 @@ mod http_proxy;
 mod listener;
 pub mod metrics;
 pub mod router;
+pub mod tls;
 pub mod upstream;
 pub mod websocket;
 
 pub use config::Config;
-pub use gateway::{Gateway, StartError};
+pub use gateway::{Gateway, ReloadError, StartError};

@@ -4,16 +4,20 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwapOption;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use prometheus::IntGauge;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
 
 use crate::client_io::{ClientIo, Phase};
+use crate::config::{Config, ListenerConfig};
 use crate::dispatch;
-use crate::gateway::Shared;
+use crate::gateway::{Shared, StartError};
 
 /// One accepted client connection, shared by its HTTP requests and, after an upgrade, by its tunnel.
 /// Dropping the last reference marks the connection closed in the metrics.
@@ -32,7 +36,64 @@ impl Drop for ClientConn {
     }
 }
 
-pub async fn accept_loop(listener: TcpListener, name: String, shared: Arc<Shared>) {
+/// A bound listener. Dropping the handle does not stop it; `stop` does (on reload or shutdown).
+pub struct ListenerHandle {
+    pub config: ListenerConfig,
+    pub addr: SocketAddr,
+    /// The certificates in use: swapped on reload without touching the socket.
+    tls: Arc<ArcSwapOption<TlsAcceptor>>,
+    stop: CancellationToken,
+}
+
+impl ListenerHandle {
+    /// Binds `config.listen` and starts accepting. `tls` must be the acceptor for `config.tls`.
+    pub async fn bind(
+        config: &ListenerConfig,
+        tls: Option<TlsAcceptor>,
+        shared: &Arc<Shared>,
+    ) -> Result<ListenerHandle, StartError> {
+        let bind_error = |source| StartError::Bind {
+            name: config.name.clone(),
+            addr: config.listen,
+            source,
+        };
+        let listener = TcpListener::bind(config.listen).await.map_err(bind_error)?;
+        let addr = listener.local_addr().map_err(bind_error)?;
+        let handle = ListenerHandle {
+            config: config.clone(),
+            addr,
+            tls: Arc::new(ArcSwapOption::from_pointee(tls)),
+            stop: shared.shutdown.child_token(),
+        };
+        tracing::info!(listener = %config.name, %addr, tls = config.tls.is_some(), "listening");
+        tokio::spawn(accept_loop(
+            listener,
+            config.name.clone(),
+            Arc::clone(&handle.tls),
+            handle.stop.clone(),
+            Arc::clone(shared),
+        ));
+        Ok(handle)
+    }
+
+    /// Uses new certificates for connections accepted from now on.
+    pub fn set_tls(&self, tls: Option<TlsAcceptor>) {
+        self.tls.store(tls.map(Arc::new));
+    }
+
+    /// Closes the listening socket; connections already accepted go on.
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    name: String,
+    tls: Arc<ArcSwapOption<TlsAcceptor>>,
+    stop: CancellationToken,
+    shared: Arc<Shared>,
+) {
     let max = shared.state.load().config.limits.max_connections;
     let permits = Arc::new(Semaphore::new(max));
     let accepted = shared
@@ -50,7 +111,7 @@ pub async fn accept_loop(listener: TcpListener, name: String, shared: Arc<Shared
                 Ok(permit) => permit,
                 Err(_) => return,
             },
-            _ = shared.shutdown.cancelled() => return,
+            _ = stop.cancelled() => return,
         };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -62,24 +123,30 @@ pub async fn accept_loop(listener: TcpListener, name: String, shared: Arc<Shared
                     continue;
                 }
             },
-            _ = shared.shutdown.cancelled() => return,
+            _ = stop.cancelled() => return,
         };
         accepted.inc();
         active.inc();
+        let acceptor = tls.load_full();
         let conn = Arc::new(ClientConn {
             peer,
             listener: name.clone(),
-            tls: false,
+            tls: acceptor.is_some(),
             phase: Arc::new(Phase::default()),
             active: active.clone(),
             _permit: permit,
         });
         let shared2 = Arc::clone(&shared);
-        shared.tasks.spawn(serve(stream, conn, shared2));
+        shared.tasks.spawn(serve(stream, acceptor, conn, shared2));
     }
 }
 
-async fn serve(stream: TcpStream, conn: Arc<ClientConn>, shared: Arc<Shared>) {
+async fn serve(
+    stream: TcpStream,
+    tls: Option<Arc<TlsAcceptor>>,
+    conn: Arc<ClientConn>,
+    shared: Arc<Shared>,
+) {
     let _ = stream.set_nodelay(true);
     let config = Arc::clone(&shared.state.load().config);
     let io = ClientIo::new(
@@ -88,6 +155,25 @@ async fn serve(stream: TcpStream, conn: Arc<ClientConn>, shared: Arc<Shared>) {
         config.timeouts.header,
         config.timeouts.http_idle,
     );
+    match tls {
+        None => serve_http(io, conn, shared, &config).await,
+        Some(acceptor) => {
+            // The TLS handshake counts against the header timeout, like the request head that follows it.
+            match tokio::time::timeout(config.timeouts.header, acceptor.accept(io)).await {
+                Ok(Ok(stream)) => serve_http(stream, conn, shared, &config).await,
+                Ok(Err(error)) => {
+                    tracing::debug!(peer = %conn.peer, %error, "TLS handshake failed")
+                }
+                Err(_) => tracing::debug!(peer = %conn.peer, "TLS handshake timed out"),
+            }
+        }
+    }
+}
+
+async fn serve_http<I>(io: I, conn: Arc<ClientConn>, shared: Arc<Shared>, config: &Config)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let mut builder = http1::Builder::new();
     // hyper answers a head larger than its buffer with 431; its buffer cannot be under 8 KiB.
     builder.max_buf_size(config.limits.max_header_size.max(8192));
@@ -96,7 +182,6 @@ async fn serve(stream: TcpStream, conn: Arc<ClientConn>, shared: Arc<Shared>) {
     let service = service_fn(move |req| {
         dispatch::handle(req, Arc::clone(&service_conn), Arc::clone(&service_shared))
     });
-    drop(config);
     let connection = builder
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();

@@ -59,10 +59,23 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format, cli.log_level.as_deref());
     match cli.command {
-        Command::Check { config } => match Config::from_file(&config) {
-            Ok(_) => {
-                println!("{}: ok", config.display());
-                ExitCode::SUCCESS
+        Command::Check { config: path } => match Config::from_file(&path) {
+            Ok(config) => {
+                // Certificates are part of a config: a missing or mismatched one is an error here too.
+                let tls_errors: Vec<String> = config
+                    .listeners
+                    .iter()
+                    .filter_map(|l| l.tls.as_ref())
+                    .filter_map(|tls| wsgate::tls::acceptor(tls).err())
+                    .map(|e| e.to_string())
+                    .collect();
+                if tls_errors.is_empty() {
+                    println!("{}: ok", path.display());
+                    ExitCode::SUCCESS
+                } else {
+                    eprintln!("{}", tls_errors.join("\n"));
+                    ExitCode::FAILURE
+                }
             }
             Err(errors) => {
                 eprintln!("{errors}");
@@ -171,25 +184,34 @@ async fn demo(listen: SocketAddr, admin: SocketAddr) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Waits for SIGTERM or SIGINT.
-async fn wait_for_signals(_gateway: &Gateway) {
+/// Serves until SIGTERM or SIGINT; reloads the config file on every SIGHUP.
+async fn wait_for_signals(gateway: &Gateway) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int)) = (
+        let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
         ) else {
             tracing::error!("cannot install signal handlers");
             return;
         };
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: draining"),
-            _ = int.recv() => tracing::info!("SIGINT: draining"),
+        loop {
+            tokio::select! {
+                _ = term.recv() => return tracing::info!("SIGTERM: draining"),
+                _ = int.recv() => return tracing::info!("SIGINT: draining"),
+                _ = hup.recv() => {
+                    tracing::info!("SIGHUP: reloading the config");
+                    // Errors are logged and counted by the gateway; the running config stays.
+                    let _ = gateway.reload_from_file().await;
+                }
+            }
         }
     }
     #[cfg(not(unix))]
     {
+        let _ = gateway;
         let _ = tokio::signal::ctrl_c().await;
     }
 }

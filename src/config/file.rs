@@ -37,6 +37,7 @@ pub struct FileAdmin {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileTimeouts {
+    pub close_spread: Option<Text>,
     pub connect: Option<Text>,
     pub handshake: Option<Text>,
     pub header: Option<Text>,
@@ -57,6 +58,20 @@ pub struct FileLimits {
 pub struct FileListener {
     pub name: Text,
     pub listen: Text,
+    pub tls: Option<FileTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileTls {
+    pub certs: Spanned<Vec<FileCert>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileCert {
+    pub cert: Text,
+    pub key: Text,
 }
 
 #[derive(Debug, Deserialize)]
@@ -86,13 +101,40 @@ pub struct FileWebSocket {
 #[serde(deny_unknown_fields)]
 pub struct FilePool {
     pub policy: Option<Text>,
+    pub sticky: Option<Spanned<FileSticky>>,
+    pub health: Option<Spanned<FileHealth>>,
+    pub max_fails: Option<Spanned<i64>>,
+    pub fail_timeout: Option<Text>,
     pub backends: Spanned<Vec<FileBackend>>,
+}
+
+/// Where a sticky pool finds a request's key: exactly one of the sources.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSticky {
+    pub cookie: Option<Text>,
+    pub header: Option<Text>,
+    pub query: Option<Text>,
+    pub source_ip: Option<Spanned<bool>>,
+    pub trusted_proxies: Option<Spanned<Vec<Text>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileHealth {
+    pub path: Option<Text>,
+    pub interval: Option<Text>,
+    pub timeout: Option<Text>,
+    pub rise: Option<Spanned<i64>>,
+    pub fall: Option<Spanned<i64>>,
+    pub websocket: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileBackend {
     pub addr: Text,
+    pub id: Option<Text>,
     pub weight: Option<Spanned<i64>>,
     #[serde(default)]
     pub drain: bool,

@@ -3,6 +3,7 @@
 //! `file.rs` holds what the file says; this module checks it and turns it into typed values. Every problem is
 //! reported as `file:line: key: message`, and all of them are collected, so `wsgate check` can list them at once.
 
+pub mod cidr;
 mod file;
 pub mod units;
 
@@ -12,7 +13,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use file::{FileBackend, FileConfig, FileRoute, FileWebSocket, Text};
+use file::{
+    FileBackend, FileConfig, FileHealth, FilePool, FileRoute, FileSticky, FileWebSocket, Text,
+};
 use toml::Spanned;
 
 /// One problem in a config file, with where it is.
@@ -84,6 +87,9 @@ pub struct Timeouts {
     pub backend_response: Duration,
     /// On shutdown, how long live connections get to finish.
     pub drain: Duration,
+    /// On shutdown, tunnels are sent their Close 1001 at random moments spread over this window (bounded
+    /// by `drain`), so that thousands of clients do not all reconnect in the same instant.
+    pub close_spread: Duration,
 }
 
 impl Default for Timeouts {
@@ -95,6 +101,7 @@ impl Default for Timeouts {
             http_idle: Duration::from_secs(60),
             backend_response: Duration::from_secs(60),
             drain: Duration::from_secs(30),
+            close_spread: Duration::from_secs(5),
         }
     }
 }
@@ -120,6 +127,22 @@ impl Default for Limits {
 pub struct ListenerConfig {
     pub name: String,
     pub listen: SocketAddr,
+    /// TLS termination; `None` for plain TCP.
+    pub tls: Option<TlsConfig>,
+}
+
+/// Certificates of a TLS listener: the client's SNI picks one, else the first is used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    pub certs: Vec<CertFiles>,
+}
+
+/// A PEM certificate chain and its private key (PKCS#8, PKCS#1 or SEC1), as paths resolved against the
+/// config file's folder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -165,21 +188,81 @@ impl Default for WebSocketSettings {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How a pool chooses the backend of a new connection (DESIGN.md §3).
+#[derive(Debug, Clone, PartialEq)]
 pub enum Policy {
+    /// Fewest live connections per unit of weight; ties broken at random.
     LeastConn,
+    /// The same key always goes to the same backend (rendezvous hashing over backend ids, so every
+    /// instance agrees); a request without a key falls back to least-connections.
+    Sticky(StickyKey),
+}
+
+/// Where a sticky pool reads a request's key.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StickyKey {
+    /// A cookie of this name, set by wsgate itself; its value names a backend by a hash of its id.
+    Cookie(String),
+    /// A request header.
+    Header(http::HeaderName),
+    /// A query parameter.
+    Query(String),
+    /// The client's IP: the peer's, or taken from `X-Forwarded-For` when the peer is a trusted proxy.
+    SourceIp { trusted_proxies: Vec<cidr::Cidr> },
+}
+
+/// Active health checks of a pool's backends: a GET (or a WebSocket upgrade) every `interval`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthCheck {
+    pub path: String,
+    pub interval: Duration,
+    /// The whole check (connect, request, answer head) must finish within this.
+    pub timeout: Duration,
+    /// Consecutive passed checks that bring a down backend up.
+    pub rise: u32,
+    /// Consecutive failed checks that take an up backend down.
+    pub fall: u32,
+    /// Probe with a WebSocket upgrade (101 with a correct accept key passes) instead of a GET (2xx/3xx passes).
+    pub websocket: bool,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        HealthCheck {
+            path: "/".to_string(),
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(1),
+            rise: 2,
+            fall: 3,
+            websocket: false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct PoolConfig {
     pub policy: Policy,
+    /// `None`: no active checks, backends are up unless passively ejected.
+    pub health: Option<HealthCheck>,
+    /// Consecutive connect or handshake failures that eject a backend (passive health); 0 never ejects.
+    pub max_fails: u32,
+    /// How long an ejected backend gets no new connections.
+    pub fail_timeout: Duration,
     pub backends: Vec<BackendConfig>,
+}
+
+impl PoolConfig {
+    pub const DEFAULT_MAX_FAILS: u32 = 3;
+    pub const DEFAULT_FAIL_TIMEOUT: Duration = Duration::from_secs(10);
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct BackendConfig {
-    /// `host:port` as written; the backend's identity across reloads.
+    /// `host:port` as written.
     pub addr: String,
+    /// Stable identity (defaults to `addr`): what sticky hashing and cookies are computed from, so moving a
+    /// backend to a new address keeps its keys when the id stays.
+    pub id: String,
     pub weight: u32,
     /// A draining backend takes no new connections; its live ones finish.
     pub drain: bool,
@@ -197,16 +280,23 @@ impl Config {
                 message: format!("cannot read the file: {e}"),
             }])
         })?;
-        let mut config = Config::from_toml(&text, &name)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let mut config = Config::parse(&text, &name, base)?;
         config.source = Some(path.to_path_buf());
         Ok(config)
     }
 
-    /// Checks config text; `file_name` is what error messages call it.
+    /// Checks config text; `file_name` is what error messages call it. Relative paths in it (certificates)
+    /// are taken from the current folder.
     pub fn from_toml(text: &str, file_name: &str) -> Result<Config, ConfigErrors> {
+        Config::parse(text, file_name, Path::new("."))
+    }
+
+    fn parse(text: &str, file_name: &str, base: &Path) -> Result<Config, ConfigErrors> {
         let mut check = Checker {
             file: file_name,
             text,
+            base,
             errors: Vec::new(),
         };
         let parsed: FileConfig = match toml::from_str(text) {
@@ -235,6 +325,8 @@ impl Config {
 struct Checker<'a> {
     file: &'a str,
     text: &'a str,
+    /// The config file's folder: relative paths in the file are relative to it.
+    base: &'a Path,
     errors: Vec<ConfigError>,
 }
 
@@ -286,6 +378,16 @@ impl Checker<'_> {
                 defaults.backend_response,
             ),
             drain: self.timeout(&t.drain, "timeouts.drain", defaults.drain),
+            close_spread: match &t.close_spread {
+                None => defaults.close_spread,
+                Some(text) => match units::parse_duration(text.get_ref()) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        self.error(text.span().start, "timeouts.close_spread", e);
+                        defaults.close_spread
+                    }
+                },
+            },
         };
         let limits = self.limits(&file.limits);
 
@@ -301,10 +403,15 @@ impl Checker<'_> {
                 );
             }
             self.label(&l.name, &format!("{key}.name"));
+            let tls = l
+                .tls
+                .as_ref()
+                .map(|tls| self.tls(tls, &format!("{key}.tls")));
             if let Some(listen) = self.socket_addr(&l.listen, &format!("{key}.listen")) {
                 listeners.push(ListenerConfig {
                     name: l.name.get_ref().clone(),
                     listen,
+                    tls,
                 });
             }
         }
@@ -323,44 +430,8 @@ impl Checker<'_> {
                     "pool names may use letters, digits, '-', '_' and '.'",
                 );
             }
-            let pool = pool.get_ref();
-            let policy = match pool.policy.as_ref().map(|p| (p.get_ref().as_str(), p)) {
-                None | Some(("least_conn", _)) => Policy::LeastConn,
-                Some((other, p)) => {
-                    self.error(
-                        p.span().start,
-                        format!("{key}.policy"),
-                        format!("unknown policy `{other}` (expected \"least_conn\")"),
-                    );
-                    Policy::LeastConn
-                }
-            };
-            if pool.backends.get_ref().is_empty() {
-                self.error(
-                    pool.backends.span().start,
-                    format!("{key}.backends"),
-                    "a pool needs at least one backend",
-                );
-            }
-            let mut addrs = HashSet::new();
-            let backends = pool
-                .backends
-                .get_ref()
-                .iter()
-                .enumerate()
-                .filter_map(|(i, b)| {
-                    let key = format!("{key}.backends[{i}]");
-                    if !addrs.insert(b.addr.get_ref().clone()) {
-                        self.error(
-                            b.addr.span().start,
-                            format!("{key}.addr"),
-                            "the same backend is listed twice",
-                        );
-                    }
-                    self.backend(b, &key)
-                })
-                .collect();
-            pools.insert(name.clone(), PoolConfig { policy, backends });
+            let pool = self.pool(pool.get_ref(), &key, start);
+            pools.insert(name.clone(), pool);
         }
 
         let mut routes = Vec::new();
@@ -391,6 +462,34 @@ impl Checker<'_> {
             routes,
             pools,
         }
+    }
+
+    fn tls(&mut self, tls: &file::FileTls, key: &str) -> TlsConfig {
+        if tls.certs.get_ref().is_empty() {
+            self.error(
+                tls.certs.span().start,
+                format!("{key}.certs"),
+                "a TLS listener needs at least one certificate",
+            );
+        }
+        let mut path = |text: &Text, key: String| {
+            let value = text.get_ref().trim();
+            if value.is_empty() {
+                self.error(text.span().start, key, "empty path");
+            }
+            self.base.join(value)
+        };
+        let certs = tls
+            .certs
+            .get_ref()
+            .iter()
+            .enumerate()
+            .map(|(i, c)| CertFiles {
+                cert: path(&c.cert, format!("{key}.certs[{i}].cert")),
+                key: path(&c.key, format!("{key}.certs[{i}].key")),
+            })
+            .collect();
+        TlsConfig { certs }
     }
 
     fn limits(&mut self, l: &file::FileLimits) -> Limits {
@@ -550,6 +649,235 @@ impl Checker<'_> {
         }
     }
 
+    fn pool(&mut self, pool: &FilePool, key: &str, start: usize) -> PoolConfig {
+        let policy = match pool.policy.as_ref().map(|p| (p.get_ref().as_str(), p)) {
+            None | Some(("least_conn", _)) => {
+                if let Some(sticky) = &pool.sticky {
+                    self.error(
+                        sticky.span().start,
+                        format!("{key}.sticky"),
+                        "only used with policy = \"sticky\"",
+                    );
+                }
+                Policy::LeastConn
+            }
+            Some(("sticky", p)) => match &pool.sticky {
+                Some(sticky) => self
+                    .sticky(sticky, &format!("{key}.sticky"))
+                    .map_or(Policy::LeastConn, Policy::Sticky),
+                None => {
+                    self.error(
+                        p.span().start,
+                        format!("{key}.policy"),
+                        "policy \"sticky\" needs a `sticky` table saying where the key is, e.g. \
+                         sticky = { cookie = \"wsgate\" }",
+                    );
+                    Policy::LeastConn
+                }
+            },
+            Some((other, p)) => {
+                self.error(
+                    p.span().start,
+                    format!("{key}.policy"),
+                    format!("unknown policy `{other}` (expected \"least_conn\" or \"sticky\")"),
+                );
+                Policy::LeastConn
+            }
+        };
+        let health = pool
+            .health
+            .as_ref()
+            .map(|h| self.health(h.get_ref(), &format!("{key}.health")));
+        let max_fails = self.count(
+            &pool.max_fails,
+            &format!("{key}.max_fails"),
+            0..=1000,
+            PoolConfig::DEFAULT_MAX_FAILS,
+        );
+        let fail_timeout = self.timeout(
+            &pool.fail_timeout,
+            &format!("{key}.fail_timeout"),
+            PoolConfig::DEFAULT_FAIL_TIMEOUT,
+        );
+        if pool.backends.get_ref().is_empty() {
+            self.error(
+                pool.backends.span().start.max(start),
+                format!("{key}.backends"),
+                "a pool needs at least one backend",
+            );
+        }
+        let mut addrs = HashSet::new();
+        let mut ids = HashSet::new();
+        let backends = pool
+            .backends
+            .get_ref()
+            .iter()
+            .enumerate()
+            .filter_map(|(i, b)| {
+                let key = format!("{key}.backends[{i}]");
+                if !addrs.insert(b.addr.get_ref().trim().to_string()) {
+                    self.error(
+                        b.addr.span().start,
+                        format!("{key}.addr"),
+                        "the same backend is listed twice",
+                    );
+                }
+                let backend = self.backend(b, &key)?;
+                if !ids.insert(backend.id.clone()) {
+                    let at = b.id.as_ref().unwrap_or(&b.addr).span().start;
+                    self.error(
+                        at,
+                        format!("{key}.id"),
+                        format!(
+                            "the id `{}` is used by another backend of this pool",
+                            backend.id
+                        ),
+                    );
+                }
+                Some(backend)
+            })
+            .collect();
+        PoolConfig {
+            policy,
+            health,
+            max_fails,
+            fail_timeout,
+            backends,
+        }
+    }
+
+    /// Exactly one key source; `None` (after reporting) when the table is not usable.
+    fn sticky(&mut self, sticky: &Spanned<FileSticky>, key: &str) -> Option<StickyKey> {
+        let at = sticky.span().start;
+        let s = sticky.get_ref();
+        let source_ip = s.source_ip.as_ref().is_some_and(|v| *v.get_ref());
+        let sources = [
+            s.cookie.is_some(),
+            s.header.is_some(),
+            s.query.is_some(),
+            source_ip,
+        ];
+        if sources.iter().filter(|&&set| set).count() != 1 {
+            self.error(
+                at,
+                key,
+                "give exactly one key source: cookie = \"NAME\", header = \"NAME\", query = \"NAME\" \
+                 or source_ip = true",
+            );
+            return None;
+        }
+        if let Some(proxies) = &s.trusted_proxies
+            && !source_ip
+        {
+            self.error(
+                proxies.span().start,
+                format!("{key}.trusted_proxies"),
+                "only used with source_ip = true",
+            );
+        }
+        if let Some(name) = &s.cookie {
+            let text = name.get_ref().trim();
+            if !is_cookie_name(text) {
+                self.error(
+                    name.span().start,
+                    format!("{key}.cookie"),
+                    format!(
+                        "`{text}` is not a cookie name: use letters, digits and !#$%&'*+-.^_`|~"
+                    ),
+                );
+                return None;
+            }
+            return Some(StickyKey::Cookie(text.to_string()));
+        }
+        if let Some(name) = &s.header {
+            return match http::HeaderName::from_bytes(name.get_ref().trim().as_bytes()) {
+                Ok(header) => Some(StickyKey::Header(header)),
+                Err(_) => {
+                    self.error(
+                        name.span().start,
+                        format!("{key}.header"),
+                        format!("`{}` is not a header name", name.get_ref()),
+                    );
+                    None
+                }
+            };
+        }
+        if let Some(name) = &s.query {
+            let text = name.get_ref().trim();
+            if text.is_empty() || text.contains(['&', '=', '#', ' ']) {
+                self.error(
+                    name.span().start,
+                    format!("{key}.query"),
+                    format!("`{text}` is not a query parameter name"),
+                );
+                return None;
+            }
+            return Some(StickyKey::Query(text.to_string()));
+        }
+        let mut trusted_proxies = Vec::new();
+        if let Some(proxies) = &s.trusted_proxies {
+            for (i, net) in proxies.get_ref().iter().enumerate() {
+                match net.get_ref().parse::<cidr::Cidr>() {
+                    Ok(net) => trusted_proxies.push(net),
+                    Err(e) => self.error(
+                        net.span().start,
+                        format!("{key}.trusted_proxies[{i}]"),
+                        e.to_string(),
+                    ),
+                }
+            }
+        }
+        Some(StickyKey::SourceIp { trusted_proxies })
+    }
+
+    fn health(&mut self, h: &FileHealth, key: &str) -> HealthCheck {
+        let d = HealthCheck::default();
+        let path = match &h.path {
+            None => d.path,
+            Some(p) if p.get_ref().starts_with('/') && !p.get_ref().contains([' ', '\r', '\n']) => {
+                p.get_ref().clone()
+            }
+            Some(p) => {
+                self.error(
+                    p.span().start,
+                    format!("{key}.path"),
+                    "must be a path starting with '/', e.g. \"/healthz\"",
+                );
+                d.path
+            }
+        };
+        HealthCheck {
+            path,
+            interval: self.timeout(&h.interval, &format!("{key}.interval"), d.interval),
+            timeout: self.timeout(&h.timeout, &format!("{key}.timeout"), d.timeout),
+            rise: self.count(&h.rise, &format!("{key}.rise"), 1..=100, d.rise),
+            fall: self.count(&h.fall, &format!("{key}.fall"), 1..=100, d.fall),
+            websocket: h.websocket.unwrap_or(d.websocket),
+        }
+    }
+
+    /// A whole number within `range`.
+    fn count(
+        &mut self,
+        value: &Option<Spanned<i64>>,
+        key: &str,
+        range: std::ops::RangeInclusive<u32>,
+        default: u32,
+    ) -> u32 {
+        let Some(n) = value else { return default };
+        match u32::try_from(*n.get_ref()) {
+            Ok(v) if range.contains(&v) => v,
+            _ => {
+                self.error(
+                    n.span().start,
+                    key,
+                    format!("must be between {} and {}", range.start(), range.end()),
+                );
+                default
+            }
+        }
+    }
+
     fn backend(&mut self, b: &FileBackend, key: &str) -> Option<BackendConfig> {
         let weight = match &b.weight {
             None => 1,
@@ -564,9 +892,24 @@ impl Checker<'_> {
             }
         };
         let addr = b.addr.get_ref().trim();
+        let id = match &b.id {
+            None => addr.to_string(),
+            Some(id) => {
+                let text = id.get_ref().trim();
+                if text.is_empty() || text.len() > 128 || text.chars().any(char::is_control) {
+                    self.error(
+                        id.span().start,
+                        format!("{key}.id"),
+                        "must be 1 to 128 printable characters",
+                    );
+                }
+                text.to_string()
+            }
+        };
         match split_host_port(addr) {
             Some(_) => Some(BackendConfig {
                 addr: addr.to_string(),
+                id,
                 weight,
                 drain: b.drain,
             }),
@@ -624,6 +967,15 @@ impl Checker<'_> {
             );
         }
     }
+}
+
+/// A cookie name is an RFC 6265 token: visible ASCII without separators.
+fn is_cookie_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 fn is_label(name: &str) -> bool {

@@ -1,0 +1,217 @@
+//! TLS termination (rustls): certificates loaded from PEM files, the one to present chosen by the
+//! client's SNI (exact name, then wildcard, else the first certificate). TLS 1.2 and 1.3, ALPN `http/1.1`.
+//!
+//! Certificates are read at start and again on every reload; a listener keeps its socket across reloads
+//! and only its [`TlsAcceptor`] is swapped.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::TlsConfig;
+
+/// A certificate problem, naming the file.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {message}", path.display())]
+pub struct TlsError {
+    pub path: PathBuf,
+    pub message: String,
+}
+
+fn error(path: &Path, message: impl Into<String>) -> TlsError {
+    TlsError {
+        path: path.to_path_buf(),
+        message: message.into(),
+    }
+}
+
+/// Loads every certificate of a listener and builds its acceptor.
+pub fn acceptor(config: &TlsConfig) -> Result<TlsAcceptor, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut certs = Vec::new();
+    for files in &config.certs {
+        certs.push(load_one(&files.cert, &files.key, &provider)?);
+    }
+    let resolver = SniResolver { certs };
+    let mut server = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| error(Path::new("<tls>"), e.to_string()))?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(resolver));
+    server.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(server)))
+}
+
+struct NamedCert {
+    /// Lower-cased DNS names from the certificate (subjectAltName, else the common name); may hold `*.` names.
+    names: Vec<String>,
+    key: Arc<CertifiedKey>,
+}
+
+fn load_one(
+    cert_path: &Path,
+    key_path: &Path,
+    provider: &CryptoProvider,
+) -> Result<NamedCert, TlsError> {
+    let cert_pem =
+        std::fs::read(cert_path).map_err(|e| error(cert_path, format!("cannot read: {e}")))?;
+    let chain: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut cert_pem.as_slice())
+        .collect::<Result<_, _>>()
+        .map_err(|e| error(cert_path, format!("not a PEM certificate chain: {e}")))?;
+    let Some(leaf) = chain.first() else {
+        return Err(error(cert_path, "no certificate in the file"));
+    };
+    let names = inspect(cert_path, leaf)?;
+    let key_pem =
+        std::fs::read(key_path).map_err(|e| error(key_path, format!("cannot read: {e}")))?;
+    let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut key_pem.as_slice())
+        .map_err(|e| error(key_path, format!("not a PEM private key: {e}")))?
+        .ok_or_else(|| {
+            error(
+                key_path,
+                "no private key (PKCS#8, PKCS#1 or SEC1) in the file",
+            )
+        })?;
+    let certified = CertifiedKey::from_der(chain, key, provider).map_err(|e| {
+        error(
+            key_path,
+            format!(
+                "key does not fit the certificate in {}: {e}",
+                cert_path.display()
+            ),
+        )
+    })?;
+    Ok(NamedCert {
+        names,
+        key: Arc::new(certified),
+    })
+}
+
+/// Reads the names of a certificate and warns when it has expired or is not valid yet.
+fn inspect(path: &Path, leaf: &CertificateDer<'_>) -> Result<Vec<String>, TlsError> {
+    use x509_parser::prelude::*;
+    let (_, cert) = X509Certificate::from_der(leaf.as_ref())
+        .map_err(|e| error(path, format!("cannot parse the certificate: {e}")))?;
+    let validity = cert.validity();
+    if !validity.is_valid() {
+        tracing::warn!(
+            file = %path.display(),
+            not_before = %validity.not_before,
+            not_after = %validity.not_after,
+            "certificate is expired or not yet valid"
+        );
+    }
+    let mut names: Vec<String> = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    GeneralName::DNSName(name) => Some(name.to_ascii_lowercase()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if names.is_empty() {
+        names.extend(
+            cert.subject()
+                .iter_common_name()
+                .filter_map(|cn| cn.as_str().ok())
+                .map(str::to_ascii_lowercase),
+        );
+    }
+    Ok(names)
+}
+
+struct SniResolver {
+    certs: Vec<NamedCert>,
+}
+
+impl fmt::Debug for SniResolver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list()
+            .entries(self.certs.iter().map(|c| &c.names))
+            .finish()
+    }
+}
+
+impl SniResolver {
+    fn pick(&self, sni: Option<&str>) -> Option<&NamedCert> {
+        if let Some(sni) = sni.map(str::to_ascii_lowercase) {
+            let exact = self.certs.iter().find(|c| c.names.contains(&sni));
+            let wildcard = || {
+                let (_, parent) = sni.split_once('.')?;
+                self.certs
+                    .iter()
+                    .find(|c| c.names.iter().any(|n| n.strip_prefix("*.") == Some(parent)))
+            };
+            if let Some(found) = exact.or_else(wildcard) {
+                return Some(found);
+            }
+        }
+        self.certs.first()
+    }
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.pick(hello.server_name()).map(|c| Arc::clone(&c.key))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn named(names: &[&str]) -> NamedCert {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let params =
+            rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .expect("params");
+        let cert = params.self_signed(&key).expect("cert");
+        let der = PrivateKeyDer::try_from(key.serialize_der()).expect("der");
+        let provider = rustls::crypto::ring::default_provider();
+        let certified =
+            CertifiedKey::from_der(vec![cert.der().clone()], der, &provider).expect("certified");
+        NamedCert {
+            names: names.iter().map(|s| s.to_string()).collect(),
+            key: Arc::new(certified),
+        }
+    }
+
+    #[test]
+    fn sni_picks_exact_then_wildcard_then_first() {
+        let resolver = SniResolver {
+            certs: vec![
+                named(&["default.test"]),
+                named(&["*.example.test"]),
+                named(&["a.example.test"]),
+            ],
+        };
+        let first = |sni| resolver.pick(sni).map(|c| c.names[0].clone());
+        assert_eq!(
+            first(Some("a.example.test")).as_deref(),
+            Some("a.example.test")
+        );
+        assert_eq!(
+            first(Some("B.Example.Test")).as_deref(),
+            Some("*.example.test")
+        );
+        assert_eq!(
+            first(Some("x.y.example.test")).as_deref(),
+            Some("default.test")
+        );
+        assert_eq!(first(Some("other.test")).as_deref(), Some("default.test"));
+        assert_eq!(first(None).as_deref(), Some("default.test"));
+    }
+}
