@@ -98,6 +98,14 @@ fn main() {
         }
     };
     let code = rt.block_on(async {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("wsgate-bench: cannot watch SIGTERM: {e}");
+                    return 2;
+                }
+            };
         tokio::select! {
             r = run(args) => match r {
                 Ok(()) => 0,
@@ -109,6 +117,10 @@ fn main() {
             _ = tokio::signal::ctrl_c() => {
                 eprintln!("wsgate-bench: interrupted; stopping proxies");
                 130
+            }
+            _ = term.recv() => {
+                eprintln!("wsgate-bench: terminated; stopping proxies");
+                143
             }
         }
     });
