@@ -66,17 +66,19 @@ async fn proxy(
     shared: &Shared,
 ) -> (Response<ProxyBody>, Option<String>) {
     let (mut parts, body) = req.into_parts();
+    let pool = &route.pool;
+    // The sticky key is read before the headers are rewritten (X-Forwarded-For must be the client's).
+    let affinity = pool.affinity(&parts.headers, &parts.uri, conn.peer.ip());
     strip_hop_by_hop(&mut parts.headers);
     add_forwarded(&mut parts.headers, conn.peer.ip(), conn.tls);
     parts.uri = origin_form(&parts.uri);
     parts.version = Version::HTTP_11;
     let mut request = Request::from_parts(parts, body);
 
-    let pool = &route.pool;
     let mut tried: Vec<Arc<Backend>> = Vec::new();
     let mut stale_retries = 0;
     loop {
-        let Some(guard) = pool.pick(&tried) else {
+        let Some(guard) = pool.pick(&affinity, &tried) else {
             return if tried.is_empty() {
                 (
                     body::text(StatusCode::SERVICE_UNAVAILABLE, "no backend available\n"),
@@ -95,9 +97,13 @@ async fn proxy(
             .checkout(&backend.addr, config.timeouts.connect)
             .await
         {
-            Ok(sender) => sender,
+            Ok(sender) => {
+                pool.connect_succeeded(&backend);
+                sender
+            }
             Err(error) => {
                 tracing::warn!(pool = %pool.name, backend = %backend.addr, %error, "backend connect failed");
+                pool.connect_failed(&backend);
                 tried.push(backend);
                 if tried.len() >= pool.max_attempts() {
                     return (
@@ -126,6 +132,9 @@ async fn proxy(
             Ok(Ok(response)) => {
                 let (mut parts, incoming) = response.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
+                if let Some(cookie) = pool.sticky_cookie(&affinity, &backend, conn.tls) {
+                    parts.headers.append(http::header::SET_COOKIE, cookie);
+                }
                 let body = UpstreamBody::new(incoming, Arc::clone(&shared.upstream), sender, guard);
                 return (
                     Response::from_parts(parts, body.boxed()),

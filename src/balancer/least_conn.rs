@@ -41,6 +41,7 @@ mod tests {
             "p",
             &BackendConfig {
                 addr: addr.to_string(),
+                id: addr.to_string(),
                 weight,
                 drain: false,
             },

@@ -17,7 +17,7 @@ use sha1::{Digest, Sha1};
 use tokio::net::TcpStream;
 
 use super::tunnel::{self, Traffic, TunnelObserver, TunnelParams};
-use crate::balancer::{Backend, BackendGuard};
+use crate::balancer::{Affinity, Backend, BackendGuard};
 use crate::body::{self, ProxyBody};
 use crate::client_io::ClientIo;
 use crate::config::Config;
@@ -134,6 +134,10 @@ pub async fn upgrade(
     };
     let client_upgrade = hyper::upgrade::on(&mut req);
     let (mut parts, _) = req.into_parts();
+    // The sticky key is read before the headers are rewritten (X-Forwarded-For must be the client's).
+    let affinity = route
+        .pool
+        .affinity(&parts.headers, &parts.uri, conn.peer.ip());
     strip_hop_by_hop(&mut parts.headers);
     add_forwarded(&mut parts.headers, conn.peer.ip(), conn.tls);
     parts
@@ -145,7 +149,7 @@ pub async fn upgrade(
     let target = origin_form(&parts.uri);
 
     let (guard, answer) =
-        match connect_and_send(&route, config, &target, &parts.headers, &key).await {
+        match connect_and_send(&route, &affinity, config, &target, &parts.headers, &key).await {
             Ok(done) => done,
             Err(error) => {
                 count(error.result_label());
@@ -182,7 +186,13 @@ pub async fn upgrade(
             } else {
                 0
             };
-            let response = switching_protocols(headers, &key);
+            let mut response = switching_protocols(headers, &key);
+            if let Some(cookie) = route
+                .pool
+                .sticky_cookie(&affinity, guard.backend(), conn.tls)
+            {
+                response.headers_mut().append(header::SET_COOKIE, cookie);
+            }
             let splice = Splice {
                 route,
                 guard,
@@ -236,6 +246,7 @@ enum BackendAnswer {
 /// backend side of the handshake.
 async fn connect_and_send(
     route: &Route,
+    affinity: &Affinity,
     config: &Config,
     target: &http::Uri,
     headers: &HeaderMap,
@@ -244,11 +255,12 @@ async fn connect_and_send(
     let pool = &route.pool;
     let mut tried: Vec<Arc<Backend>> = Vec::new();
     loop {
-        let guard = pool.pick(&tried).ok_or(UpgradeError::NoBackend)?;
+        let guard = pool.pick(affinity, &tried).ok_or(UpgradeError::NoBackend)?;
         let stream = match upstream::connect(&guard.backend().addr, config.timeouts.connect).await {
             Ok(stream) => stream,
             Err(error) => {
                 tracing::warn!(pool = %pool.name, backend = %guard.backend().addr, %error, "backend connect failed");
+                pool.connect_failed(guard.backend());
                 tried.push(Arc::clone(guard.backend()));
                 if tried.len() >= pool.max_attempts() {
                     return Err(error.into());
@@ -262,8 +274,15 @@ async fn connect_and_send(
         let timeout = config.timeouts.handshake;
         let answer = tokio::time::timeout(timeout, send_upgrade(stream, request, key))
             .await
-            .map_err(|_| UpgradeError::Timeout(timeout))??;
-        return Ok((guard, answer));
+            .map_err(|_| UpgradeError::Timeout(timeout))
+            .and_then(|answer| answer);
+        // Passive health counts handshake failures too (not a takeover failure, which is ours).
+        match &answer {
+            Ok(_) => pool.connect_succeeded(guard.backend()),
+            Err(UpgradeError::Takeover) => {}
+            Err(_) => pool.connect_failed(guard.backend()),
+        }
+        return Ok((guard, answer?));
     }
 }
 
