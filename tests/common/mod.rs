@@ -173,10 +173,7 @@ where
                     return;
                 }
             }
-            Message::Close(_) => {
-                let _ = ws.close(None).await;
-                return;
-            }
+            // tungstenite has queued its Close answer; the next read flushes it and ends the stream.
             _ => {}
         }
     }
@@ -269,4 +266,267 @@ pub async fn raw_http(addr: SocketAddr, request: &[u8]) -> String {
         }
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+// ---- Raw and scripted backends, plain HTTP clients (HTTP proxy and handshake tests) ----
+
+/// The body type of scripted HTTP backends.
+pub type BackendBody = BoxBody<Bytes, hyper::Error>;
+
+/// A whole body for a scripted backend's response.
+pub fn backend_body(data: impl Into<Bytes>) -> BackendBody {
+    full(data)
+}
+
+/// A backend on 127.0.0.1 that hands each accepted TCP connection to `handler` and counts accepts:
+/// for backends that must misbehave at the byte level.
+pub struct RawBackend {
+    pub addr: SocketAddr,
+    accepts: Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RawBackend {
+    pub async fn start<F, Fut>(handler: F) -> RawBackend
+    where
+        F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind backend");
+        let addr = listener.local_addr().expect("backend addr");
+        let accepts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = Arc::clone(&accepts);
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(handler(stream));
+            }
+        });
+        RawBackend {
+            addr,
+            accepts,
+            task,
+        }
+    }
+
+    /// TCP connections accepted so far.
+    pub fn accepts(&self) -> usize {
+        self.accepts.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for RawBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A hyper HTTP/1.1 backend answering every request with `handler` (accepts counted as for `RawBackend`).
+pub async fn http_backend<F, Fut>(handler: F) -> RawBackend
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<BackendBody>> + Send + 'static,
+{
+    RawBackend::start(move |stream| {
+        let handler = handler.clone();
+        async move {
+            let service = service_fn(move |req| {
+                let handler = handler.clone();
+                async move { Ok::<_, Infallible>(handler(req).await) }
+            });
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades()
+                .await;
+        }
+    })
+    .await
+}
+
+/// An address on 127.0.0.1 with nothing listening (bound, then released).
+pub fn dead_addr() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr")
+}
+
+/// Reads a request or response head (through the blank line); returns it and the bytes read past it.
+pub async fn read_head(stream: &mut TcpStream) -> (String, Vec<u8>) {
+    use tokio::io::AsyncReadExt;
+    let mut data = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") {
+            let rest = data.split_off(end + 4);
+            return (String::from_utf8_lossy(&data).into_owned(), rest);
+        }
+        let n = within("a message head", stream.read(&mut buf))
+            .await
+            .expect("read head");
+        assert!(
+            n > 0,
+            "connection closed inside a head: {:?}",
+            String::from_utf8_lossy(&data)
+        );
+        data.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// One HTTP response as read off a raw connection.
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: u16,
+    /// Lower-cased header names with their values, in order.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn body_text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Reads one response (head, then a Content-Length, chunked, or read-to-close body; none for 1xx/204/304).
+pub async fn read_response(stream: &mut TcpStream) -> RawResponse {
+    use tokio::io::AsyncReadExt;
+    let (head, mut rest) = read_head(stream).await;
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status: u16 = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let get = |name: &str| {
+        headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+    };
+    let mut buf = [0u8; 16384];
+    let body = if status < 200 || status == 204 || status == 304 {
+        rest
+    } else if let Some(len) = get("content-length") {
+        let len: usize = len.parse().expect("content-length");
+        while rest.len() < len {
+            let n = within("a response body", stream.read(&mut buf))
+                .await
+                .expect("read body");
+            assert!(n > 0, "connection closed inside a body");
+            rest.extend_from_slice(&buf[..n]);
+        }
+        rest.truncate(len);
+        rest
+    } else if get("transfer-encoding").is_some_and(|t| t.eq_ignore_ascii_case("chunked")) {
+        let mut body = Vec::new();
+        loop {
+            // Enough bytes for the size line?
+            let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") else {
+                let n = within("a chunk", stream.read(&mut buf))
+                    .await
+                    .expect("read chunk");
+                assert!(n > 0, "connection closed inside a chunked body");
+                rest.extend_from_slice(&buf[..n]);
+                continue;
+            };
+            let size_text = String::from_utf8_lossy(&rest[..eol]).into_owned();
+            let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+                .unwrap_or_else(|_| panic!("bad chunk size {size_text:?}"));
+            // size line, data, CRLF (for the last chunk: the final CRLF, no trailers expected)
+            let needed = eol + 2 + size + 2;
+            while rest.len() < needed {
+                let n = within("a chunk", stream.read(&mut buf))
+                    .await
+                    .expect("read chunk");
+                assert!(n > 0, "connection closed inside a chunked body");
+                rest.extend_from_slice(&buf[..n]);
+            }
+            body.extend_from_slice(&rest[eol + 2..eol + 2 + size]);
+            rest.drain(..needed);
+            if size == 0 {
+                break body;
+            }
+        }
+    } else {
+        loop {
+            match tokio::time::timeout(WAIT, stream.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break rest,
+                Ok(Ok(n)) => rest.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    RawResponse {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// Sends `request` on a fresh connection and reads one response.
+pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> RawResponse {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = within("connect", TcpStream::connect(addr))
+        .await
+        .expect("connect");
+    within("write", stream.write_all(request))
+        .await
+        .expect("write");
+    read_response(&mut stream).await
+}
+
+/// A WebSocket upgrade request's text, with `extra` header lines (each ending in "\r\n").
+pub fn upgrade_request(addr: SocketAddr, path: &str, extra: &str) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+    )
+}
+
+/// Sends `request` over a fresh hyper client connection and returns the response (body still streaming).
+pub async fn http_send<B>(addr: SocketAddr, request: Request<B>) -> Response<Incoming>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = within("connect", TcpStream::connect(addr))
+        .await
+        .expect("connect");
+    let (mut sender, conn) = within(
+        "client handshake",
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)),
+    )
+    .await
+    .expect("client handshake");
+    tokio::spawn(conn);
+    within("a response head", sender.send_request(request))
+        .await
+        .expect("response")
+}
+
+/// `GET path` through a fresh connection: status, headers, whole body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (StatusCode, http::HeaderMap, Bytes) {
+    let request = Request::get(path)
+        .header(header::HOST, addr.to_string())
+        .body(http_body_util::Empty::<Bytes>::new())
+        .expect("request");
+    let response = http_send(addr, request).await;
+    let (parts, body) = response.into_parts();
+    let body = within("a response body", body.collect())
+        .await
+        .expect("body")
+        .to_bytes();
+    (parts.status, parts.headers, body)
 }
