@@ -9,7 +9,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use prometheus::IntGauge;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -57,7 +57,7 @@ impl ListenerHandle {
             addr: config.listen,
             source,
         };
-        let listener = TcpListener::bind(config.listen).await.map_err(bind_error)?;
+        let listener = listen(config.listen).map_err(bind_error)?;
         let addr = listener.local_addr().map_err(bind_error)?;
         let handle = ListenerHandle {
             config: config.clone(),
@@ -85,6 +85,22 @@ impl ListenerHandle {
     pub fn stop(&self) {
         self.stop.cancel();
     }
+}
+
+/// Kernel queue of connections not yet accepted. The default (128) overflows when a few hundred clients
+/// connect at once (reconnect storms), costing them a SYN retransmit; nginx and HAProxy use larger ones.
+const LISTEN_BACKLOG: u32 = 4096;
+
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    // A restarted gateway must be able to bind while old connections sit in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 async fn accept_loop(

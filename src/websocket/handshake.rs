@@ -380,9 +380,9 @@ impl Splice {
         };
         let outcome = tunnel::run(
             client,
-            parts.read_buf,
+            detach(parts.read_buf),
             self.backend,
-            self.backend_early,
+            detach(self.backend_early),
             params,
         )
         .await;
@@ -407,6 +407,16 @@ impl Splice {
             reason = outcome.reason.label(),
             "tunnel ended"
         );
+    }
+}
+
+/// Bytes read past a handshake are a slice of the HTTP layer's whole read buffer (8 KiB or more); keeping
+/// the slice would keep that buffer alive for the tunnel's life. Copy the few bytes out, or drop it.
+fn detach(early: Bytes) -> Bytes {
+    if early.is_empty() {
+        Bytes::new()
+    } else {
+        Bytes::copy_from_slice(&early)
     }
 }
 
