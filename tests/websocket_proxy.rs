@@ -3,9 +3,19 @@
 
 mod common;
 
+use std::time::{Duration, Instant};
+
 use common::*;
-use futures_util::SinkExt;
+use futures_util::{SinkExt, StreamExt};
+use http::header;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
 
 #[tokio::test]
 async fn text_and_binary_messages_round_trip() {
@@ -24,4 +34,439 @@ async fn text_and_binary_messages_round_trip() {
             .expect("send binary");
         assert_eq!(next_message(&mut ws).await, Message::binary(data));
     }
+}
+
+fn fragment(data: &str, opcode: Data, is_final: bool) -> Message {
+    Message::Frame(Frame::message(
+        data.as_bytes().to_vec(),
+        OpCode::Data(opcode),
+        is_final,
+    ))
+}
+
+#[tokio::test]
+async fn fragmented_message_is_reassembled_by_the_backend() {
+    let backend = TestBackend::start("b1").await;
+    let (_gateway, addr) = gateway(&config_text(&[backend.addr], "")).await;
+    let mut ws = ws_connect(addr, "/ws").await;
+    // Three fragments with a ping between them (control frames may go between fragments, RFC 6455 §5.4).
+    for message in [
+        fragment("hello ", Data::Text, false),
+        fragment("fragmented ", Data::Continue, false),
+        Message::Ping("between".into()),
+        fragment("world", Data::Continue, true),
+    ] {
+        within("send a fragment", ws.send(message))
+            .await
+            .expect("send fragment");
+    }
+    let mut pong = None;
+    let text = loop {
+        match within("the echo", ws.next())
+            .await
+            .expect("stream ended")
+            .expect("websocket error")
+        {
+            Message::Pong(payload) => pong = Some(payload),
+            Message::Ping(_) => {}
+            other => break other,
+        }
+    };
+    assert_eq!(text, Message::text("hello fragmented world"));
+    // The backend answered the ping when it read it, before the message's last fragment.
+    assert_eq!(pong.as_deref(), Some(&b"between"[..]));
+
+    // A binary message in many small fragments, the first one empty.
+    let mut parts = vec![Message::Frame(Frame::message(
+        Vec::new(),
+        OpCode::Data(Data::Binary),
+        false,
+    ))];
+    let mut expected = Vec::new();
+    for i in 0..20u8 {
+        let chunk = vec![i; 1000 + usize::from(i)];
+        expected.extend_from_slice(&chunk);
+        parts.push(Message::Frame(Frame::message(
+            chunk,
+            OpCode::Data(Data::Continue),
+            i == 19,
+        )));
+    }
+    for message in parts {
+        within("send a fragment", ws.send(message))
+            .await
+            .expect("send fragment");
+    }
+    assert_eq!(next_message(&mut ws).await, Message::binary(expected));
+}
+
+#[tokio::test]
+async fn client_ping_is_answered_with_the_same_payload() {
+    let backend = TestBackend::start("b1").await;
+    let (_gateway, addr) = gateway(&config_text(&[backend.addr], "")).await;
+    let mut ws = ws_connect(addr, "/ws").await;
+    for payload in [&b""[..], b"ping-42", &[7u8; 125]] {
+        within("send ping", ws.send(Message::Ping(payload.to_vec().into())))
+            .await
+            .expect("send ping");
+        let pong = loop {
+            match within("the pong", ws.next())
+                .await
+                .expect("stream ended")
+                .expect("websocket error")
+            {
+                Message::Pong(p) => break p,
+                Message::Ping(_) => {}
+                other => panic!("expected a pong, got {other:?}"),
+            }
+        };
+        assert_eq!(&pong[..], payload);
+    }
+    // The connection still carries data afterwards.
+    within("send", ws.send(Message::text("after pings")))
+        .await
+        .expect("send");
+    assert_eq!(next_message(&mut ws).await, Message::text("after pings"));
+}
+
+#[tokio::test]
+async fn subprotocol_chosen_by_the_backend_reaches_the_client() {
+    let backend = TestBackend::start("b1").await;
+    let (_gateway, addr) = gateway(&config_text(&[backend.addr], "")).await;
+    let mut request = format!("ws://{addr}/chat")
+        .into_client_request()
+        .expect("request");
+    request.headers_mut().insert(
+        header::SEC_WEBSOCKET_PROTOCOL,
+        "chat, superchat".parse().expect("header"),
+    );
+    let (mut ws, response) = within(
+        "websocket connect",
+        tokio_tungstenite::connect_async(request),
+    )
+    .await
+    .expect("handshake");
+    assert_eq!(response.status(), 101);
+    assert_eq!(
+        response.headers().get(header::SEC_WEBSOCKET_PROTOCOL),
+        Some(&"superchat".parse().expect("header"))
+    );
+    let seen = backend.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(
+        seen[0].headers[header::SEC_WEBSOCKET_PROTOCOL],
+        "chat, superchat"
+    );
+    within("send", ws.send(Message::text("hi")))
+        .await
+        .expect("send");
+    assert_eq!(next_message(&mut ws).await, Message::text("hi"));
+}
+
+/// A WebSocket backend that reports the Close frame it receives, then answers it the usual way
+/// (tungstenite echoes the code and reason).
+async fn close_recording_backend() -> (std::net::SocketAddr, mpsc::UnboundedReceiver<CloseFrame>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+                    return;
+                };
+                while let Some(Ok(message)) = ws.next().await {
+                    match message {
+                        Message::Close(Some(frame)) => {
+                            let _ = tx.send(frame);
+                        }
+                        Message::Text(_) | Message::Binary(_) => {
+                            let sent = ws.send(message).await;
+                            if sent.is_err() {
+                                return;
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
+#[tokio::test]
+async fn close_code_and_reason_reach_the_backend_and_come_back() {
+    let (backend, mut closes) = close_recording_backend().await;
+    let (_gateway, addr) = gateway(&config_text(&[backend], "")).await;
+    let mut ws = ws_connect(addr, "/ws").await;
+    within("send", ws.send(Message::text("before close")))
+        .await
+        .expect("send");
+    assert_eq!(next_message(&mut ws).await, Message::text("before close"));
+    let frame = CloseFrame {
+        code: CloseCode::from(4000),
+        reason: "bye for now".into(),
+    };
+    within("close", ws.close(Some(frame)))
+        .await
+        .expect("send close");
+    let got = within("the backend's Close", closes.recv())
+        .await
+        .expect("backend saw a Close");
+    assert_eq!(u16::from(got.code), 4000);
+    assert_eq!(got.reason.as_str(), "bye for now");
+    // The backend's answering Close comes back to the client with the same code and reason.
+    let reply = loop {
+        match within("the Close reply", ws.next()).await {
+            Some(Ok(Message::Close(reply))) => break reply,
+            Some(Ok(_)) => {}
+            other => panic!("expected a Close reply, got {other:?}"),
+        }
+    };
+    let reply = reply.expect("the reply carries a code");
+    assert_eq!(u16::from(reply.code), 4000);
+    assert_eq!(reply.reason.as_str(), "bye for now");
+}
+
+#[tokio::test]
+async fn path_and_query_reach_the_backend_unchanged() {
+    let backend = TestBackend::start("b1").await;
+    let (_gateway, addr) = gateway(&config_text(&[backend.addr], "")).await;
+    let target = "/chat/room%201/x?user=a%20b&empty=&x=1%2F2&x=3";
+    let mut ws = ws_connect(addr, target).await;
+    within("send", ws.send(Message::text("hi")))
+        .await
+        .expect("send");
+    assert_eq!(next_message(&mut ws).await, Message::text("hi"));
+    let seen = backend.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].method, "GET");
+    assert_eq!(seen[0].target, target);
+}
+
+#[tokio::test]
+async fn forwarded_headers_are_added_and_origin_and_cookie_kept() {
+    let backend = TestBackend::start("b1").await;
+    let (_gateway, addr) = gateway(&config_text(&[backend.addr], "")).await;
+    let mut request = format!("ws://{addr}/ws")
+        .into_client_request()
+        .expect("request");
+    let h = request.headers_mut();
+    h.insert(
+        header::ORIGIN,
+        "https://app.example".parse().expect("header"),
+    );
+    h.insert(
+        header::COOKIE,
+        "session=abc123; theme=dark".parse().expect("header"),
+    );
+    h.insert("x-forwarded-for", "203.0.113.7".parse().expect("header"));
+    h.insert("x-custom", "kept".parse().expect("header"));
+    let mut ws = ws_connect_with(request).await;
+    within("send", ws.send(Message::text("hi")))
+        .await
+        .expect("send");
+    assert_eq!(next_message(&mut ws).await, Message::text("hi"));
+    let seen = backend.seen();
+    assert_eq!(seen.len(), 1);
+    let h = &seen[0].headers;
+    assert_eq!(h["x-forwarded-for"], "203.0.113.7, 127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(h["x-forwarded-host"], addr.to_string().as_str());
+    assert_eq!(h[header::HOST], addr.to_string().as_str());
+    assert_eq!(h[header::ORIGIN], "https://app.example");
+    assert_eq!(h[header::COOKIE], "session=abc123; theme=dark");
+    assert_eq!(h["x-custom"], "kept");
+    assert_eq!(h[header::UPGRADE], "websocket");
+    assert!(
+        h[header::CONNECTION]
+            .to_str()
+            .is_ok_and(|c| c.eq_ignore_ascii_case("upgrade"))
+    );
+    assert_eq!(h[header::SEC_WEBSOCKET_VERSION], "13");
+}
+
+#[tokio::test]
+async fn hundred_concurrent_connections_do_not_cross_talk() {
+    let backend = TestBackend::start("b1").await;
+    let (_gateway, addr) = gateway(&config_text(&[backend.addr], "")).await;
+    let mut clients = tokio::task::JoinSet::new();
+    for i in 0..100 {
+        clients.spawn(async move {
+            let mut ws = ws_connect(addr, &format!("/ws/{i}")).await;
+            for j in 0..20 {
+                // Sizes vary so that messages cross read-buffer boundaries differently per connection.
+                let text =
+                    format!("conn {i} message {j} ") + &"z".repeat((i * 37 + j * 101) % 3000);
+                ws.send(Message::text(text.clone())).await.expect("send");
+                assert_eq!(next_message(&mut ws).await, Message::text(text));
+                let data: Vec<u8> = format!("{i}:{j}").into_bytes();
+                ws.send(Message::binary(data.clone())).await.expect("send");
+                assert_eq!(next_message(&mut ws).await, Message::binary(data));
+            }
+            ws.close(None).await.expect("close");
+        });
+    }
+    let results = within("100 clients", clients.join_all()).await;
+    assert_eq!(results.len(), 100);
+    assert_eq!(backend.seen().len(), 100);
+}
+
+#[tokio::test]
+async fn least_connections_spreads_long_lived_connections_evenly() {
+    let b1 = TestBackend::start("b1").await;
+    let b2 = TestBackend::start("b2").await;
+    let (_gateway, addr) = gateway(&config_text(&[b1.addr, b2.addr], "")).await;
+    let mut opening = tokio::task::JoinSet::new();
+    for i in 0..100 {
+        opening.spawn(async move { ws_connect(addr, &format!("/ws/{i}")).await });
+    }
+    // Every connection stays open until the counts are taken.
+    let open = within("100 connections", opening.join_all()).await;
+    assert_eq!(open.len(), 100);
+    let (n1, n2) = (b1.seen().len(), b2.seen().len());
+    assert_eq!(n1 + n2, 100);
+    assert!(
+        (45..=55).contains(&n1) && (45..=55).contains(&n2),
+        "uneven spread: b1 {n1}, b2 {n2}"
+    );
+}
+
+#[tokio::test]
+async fn unreachable_backend_gives_502_within_a_second() {
+    let (_gateway, addr) = gateway(&config_text(&[dead_addr()], "")).await;
+    let started = Instant::now();
+    let response = raw_exchange(addr, upgrade_request(addr, "/ws", "").as_bytes()).await;
+    let elapsed = started.elapsed();
+    assert_eq!(response.status, 502, "{}", response.body_text());
+    assert!(elapsed < Duration::from_secs(1), "502 took {elapsed:?}");
+}
+
+#[tokio::test]
+async fn upgrade_skips_an_unreachable_backend() {
+    let live = TestBackend::start("live").await;
+    let (_gateway, addr) = gateway(&config_text(&[dead_addr(), live.addr], "")).await;
+    // Ties are broken at random, so the dead backend is picked first about half the time.
+    for i in 0..16 {
+        let mut ws = ws_connect(addr, &format!("/ws/{i}")).await;
+        within("send", ws.send(Message::text("alive?")))
+            .await
+            .expect("send");
+        assert_eq!(next_message(&mut ws).await, Message::text("alive?"));
+    }
+    assert_eq!(live.seen().len(), 16);
+}
+
+#[tokio::test]
+async fn missing_key_is_400_and_wrong_version_is_426() {
+    let backend = TestBackend::start("b1").await;
+    let (_gateway, addr) = gateway(&config_text(&[backend.addr], "")).await;
+
+    let no_key = format!(
+        "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\n\r\n"
+    );
+    let response = raw_exchange(addr, no_key.as_bytes()).await;
+    assert_eq!(response.status, 400, "{}", response.body_text());
+
+    let bad_key = upgrade_request(addr, "/ws", "").replace("dGhlIHNhbXBsZSBub25jZQ==", "c2hvcnQ=");
+    let response = raw_exchange(addr, bad_key.as_bytes()).await;
+    assert_eq!(response.status, 400, "{}", response.body_text());
+
+    let old_version = upgrade_request(addr, "/ws", "")
+        .replace("Sec-WebSocket-Version: 13", "Sec-WebSocket-Version: 12");
+    let response = raw_exchange(addr, old_version.as_bytes()).await;
+    assert_eq!(response.status, 426, "{}", response.body_text());
+    assert_eq!(response.header("sec-websocket-version"), Some("13"));
+
+    // None of them reached the backend.
+    assert!(backend.seen().is_empty(), "{:?}", backend.seen());
+}
+
+/// The `Sec-WebSocket-Key` of a request head.
+fn key_of(head: &str) -> String {
+    head.lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(name, _)| name.trim().eq_ignore_ascii_case("sec-websocket-key"))
+        .map(|(_, v)| v.trim().to_string())
+        .expect("request has a key")
+}
+
+/// Keeps a raw backend's connection open until the other side closes it.
+async fn hold(mut stream: tokio::net::TcpStream) {
+    let mut buf = [0u8; 1024];
+    while let Ok(Ok(n)) = tokio::time::timeout(WAIT, stream.read(&mut buf)).await {
+        if n == 0 {
+            return;
+        }
+    }
+}
+
+#[tokio::test]
+async fn wrong_accept_from_the_backend_gives_502() {
+    let backend = RawBackend::start(|mut stream| async move {
+        let _ = read_head(&mut stream).await;
+        let answer = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                      Sec-WebSocket-Accept: AAAAAAAAAAAAAAAAAAAAAAAAAAA=\r\n\r\n";
+        let _ = stream.write_all(answer.as_bytes()).await;
+        hold(stream).await;
+    })
+    .await;
+    let (_gateway, addr) = gateway(&config_text(&[backend.addr], "")).await;
+    let response = raw_exchange(addr, upgrade_request(addr, "/ws", "").as_bytes()).await;
+    assert_eq!(response.status, 502, "{}", response.body_text());
+    assert_eq!(backend.accepts(), 1);
+}
+
+#[tokio::test]
+async fn backend_refusal_reaches_the_client_with_its_body() {
+    let backend = RawBackend::start(|mut stream| async move {
+        let _ = read_head(&mut stream).await;
+        let body = "not allowed here";
+        let answer = format!(
+            "HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\nX-Backend-Reason: policy\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = stream.write_all(answer.as_bytes()).await;
+        hold(stream).await;
+    })
+    .await;
+    let (_gateway, addr) = gateway(&config_text(&[backend.addr], "")).await;
+    let response = raw_exchange(addr, upgrade_request(addr, "/ws", "").as_bytes()).await;
+    assert_eq!(response.status, 403);
+    assert_eq!(response.body_text(), "not allowed here");
+    assert_eq!(response.header("x-backend-reason"), Some("policy"));
+    assert_eq!(response.header("content-type"), Some("text/plain"));
+}
+
+#[tokio::test]
+async fn bytes_right_behind_the_backend_101_reach_the_client() {
+    let backend = RawBackend::start(|mut stream| async move {
+        let (head, _) = read_head(&mut stream).await;
+        let accept = wsgate::websocket::accept_key(key_of(&head).as_bytes());
+        let mut answer = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Accept: {accept}\r\n\r\n"
+        )
+        .into_bytes();
+        // Two unmasked server frames in the same write as the 101.
+        for text in ["early hello", "and a second one"] {
+            answer.push(0x81);
+            answer.push(text.len() as u8);
+            answer.extend_from_slice(text.as_bytes());
+        }
+        let _ = stream.write_all(&answer).await;
+        hold(stream).await;
+    })
+    .await;
+    let (_gateway, addr) = gateway(&config_text(&[backend.addr], "")).await;
+    let mut ws = ws_connect(addr, "/ws").await;
+    assert_eq!(next_message(&mut ws).await, Message::text("early hello"));
+    assert_eq!(
+        next_message(&mut ws).await,
+        Message::text("and a second one")
+    );
 }

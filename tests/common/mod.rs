@@ -169,7 +169,8 @@ where
     while let Some(Ok(message)) = ws.next().await {
         match message {
             Message::Text(_) | Message::Binary(_) => {
-                if ws.send(message).await.is_err() {
+                let sent = ws.send(message).await;
+                if sent.is_err() {
                     return;
                 }
             }
