@@ -1002,4 +1002,6 @@ pub fn split_host_port(addr: &str) -> Option<(&str, u16)> {
 }
 
 #[cfg(test)]
+mod pool_tests;
+#[cfg(test)]
 mod tests;
