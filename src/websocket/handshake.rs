@@ -15,7 +15,9 @@ use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 use sha1::{Digest, Sha1};
 use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
 
+use super::transport::Buffered;
 use super::tunnel::{self, Traffic, TunnelObserver, TunnelParams};
 use crate::balancer::{Affinity, Backend, BackendGuard};
 use crate::body::{self, ProxyBody};
@@ -360,11 +362,6 @@ impl Splice {
                 }
                 Err(_) => return,
             };
-        let Ok(parts) = upgraded.downcast::<TokioIo<ClientIo>>() else {
-            tracing::error!("client connection could not be taken over after 101");
-            return;
-        };
-        let client = parts.io.into_inner().into_stream();
         let metrics = &shared.metrics;
         let active = metrics
             .ws_tunnels_active
@@ -378,14 +375,27 @@ impl Splice {
             shutdown: &shared.shutdown,
             observer: &observer,
         };
-        let outcome = tunnel::run(
-            client,
-            detach(parts.read_buf),
-            self.backend,
-            detach(self.backend_early),
-            params,
-        )
-        .await;
+        let backend_early = detach(self.backend_early);
+        // The client's stream is a plain socket, or a TLS session over one: each gets its own tunnel type.
+        let outcome = match upgraded.downcast::<TokioIo<ClientIo>>() {
+            Ok(parts) => {
+                let client = parts.io.into_inner().into_stream();
+                let early = detach(parts.read_buf);
+                tunnel::run(client, early, self.backend, backend_early, params).await
+            }
+            Err(upgraded) => match upgraded.downcast::<TokioIo<TlsStream<ClientIo>>>() {
+                Ok(parts) => {
+                    let client = Buffered(parts.io.into_inner());
+                    let early = detach(parts.read_buf);
+                    tunnel::run(client, early, self.backend, backend_early, params).await
+                }
+                Err(_) => {
+                    active.dec();
+                    tracing::error!("client connection could not be taken over after 101");
+                    return;
+                }
+            },
+        };
         active.dec();
         metrics
             .ws_closes

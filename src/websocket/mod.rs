@@ -6,7 +6,9 @@ mod buffers;
 pub mod frame;
 mod handshake;
 pub mod scanner;
+mod transport;
 pub mod tunnel;
 
 pub use buffers::{BUFFER_SIZE, BufferPool};
 pub use handshake::{accept_key, is_upgrade_request, upgrade};
+pub use transport::{Buffered, Transport};

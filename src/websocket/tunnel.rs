@@ -1,25 +1,25 @@
 //! The frame-aware splice between a client and a backend after a successful upgrade (DESIGN.md §2).
 //!
-//! One task drives both directions over the raw `TcpStream`s: it waits for readiness, borrows a buffer,
+//! One task drives both directions over the two streams (raw `TcpStream`s, or a TLS session on the client
+//! side: see `transport.rs`): it waits for readiness, borrows a buffer,
 //! reads, lets the direction's [`Scanner`] walk the frames in place, writes the result, and gives the buffer
 //! back. A direction reads nothing more until its last chunk is written, so a slow reader slows its writer
 //! and memory stays bounded. wsgate's own frames (keepalive pings, Close) go in only at frame boundaries.
 //! Timers (keepalive, pong, idle, lifetime, close) share one `Sleep`, re-armed lazily.
 
 use std::future::poll_fn;
-use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 use super::buffers::{Buffer, BufferPool};
 use super::frame::{ClosePayload, ControlFrame, OP_PING, Role};
 use super::scanner::{Scanner, Violation};
+use super::transport::Transport;
 use crate::config::WebSocketSettings;
 
 /// Reads per direction before the task yields, so one busy tunnel cannot hold a worker thread.
@@ -146,18 +146,18 @@ pub struct TunnelOutcome {
 
 /// Relays frames between `client` and `backend` until the connection ends. `client_early` and
 /// `backend_early` are bytes each side sent right behind its handshake, already read by the HTTP layer.
-pub async fn run(
-    client: TcpStream,
+pub async fn run<C: Transport, B: Transport>(
+    client: C,
     client_early: Bytes,
-    backend: TcpStream,
+    backend: B,
     backend_early: Bytes,
     params: TunnelParams<'_>,
 ) -> TunnelOutcome {
     let now = Instant::now();
     let settings = params.settings;
     let mut tunnel = Tunnel {
-        client: &client,
-        backend: &backend,
+        client,
+        backend,
         up: Half::new(
             Scanner::new(true, params.allowed_rsv, settings.max_message_size),
             Role::Client,
@@ -225,6 +225,8 @@ struct Half {
     gone: bool,
     /// `dst` is dead: what is queued for it does not hold the tunnel open.
     abandoned: bool,
+    /// Bytes were written to `dst` since its last flush.
+    unflushed: bool,
     /// Bytes `src` sent behind its handshake, read by the HTTP layer: scanned before the socket is read.
     early: Bytes,
     traffic: Traffic,
@@ -255,6 +257,7 @@ impl Half {
     fn new(scanner: Scanner, role: Role, early: Bytes) -> Half {
         Half {
             abandoned: false,
+            unflushed: false,
             early,
             scanner,
             role,
@@ -273,15 +276,26 @@ impl Half {
     fn pump(
         &mut self,
         cx: &mut Context<'_>,
-        src: &TcpStream,
-        dst: &TcpStream,
+        src: &mut impl Transport,
+        dst: &mut impl Transport,
         buffers: &BufferPool,
     ) -> Step {
         let mut step = Step::default();
         let mut reads = 0;
         loop {
+            if self.unflushed {
+                // A TLS session may hold written records back until flushed; a socket never does.
+                match dst.poll_flush(cx) {
+                    Poll::Pending => return step,
+                    Poll::Ready(Err(_)) => {
+                        step.dst_gone = true;
+                        return step;
+                    }
+                    Poll::Ready(Ok(())) => self.unflushed = false,
+                }
+            }
             if let Some(out) = &mut self.out {
-                match write_some(cx, dst, &out.buf[out.start..out.end]) {
+                match dst.poll_write(cx, &out.buf[out.start..out.end]) {
                     Poll::Pending => return step,
                     Poll::Ready(Err(_)) => {
                         self.out = None;
@@ -293,6 +307,7 @@ impl Half {
                         step.progressed = true;
                         if out.start == out.end {
                             self.out = None;
+                            self.unflushed = true;
                         }
                     }
                 }
@@ -301,7 +316,7 @@ impl Half {
             if let Some((frame, written)) = &mut self.inject
                 && self.scanner.at_boundary()
             {
-                match write_some(cx, dst, &frame.as_bytes()[*written..]) {
+                match dst.poll_write(cx, &frame.as_bytes()[*written..]) {
                     Poll::Pending => return step,
                     Poll::Ready(Err(_)) => {
                         self.inject = None;
@@ -313,6 +328,7 @@ impl Half {
                         step.progressed = true;
                         if *written == frame.as_bytes().len() {
                             self.inject = None;
+                            self.unflushed = true;
                             if self.inject_is_close {
                                 self.forwarding = false;
                             }
@@ -352,12 +368,14 @@ impl Half {
             }
             let mut buf = buffers.take();
             let carried = self.scanner.prepare(&mut buf);
-            match src.try_read(&mut buf[carried..]) {
-                Ok(0) => {
+            match src.poll_read(cx, &mut buf[carried..]) {
+                // Nothing after all (a stream that cannot tell readiness): the buffer goes straight back.
+                Poll::Pending => return step,
+                Poll::Ready(Ok(0)) => {
                     self.src_gone(&mut step);
                     return step;
                 }
-                Ok(n) => {
+                Poll::Ready(Ok(n)) => {
                     reads += 1;
                     step.progressed = true;
                     self.accept(buf, carried + n, &mut step);
@@ -366,8 +384,7 @@ impl Half {
                         self.reading = false;
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(_) => {
+                Poll::Ready(Err(_)) => {
                     self.src_gone(&mut step);
                     return step;
                 }
@@ -418,21 +435,6 @@ impl Half {
     }
 }
 
-fn write_some(cx: &mut Context<'_>, dst: &TcpStream, bytes: &[u8]) -> Poll<io::Result<usize>> {
-    loop {
-        match dst.poll_write_ready(cx) {
-            Poll::Pending => return Poll::Pending,
-            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-            Poll::Ready(Ok(())) => {}
-        }
-        match dst.try_write(bytes) {
-            Ok(n) => return Poll::Ready(Ok(n)),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Poll::Ready(Err(e)),
-        }
-    }
-}
-
 /// wsgate's own pings to one side.
 struct Keepalive {
     interval: Option<Duration>,
@@ -468,9 +470,9 @@ struct Ending {
     deadline: Instant,
 }
 
-struct Tunnel<'a> {
-    client: &'a TcpStream,
-    backend: &'a TcpStream,
+struct Tunnel<'a, C, B> {
+    client: C,
+    backend: B,
     /// Client to backend.
     up: Half,
     /// Backend to client.
@@ -489,7 +491,7 @@ struct Tunnel<'a> {
     params: TunnelParams<'a>,
 }
 
-impl Tunnel<'_> {
+impl<C: Transport, B: Transport> Tunnel<'_, C, B> {
     fn poll(
         &mut self,
         cx: &mut Context<'_>,
@@ -503,8 +505,12 @@ impl Tunnel<'_> {
             }
             self.queued = false;
             let buffers = self.params.buffers;
-            let up = self.up.pump(cx, self.client, self.backend, buffers);
-            let down = self.down.pump(cx, self.backend, self.client, buffers);
+            let up = self
+                .up
+                .pump(cx, &mut self.client, &mut self.backend, buffers);
+            let down = self
+                .down
+                .pump(cx, &mut self.backend, &mut self.client, buffers);
             let now = Instant::now();
             let progressed = up.progressed || down.progressed;
             let yielded = up.yielded || down.yielded;

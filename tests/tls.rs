@@ -1,0 +1,272 @@
+//! TLS termination: `wss://` end to end, SNI picking the certificate, certificate errors naming the file,
+//! and certificates re-read on reload. Certificates are made by the test with rcgen.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use common::*;
+use futures_util::SinkExt;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use wsgate::{Config, Gateway};
+
+struct Pki {
+    dir: PathBuf,
+    ca: rcgen::Issuer<'static, rcgen::KeyPair>,
+    ca_der: CertificateDer<'static>,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let dir = std::env::temp_dir().join(format!(
+            "wsgate-tls-{}-{}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let key = rcgen::KeyPair::generate().expect("CA key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "wsgate test CA");
+        let cert = params.self_signed(&key).expect("CA cert");
+        let ca_der = cert.der().clone();
+        Pki {
+            dir,
+            ca: rcgen::Issuer::new(params, key),
+            ca_der,
+        }
+    }
+
+    /// Writes a leaf certificate for `names` signed by the CA; returns (cert path, key path, DER).
+    fn leaf(&self, file: &str, names: &[&str]) -> (PathBuf, PathBuf, CertificateDer<'static>) {
+        let key = rcgen::KeyPair::generate().expect("leaf key");
+        let params =
+            rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .expect("leaf params");
+        let cert = params.signed_by(&key, &self.ca).expect("leaf cert");
+        let cert_path = self.dir.join(format!("{file}.pem"));
+        let key_path = self.dir.join(format!("{file}.key"));
+        std::fs::write(&cert_path, cert.pem()).expect("write cert");
+        std::fs::write(&key_path, key.serialize_pem()).expect("write key");
+        (cert_path, key_path, cert.der().clone())
+    }
+
+    fn connector(&self) -> TlsConnector {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.ca_der.clone()).expect("CA into store");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        TlsConnector::from(Arc::new(config))
+    }
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn tls_config(backend: SocketAddr, certs: &[(&Path, &Path)]) -> String {
+    let certs: Vec<String> = certs
+        .iter()
+        .map(|(c, k)| {
+            format!(
+                "{{ cert = {:?}, key = {:?} }}",
+                c.display().to_string(),
+                k.display().to_string()
+            )
+        })
+        .collect();
+    config_text(&[backend], "").replace(
+        "listen = \"127.0.0.1:0\"",
+        &format!(
+            "listen = \"127.0.0.1:0\"\ntls = {{ certs = [ {} ] }}",
+            certs.join(", ")
+        ),
+    )
+}
+
+async fn tls_connect(pki: &Pki, addr: SocketAddr, sni: &str) -> TlsStream<TcpStream> {
+    let tcp = within("connect", TcpStream::connect(addr))
+        .await
+        .expect("connect");
+    let name = ServerName::try_from(sni.to_string()).expect("server name");
+    within("TLS handshake", pki.connector().connect(name, tcp))
+        .await
+        .expect("TLS handshake")
+}
+
+#[tokio::test]
+async fn wss_works_end_to_end() {
+    let pki = Pki::new();
+    let (cert, key, _) = pki.leaf("site", &["site.test"]);
+    let backend = TestBackend::start("b1").await;
+    let (gateway, addr) = gateway(&tls_config(backend.addr, &[(&cert, &key)])).await;
+    let tls = tls_connect(&pki, addr, "site.test").await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    let request = format!("wss://site.test:{}/chat?room=1", addr.port())
+        .into_client_request()
+        .expect("request");
+    let (mut ws, _) = within("upgrade", tokio_tungstenite::client_async(request, tls))
+        .await
+        .expect("upgrade over TLS");
+    for len in [10usize, 70_000, 1 << 20] {
+        let data: Vec<u8> = (0..len).map(|i| (i % 253) as u8).collect();
+        within("send", ws.send(Message::binary(data.clone())))
+            .await
+            .expect("send");
+        assert_eq!(next_tls_message(&mut ws).await, Message::binary(data));
+    }
+    let seen = backend.seen();
+    assert_eq!(seen[0].target, "/chat?room=1");
+    assert_eq!(seen[0].headers["x-forwarded-proto"], "https");
+    assert_eq!(
+        gateway.buffers_in_use(),
+        0,
+        "an idle TLS tunnel holds no read buffer"
+    );
+    gateway.shutdown().await;
+}
+
+async fn next_tls_message(
+    ws: &mut tokio_tungstenite::WebSocketStream<TlsStream<TcpStream>>,
+) -> Message {
+    use futures_util::StreamExt;
+    loop {
+        let message = within("a message", ws.next())
+            .await
+            .expect("stream ended")
+            .expect("websocket error");
+        if !matches!(message, Message::Ping(_) | Message::Pong(_)) {
+            return message;
+        }
+    }
+}
+
+#[tokio::test]
+async fn sni_picks_exact_then_wildcard_then_first() {
+    let pki = Pki::new();
+    let (first, first_key, first_der) = pki.leaf("first", &["first.test"]);
+    let (wild, wild_key, wild_der) = pki.leaf("wild", &["*.wild.test"]);
+    let (exact, exact_key, exact_der) = pki.leaf("exact", &["a.wild.test"]);
+    let backend = TestBackend::start("b1").await;
+    let text = tls_config(
+        backend.addr,
+        &[
+            (&first, &first_key),
+            (&wild, &wild_key),
+            (&exact, &exact_key),
+        ],
+    );
+    let (gateway, addr) = gateway(&text).await;
+    let presented =
+        |tls: &TlsStream<TcpStream>| tls.get_ref().1.peer_certificates().map(|c| c[0].clone());
+    assert_eq!(
+        presented(&tls_connect(&pki, addr, "a.wild.test").await),
+        Some(exact_der)
+    );
+    assert_eq!(
+        presented(&tls_connect(&pki, addr, "b.wild.test").await),
+        Some(wild_der)
+    );
+    assert_eq!(
+        presented(&tls_connect(&pki, addr, "first.test").await),
+        Some(first_der.clone())
+    );
+    // An unknown name gets the first certificate, which the client then rejects as not matching.
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let name = ServerName::try_from("unknown.test".to_string()).expect("name");
+    assert!(
+        within("handshake", pki.connector().connect(name, tcp))
+            .await
+            .is_err()
+    );
+    gateway.shutdown().await;
+}
+
+#[tokio::test]
+async fn certificate_errors_name_the_file() {
+    let pki = Pki::new();
+    let (cert, key, _) = pki.leaf("good", &["good.test"]);
+    let (_, other_key, _) = pki.leaf("other", &["other.test"]);
+    let backend = TestBackend::start("b1").await;
+    let missing = pki.dir.join("missing.pem");
+    let start = |text: String| async move {
+        Gateway::start(Config::from_toml(&text, "tls.toml").expect("config")).await
+    };
+
+    let error = start(tls_config(backend.addr, &[(&missing, &key)]))
+        .await
+        .err()
+        .expect("missing cert refused");
+    assert!(error.to_string().contains("missing.pem"), "{error}");
+    let error = start(tls_config(backend.addr, &[(&cert, &other_key)]))
+        .await
+        .err()
+        .expect("wrong key refused");
+    assert!(error.to_string().contains("other.key"), "{error}");
+    let error = start(tls_config(backend.addr, &[(&key, &key)]))
+        .await
+        .err()
+        .expect("a key is not a certificate");
+    assert!(error.to_string().contains("good.key"), "{error}");
+    assert!(
+        start(tls_config(backend.addr, &[(&cert, &key)]))
+            .await
+            .is_ok()
+    );
+}
+
+#[tokio::test]
+async fn reload_rereads_certificates_and_refuses_broken_ones() {
+    let pki = Pki::new();
+    let (cert, key, old_der) = pki.leaf("site", &["site.test"]);
+    let backend = TestBackend::start("b1").await;
+    let text = tls_config(backend.addr, &[(&cert, &key)]);
+    let (gateway, addr) = gateway(&text).await;
+    let presented =
+        |tls: &TlsStream<TcpStream>| tls.get_ref().1.peer_certificates().map(|c| c[0].clone());
+    assert_eq!(
+        presented(&tls_connect(&pki, addr, "site.test").await),
+        Some(old_der)
+    );
+
+    // Renewed certificate at the same path: new connections get it, on the same socket.
+    let (_, _, new_der) = pki.leaf("site", &["site.test"]);
+    gateway
+        .reload(Config::from_toml(&text, "tls.toml").expect("config"))
+        .await
+        .expect("reload");
+    assert_eq!(gateway.listener_addr("main"), Some(addr));
+    assert_eq!(
+        presented(&tls_connect(&pki, addr, "site.test").await),
+        Some(new_der.clone())
+    );
+
+    // A broken certificate is refused; the running one stays.
+    std::fs::write(&cert, "not a certificate").expect("write");
+    let error = gateway
+        .reload(Config::from_toml(&text, "tls.toml").expect("config"))
+        .await
+        .expect_err("refused");
+    assert!(error.to_string().contains("site.pem"), "{error}");
+    assert_eq!(
+        presented(&tls_connect(&pki, addr, "site.test").await),
+        Some(new_der)
+    );
+    gateway.shutdown().await;
+}
