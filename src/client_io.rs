@@ -15,13 +15,20 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures_util::task::AtomicWaker;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
 /// Where a client connection is between requests; shared by the stream and the request handler.
 #[derive(Debug, Default)]
-pub struct Phase(AtomicU8);
+pub struct Phase {
+    state: AtomicU8,
+    /// The task last left waiting in `poll_read`. hyper may already be waiting on the socket when a response
+    /// ends (it watches for the client hanging up meanwhile), and will not read again until woken: `idle`
+    /// wakes it so that the idle timer gets armed and polled.
+    reader: AtomicWaker,
+}
 
 const WAITING_FIRST: u8 = 0;
 const IDLE_STARTED: u8 = 1;
@@ -32,12 +39,13 @@ const BUSY: u8 = 4;
 impl Phase {
     /// A request head has arrived and is being served.
     pub fn busy(&self) {
-        self.0.store(BUSY, Ordering::Relaxed);
+        self.state.store(BUSY, Ordering::Relaxed);
     }
 
     /// The response has been sent completely: the connection waits for its next request.
     pub fn idle(&self) {
-        self.0.store(IDLE_STARTED, Ordering::Relaxed);
+        self.state.store(IDLE_STARTED, Ordering::Release);
+        self.reader.wake();
     }
 }
 
@@ -77,12 +85,14 @@ impl AsyncRead for ClientIo {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        let mut phase = this.phase.0.load(Ordering::Relaxed);
+        // Registered before the phase is read, so an `idle` from another thread cannot slip in between.
+        this.phase.reader.register(cx.waker());
+        let mut phase = this.phase.state.load(Ordering::Acquire);
         if phase == IDLE_STARTED {
             this.timer
                 .as_mut()
                 .reset(Instant::now() + this.idle_timeout);
-            this.phase.0.store(IDLE, Ordering::Relaxed);
+            this.phase.state.store(IDLE, Ordering::Relaxed);
             phase = IDLE;
         }
         let before = buf.filled().len();
@@ -92,10 +102,10 @@ impl AsyncRead for ClientIo {
                     this.timer
                         .as_mut()
                         .reset(Instant::now() + this.header_timeout);
-                    this.phase.0.store(HEADERS, Ordering::Relaxed);
+                    this.phase.state.store(HEADERS, Ordering::Relaxed);
                 } else if buf.filled().len() > before && phase == WAITING_FIRST {
                     // The header timer of a new connection runs from the accept; it keeps running.
-                    this.phase.0.store(HEADERS, Ordering::Relaxed);
+                    this.phase.state.store(HEADERS, Ordering::Relaxed);
                 }
                 Poll::Ready(Ok(()))
             }

@@ -36,6 +36,17 @@ async fn route_and_proxy(
     shared: &Arc<Shared>,
 ) -> Response<ProxyBody> {
     let state = shared.state.load_full();
+    if head_size(&req) > state.config.limits.max_header_size {
+        shared
+            .metrics
+            .http_requests
+            .with_label_values(&["", status_class(431)])
+            .inc();
+        return body::text(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "request head too large\n",
+        );
+    }
     let host = req
         .headers()
         .get(header::HOST)
@@ -53,6 +64,23 @@ async fn route_and_proxy(
         return websocket::upgrade(req, route, &state.config, conn, shared).await;
     }
     http_proxy::forward(req, &route, &state.config, conn, shared).await
+}
+
+/// The size of a request head as sent: request line, header lines, blank line.
+///
+/// hyper enforces its buffer limit (`max_buf_size`) only when the buffer fills up with the head still
+/// incomplete, so a head that ends within one large read passes it at up to about twice the limit; this
+/// check makes `limits.max_header_size` exact.
+fn head_size<B>(req: &Request<B>) -> usize {
+    let target = req.uri().authority().map_or(0, |a| a.as_str().len() + 7)
+        + req.uri().path_and_query().map_or(1, |p| p.as_str().len());
+    let request_line = req.method().as_str().len() + 1 + target + " HTTP/1.1\r\n".len();
+    let headers: usize = req
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + 2 + value.len() + 2)
+        .sum();
+    request_line + headers + 2
 }
 
 /// A response body that marks the connection idle once the response is fully sent (or abandoned), so the
