@@ -9,7 +9,8 @@
 //! - `dispatch`: finds a request's route (`router`) and sends it on as HTTP or as an upgrade.
 //! - `http_proxy`: forwards ordinary requests over pooled backend connections (`upstream`).
 //! - `websocket`: the upgrade handshake, then the frame-aware tunnel between client and backend.
-//! - `balancer`: pools and backends, live-connection guards, the policy that picks a backend.
+//! - `balancer`: pools and backends, live-connection guards, the policy that picks a backend
+//!   (least-connections, or sticky by rendezvous hashing), active and passive health, draining.
 //!
 //! Around it: `config` (the TOML file, checked with file:line errors), `gateway` (the running state:
 //! start, shutdown), `metrics` (every Prometheus metric), `headers` and `body` (helpers shared by the two
