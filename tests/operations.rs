@@ -409,18 +409,37 @@ async fn shutdown_sends_going_away_to_every_tunnel_and_finishes() {
     }
     let started = Instant::now();
     let shutdown = tokio::spawn(gateway.shutdown());
-    for ws in &mut clients {
-        let close = loop {
-            match within("the Close frame", ws.next()).await {
-                Some(Ok(Message::Close(frame))) => break frame,
-                Some(Ok(_)) => continue,
-                other => panic!("expected a Close frame, got {other:?}"),
-            }
-        };
-        let close = close.expect("a close code");
+    // Each client waits for its Close on its own, so the arrival times are the real ones.
+    let waiters: Vec<_> = clients
+        .into_iter()
+        .map(|mut ws| {
+            tokio::spawn(async move {
+                let close = loop {
+                    match within("the Close frame", ws.next()).await {
+                        Some(Ok(Message::Close(frame))) => break frame,
+                        Some(Ok(_)) => continue,
+                        other => panic!("expected a Close frame, got {other:?}"),
+                    }
+                };
+                (Instant::now(), close.expect("a close code"))
+            })
+        })
+        .collect();
+    let mut arrivals = Vec::new();
+    for waiter in waiters {
+        let (at, close) = within("a client", waiter).await.expect("client task");
         assert_eq!(u16::from(close.code), 1001);
         assert_eq!(close.reason.as_str(), "going away");
+        arrivals.push(at);
     }
+    let first = arrivals.iter().min().copied().expect("arrivals");
+    let last = arrivals.iter().max().copied().expect("arrivals");
+    // Uniform over 300 ms: 20 closes all within 100 ms of each other would be a (1/3)^19 fluke.
+    assert!(
+        last - first > Duration::from_millis(100),
+        "closes were not spread: {:?}",
+        last - first
+    );
     within("shutdown", shutdown).await.expect("shutdown task");
     assert!(
         started.elapsed() < Duration::from_secs(5),

@@ -284,6 +284,16 @@ async fn connect_and_send(
             Err(UpgradeError::Takeover) => {}
             Err(_) => pool.connect_failed(guard.backend()),
         }
+        // DESIGN.md §1: a 5xx before the 101 sends the upgrade on to the next backend while attempts remain;
+        // the last one's answer is relayed as it is.
+        if let Ok(BackendAnswer::Other(response)) = &answer
+            && response.status().is_server_error()
+            && tried.len() + 1 < pool.max_attempts()
+        {
+            tracing::warn!(pool = %pool.name, backend = %guard.backend().addr, status = response.status().as_u16(), "backend answered the upgrade with a server error; trying the next one");
+            tried.push(Arc::clone(guard.backend()));
+            continue;
+        }
         return Ok((guard, answer?));
     }
 }
@@ -350,6 +360,13 @@ struct Splice {
 }
 
 impl Splice {
+    /// A uniformly random moment within the configured close spread (never past the drain deadline).
+    fn shutdown_delay(&self, shared: &Shared) -> Duration {
+        let timeouts = &shared.state.load().config.timeouts;
+        let spread = timeouts.close_spread.min(timeouts.drain / 2);
+        spread.mul_f64(fastrand::f64())
+    }
+
     async fn run(self, client_upgrade: OnUpgrade, conn: Arc<ClientConn>, shared: Arc<Shared>) {
         let route_name = self.route.config.name.as_str();
         let backend_addr = self.guard.backend().addr.as_str();
@@ -373,6 +390,7 @@ impl Splice {
             allowed_rsv: self.allowed_rsv,
             buffers: &shared.buffers,
             shutdown: &shared.shutdown,
+            shutdown_delay: self.shutdown_delay(&shared),
             observer: &observer,
         };
         let backend_early = detach(self.backend_early);

@@ -130,6 +130,9 @@ pub struct TunnelParams<'a> {
     pub allowed_rsv: u8,
     pub buffers: &'a BufferPool,
     pub shutdown: &'a CancellationToken,
+    /// How long after `shutdown` this tunnel sends its Close 1001: a random share of `close_spread`, so a
+    /// draining gateway does not make thousands of clients reconnect in the same instant.
+    pub shutdown_delay: Duration,
     pub observer: &'a dyn TunnelObserver,
 }
 
@@ -181,6 +184,7 @@ pub async fn run<C: Transport, B: Transport>(
         ending: None,
         client_close_code: None,
         queued: false,
+        shutdown_at: None,
         params,
     };
     let sleep = tokio::time::sleep_until(tunnel.next_deadline(now));
@@ -488,6 +492,8 @@ struct Tunnel<'a, C, B> {
     client_close_code: Option<u16>,
     /// A frame of wsgate's own was queued during this poll.
     queued: bool,
+    /// When this tunnel closes because the gateway shuts down.
+    shutdown_at: Option<Instant>,
     params: TunnelParams<'a>,
 }
 
@@ -500,8 +506,8 @@ impl<C: Transport, B: Transport> Tunnel<'_, C, B> {
     ) -> Poll<()> {
         loop {
             // The shutdown future stays registered between polls, so a quiet tunnel hears it too.
-            if self.ending.is_none() && cancelled.as_mut().poll(cx).is_ready() {
-                self.end(EndReason::Shutdown, Instant::now());
+            if self.shutdown_at.is_none() && cancelled.as_mut().poll(cx).is_ready() {
+                self.shutdown_at = Some(Instant::now() + self.params.shutdown_delay);
             }
             self.queued = false;
             let buffers = self.params.buffers;
@@ -619,6 +625,9 @@ impl<C: Transport, B: Transport> Tunnel<'_, C, B> {
     fn check_timers(&mut self, now: Instant) {
         if self.ending.is_some() {
             return;
+        }
+        if self.shutdown_at.is_some_and(|at| now >= at) {
+            return self.end(EndReason::Shutdown, now);
         }
         let settings = self.params.settings;
         if let Some(lifetime) = settings.max_lifetime
@@ -740,6 +749,9 @@ impl<C: Transport, B: Transport> Tunnel<'_, C, B> {
         }
         let settings = self.params.settings;
         let mut deadline = far.min(self.last_data + settings.idle_timeout);
+        if let Some(at) = self.shutdown_at {
+            deadline = deadline.min(at);
+        }
         if let Some(lifetime) = settings.max_lifetime {
             deadline = deadline.min(self.started + lifetime);
         }
