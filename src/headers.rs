@@ -40,12 +40,18 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Appends the client to `X-Forwarded-For` and sets `X-Forwarded-Proto` and `X-Forwarded-Host`.
+/// Several `X-Forwarded-For` lines are one list (RFC 9110 §5.3): they are joined in order, none dropped.
 pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr, tls: bool) {
+    let mut forwarded_for: Vec<&str> = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .collect();
     let client = client.to_string();
-    let forwarded_for = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(earlier) if !earlier.trim().is_empty() => format!("{earlier}, {client}"),
-        _ => client,
-    };
+    forwarded_for.push(&client);
+    let forwarded_for = forwarded_for.join(", ");
     if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
         headers.insert(X_FORWARDED_FOR.clone(), value);
     }
@@ -98,6 +104,21 @@ mod tests {
         assert_eq!(h["x-forwarded-for"], "10.1.1.1, 127.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "example.com");
+    }
+
+    #[test]
+    fn several_forwarded_for_lines_become_one_list() {
+        let mut h = HeaderMap::new();
+        h.append("x-forwarded-for", HeaderValue::from_static("10.1.1.1"));
+        h.append("x-forwarded-for", HeaderValue::from_static(" "));
+        h.append(
+            "x-forwarded-for",
+            HeaderValue::from_static("10.2.2.2, 10.3.3.3"),
+        );
+        add_forwarded(&mut h, "127.0.0.1".parse().unwrap(), true);
+        let all: Vec<_> = h.get_all("x-forwarded-for").iter().collect();
+        assert_eq!(all, ["10.1.1.1, 10.2.2.2, 10.3.3.3, 127.0.0.1"]);
+        assert_eq!(h["x-forwarded-proto"], "https");
     }
 
     #[test]

@@ -154,6 +154,16 @@ impl UpstreamBody {
     }
 }
 
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        // hyper never polls a body that is empty from the start (204, 304, HEAD, `Content-Length: 0`):
+        // such a response is complete all the same, and its connection reusable.
+        if self.inner.is_end_stream() {
+            self.finish();
+        }
+    }
+}
+
 impl Body for UpstreamBody {
     type Data = Bytes;
     type Error = BoxError;

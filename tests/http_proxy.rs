@@ -502,3 +502,82 @@ async fn backend_connections_are_kept_alive_and_reused() {
         backend.accepts()
     );
 }
+
+#[tokio::test]
+async fn bodiless_responses_keep_the_backend_connection() {
+    let backend = http_backend(|req: Request<hyper::body::Incoming>| async move {
+        let mut response = Response::new(backend_body(if req.method() == http::Method::HEAD {
+            ""
+        } else {
+            ""
+        }));
+        if req.uri().path() == "/no-content" {
+            *response.status_mut() = StatusCode::NO_CONTENT;
+        } else {
+            response
+                .headers_mut()
+                .insert(http::header::CONTENT_LENGTH, "0".parse().expect("header"));
+        }
+        response
+    })
+    .await;
+    let (_gateway, addr) = gateway(&config_text(&[backend.addr], "")).await;
+    for i in 0..10 {
+        let (status, _, body) = http_get(addr, "/no-content").await;
+        assert_eq!(status, StatusCode::NO_CONTENT, "request {i}");
+        assert!(body.is_empty());
+        let (status, _, body) = http_get(addr, "/empty").await;
+        assert_eq!(status, StatusCode::OK, "request {i}");
+        assert!(body.is_empty());
+        let request = Request::head("/empty")
+            .header(http::header::HOST, addr.to_string())
+            .body(http_body_util::Empty::<Bytes>::new())
+            .expect("request");
+        let response = http_send(addr, request).await;
+        assert_eq!(response.status(), StatusCode::OK, "request {i}");
+    }
+    assert!(
+        backend.accepts() <= 2,
+        "30 sequential bodiless responses opened {} backend connections",
+        backend.accepts()
+    );
+}
+
+#[tokio::test]
+async fn backend_closing_after_each_response_is_handled() {
+    let backend = http_backend(|req: Request<hyper::body::Incoming>| async move {
+        Response::builder()
+            .header(http::header::CONNECTION, "close")
+            .body(backend_body(format!("closing after {}", req.uri().path())))
+            .expect("response")
+    })
+    .await;
+    let (_gateway, addr) = gateway(&config_text(&[backend.addr], "")).await;
+    for i in 0..20 {
+        let (status, headers, body) = http_get(addr, &format!("/{i}")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body, format!("closing after /{i}"));
+        // The backend's `Connection: close` is about its own hop, not the client's.
+        assert!(!headers.contains_key(http::header::CONNECTION));
+    }
+    assert_eq!(backend.accepts(), 20);
+}
+
+#[tokio::test]
+async fn several_forwarded_for_lines_are_kept_in_order() {
+    let backend = TestBackend::start("b1").await;
+    let (_gateway, addr) = gateway(&config_text(&[backend.addr], "")).await;
+    let request = format!(
+        "GET / HTTP/1.1\r\nHost: {addr}\r\nX-Forwarded-For: 192.0.2.1\r\n\
+         X-Forwarded-For: 198.51.100.2, 198.51.100.3\r\n\r\n"
+    );
+    let response = raw_exchange(addr, request.as_bytes()).await;
+    assert_eq!(response.status, 200);
+    let seen = backend.seen();
+    let values: Vec<_> = seen[0].headers.get_all("x-forwarded-for").iter().collect();
+    assert_eq!(
+        values,
+        ["192.0.2.1, 198.51.100.2, 198.51.100.3, 127.0.0.1"],
+        "{values:?}"
+    );
+}

@@ -470,3 +470,66 @@ async fn bytes_right_behind_the_backend_101_reach_the_client() {
         Message::text("and a second one")
     );
 }
+
+#[tokio::test]
+async fn upgrade_moves_on_after_a_5xx_from_a_backend() {
+    let failing = RawBackend::start(|mut stream| async move {
+        let _ = read_head(&mut stream).await;
+        let answer = "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 8\r\n\r\nstarting";
+        let _ = stream.write_all(answer.as_bytes()).await;
+        hold(stream).await;
+    })
+    .await;
+    let live = TestBackend::start("live").await;
+    let (_gateway, addr) = gateway(&config_text(&[failing.addr, live.addr], "")).await;
+    // DESIGN.md §1: a 5xx before the 101 sends the upgrade to the next backend.
+    for i in 0..16 {
+        let mut ws = ws_connect(addr, &format!("/ws/{i}")).await;
+        within("send", ws.send(Message::text("alive?")))
+            .await
+            .expect("send");
+        assert_eq!(next_message(&mut ws).await, Message::text("alive?"));
+    }
+    assert_eq!(live.seen().len(), 16);
+    assert!(failing.accepts() > 0, "the failing backend was never tried");
+    // When every backend answers 5xx, the client gets the answer itself.
+    let (_gateway, addr) = gateway(&config_text(&[failing.addr], "")).await;
+    let response = raw_exchange(addr, upgrade_request(addr, "/ws", "").as_bytes()).await;
+    assert_eq!(response.status, 503);
+    assert_eq!(response.body_text(), "starting");
+}
+
+#[tokio::test]
+async fn bytes_right_behind_the_client_upgrade_reach_the_backend() {
+    let backend = TestBackend::start("b1").await;
+    let (_gateway, addr) = gateway(&config_text(&[backend.addr], "")).await;
+    let mut stream = within("connect", tokio::net::TcpStream::connect(addr))
+        .await
+        .expect("connect");
+    // The upgrade request and a masked text frame in one write.
+    let mut bytes = upgrade_request(addr, "/ws", "").into_bytes();
+    let payload = b"sent with the upgrade";
+    let mask = [0x12u8, 0x34, 0x56, 0x78];
+    bytes.push(0x81);
+    bytes.push(0x80 | payload.len() as u8);
+    bytes.extend_from_slice(&mask);
+    bytes.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    within("write", stream.write_all(&bytes))
+        .await
+        .expect("write");
+    let (head, mut rest) = read_head(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    // The echo: an unmasked text frame with the same payload.
+    let want = 2 + payload.len();
+    let mut buf = [0u8; 256];
+    while rest.len() < want {
+        let n = within("the echo", stream.read(&mut buf))
+            .await
+            .expect("read");
+        assert!(n > 0, "closed before the echo");
+        rest.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(rest[0], 0x81);
+    assert_eq!(usize::from(rest[1]), payload.len());
+    assert_eq!(&rest[2..want], payload);
+}
