@@ -405,7 +405,8 @@ impl Splice {
                 Ok(parts) => {
                     let client = Buffered(parts.io.into_inner());
                     let early = detach(parts.read_buf);
-                    tunnel::run(client, early, self.backend, backend_early, params).await
+                    // A TLS session is several KiB: boxed, so plain tunnels do not carry its size too.
+                    Box::pin(tunnel::run(client, early, self.backend, backend_early, params)).await
                 }
                 Err(_) => {
                     active.dec();
