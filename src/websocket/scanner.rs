@@ -54,7 +54,8 @@ pub struct Scanner {
     message_len: u64,
     /// A Close passed: the sender may send nothing more (§5.5.1), so later bytes are dropped.
     closed: bool,
-    /// Token of wsgate's own outstanding ping: the pong carrying it is consumed, not forwarded.
+    /// Token of wsgate's own pings: every pong carrying it is consumed, not forwarded (a late answer to an
+    /// earlier ping included, so the peer behind never sees a pong it did not ask for).
     expected_pong: Option<[u8; 8]>,
     carry: [u8; MAX_CONTROL_FRAME],
     carry_len: u8,
@@ -76,9 +77,10 @@ impl Scanner {
         }
     }
 
-    /// Whether the stream is between frames, where wsgate may insert a frame of its own.
+    /// Whether what has been forwarded ends between frames, where wsgate may insert a frame of its own.
+    /// A partial header or control frame in `carry` has not been forwarded, so it does not stand in the way.
     pub fn at_boundary(&self) -> bool {
-        self.remaining == 0 && self.carry_len == 0
+        self.remaining == 0
     }
 
     /// Whether a Close has passed in this direction.
@@ -86,7 +88,7 @@ impl Scanner {
         self.closed
     }
 
-    /// Marks a ping of wsgate's with this token as outstanding; its pong will be consumed.
+    /// Sets the token wsgate's pings carry; pongs carrying it are consumed from now on.
     pub fn expect_pong(&mut self, token: [u8; 8]) {
         self.expected_pong = Some(token);
     }
@@ -149,7 +151,6 @@ impl Scanner {
                 }
                 if header.opcode == OP_PONG && self.expected_pong.is_some_and(|t| t[..] == *payload)
                 {
-                    self.expected_pong = None;
                     scan.pong_matched = true;
                     r += total;
                     continue;
