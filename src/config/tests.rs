@@ -1,2 +1,156 @@
-#![allow(unused_imports)]
+//! The checker's defaults: a minimal file gets every value documented in `config/mod.rs`, and the
+//! "zero means off" settings read as documented.
+
 use super::*;
+
+/// The smallest valid file: one listener, one route, one pool of one backend.
+const MINIMAL: &str = r#"
+[[listener]]
+name = "main"
+listen = "127.0.0.1:8080"
+
+[[route]]
+name = "r"
+pool = "p"
+
+[pool.p]
+backends = [ { addr = "10.0.0.1:9000" } ]
+"#;
+
+fn parse(text: &str) -> Config {
+    Config::from_toml(text, "t.toml").unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+#[test]
+fn top_level_defaults() {
+    let c = parse(MINIMAL);
+    assert_eq!(c.source, None);
+    assert_eq!(c.workers, None, "one worker per core");
+    assert_eq!(c.admin, None, "no admin listener unless asked");
+    assert_eq!(c.listeners.len(), 1);
+    assert_eq!(c.listeners[0].name, "main");
+    assert_eq!(c.listeners[0].listen, "127.0.0.1:8080".parse().unwrap());
+    assert_eq!(c.listeners[0].tls, None, "plain TCP unless `tls` is given");
+}
+
+#[test]
+fn timeout_defaults() {
+    let t = parse(MINIMAL).timeouts;
+    assert_eq!(t.connect, secs(5));
+    assert_eq!(t.handshake, secs(10));
+    assert_eq!(t.header, secs(10));
+    assert_eq!(t.http_idle, secs(60));
+    assert_eq!(t.backend_response, secs(60));
+    assert_eq!(t.drain, secs(30));
+    assert_eq!(t.close_spread, secs(5));
+    assert_eq!(t, Timeouts::default());
+}
+
+#[test]
+fn limit_defaults() {
+    let l = parse(MINIMAL).limits;
+    assert_eq!(l.max_header_size, 64 * 1024);
+    assert_eq!(l.max_connections, 100_000);
+    assert_eq!(l, Limits::default());
+}
+
+#[test]
+fn route_defaults() {
+    let c = parse(MINIMAL);
+    let r = &c.routes[0];
+    assert_eq!(r.name, "r");
+    assert_eq!(r.host, None, "every host");
+    assert_eq!(r.path_prefix, "/", "every path");
+    assert_eq!(r.pool, "p");
+}
+
+#[test]
+fn websocket_defaults() {
+    let w = &parse(MINIMAL).routes[0].websocket;
+    assert_eq!(w.idle_timeout, secs(300));
+    assert_eq!(w.ping_interval, Some(secs(30)));
+    assert_eq!(w.pong_timeout, secs(10));
+    assert_eq!(w.max_message_size, 16 * 1024 * 1024);
+    assert_eq!(w.close_timeout, secs(2));
+    assert!(!w.ping_backend);
+    assert_eq!(w.max_lifetime, None, "unbounded");
+    assert_eq!(*w, WebSocketSettings::default());
+}
+
+#[test]
+fn pool_and_backend_defaults() {
+    let c = parse(MINIMAL);
+    let p = &c.pools["p"];
+    assert_eq!(p.policy, Policy::LeastConn);
+    assert_eq!(p.health, None, "no active checks unless asked");
+    assert_eq!(p.max_fails, 3);
+    assert_eq!(p.max_fails, PoolConfig::DEFAULT_MAX_FAILS);
+    assert_eq!(p.fail_timeout, secs(10));
+    assert_eq!(p.fail_timeout, PoolConfig::DEFAULT_FAIL_TIMEOUT);
+    let b = &p.backends[0];
+    assert_eq!(b.addr, "10.0.0.1:9000");
+    assert_eq!(b.id, b.addr, "the id defaults to the address");
+    assert_eq!(b.weight, 1);
+    assert!(!b.drain);
+}
+
+#[test]
+fn health_check_defaults() {
+    let c = parse(&MINIMAL.replace("[pool.p]\n", "[pool.p]\nhealth = {}\n"));
+    let h = c.pools["p"].health.as_ref().expect("health table given");
+    assert_eq!(h.path, "/");
+    assert_eq!(h.interval, secs(5));
+    assert_eq!(h.timeout, secs(1));
+    assert_eq!(h.rise, 2);
+    assert_eq!(h.fall, 3);
+    assert!(!h.websocket, "a GET, not an upgrade");
+    assert_eq!(*h, HealthCheck::default());
+}
+
+#[test]
+fn zero_means_off_where_documented() {
+    let text = MINIMAL.replace(
+        "pool = \"p\"\n",
+        "pool = \"p\"\nwebsocket = { ping_interval = \"0s\", max_lifetime = \"0s\" }\n",
+    );
+    let text = format!("workers = 0\n{text}");
+    let c = parse(&text);
+    assert_eq!(c.workers, None, "0 workers: one per core");
+    assert_eq!(
+        c.routes[0].websocket.ping_interval, None,
+        "0s disables pings"
+    );
+    assert_eq!(c.routes[0].websocket.max_lifetime, None, "0s: unbounded");
+    // close_spread is a window, not a timeout: zero is allowed and means "all at once".
+    let c = parse(&format!("[timeouts]\nclose_spread = \"0s\"\n{MINIMAL}"));
+    assert_eq!(c.timeouts.close_spread, Duration::ZERO);
+}
+
+#[test]
+fn given_values_replace_the_defaults() {
+    let text = format!(
+        "workers = 4\n[admin]\nlisten = \"127.0.0.1:9090\"\n[timeouts]\nconnect = \"250ms\"\nhttp_idle = \"2m\"\n\
+         [limits]\nmax_header_size = \"16KiB\"\nmax_connections = 10\n{}",
+        MINIMAL.replace(
+            "backends = [ { addr = \"10.0.0.1:9000\" } ]",
+            "max_fails = 0\nbackends = [ { addr = \"10.0.0.1:9000\", weight = 5, drain = true, id = \"a\" } ]",
+        )
+    );
+    let c = parse(&text);
+    assert_eq!(c.workers, Some(4));
+    assert_eq!(c.admin, Some("127.0.0.1:9090".parse().unwrap()));
+    assert_eq!(c.timeouts.connect, Duration::from_millis(250));
+    assert_eq!(c.timeouts.http_idle, secs(120));
+    // Those not given keep their defaults.
+    assert_eq!(c.timeouts.handshake, secs(10));
+    assert_eq!(c.limits.max_header_size, 16 * 1024);
+    assert_eq!(c.limits.max_connections, 10);
+    let p = &c.pools["p"];
+    assert_eq!(p.max_fails, 0, "0: never eject");
+    let b = &p.backends[0];
+    assert_eq!((b.weight, b.drain, b.id.as_str()), (5, true, "a"));
+}
