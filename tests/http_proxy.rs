@@ -577,3 +577,30 @@ async fn several_forwarded_for_lines_are_kept_in_order() {
         "{values:?}"
     );
 }
+
+#[tokio::test]
+async fn slow_backend_answer_is_not_cut_by_client_timeouts() {
+    // The answer head comes 1.5 s after the request: three times `header`, twice `http_idle`.
+    let backend = RawBackend::start(|mut stream| async move {
+        let _ = read_head(&mut stream).await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let _ = stream
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nslow")
+            .await;
+        let mut buf = [0u8; 64];
+        while let Ok(Ok(n)) = tokio::time::timeout(WAIT, stream.read(&mut buf)).await {
+            if n == 0 {
+                return;
+            }
+        }
+    })
+    .await;
+    let (_gateway, addr) = gateway(&config_with_timeouts(
+        &[backend.addr],
+        "header = \"500ms\"\nhttp_idle = \"700ms\"",
+    ))
+    .await;
+    let (status, _, body) = http_get(addr, "/").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, "slow");
+}

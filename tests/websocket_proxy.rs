@@ -533,3 +533,99 @@ async fn bytes_right_behind_the_client_upgrade_reach_the_backend() {
     assert_eq!(usize::from(rest[1]), payload.len());
     assert_eq!(&rest[2..want], payload);
 }
+
+#[tokio::test]
+async fn silent_backend_during_the_upgrade_gives_504_after_the_handshake_timeout() {
+    let backend = RawBackend::start(|mut stream| async move {
+        let _ = read_head(&mut stream).await;
+        hold(stream).await;
+    })
+    .await;
+    let text = format!(
+        "[timeouts]\nhandshake = \"500ms\"\n{}",
+        config_text(&[backend.addr], "")
+    );
+    let (_gateway, addr) = gateway(&text).await;
+    let started = Instant::now();
+    let response = raw_exchange(addr, upgrade_request(addr, "/ws", "").as_bytes()).await;
+    let elapsed = started.elapsed();
+    assert_eq!(response.status, 504, "{}", response.body_text());
+    assert!(
+        elapsed >= Duration::from_millis(450) && elapsed < Duration::from_secs(3),
+        "504 after {elapsed:?}"
+    );
+}
+
+#[tokio::test]
+async fn negotiated_extension_reaches_the_client_and_rsv1_frames_pass_both_ways() {
+    // A backend that accepts permessage-deflate, sends one RSV1 frame, and reports the first frame it gets.
+    let (got_tx, mut got_rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    let backend = RawBackend::start(move |mut stream| {
+        let got_tx = got_tx.clone();
+        async move {
+            let (head, mut rest) = read_head(&mut stream).await;
+            assert!(
+                head.to_ascii_lowercase()
+                    .contains("sec-websocket-extensions: permessage-deflate"),
+                "{head}"
+            );
+            let accept = wsgate::websocket::accept_key(key_of(&head).as_bytes());
+            let mut answer = format!(
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                 Sec-WebSocket-Accept: {accept}\r\nSec-WebSocket-Extensions: permessage-deflate\r\n\r\n"
+            )
+            .into_bytes();
+            // FIN + RSV1 + text; the payload is opaque to the proxy (it would be compressed data).
+            answer.extend_from_slice(&[0xC1, 3, 1, 2, 3]);
+            let _ = stream.write_all(&answer).await;
+            // The client's frame: 2 header bytes, 4 mask bytes, 3 payload bytes.
+            let mut buf = [0u8; 64];
+            while rest.len() < 9 {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => rest.extend_from_slice(&buf[..n]),
+                }
+            }
+            let _ = got_tx.send(rest[..9].to_vec());
+            hold(stream).await;
+        }
+    })
+    .await;
+    let (_gateway, addr) = gateway(&config_text(&[backend.addr], "")).await;
+    let mut stream = within("connect", tokio::net::TcpStream::connect(addr))
+        .await
+        .expect("connect");
+    let request = upgrade_request(
+        addr,
+        "/ws",
+        "Sec-WebSocket-Extensions: permessage-deflate\r\n",
+    );
+    within("write", stream.write_all(request.as_bytes()))
+        .await
+        .expect("write");
+    let (head, mut rest) = read_head(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("sec-websocket-extensions: permessage-deflate"),
+        "{head}"
+    );
+    let mut buf = [0u8; 64];
+    while rest.len() < 5 {
+        let n = within("the RSV1 frame", stream.read(&mut buf))
+            .await
+            .expect("read");
+        assert!(n > 0, "closed before the RSV1 frame");
+        rest.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(&rest[..5], &[0xC1, 3, 1, 2, 3]);
+    // A masked RSV1 frame from the client reaches the backend unchanged.
+    let frame = [0xC1, 0x83, 9, 8, 7, 6, 1 ^ 9, 2 ^ 8, 3 ^ 7];
+    within("write", stream.write_all(&frame))
+        .await
+        .expect("write");
+    let got = within("the backend's frame", got_rx.recv())
+        .await
+        .expect("backend got a frame");
+    assert_eq!(got, frame);
+}
