@@ -180,23 +180,65 @@ async fn a_ping_held_back_by_a_long_frame_does_not_time_the_client_out() {
     assert!(!gateway.metrics_text().contains("wsgate_ws_closes_total{"));
 }
 
-/// CPU time (user + system) this process has used.
+/// A runtime whose threads are recorded, so a test can read the CPU time of exactly the threads that run
+/// its gateway (other tests run in the same process at the same time).
 #[cfg(target_os = "linux")]
-fn cpu_time() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
-    // Fields after the command name, which is in parentheses: utime and stime are the 12th and 13th.
-    let fields: Vec<&str> = stat[stat.rfind(')').expect("comm") + 2..]
-        .split(' ')
-        .collect();
-    let ticks: u64 =
-        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
-    // USER_HZ is 100 on every Linux platform Rust supports.
-    Duration::from_millis(ticks * 10)
+struct CountedRuntime {
+    runtime: tokio::runtime::Runtime,
+    /// `/proc/<pid>/task/<tid>` of each thread the runtime started.
+    threads: std::sync::Arc<std::sync::Mutex<Vec<std::path::PathBuf>>>,
 }
 
 #[cfg(target_os = "linux")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_ping_waiting_behind_a_stalled_frame_does_not_spin() {
+impl CountedRuntime {
+    fn new() -> CountedRuntime {
+        let threads = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = std::sync::Arc::clone(&threads);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .on_thread_start(move || {
+                let task = std::fs::read_link("/proc/thread-self").expect("/proc/thread-self");
+                record.lock().expect("threads").push(task);
+            })
+            .build()
+            .expect("runtime");
+        CountedRuntime { runtime, threads }
+    }
+
+    /// CPU time (user + system) the runtime's threads have used.
+    fn cpu_time(&self) -> Duration {
+        let threads = self.threads.lock().expect("threads").clone();
+        let ticks: u64 = threads
+            .iter()
+            .filter_map(|task| {
+                std::fs::read_to_string(format!("/proc/{}/stat", task.display())).ok()
+            })
+            .map(|stat| {
+                // After the command name (in parentheses): utime and stime are the 12th and 13th fields.
+                let fields: Vec<&str> = stat[stat.rfind(')').expect("comm") + 2..]
+                    .split(' ')
+                    .collect();
+                fields[11].parse::<u64>().expect("utime")
+                    + fields[12].parse::<u64>().expect("stime")
+            })
+            .sum();
+        // USER_HZ is 100 on every Linux platform Rust supports.
+        Duration::from_millis(ticks * 10)
+    }
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn a_ping_waiting_behind_a_stalled_frame_does_not_spin() {
+    let runtime = CountedRuntime::new();
+    runtime
+        .runtime
+        .block_on(ping_waiting_behind_a_stalled_frame(&runtime));
+}
+
+#[cfg(target_os = "linux")]
+async fn ping_waiting_behind_a_stalled_frame(runtime: &CountedRuntime) {
     let (_gateway, addr, backend) =
         raw_setup(r#"ping_interval = "300ms", pong_timeout = "5s", idle_timeout = "30s""#).await;
     let (mut client, mut server) = raw_pair(addr, &backend).await;
@@ -213,9 +255,9 @@ async fn a_ping_waiting_behind_a_stalled_frame_does_not_spin() {
     let sent = client.write_frame(true, OP_TEXT, b"hi").await;
     assert_eq!(server.read_bytes(sent.len()).await, sent);
     // Nothing moves for a second: the tunnel must sleep, not busy-loop on a ping it cannot send.
-    let before = cpu_time();
+    let before = runtime.cpu_time();
     tokio::time::sleep(ms(1000)).await;
-    let used = cpu_time() - before;
+    let used = runtime.cpu_time() - before;
     assert!(used < ms(300), "{used:?} of CPU in a quiet second");
     // The frame ends, and the ping follows it.
     server.write_raw(&frame[500..]).await;
@@ -790,15 +832,22 @@ async fn idle_tunnels_hold_no_buffer() {
         let batch = (0..50).map(|_| ws_connect(addr, "/ws"));
         clients.extend(futures_util::future::join_all(batch).await);
     }
-    let tunnels: f64 = gateway
-        .metrics_text()
-        .lines()
-        .filter(|l| l.starts_with("wsgate_ws_tunnels_active{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
-    assert_eq!(tunnels, TUNNELS as f64);
-    // Handshakes are done and nothing moves: no tunnel holds a buffer.
+    // A tunnel counts itself once its task has taken the client's stream over, just after the 101.
     let deadline = Instant::now() + WAIT;
+    loop {
+        let tunnels: f64 = gateway
+            .metrics_text()
+            .lines()
+            .filter(|l| l.starts_with("wsgate_ws_tunnels_active{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        if tunnels == TUNNELS as f64 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{tunnels} tunnels active");
+        tokio::time::sleep(ms(10)).await;
+    }
+    // Handshakes are done and nothing moves: no tunnel holds a buffer.
     while gateway.buffers_in_use() != 0 {
         assert!(
             Instant::now() < deadline,
