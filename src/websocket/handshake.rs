@@ -1,12 +1,14 @@
 //! The WebSocket opening handshake through the proxy (RFC 6455 §4), in the order a request lives:
 //! validate → pick a backend → connect → send the upgrade → read the answer → relay it → splice.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
+use futures_util::future::Either;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Empty};
@@ -18,7 +20,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
 use super::transport::Buffered;
-use super::tunnel::{self, Traffic, TunnelObserver, TunnelParams};
+use super::tunnel::{self, Traffic, TunnelObserver, TunnelOutcome, TunnelParams};
 use crate::balancer::{Affinity, Backend, BackendGuard};
 use crate::body::{self, ProxyBody};
 use crate::client_io::ClientIo;
@@ -394,27 +396,12 @@ impl Splice {
             observer: &observer,
         };
         let backend_early = detach(self.backend_early);
-        // The client's stream is a plain socket, or a TLS session over one: each gets its own tunnel type.
-        let outcome = match upgraded.downcast::<TokioIo<ClientIo>>() {
-            Ok(parts) => {
-                let client = parts.io.into_inner().into_stream();
-                let early = detach(parts.read_buf);
-                tunnel::run(client, early, self.backend, backend_early, params).await
-            }
-            Err(upgraded) => match upgraded.downcast::<TokioIo<TlsStream<ClientIo>>>() {
-                Ok(parts) => {
-                    let client = Buffered(parts.io.into_inner());
-                    let early = detach(parts.read_buf);
-                    // A TLS session is several KiB: boxed, so plain tunnels do not carry its size too.
-                    Box::pin(tunnel::run(client, early, self.backend, backend_early, params)).await
-                }
-                Err(_) => {
-                    active.dec();
-                    tracing::error!("client connection could not be taken over after 101");
-                    return;
-                }
-            },
+        let Some(tunnel) = start_tunnel(upgraded, self.backend, backend_early, params) else {
+            active.dec();
+            tracing::error!("client connection could not be taken over after 101");
+            return;
         };
+        let outcome = tunnel.await;
         active.dec();
         metrics
             .ws_closes
@@ -436,6 +423,49 @@ impl Splice {
             reason = outcome.reason.label(),
             "tunnel ended"
         );
+    }
+}
+
+/// The tunnel for an upgraded client stream: a plain socket, or a TLS session over one.
+///
+/// Not `async`: the TLS stream taken out of `upgraded` is several KiB, and a local of that type in the
+/// spawned task's state machine would make every tunnel, plain ones too, that much larger. The TLS tunnel
+/// is boxed for the same reason.
+fn start_tunnel<'a>(
+    upgraded: Upgraded,
+    backend: TcpStream,
+    backend_early: Bytes,
+    params: TunnelParams<'a>,
+) -> Option<
+    Either<
+        impl Future<Output = TunnelOutcome> + 'a,
+        Pin<Box<impl Future<Output = TunnelOutcome> + 'a>>,
+    >,
+> {
+    match upgraded.downcast::<TokioIo<ClientIo>>() {
+        Ok(parts) => {
+            let client = parts.io.into_inner().into_stream();
+            let early = detach(parts.read_buf);
+            Some(Either::Left(tunnel::run(
+                client,
+                early,
+                backend,
+                backend_early,
+                params,
+            )))
+        }
+        Err(upgraded) => {
+            let parts = upgraded.downcast::<TokioIo<TlsStream<ClientIo>>>().ok()?;
+            let client = Buffered(parts.io.into_inner());
+            let early = detach(parts.read_buf);
+            Some(Either::Right(Box::pin(tunnel::run(
+                client,
+                early,
+                backend,
+                backend_early,
+                params,
+            ))))
+        }
     }
 }
 
