@@ -398,6 +398,44 @@ async fn data_in_either_direction_resets_the_idle_clock() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_stalled_inside_a_frame_still_times_out_idle() {
+    // The ping to the client waits behind the unfinished frame and the client cannot be blamed for not
+    // answering it; the idle timeout still ends the tunnel. The client's stream cannot take a Close in the
+    // middle of a frame, so it gets the end of the connection after close_timeout.
+    let (gateway, addr, backend) = raw_setup(
+        r#"ping_interval = "100ms", pong_timeout = "200ms", idle_timeout = "500ms", close_timeout = "300ms""#,
+    )
+    .await;
+    let (mut client, mut server) = raw_pair(addr, &backend).await;
+    let frame = server.frame_bytes(true, OP_BINARY, &[6; 1000]);
+    server.write_raw(&frame[..300]).await;
+    let stalled = Instant::now();
+    server
+        .expect_close_before(stalled + ms(500) + MARGIN, 1001, "idle timeout")
+        .await;
+    assert!(
+        stalled.elapsed() >= ms(400),
+        "too early: {:?}",
+        stalled.elapsed()
+    );
+    let end = stalled + ms(500 + 300) + MARGIN;
+    // Pings may come before the frame starts; after it, nothing but the end.
+    loop {
+        match client.frame_before(end).await {
+            Ok(frame) => assert_eq!(frame.opcode, OP_PING, "{frame:?}"),
+            Err(NoFrame::TimedOut) => panic!("the client's connection is still open"),
+            Err(_) => break,
+        }
+    }
+    assert_eq!(
+        client.take_pending(),
+        frame[..300],
+        "the client got the frame's start, then the end"
+    );
+    wait_metric(&gateway, &closes("idle_timeout", 1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wsgates_own_pings_do_not_reset_the_idle_clock() {
     let (gateway, addr, backend) =
         raw_setup(r#"ping_interval = "100ms", pong_timeout = "1s", idle_timeout = "700ms""#).await;

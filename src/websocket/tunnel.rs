@@ -549,7 +549,7 @@ struct Tunnel<'a, C, B> {
     client_alive: Keepalive,
     backend_alive: Keepalive,
     started: Instant,
-    /// Last data frame in either direction, or write progress on held-back data.
+    /// Last data frame in either direction, or a poll with peer bytes still to write.
     last_data: Instant,
     last_flush: Instant,
     flushed: (Traffic, Traffic),
@@ -726,8 +726,9 @@ impl<C: Transport, B: Transport> Tunnel<'_, C, B> {
                 return self.end(reason, now);
             }
         }
-        // Held-back data is activity: wsgate itself is the one waiting.
-        if !(self.up.idle() && self.down.idle()) {
+        // Peer bytes wsgate cannot write yet are activity: wsgate itself is the one waiting. A ping of its
+        // own waiting for a frame boundary is not (a peer stalled inside a frame would hold it forever).
+        if self.up.out.is_some() || self.down.out.is_some() {
             self.last_data = now;
         } else if now >= self.last_data + settings.idle_timeout {
             return self.end(EndReason::IdleTimeout, now);

@@ -235,6 +235,11 @@ impl RawPeer {
         }
     }
 
+    /// Bytes read and not consumed (e.g. the start of a frame cut by the end of the connection).
+    pub fn take_pending(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.pending)
+    }
+
     /// The next frame within `WAIT`.
     pub async fn next_frame(&mut self) -> Frame {
         match self.frame_before(Instant::now() + WAIT).await {
