@@ -586,7 +586,7 @@ async fn a_backend_that_vanishes_gets_the_client_a_1014() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_backend_that_vanishes_gets_a_tungstenite_client_a_1014() {
+async fn a_backend_that_vanishes_gets_a_tungstenite_client_a_close_at_once() {
     let (_gateway, addr, backend) = raw_setup(NO_PINGS).await;
     let (mut client, server) = tokio::join!(ws_connect(addr, "/ws"), backend.accept());
     drop(server);
