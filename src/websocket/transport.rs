@@ -28,25 +28,15 @@ impl Transport for TcpStream {
     }
 
     fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
-        loop {
-            match self.try_read(buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    // try_read cleared the readiness; polling it again registers the waker.
-                    std::task::ready!(TcpStream::poll_read_ready(self, cx))?;
-                }
-                result => return Poll::Ready(result),
-            }
-        }
+        // tokio's own read clears the socket's readiness after a short read, sparing the read that would
+        // only return EAGAIN (one system call per message saved on small-message traffic).
+        let mut read = ReadBuf::new(buf);
+        std::task::ready!(AsyncRead::poll_read(Pin::new(self), cx, &mut read))?;
+        Poll::Ready(Ok(read.filled().len()))
     }
 
     fn poll_write(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        loop {
-            std::task::ready!(self.poll_write_ready(cx))?;
-            match self.try_write(buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                result => return Poll::Ready(result),
-            }
-        }
+        AsyncWrite::poll_write(Pin::new(self), cx, buf)
     }
 
     fn poll_flush(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
