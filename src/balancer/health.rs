@@ -29,7 +29,7 @@ use super::{Backend, Pool};
 use crate::config::HealthCheck;
 use crate::gateway::Shared;
 use crate::upstream::{self, ConnectError};
-use crate::websocket::accept_key;
+use crate::websocket::accepts;
 use crate::websocket::frame::{ControlFrame, Role};
 
 /// How often the supervisor looks for pools whose checks must start or stop.
@@ -222,12 +222,7 @@ async fn probe_inner(addr: &str, check: &HealthCheck) -> Result<(), ProbeError> 
     if status != StatusCode::SWITCHING_PROTOCOLS {
         return Err(ProbeError::Status(status));
     }
-    let expected = accept_key(key.as_bytes());
-    let accepted = response
-        .headers()
-        .get(header::SEC_WEBSOCKET_ACCEPT)
-        .is_some_and(|v| v.as_bytes() == expected.as_bytes());
-    if !accepted {
+    if !accepts(response.headers(), key.as_bytes()) {
         return Err(ProbeError::BadAccept);
     }
     // Say goodbye properly; whether the backend hears it does not change the verdict.

@@ -42,6 +42,14 @@ pub fn accept_key(key: &[u8]) -> String {
     BASE64.encode(sha1.finalize())
 }
 
+/// Whether a backend's 101 carries the right `Sec-WebSocket-Accept` for the key that was sent.
+pub fn accepts(headers: &HeaderMap, key: &[u8]) -> bool {
+    let expected = accept_key(key);
+    headers
+        .get(header::SEC_WEBSOCKET_ACCEPT)
+        .is_some_and(|v| v.as_bytes() == expected.as_bytes())
+}
+
 /// A WebSocket upgrade: GET over HTTP/1.1 with `Upgrade: websocket` and `Connection: upgrade` (§4.2.1).
 pub fn is_upgrade_request<B>(req: &Request<B>) -> bool {
     req.method() == Method::GET
@@ -316,12 +324,7 @@ async fn send_upgrade(
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
         return Ok(BackendAnswer::Other(response));
     }
-    let expected = accept_key(key.as_bytes());
-    let accepted = response
-        .headers()
-        .get(header::SEC_WEBSOCKET_ACCEPT)
-        .is_some_and(|v| v.as_bytes() == expected.as_bytes());
-    if !accepted {
+    if !accepts(response.headers(), key.as_bytes()) {
         return Err(UpgradeError::BadAccept);
     }
     let headers = std::mem::take(response.headers_mut());

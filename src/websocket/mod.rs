@@ -10,5 +10,5 @@ mod transport;
 pub mod tunnel;
 
 pub use buffers::{BUFFER_SIZE, BufferPool};
-pub use handshake::{accept_key, is_upgrade_request, upgrade};
+pub use handshake::{accept_key, accepts, is_upgrade_request, upgrade};
 pub use transport::{Buffered, Transport};
