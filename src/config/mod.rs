@@ -5,6 +5,7 @@
 
 pub mod cidr;
 mod file;
+mod key_path;
 pub mod units;
 
 use std::collections::{BTreeMap, HashSet};
@@ -303,10 +304,13 @@ impl Config {
             Ok(parsed) => parsed,
             Err(e) => {
                 let line = e.span().map_or(0, |s| check.line_of(s.start));
+                let key = e
+                    .span()
+                    .map_or_else(String::new, |s| key_path::key_path_at(text, s.start));
                 check.errors.push(ConfigError {
                     file: file_name.to_string(),
                     line,
-                    key: String::new(),
+                    key,
                     message: e.message().trim().to_string(),
                 });
                 return Err(ConfigErrors(check.errors));

@@ -487,6 +487,27 @@ async fn run(args: Args) -> Result<(), String> {
                         }
                     }
                 }
+                if sc == Scenario::Idle {
+                    // Memory per connection means something only from a fresh process: a proxy that
+                    // already held thousands of connections keeps that memory for reuse, and a second
+                    // run would measure next to nothing.
+                    let spec = target.spec.clone();
+                    target.stop();
+                    match Target::start(spec).await {
+                        Ok(t) => *target = t,
+                        Err(e) => {
+                            let mut o = Outcome::default();
+                            o.note_error(format!("restart before idle failed: {e}"));
+                            let r =
+                                Record::new(target.kind().name(), sc.name(), run, args.threads, o);
+                            eprintln!("{}", progress_line(sc, run, args.runs, &r));
+                            sink.write(&r)
+                                .map_err(|e| format!("{}: {e}", out_path.display()))?;
+                            records.push(r);
+                            continue;
+                        }
+                    }
+                }
                 eprintln!("[{sc} {run}/{}] {} ...", args.runs, target.kind());
                 let o = measure(sc, target, &args, idle_conns, wrk.as_deref()).await;
                 let mut r = Record::new(target.kind().name(), sc.name(), run, args.threads, o);
