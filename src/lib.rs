@@ -12,9 +12,10 @@
 //! - `balancer`: pools and backends, live-connection guards, the policy that picks a backend
 //!   (least-connections, or sticky by rendezvous hashing), active and passive health, draining.
 //!
-//! Around it: `config` (the TOML file, checked with file:line errors), `gateway` (the running state:
-//! start, shutdown), `metrics` (every Prometheus metric), `headers` and `body` (helpers shared by the two
-//! proxy paths), `demo` (built-in backends and a page for `wsgate demo`).
+//! Around it: `config` (the TOML file, checked with file:line:key errors), `gateway` (the running state:
+//! start, reload, shutdown), `tls` (certificates, SNI), `admin` (`/metrics`, `/healthz`, `/readyz`,
+//! `/status`), `metrics` (every Prometheus metric), `headers` and `body` (helpers shared by the two proxy
+//! paths), `demo` (built-in backends and a page for `wsgate demo`).
 
 mod admin;
 pub mod balancer;
