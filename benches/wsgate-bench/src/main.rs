@@ -464,40 +464,25 @@ async fn run(args: Args) -> Result<(), String> {
     for &sc in &scenario_list {
         for run in 1..=args.runs {
             for target in running.iter_mut() {
-                if let Some(why) = target.check_alive() {
+                let down = target.check_alive();
+                if let Some(why) = &down {
                     eprintln!(
                         "[{sc} {run}/{}] {} is down: {why}; restarting",
                         args.runs,
                         target.kind()
                     );
-                    let spec = target.spec.clone();
-                    target.stop();
-                    match Target::start(spec).await {
-                        Ok(t) => *target = t,
-                        Err(e) => {
-                            let mut o = Outcome::default();
-                            o.note_error(format!("down, restart failed: {e}"));
-                            let r =
-                                Record::new(target.kind().name(), sc.name(), run, args.threads, o);
-                            eprintln!("{}", progress_line(sc, run, args.runs, &r));
-                            sink.write(&r)
-                                .map_err(|e| format!("{}: {e}", out_path.display()))?;
-                            records.push(r);
-                            continue;
-                        }
-                    }
                 }
-                if sc == Scenario::Idle {
-                    // Memory per connection means something only from a fresh process: a proxy that
-                    // already held thousands of connections keeps that memory for reuse, and a second
-                    // run would measure next to nothing.
+                // Memory per connection means something only from a fresh process: a proxy that already
+                // held thousands of connections keeps that memory for reuse, and a second idle run would
+                // measure next to nothing. So idle always starts from a restarted proxy.
+                if down.is_some() || sc == Scenario::Idle {
                     let spec = target.spec.clone();
                     target.stop();
                     match Target::start(spec).await {
                         Ok(t) => *target = t,
                         Err(e) => {
                             let mut o = Outcome::default();
-                            o.note_error(format!("restart before idle failed: {e}"));
+                            o.note_error(format!("restart failed: {e}"));
                             let r =
                                 Record::new(target.kind().name(), sc.name(), run, args.threads, o);
                             eprintln!("{}", progress_line(sc, run, args.runs, &r));
