@@ -11,7 +11,6 @@ use bytes::Bytes;
 use futures_util::future::Either;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
-use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
@@ -19,6 +18,7 @@ use sha1::{Digest, Sha1};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
+use super::backend_http;
 use super::transport::Buffered;
 use super::tunnel::{self, Traffic, TunnelObserver, TunnelOutcome, TunnelParams};
 use crate::balancer::{Affinity, Backend, BackendGuard};
@@ -93,12 +93,10 @@ enum UpgradeError {
     Connect(#[from] upstream::ConnectError),
     #[error("backend did not answer the upgrade within {0:?}")]
     Timeout(Duration),
-    #[error("backend handshake failed: {0}")]
-    Http(#[from] hyper::Error),
+    #[error(transparent)]
+    Backend(#[from] backend_http::BackendHttpError),
     #[error("backend answered 101 with a wrong Sec-WebSocket-Accept")]
     BadAccept,
-    #[error("backend connection could not be taken over after 101")]
-    Takeover,
 }
 
 impl UpgradeError {
@@ -178,9 +176,9 @@ pub async fn upgrade(
                 "backend_error"
             });
             tracing::info!(route = %route_name, backend = %guard.backend().addr, status = status.as_u16(), "backend refused the upgrade");
-            let (mut parts, incoming) = response.into_parts();
-            strip_hop_by_hop(&mut parts.headers);
-            Response::from_parts(parts, incoming.map_err(Into::into).boxed())
+            let mut response = response;
+            strip_hop_by_hop(response.headers_mut());
+            response
         }
         BackendAnswer::Switching {
             headers,
@@ -251,7 +249,7 @@ enum BackendAnswer {
         early: Bytes,
     },
     /// Any other answer, relayed to the client as it is.
-    Other(Response<Incoming>),
+    Other(Response<ProxyBody>),
 }
 
 /// Picks a backend, connects (moving on to the next backend when a connect fails) and performs the
@@ -280,18 +278,14 @@ async fn connect_and_send(
                 continue;
             }
         };
-        let mut request = Request::new(Empty::<Bytes>::new());
-        *request.uri_mut() = target.clone();
-        *request.headers_mut() = headers.clone();
         let timeout = config.timeouts.handshake;
-        let answer = tokio::time::timeout(timeout, send_upgrade(stream, request, key))
+        let answer = tokio::time::timeout(timeout, send_upgrade(stream, target, headers, key))
             .await
             .map_err(|_| UpgradeError::Timeout(timeout))
             .and_then(|answer| answer);
         // Passive health counts handshake failures too (not a takeover failure, which is ours).
         match &answer {
             Ok(_) => pool.connect_succeeded(guard.backend()),
-            Err(UpgradeError::Takeover) => {}
             Err(_) => pool.connect_failed(guard.backend()),
         }
         // DESIGN.md §1: a 5xx before the 101 sends the upgrade on to the next backend while attempts remain;
@@ -309,33 +303,27 @@ async fn connect_and_send(
 }
 
 async fn send_upgrade(
-    stream: TcpStream,
-    request: Request<Empty<Bytes>>,
+    mut stream: TcpStream,
+    target: &http::Uri,
+    headers: &HeaderMap,
     key: &HeaderValue,
 ) -> Result<BackendAnswer, UpgradeError> {
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(async move {
-        if let Err(error) = connection.with_upgrades().await {
-            tracing::debug!(%error, "backend handshake connection failed");
-        }
-    });
-    let mut response = sender.send_request(request).await?;
-    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+    backend_http::send_request(&mut stream, target, headers).await?;
+    let mut answer = backend_http::read_answer(&mut stream).await?;
+    if answer.status != StatusCode::SWITCHING_PROTOCOLS {
+        let body = backend_http::read_body(&mut stream, &mut answer).await?;
+        let mut response = Response::new(body::full(body));
+        *response.status_mut() = answer.status;
+        *response.headers_mut() = answer.headers;
         return Ok(BackendAnswer::Other(response));
     }
-    if !accepts(response.headers(), key.as_bytes()) {
+    if !accepts(&answer.headers, key.as_bytes()) {
         return Err(UpgradeError::BadAccept);
     }
-    let headers = std::mem::take(response.headers_mut());
-    let upgraded = hyper::upgrade::on(response).await?;
-    let parts = upgraded
-        .downcast::<TokioIo<TcpStream>>()
-        .map_err(|_| UpgradeError::Takeover)?;
     Ok(BackendAnswer::Switching {
-        headers,
-        stream: parts.io.into_inner(),
-        early: parts.read_buf,
+        headers: answer.headers,
+        stream,
+        early: Bytes::from(answer.rest),
     })
 }
 
