@@ -1,6 +1,7 @@
-//! WebSocket proxying: the upgrade handshake (`handshake.rs`), then the frame-aware tunnel (`tunnel.rs`)
-//! built on frame headers (`frame.rs`), an in-place stream scanner (`scanner.rs`) and read buffers lent
-//! only while data moves (`buffers.rs`).
+//! WebSocket proxying: the upgrade handshake (`handshake.rs`; its backend side spoken directly on the
+//! socket in `backend_http.rs`), then the frame-aware tunnel (`tunnel.rs`) over raw sockets or TLS
+//! sessions (`transport.rs`), built on frame headers (`frame.rs`), an in-place stream scanner
+//! (`scanner.rs`) and read buffers lent only while data moves (`buffers.rs`).
 
 mod backend_http;
 mod buffers;
