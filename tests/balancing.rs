@@ -176,18 +176,7 @@ async fn serve(
             }
             live.fetch_sub(1, Ordering::Relaxed);
         });
-        let mut response = Response::new(full(""));
-        *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-        let h = response.headers_mut();
-        h.insert(header::UPGRADE, "websocket".parse().expect("static"));
-        h.insert(header::CONNECTION, "Upgrade".parse().expect("static"));
-        h.insert(
-            header::SEC_WEBSOCKET_ACCEPT,
-            wsgate::websocket::accept_key(key.as_bytes())
-                .parse()
-                .expect("base64"),
-        );
-        return Ok(response);
+        return Ok(common::switching_protocols(&key));
     }
     if req.uri().path() == "/healthz" {
         let mut response = Response::new(full("health"));

@@ -101,6 +101,22 @@ impl Drop for TestBackend {
 
 type TestBody = BoxBody<Bytes, hyper::Error>;
 
+/// A backend's 101 answer to an upgrade request carrying `key`.
+pub fn switching_protocols(key: &http::HeaderValue) -> Response<TestBody> {
+    let mut response = Response::new(full(""));
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = response.headers_mut();
+    h.insert(header::UPGRADE, "websocket".parse().expect("static"));
+    h.insert(header::CONNECTION, "Upgrade".parse().expect("static"));
+    h.insert(
+        header::SEC_WEBSOCKET_ACCEPT,
+        wsgate::websocket::accept_key(key.as_bytes())
+            .parse()
+            .expect("base64"),
+    );
+    response
+}
+
 fn full(text: impl Into<Bytes>) -> TestBody {
     Full::new(text.into())
         .map_err(|never| match never {})
@@ -138,17 +154,8 @@ async fn backend_service(
                 echo(ws).await;
             }
         });
-        let mut response = Response::new(full(""));
-        *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let mut response = switching_protocols(&key);
         let h = response.headers_mut();
-        h.insert(header::UPGRADE, "websocket".parse().expect("static"));
-        h.insert(header::CONNECTION, "Upgrade".parse().expect("static"));
-        h.insert(
-            header::SEC_WEBSOCKET_ACCEPT,
-            wsgate::websocket::accept_key(key.as_bytes())
-                .parse()
-                .expect("base64"),
-        );
         if let Some(p) = protocol {
             h.insert(header::SEC_WEBSOCKET_PROTOCOL, p.parse().expect("token"));
         }

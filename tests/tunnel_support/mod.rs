@@ -11,7 +11,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::time::{Instant, timeout, timeout_at};
 use wsgate::Gateway;
 
-use crate::common::{WAIT, within};
+use crate::common::{WAIT, read_head, within};
 
 pub const OP_CONTINUATION: u8 = 0x0;
 pub const OP_TEXT: u8 = 0x1;
@@ -306,27 +306,6 @@ impl RawPeer {
         let socket = socket2::SockRef::from(&self.stream);
         socket.set_linger(Some(Duration::ZERO)).expect("SO_LINGER");
         drop(self);
-    }
-}
-
-/// Reads an HTTP head through its blank line; returns it and the bytes read past it.
-async fn read_head(stream: &mut TcpStream) -> (String, Vec<u8>) {
-    let mut data = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        if let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") {
-            let rest = data.split_off(end + 4);
-            return (String::from_utf8_lossy(&data).into_owned(), rest);
-        }
-        let n = within("an HTTP head", stream.read(&mut buf))
-            .await
-            .expect("read head");
-        assert!(
-            n > 0,
-            "closed inside a head: {:?}",
-            String::from_utf8_lossy(&data)
-        );
-        data.extend_from_slice(&buf[..n]);
     }
 }
 
