@@ -15,10 +15,13 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
+
+use crate::listener::ClientConn;
 
 /// Where a client connection is between requests; shared by the stream and the request handler.
 #[derive(Debug, Default)]
@@ -47,11 +50,18 @@ impl Phase {
         self.state.store(IDLE_STARTED, Ordering::Release);
         self.reader.wake();
     }
+
+    /// The connection has left the HTTP layer (upgraded): the waker of the task that read it is dropped,
+    /// since a waker keeps its whole task allocated, and that task is done once the tunnel has its own.
+    pub fn upgraded(&self) {
+        self.state.store(BUSY, Ordering::Relaxed);
+        drop(self.reader.take());
+    }
 }
 
 pub struct ClientIo {
     stream: TcpStream,
-    phase: Arc<Phase>,
+    conn: Arc<ClientConn>,
     header_timeout: Duration,
     idle_timeout: Duration,
     timer: Pin<Box<Sleep>>,
@@ -60,13 +70,13 @@ pub struct ClientIo {
 impl ClientIo {
     pub fn new(
         stream: TcpStream,
-        phase: Arc<Phase>,
+        conn: Arc<ClientConn>,
         header_timeout: Duration,
         idle_timeout: Duration,
     ) -> ClientIo {
         ClientIo {
             stream,
-            phase,
+            conn,
             header_timeout,
             idle_timeout,
             timer: Box::pin(tokio::time::sleep(header_timeout)),
@@ -86,13 +96,13 @@ impl AsyncRead for ClientIo {
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         // Registered before the phase is read, so an `idle` from another thread cannot slip in between.
-        this.phase.reader.register(cx.waker());
-        let mut phase = this.phase.state.load(Ordering::Acquire);
+        this.conn.phase.reader.register(cx.waker());
+        let mut phase = this.conn.phase.state.load(Ordering::Acquire);
         if phase == IDLE_STARTED {
             this.timer
                 .as_mut()
                 .reset(Instant::now() + this.idle_timeout);
-            this.phase.state.store(IDLE, Ordering::Relaxed);
+            this.conn.phase.state.store(IDLE, Ordering::Relaxed);
             phase = IDLE;
         }
         let before = buf.filled().len();
@@ -102,10 +112,10 @@ impl AsyncRead for ClientIo {
                     this.timer
                         .as_mut()
                         .reset(Instant::now() + this.header_timeout);
-                    this.phase.state.store(HEADERS, Ordering::Relaxed);
+                    this.conn.phase.state.store(HEADERS, Ordering::Relaxed);
                 } else if buf.filled().len() > before && phase == WAITING_FIRST {
                     // The header timer of a new connection runs from the accept; it keeps running.
-                    this.phase.state.store(HEADERS, Ordering::Relaxed);
+                    this.conn.phase.state.store(HEADERS, Ordering::Relaxed);
                 }
                 Poll::Ready(Ok(()))
             }
@@ -152,5 +162,72 @@ impl AsyncWrite for ClientIo {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// A stream whose first bytes were already read by wsgate (`first_request.rs`): they are read again
+/// from here before the stream itself, so hyper parses the request as if it had read it.
+pub struct Replay<I> {
+    unread: Bytes,
+    inner: I,
+}
+
+impl<I> Replay<I> {
+    pub fn new(inner: I, unread: Bytes) -> Replay<I> {
+        Replay { unread, inner }
+    }
+
+    /// The stream and whatever of the replayed bytes was not read yet.
+    pub fn into_parts(self) -> (I, Bytes) {
+        (self.inner, self.unread)
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Replay<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.unread.is_empty() {
+            return Pin::new(&mut self.inner).poll_read(cx, buf);
+        }
+        let n = self.unread.len().min(buf.remaining());
+        buf.put_slice(&self.unread.split_to(n));
+        if self.unread.is_empty() {
+            // Release the buffer now, not when the connection ends.
+            self.unread = Bytes::new();
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Replay<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

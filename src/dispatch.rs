@@ -6,15 +6,15 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode, header};
+use http::{HeaderMap, Request, Response, StatusCode, Uri, header};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use crate::body::{self, BoxError, ProxyBody};
-use crate::client_io::Phase;
-use crate::gateway::Shared;
+use crate::gateway::{Shared, State};
 use crate::listener::ClientConn;
 use crate::metrics::status_class;
+use crate::router::Route;
 use crate::{http_proxy, websocket};
 
 pub async fn handle(
@@ -26,7 +26,7 @@ pub async fn handle(
     let response = route_and_proxy(req, &conn, &shared).await;
     Ok(response.map(|inner| ResponseBody {
         inner,
-        phase: Arc::clone(&conn.phase),
+        conn: Arc::clone(&conn),
     }))
 }
 
@@ -36,34 +36,68 @@ async fn route_and_proxy(
     shared: &Arc<Shared>,
 ) -> Response<ProxyBody> {
     let state = shared.state.load_full();
-    if head_size(&req) > state.config.limits.max_header_size {
-        shared
-            .metrics
-            .http_requests
-            .with_label_values(&["", status_class(431)])
-            .inc();
-        return body::text(
-            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            "request head too large\n",
-        );
-    }
-    let host = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| req.uri().host());
-    let Some(route) = state.router.route(host, req.uri().path()).cloned() else {
-        shared
-            .metrics
-            .http_requests
-            .with_label_values(&["", status_class(404)])
-            .inc();
-        return body::text(StatusCode::NOT_FOUND, "no route for this request\n");
+    let route = match find_route(&state, shared, head_size(&req), req.uri(), req.headers()) {
+        Ok(route) => route,
+        Err(refusal) => return refusal.response(),
     };
     if websocket::is_upgrade_request(&req) {
         return websocket::upgrade(req, route, &state.config, conn, shared).await;
     }
     http_proxy::forward(req, &route, &state.config, conn, shared).await
+}
+
+/// Why a request has no route to go to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoRoute {
+    HeadTooLarge,
+    NotFound,
+}
+
+impl NoRoute {
+    pub fn response(self) -> Response<ProxyBody> {
+        match self {
+            NoRoute::HeadTooLarge => body::text(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "request head too large\n",
+            ),
+            NoRoute::NotFound => body::text(StatusCode::NOT_FOUND, "no route for this request\n"),
+        }
+    }
+}
+
+/// The route for a request head of `head_size` bytes. A request without one is counted here (431, 404).
+pub fn find_route(
+    state: &State,
+    shared: &Shared,
+    head_size: usize,
+    uri: &Uri,
+    headers: &HeaderMap,
+) -> Result<Arc<Route>, NoRoute> {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| uri.host());
+    let found = if head_size > state.config.limits.max_header_size {
+        Err(NoRoute::HeadTooLarge)
+    } else {
+        state
+            .router
+            .route(host, uri.path())
+            .cloned()
+            .ok_or(NoRoute::NotFound)
+    };
+    if let Err(refusal) = found {
+        let status = match refusal {
+            NoRoute::HeadTooLarge => 431,
+            NoRoute::NotFound => 404,
+        };
+        shared
+            .metrics
+            .http_requests
+            .with_label_values(&["", status_class(status)])
+            .inc();
+    }
+    found
 }
 
 /// The size of a request head as sent: request line, header lines, blank line.
@@ -87,12 +121,12 @@ fn head_size<B>(req: &Request<B>) -> usize {
 /// keep-alive idle timer starts only then: a long download or event stream is not idle.
 pub struct ResponseBody {
     inner: ProxyBody,
-    phase: Arc<Phase>,
+    conn: Arc<ClientConn>,
 }
 
 impl Drop for ResponseBody {
     fn drop(&mut self) {
-        self.phase.idle();
+        self.conn.phase.idle();
     }
 }
 

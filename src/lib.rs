@@ -6,6 +6,8 @@
 //!
 //! - `listener`: accepts client connections and serves HTTP/1.1 on them (hyper), with the header and
 //!   keep-alive timeouts of `client_io`.
+//! - `first_request`: on plain connections, reads the first request head itself; an upgrade is handshaken
+//!   and tunnelled without hyper, anything else is replayed to hyper.
 //! - `dispatch`: finds a request's route (`router`) and sends it on as HTTP or as an upgrade.
 //! - `http_proxy`: forwards ordinary requests over pooled backend connections (`upstream`).
 //! - `websocket`: the upgrade handshake, then the frame-aware tunnel between client and backend.
@@ -24,6 +26,7 @@ mod client_io;
 pub mod config;
 pub mod demo;
 mod dispatch;
+mod first_request;
 pub mod gateway;
 pub mod headers;
 mod http_proxy;

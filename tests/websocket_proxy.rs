@@ -629,3 +629,82 @@ async fn negotiated_extension_reaches_the_client_and_rsv1_frames_pass_both_ways(
         .expect("backend got a frame");
     assert_eq!(got, frame);
 }
+
+/// wsgate reads a connection's first request itself and takes an upgrade straight to the tunnel; an
+/// upgrade that comes after other requests on the connection goes through hyper. Both must tunnel alike.
+#[tokio::test]
+async fn an_upgrade_after_a_plain_request_on_the_same_connection_is_tunnelled() {
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+    let backend = TestBackend::start("b1").await;
+    let (_gateway, addr) = gateway(&config_text(&[backend.addr], "")).await;
+    let mut stream = within("connect", tokio::net::TcpStream::connect(addr))
+        .await
+        .expect("connect");
+    let get = format!("GET /ws/plain HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    within("write", stream.write_all(get.as_bytes()))
+        .await
+        .expect("write");
+    let response = read_response(&mut stream).await;
+    assert_eq!(response.status, 200);
+    assert_eq!(response.body_text(), "hello from b1");
+
+    let upgrade = upgrade_request(addr, "/ws", "");
+    within("write", stream.write_all(upgrade.as_bytes()))
+        .await
+        .expect("write");
+    let (head, rest) = read_head(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(rest.is_empty(), "bytes behind the 101: {rest:?}");
+    let stream = MaybeTlsStream::Plain(stream);
+    let mut ws = WebSocketStream::from_raw_socket(stream, Role::Client, None).await;
+    within("send", ws.send(Message::text("after a GET")))
+        .await
+        .expect("send");
+    assert_eq!(next_message(&mut ws).await, Message::text("after a GET"));
+    let targets: Vec<String> = backend.seen().into_iter().map(|s| s.target).collect();
+    assert_eq!(targets, ["/ws/plain", "/ws"]);
+}
+
+/// A refused upgrade, read by wsgate itself, leaves the connection to hyper for the requests that follow,
+/// unless the client asked for it to close.
+#[tokio::test]
+async fn a_refused_first_upgrade_leaves_the_connection_serving_http() {
+    let backend = TestBackend::start("b1").await;
+    let (_gateway, addr) = gateway(&config_text(&[backend.addr], "")).await;
+    let mut stream = within("connect", tokio::net::TcpStream::connect(addr))
+        .await
+        .expect("connect");
+    let old_version = upgrade_request(addr, "/ws", "")
+        .replace("Sec-WebSocket-Version: 13", "Sec-WebSocket-Version: 12");
+    let get = format!("GET /ws/next HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    // Both at once: the GET behind the refused upgrade must not be lost.
+    let both = format!("{old_version}{get}");
+    within("write", stream.write_all(both.as_bytes()))
+        .await
+        .expect("write");
+    let response = read_response(&mut stream).await;
+    assert_eq!(response.status, 426, "{}", response.body_text());
+    assert!(response.header("date").is_some());
+    let response = read_response(&mut stream).await;
+    assert_eq!(response.status, 200);
+    assert_eq!(response.body_text(), "hello from b1");
+
+    let closing = upgrade_request(addr, "/ws", "")
+        .replace("Connection: Upgrade", "Connection: Upgrade, close")
+        .replace("Sec-WebSocket-Version: 13", "Sec-WebSocket-Version: 12");
+    let mut stream = within("connect", tokio::net::TcpStream::connect(addr))
+        .await
+        .expect("connect");
+    within("write", stream.write_all(closing.as_bytes()))
+        .await
+        .expect("write");
+    let response = read_response(&mut stream).await;
+    assert_eq!(response.status, 426);
+    assert_eq!(response.header("connection"), Some("close"));
+    let mut buf = [0u8; 64];
+    let n = within("the close", stream.read(&mut buf))
+        .await
+        .expect("read");
+    assert_eq!(n, 0, "the connection stays open after Connection: close");
+}

@@ -1,7 +1,7 @@
 //! WebSocket frame headers (RFC 6455 §5.2): parsing, and building the few control frames wsgate writes itself.
 //!
-//! Only headers are parsed here; payloads stay where they are (see `scanner.rs`). Control frames are small
-//! (at most 125 payload bytes, §5.5), so they are built on the stack.
+//! Only headers are parsed here; payloads stay where they are (see `scanner.rs`). wsgate's own control
+//! frames are smaller still than the 125 payload bytes §5.5 allows, and are built inline.
 
 pub const OP_CONTINUATION: u8 = 0x0;
 pub const OP_TEXT: u8 = 0x1;
@@ -16,6 +16,11 @@ pub const MAX_CONTROL_PAYLOAD: usize = 125;
 pub const MAX_HEADER_LEN: usize = 14;
 /// Largest whole control frame: a masked header with a 7-bit length, and 125 bytes of payload.
 pub const MAX_CONTROL_FRAME: usize = 2 + 4 + MAX_CONTROL_PAYLOAD;
+/// Largest payload of a control frame wsgate writes: an 8-byte ping token, or a Close code and a reason
+/// of up to 38 bytes (wsgate's longest is 29). A tunnel holds one such frame per direction while it
+/// waits to be written, so the bound is part of every tunnel's size.
+pub const MAX_OWN_PAYLOAD: usize = 40;
+const MAX_OWN_FRAME: usize = 2 + 4 + MAX_OWN_PAYLOAD;
 
 /// A parsed frame header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,7 +139,7 @@ pub fn write_header(
 /// A complete control frame built by wsgate: a ping, a pong or a Close.
 #[derive(Clone, Copy)]
 pub struct ControlFrame {
-    bytes: [u8; MAX_CONTROL_FRAME],
+    bytes: [u8; MAX_OWN_FRAME],
     len: u8,
 }
 
@@ -156,16 +161,16 @@ pub enum Role {
 }
 
 impl ControlFrame {
-    /// Builds a control frame; a payload longer than 125 bytes is cut to 125.
+    /// Builds a control frame; a payload longer than `MAX_OWN_PAYLOAD` bytes is cut to it.
     pub fn new(opcode: u8, payload: &[u8], role: Role) -> ControlFrame {
-        let payload = &payload[..payload.len().min(MAX_CONTROL_PAYLOAD)];
+        let payload = &payload[..payload.len().min(MAX_OWN_PAYLOAD)];
         let mask = match role {
             Role::Server => None,
             Role::Client => Some(fastrand::u32(..).to_be_bytes()),
         };
         let mut header = [0u8; MAX_HEADER_LEN];
         let header_len = write_header(&mut header, true, opcode, mask, payload.len() as u64);
-        let mut bytes = [0u8; MAX_CONTROL_FRAME];
+        let mut bytes = [0u8; MAX_OWN_FRAME];
         bytes[..header_len].copy_from_slice(&header[..header_len]);
         let body = &mut bytes[header_len..header_len + payload.len()];
         body.copy_from_slice(payload);
@@ -180,9 +185,9 @@ impl ControlFrame {
 
     /// A Close frame with a status code and a reason (cut to fit, on a character boundary).
     pub fn close(code: u16, reason: &str, role: Role) -> ControlFrame {
-        let mut payload = [0u8; MAX_CONTROL_PAYLOAD];
+        let mut payload = [0u8; MAX_OWN_PAYLOAD];
         payload[..2].copy_from_slice(&code.to_be_bytes());
-        let mut end = reason.len().min(MAX_CONTROL_PAYLOAD - 2);
+        let mut end = reason.len().min(MAX_OWN_PAYLOAD - 2);
         while !reason.is_char_boundary(end) {
             end -= 1;
         }
@@ -326,7 +331,7 @@ mod tests {
         let long = "é".repeat(100);
         let close = ControlFrame::close(1000, &long, Role::Server);
         let header = parse_header(close.as_bytes()).unwrap().unwrap();
-        assert!(header.payload_len <= 125);
+        assert_eq!(header.payload_len, MAX_OWN_PAYLOAD as u64);
         assert_eq!(
             parse_close(&close.as_bytes()[2..]),
             ClosePayload::Code(1000)

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
+use futures_util::FutureExt;
 use futures_util::future::Either;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
@@ -18,13 +19,14 @@ use sha1::{Digest, Sha1};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
+use super::BufferPool;
 use super::backend_http;
 use super::transport::Buffered;
-use super::tunnel::{self, Traffic, TunnelObserver, TunnelOutcome, TunnelParams};
+use super::tunnel::{self, Traffic, TunnelContext, TunnelOutcome, TunnelParams};
 use crate::balancer::{Affinity, Backend, BackendGuard};
 use crate::body::{self, ProxyBody};
-use crate::client_io::ClientIo;
-use crate::config::Config;
+use crate::client_io::{ClientIo, Replay};
+use crate::config::{Config, WebSocketSettings};
 use crate::gateway::Shared;
 use crate::headers::{add_forwarded, has_token, strip_hop_by_hop};
 use crate::http_proxy::origin_form;
@@ -116,8 +118,9 @@ impl UpgradeError {
     }
 }
 
-/// Proxies a WebSocket upgrade request: on success the client gets the backend's 101 and a tunnel task
-/// is started; otherwise the client gets an error or the backend's own non-101 answer.
+/// Proxies a WebSocket upgrade request that hyper parsed: on success the client gets the backend's 101 and
+/// a tunnel task is started once hyper hands the connection over; otherwise the client gets an error or
+/// the backend's own non-101 answer.
 pub async fn upgrade(
     mut req: Request<Incoming>,
     route: Arc<Route>,
@@ -125,25 +128,55 @@ pub async fn upgrade(
     conn: &Arc<ClientConn>,
     shared: &Arc<Shared>,
 ) -> Response<ProxyBody> {
+    let client_upgrade = hyper::upgrade::on(&mut req);
+    let (parts, _) = req.into_parts();
+    match handshake(parts, route, config, conn, shared).await {
+        Handshake::Refused(response) => response,
+        Handshake::Switching(response, splice) => {
+            let conn = Arc::clone(conn);
+            let shared2 = Arc::clone(shared);
+            shared
+                .tasks
+                .spawn(splice.run_upgraded(client_upgrade, conn, shared2));
+            response
+        }
+    }
+}
+
+/// What an upgrade request came to, before the client side has switched protocols.
+pub enum Handshake {
+    /// The answer for the client: an error of wsgate's, or the backend's own refusal.
+    Refused(Response<ProxyBody>),
+    /// The 101 for the client, and the backend that switched behind it.
+    Switching(Response<ProxyBody>, Splice),
+}
+
+/// Validates an upgrade request routed to `route`, picks a backend and performs the backend side of the
+/// handshake. The client side is the caller's: it sends the answer, then runs the `Splice`.
+pub async fn handshake(
+    mut parts: http::request::Parts,
+    route: Arc<Route>,
+    config: &Config,
+    conn: &ClientConn,
+    shared: &Shared,
+) -> Handshake {
     let started = Instant::now();
-    let route_name = route.config.name.clone();
+    let route_name = route.config.name.as_str();
     let count = |result: &str| {
         shared
             .metrics
             .ws_upgrades
-            .with_label_values(&[&route_name, result])
+            .with_label_values(&[route_name, result])
             .inc();
     };
-    let key = match validate(req.headers()) {
+    let key = match validate(&parts.headers) {
         Ok(key) => key,
         Err(rejection) => {
             count("rejected");
-            tracing::info!(client = %conn.peer, route = %route_name, %rejection, "upgrade rejected");
-            return reject(rejection);
+            tracing::info!(client = %conn.peer, route = route_name, %rejection, "upgrade rejected");
+            return Handshake::Refused(reject(rejection));
         }
     };
-    let client_upgrade = hyper::upgrade::on(&mut req);
-    let (mut parts, _) = req.into_parts();
     // The sticky key is read before the headers are rewritten (X-Forwarded-For must be the client's).
     let affinity = route
         .pool
@@ -163,22 +196,21 @@ pub async fn upgrade(
             Ok(done) => done,
             Err(error) => {
                 count(error.result_label());
-                tracing::warn!(client = %conn.peer, route = %route_name, %error, "upgrade failed");
-                return body::text(error.status(), format!("{error}\n"));
+                tracing::warn!(client = %conn.peer, route = route_name, %error, "upgrade failed");
+                return Handshake::Refused(body::text(error.status(), format!("{error}\n")));
             }
         };
     match answer {
-        BackendAnswer::Other(response) => {
+        BackendAnswer::Other(mut response) => {
             let status = response.status();
             count(if status.is_client_error() {
                 "rejected"
             } else {
                 "backend_error"
             });
-            tracing::info!(route = %route_name, backend = %guard.backend().addr, status = status.as_u16(), "backend refused the upgrade");
-            let mut response = response;
+            tracing::info!(route = route_name, backend = %guard.backend().addr, status = status.as_u16(), "backend refused the upgrade");
             strip_hop_by_hop(response.headers_mut());
-            response
+            Handshake::Refused(response)
         }
         BackendAnswer::Switching {
             headers,
@@ -189,7 +221,7 @@ pub async fn upgrade(
             shared
                 .metrics
                 .ws_handshake_duration
-                .with_label_values(&[&route_name])
+                .with_label_values(&[route_name])
                 .observe(started.elapsed().as_secs_f64());
             let allowed_rsv = if headers.contains_key(header::SEC_WEBSOCKET_EXTENSIONS) {
                 0b111
@@ -211,12 +243,7 @@ pub async fn upgrade(
                 allowed_rsv,
                 handshake_timeout: config.timeouts.handshake,
             };
-            let conn = Arc::clone(conn);
-            let shared2 = Arc::clone(shared);
-            shared
-                .tasks
-                .spawn(splice.run(client_upgrade, conn, shared2));
-            response
+            Handshake::Switching(response, splice)
         }
     }
 }
@@ -343,7 +370,7 @@ fn switching_protocols(mut headers: HeaderMap, key: &HeaderValue) -> Response<Pr
 }
 
 /// A backend that has switched protocols, waiting for the client side to do the same.
-struct Splice {
+pub struct Splice {
     route: Arc<Route>,
     guard: BackendGuard,
     backend: TcpStream,
@@ -360,40 +387,92 @@ impl Splice {
         spread.mul_f64(fastrand::f64())
     }
 
-    async fn run(self, client_upgrade: OnUpgrade, conn: Arc<ClientConn>, shared: Arc<Shared>) {
-        let route_name = self.route.config.name.as_str();
-        let backend_addr = self.guard.backend().addr.as_str();
-        let upgraded: Upgraded =
-            match tokio::time::timeout(self.handshake_timeout, client_upgrade).await {
-                Ok(Ok(upgraded)) => upgraded,
-                Ok(Err(error)) => {
-                    tracing::debug!(client = %conn.peer, %error, "client upgrade did not complete");
-                    return;
+    /// Waits for hyper to hand over the client connection it answered with the 101, then relays.
+    async fn run_upgraded(
+        self,
+        client_upgrade: OnUpgrade,
+        conn: Arc<ClientConn>,
+        shared: Arc<Shared>,
+    ) {
+        match tokio::time::timeout(self.handshake_timeout, client_upgrade).await {
+            Ok(Ok(upgraded)) => {
+                if let Some(tunnel) = self.run(ClientSide::Upgraded(upgraded), conn, shared) {
+                    tunnel.await;
                 }
-                Err(_) => return,
-            };
-        let metrics = &shared.metrics;
-        let active = metrics
-            .ws_tunnels_active
-            .with_label_values(&[route_name, backend_addr]);
-        active.inc();
-        let observer = RouteTraffic::new(&shared, route_name);
+            }
+            Ok(Err(error)) => {
+                tracing::debug!(client = %conn.peer, %error, "client upgrade did not complete");
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// The tunnel between the client, which has been sent the 101, and the backend: a future to spawn.
+    /// `None` when the client connection cannot be taken over (a stream type wsgate does not know).
+    ///
+    /// Not `async`: everything the tunnel needs moves into it, and the future is the tunnel's own (see
+    /// `tunnel::run`); an `async fn` would hold this `Splice` beside it for the tunnel's whole life.
+    pub fn run(
+        self,
+        client: ClientSide,
+        conn: Arc<ClientConn>,
+        shared: Arc<Shared>,
+    ) -> Option<impl Future<Output = ()> + Send + 'static> {
+        conn.phase.upgraded();
         let params = TunnelParams {
-            settings: &self.route.config.websocket,
             allowed_rsv: self.allowed_rsv,
-            buffers: &shared.buffers,
-            shutdown: &shared.shutdown,
+            shutdown: shared.shutdown.clone(),
             shutdown_delay: self.shutdown_delay(&shared),
-            observer: &observer,
+            context: RouteTunnel::new(self.route, self.guard, conn, shared),
         };
         let backend_early = detach(self.backend_early);
-        let Some(tunnel) = start_tunnel(upgraded, self.backend, backend_early, params) else {
-            active.dec();
+        let Some(tunnel) = start_tunnel(client, self.backend, backend_early, params) else {
             tracing::error!("client connection could not be taken over after 101");
-            return;
+            return None;
         };
-        let outcome = tunnel.await;
-        active.dec();
+        Some(tunnel.map(|(outcome, context)| context.ended(&outcome)))
+    }
+}
+
+/// A live tunnel as the gateway sees it: its route (settings, metrics), the backend it holds, the client
+/// connection it came on. Counted in `wsgate_ws_tunnels_active` from creation to drop.
+struct RouteTunnel {
+    route: Arc<Route>,
+    guard: BackendGuard,
+    conn: Arc<ClientConn>,
+    shared: Arc<Shared>,
+    active: prometheus::IntGauge,
+    traffic: RouteTraffic,
+}
+
+impl RouteTunnel {
+    fn new(
+        route: Arc<Route>,
+        guard: BackendGuard,
+        conn: Arc<ClientConn>,
+        shared: Arc<Shared>,
+    ) -> RouteTunnel {
+        let route_name = route.config.name.as_str();
+        let active = shared
+            .metrics
+            .ws_tunnels_active
+            .with_label_values(&[route_name, &guard.backend().addr]);
+        active.inc();
+        let traffic = RouteTraffic::new(&shared, route_name);
+        RouteTunnel {
+            route,
+            guard,
+            conn,
+            shared,
+            active,
+            traffic,
+        }
+    }
+
+    /// Counts the ending and writes the tunnel's access event.
+    fn ended(self, outcome: &TunnelOutcome) {
+        let route_name = self.route.config.name.as_str();
+        let metrics = &self.shared.metrics;
         metrics
             .ws_closes
             .with_label_values(&[route_name, outcome.reason.label()])
@@ -404,9 +483,9 @@ impl Splice {
             .observe(outcome.duration.as_secs_f64());
         tracing::info!(
             target: "wsgate::access",
-            client = %conn.peer,
+            client = %self.conn.peer,
             route = route_name,
-            backend = backend_addr,
+            backend = self.guard.backend().addr.as_str(),
             duration_ms = outcome.duration.as_millis() as u64,
             bytes_client_to_backend = outcome.client_to_backend.bytes,
             bytes_backend_to_client = outcome.backend_to_client.bytes,
@@ -417,47 +496,95 @@ impl Splice {
     }
 }
 
-/// The tunnel for an upgraded client stream: a plain socket, or a TLS session over one.
+impl Drop for RouteTunnel {
+    fn drop(&mut self) {
+        self.active.dec();
+    }
+}
+
+impl TunnelContext for RouteTunnel {
+    fn settings(&self) -> &WebSocketSettings {
+        &self.route.config.websocket
+    }
+
+    fn buffers(&self) -> &BufferPool {
+        &self.shared.buffers
+    }
+
+    fn traffic(&self, up: Traffic, down: Traffic) {
+        self.traffic.bytes_up.inc_by(up.bytes);
+        self.traffic.bytes_down.inc_by(down.bytes);
+        self.traffic.frames_up.inc_by(up.frames);
+        self.traffic.frames_down.inc_by(down.frames);
+    }
+
+    fn ping_rtt(&self, rtt: Duration) {
+        self.traffic.rtt.observe(rtt.as_secs_f64());
+    }
+}
+
+/// The client side of a tunnel, once it has been sent the 101.
+pub enum ClientSide {
+    /// A plain connection whose upgrade request wsgate read itself (`first_request.rs`), with the bytes
+    /// the client sent behind it.
+    Plain(TcpStream, Bytes),
+    /// A connection hyper served and upgraded: a TLS session, or a plain connection whose upgrade came
+    /// after other requests.
+    Upgraded(Upgraded),
+}
+
+/// The tunnel for a client stream: a plain socket, or a TLS session over one.
 ///
 /// Not `async`: the TLS stream taken out of `upgraded` is several KiB, and a local of that type in the
-/// spawned task's state machine would make every tunnel, plain ones too, that much larger. The TLS tunnel
-/// is boxed for the same reason.
-fn start_tunnel<'a>(
-    upgraded: Upgraded,
+/// task's state machine would make every tunnel, plain ones too, that much larger. The TLS tunnel is
+/// boxed for the same reason.
+// The type spells out the two tunnel futures; boxing them behind one `dyn` would cost every tunnel an
+// allocation of its own besides its task.
+#[allow(clippy::type_complexity)]
+fn start_tunnel<X: TunnelContext + 'static>(
+    client: ClientSide,
     backend: TcpStream,
     backend_early: Bytes,
-    params: TunnelParams<'a>,
+    params: TunnelParams<X>,
 ) -> Option<
     Either<
-        impl Future<Output = TunnelOutcome> + 'a,
-        Pin<Box<impl Future<Output = TunnelOutcome> + 'a>>,
+        impl Future<Output = (TunnelOutcome, X)> + Send + 'static,
+        Pin<Box<impl Future<Output = (TunnelOutcome, X)> + Send + 'static>>,
     >,
 > {
-    match upgraded.downcast::<TokioIo<ClientIo>>() {
-        Ok(parts) => {
-            let client = parts.io.into_inner().into_stream();
-            let early = detach(parts.read_buf);
-            Some(Either::Left(tunnel::run(
-                client,
-                early,
-                backend,
-                backend_early,
-                params,
-            )))
-        }
-        Err(upgraded) => {
-            let parts = upgraded.downcast::<TokioIo<TlsStream<ClientIo>>>().ok()?;
-            let client = Buffered(parts.io.into_inner());
-            let early = detach(parts.read_buf);
-            Some(Either::Right(Box::pin(tunnel::run(
-                client,
-                early,
-                backend,
-                backend_early,
-                params,
-            ))))
-        }
-    }
+    let (client, early) = match client {
+        ClientSide::Plain(stream, early) => (stream, early),
+        ClientSide::Upgraded(upgraded) => match upgraded.downcast::<TokioIo<Replay<ClientIo>>>() {
+            Ok(parts) => {
+                let (io, unread) = parts.io.into_inner().into_parts();
+                let early = if unread.is_empty() {
+                    detach(parts.read_buf)
+                } else {
+                    [unread, parts.read_buf].concat().into()
+                };
+                (io.into_stream(), early)
+            }
+            Err(upgraded) => {
+                let parts = upgraded.downcast::<TokioIo<TlsStream<ClientIo>>>().ok()?;
+                let client = Buffered(parts.io.into_inner());
+                let early = detach(parts.read_buf);
+                return Some(Either::Right(Box::pin(tunnel::run(
+                    client,
+                    early,
+                    backend,
+                    backend_early,
+                    params,
+                ))));
+            }
+        },
+    };
+    Some(Either::Left(tunnel::run(
+        client,
+        early,
+        backend,
+        backend_early,
+        params,
+    )))
 }
 
 /// Bytes read past a handshake are a slice of the HTTP layer's whole read buffer (8 KiB or more); keeping
@@ -470,7 +597,7 @@ fn detach(early: Bytes) -> Bytes {
     }
 }
 
-/// Hands a tunnel's counters to the route's metrics.
+/// A route's traffic counters, looked up once per tunnel.
 struct RouteTraffic {
     bytes_up: prometheus::IntCounter,
     bytes_down: prometheus::IntCounter,
@@ -489,19 +616,6 @@ impl RouteTraffic {
             frames_down: m.ws_frames.with_label_values(&[route, "backend_to_client"]),
             rtt: m.ws_ping_rtt.with_label_values(&[route]),
         }
-    }
-}
-
-impl TunnelObserver for RouteTraffic {
-    fn traffic(&self, up: Traffic, down: Traffic) {
-        self.bytes_up.inc_by(up.bytes);
-        self.bytes_down.inc_by(down.bytes);
-        self.frames_up.inc_by(up.frames);
-        self.frames_down.inc_by(down.frames);
-    }
-
-    fn ping_rtt(&self, rtt: Duration) {
-        self.rtt.observe(rtt.as_secs_f64());
     }
 }
 

@@ -12,5 +12,7 @@ mod transport;
 pub mod tunnel;
 
 pub use buffers::{BUFFER_SIZE, BufferPool};
-pub use handshake::{accept_key, accepts, is_upgrade_request, upgrade};
+pub use handshake::{
+    ClientSide, Handshake, Splice, accept_key, accepts, handshake, is_upgrade_request, upgrade,
+};
 pub use transport::{Buffered, Transport};

@@ -4,12 +4,13 @@
 //! (RFC 6455 §5.2–5.5), counts frames and message sizes, looks into control frames (at most 125 bytes) and
 //! compacts the buffer when it drops one of them (the pong to wsgate's own ping, bytes after a Close).
 //! Payload bytes of data frames are left where they are and stay masked. A header or control frame cut by
-//! the end of a chunk is kept in a small inline `carry` and put back in front of the next chunk, so nothing
-//! is held on the heap between reads.
+//! the end of a chunk is carried and put back in front of the next chunk: a cut header (the usual case)
+//! in a small inline array, a cut control frame (rare: a ping or Close straddling two reads) on the heap
+//! until the next read, so an idle tunnel does not carry 131 bytes per direction for it.
 
 use super::frame::{
-    self, ClosePayload, Header, MAX_CONTROL_FRAME, MAX_CONTROL_PAYLOAD, OP_BINARY, OP_CLOSE,
-    OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT,
+    self, ClosePayload, Header, MAX_CONTROL_FRAME, MAX_CONTROL_PAYLOAD, MAX_HEADER_LEN, OP_BINARY,
+    OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT,
 };
 
 /// Why a stream cannot go on.
@@ -57,7 +58,10 @@ pub struct Scanner {
     /// Token of wsgate's own pings: every pong carrying it is consumed, not forwarded (a late answer to an
     /// earlier ping included, so the peer behind never sees a pong it did not ask for).
     expected_pong: Option<[u8; 8]>,
-    carry: [u8; MAX_CONTROL_FRAME],
+    /// A cut header (always shorter than `MAX_HEADER_LEN`), or the start of a longer cut control frame,
+    /// whose whole cut part is then in `carry_long`.
+    carry: [u8; MAX_HEADER_LEN],
+    carry_long: Option<Box<[u8; MAX_CONTROL_FRAME]>>,
     carry_len: u8,
 }
 
@@ -72,7 +76,8 @@ impl Scanner {
             message_len: 0,
             closed: false,
             expected_pong: None,
-            carry: [0; MAX_CONTROL_FRAME],
+            carry: [0; MAX_HEADER_LEN],
+            carry_long: None,
             carry_len: 0,
         }
     }
@@ -97,14 +102,19 @@ impl Scanner {
     /// the next read goes into `buf[returned..]`.
     pub fn prepare(&self, buf: &mut [u8]) -> usize {
         let n = usize::from(self.carry_len);
-        buf[..n].copy_from_slice(&self.carry[..n]);
+        match &self.carry_long {
+            Some(long) => buf[..n].copy_from_slice(&long[..n]),
+            None => buf[..n].copy_from_slice(&self.carry[..n]),
+        }
         n
     }
 
     /// Scans `buf[..filled]` (carried bytes first, as placed by [`prepare`](Self::prepare)).
     pub fn scan(&mut self, buf: &mut [u8], filled: usize) -> Scan {
         let mut scan = Scan::default();
+        // What was carried is at the front of `buf` now (`prepare`).
         self.carry_len = 0;
+        self.carry_long = None;
         let (mut r, mut w) = (0usize, 0usize);
         while r < filled {
             if self.closed {
@@ -186,7 +196,13 @@ impl Scanner {
     fn keep(&mut self, partial: &[u8]) {
         // A partial header is under 14 bytes and a partial control frame under 131: both fit.
         let n = partial.len().min(MAX_CONTROL_FRAME);
-        self.carry[..n].copy_from_slice(&partial[..n]);
+        if n <= MAX_HEADER_LEN {
+            self.carry[..n].copy_from_slice(&partial[..n]);
+        } else {
+            let mut long = Box::new([0; MAX_CONTROL_FRAME]);
+            long[..n].copy_from_slice(&partial[..n]);
+            self.carry_long = Some(long);
+        }
         self.carry_len = n as u8;
     }
 
