@@ -380,13 +380,6 @@ pub struct Splice {
 }
 
 impl Splice {
-    /// A uniformly random moment within the configured close spread (never past the drain deadline).
-    fn shutdown_delay(&self, shared: &Shared) -> Duration {
-        let timeouts = &shared.state.load().config.timeouts;
-        let spread = timeouts.close_spread.min(timeouts.drain / 2);
-        spread.mul_f64(fastrand::f64())
-    }
-
     /// Waits for hyper to hand over the client connection it answered with the 101, then relays.
     async fn run_upgraded(
         self,
@@ -422,7 +415,6 @@ impl Splice {
         let params = TunnelParams {
             allowed_rsv: self.allowed_rsv,
             shutdown: shared.shutdown.clone(),
-            shutdown_delay: self.shutdown_delay(&shared),
             context: RouteTunnel::new(self.route, self.guard, conn, shared),
         };
         let backend_early = detach(self.backend_early);
@@ -436,13 +428,14 @@ impl Splice {
 
 /// A live tunnel as the gateway sees it: its route (settings, metrics), the backend it holds, the client
 /// connection it came on. Counted in `wsgate_ws_tunnels_active` from creation to drop.
+///
+/// Metric handles are looked up when used (at most once a second per busy tunnel, see `tunnel.rs`), not
+/// held: every idle tunnel would carry them.
 struct RouteTunnel {
     route: Arc<Route>,
     guard: BackendGuard,
     conn: Arc<ClientConn>,
     shared: Arc<Shared>,
-    active: prometheus::IntGauge,
-    traffic: RouteTraffic,
 }
 
 impl RouteTunnel {
@@ -452,26 +445,30 @@ impl RouteTunnel {
         conn: Arc<ClientConn>,
         shared: Arc<Shared>,
     ) -> RouteTunnel {
-        let route_name = route.config.name.as_str();
-        let active = shared
-            .metrics
-            .ws_tunnels_active
-            .with_label_values(&[route_name, &guard.backend().addr]);
-        active.inc();
-        let traffic = RouteTraffic::new(&shared, route_name);
-        RouteTunnel {
+        let tunnel = RouteTunnel {
             route,
             guard,
             conn,
             shared,
-            active,
-            traffic,
-        }
+        };
+        tunnel.active().inc();
+        tunnel
+    }
+
+    fn route_name(&self) -> &str {
+        &self.route.config.name
+    }
+
+    fn active(&self) -> prometheus::IntGauge {
+        self.shared
+            .metrics
+            .ws_tunnels_active
+            .with_label_values(&[self.route_name(), &self.guard.backend().addr])
     }
 
     /// Counts the ending and writes the tunnel's access event.
     fn ended(self, outcome: &TunnelOutcome) {
-        let route_name = self.route.config.name.as_str();
+        let route_name = self.route_name();
         let metrics = &self.shared.metrics;
         metrics
             .ws_closes
@@ -498,7 +495,7 @@ impl RouteTunnel {
 
 impl Drop for RouteTunnel {
     fn drop(&mut self) {
-        self.active.dec();
+        self.active().dec();
     }
 }
 
@@ -512,14 +509,30 @@ impl TunnelContext for RouteTunnel {
     }
 
     fn traffic(&self, up: Traffic, down: Traffic) {
-        self.traffic.bytes_up.inc_by(up.bytes);
-        self.traffic.bytes_down.inc_by(down.bytes);
-        self.traffic.frames_up.inc_by(up.frames);
-        self.traffic.frames_down.inc_by(down.frames);
+        let (m, route) = (&self.shared.metrics, self.route_name());
+        for (direction, traffic) in [("client_to_backend", up), ("backend_to_client", down)] {
+            m.ws_bytes
+                .with_label_values(&[route, direction])
+                .inc_by(traffic.bytes);
+            m.ws_frames
+                .with_label_values(&[route, direction])
+                .inc_by(traffic.frames);
+        }
+    }
+
+    /// A uniformly random moment within the close spread in force (never past the drain deadline).
+    fn shutdown_delay(&self) -> Duration {
+        let timeouts = &self.shared.state.load().config.timeouts;
+        let spread = timeouts.close_spread.min(timeouts.drain / 2);
+        spread.mul_f64(fastrand::f64())
     }
 
     fn ping_rtt(&self, rtt: Duration) {
-        self.traffic.rtt.observe(rtt.as_secs_f64());
+        self.shared
+            .metrics
+            .ws_ping_rtt
+            .with_label_values(&[self.route_name()])
+            .observe(rtt.as_secs_f64());
     }
 }
 
@@ -594,28 +607,6 @@ fn detach(early: Bytes) -> Bytes {
         Bytes::new()
     } else {
         Bytes::copy_from_slice(&early)
-    }
-}
-
-/// A route's traffic counters, looked up once per tunnel.
-struct RouteTraffic {
-    bytes_up: prometheus::IntCounter,
-    bytes_down: prometheus::IntCounter,
-    frames_up: prometheus::IntCounter,
-    frames_down: prometheus::IntCounter,
-    rtt: prometheus::Histogram,
-}
-
-impl RouteTraffic {
-    fn new(shared: &Shared, route: &str) -> RouteTraffic {
-        let m = &shared.metrics;
-        RouteTraffic {
-            bytes_up: m.ws_bytes.with_label_values(&[route, "client_to_backend"]),
-            bytes_down: m.ws_bytes.with_label_values(&[route, "backend_to_client"]),
-            frames_up: m.ws_frames.with_label_values(&[route, "client_to_backend"]),
-            frames_down: m.ws_frames.with_label_values(&[route, "backend_to_client"]),
-            rtt: m.ws_ping_rtt.with_label_values(&[route]),
-        }
     }
 }
 
