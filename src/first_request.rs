@@ -87,11 +87,11 @@ pub async fn serve(
         Ok(route) => websocket::handshake(parts, route, &state.config, &conn, &shared).await,
         Err(refusal) => Handshake::Refused(refusal.response()),
     };
-    // A tunnel lives on past reloads; it must not pin the configuration it started under.
+    // Held for the handshake only: a connection that goes on to hyper loads the state per request, and
+    // must not keep an old configuration's pools alive while it stays open.
     drop(state);
     match handshake {
         Handshake::Switching(response, splice) => {
-            drop(config);
             if let Err(error) = send(&mut io, response, false, write_timeout).await {
                 tracing::debug!(client = %conn.peer, %error, "client gone before its 101");
                 return;
