@@ -170,10 +170,8 @@ pub fn run<C: Transport, B: Transport, X: TunnelContext>(
         shutdown,
         context,
     } = params;
-    let settings = context.settings();
-    let max_message_size = settings.max_message_size;
-    let client_ping = settings.ping_interval;
-    let backend_ping = settings.ping_interval.filter(|_| settings.ping_backend);
+    let max_message_size = context.settings().max_message_size;
+    let (client_ping, backend_ping) = ping_intervals(context.settings());
     // One token for the tunnel's whole life: a late pong to an earlier ping is recognised too.
     let token = fastrand::u64(..).to_be_bytes();
     let mut tunnel = Tunnel {
@@ -226,6 +224,12 @@ pub fn run<C: Transport, B: Transport, X: TunnelContext>(
         };
         (outcome, tunnel.context)
     }
+}
+
+/// How often wsgate pings (client, backend), if at all.
+fn ping_intervals(settings: &WebSocketSettings) -> (Option<Duration>, Option<Duration>) {
+    let client = settings.ping_interval;
+    (client, client.filter(|_| settings.ping_backend))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -498,7 +502,7 @@ impl Half {
     }
 }
 
-/// wsgate's own pings to one side. The interval is the tunnel's setting (`Tunnel::ping_interval`).
+/// wsgate's own pings to one side. The interval is the tunnel's setting (`ping_intervals`).
 struct Keepalive {
     /// Last frame of any kind from this side.
     last_frame: Instant,
@@ -749,16 +753,9 @@ impl<C: Transport, B: Transport, X: TunnelContext> Tunnel<C, B, X> {
         self.send_pings(now);
     }
 
-    /// How often wsgate pings (client, backend), if at all.
-    fn ping_intervals(&self) -> (Option<Duration>, Option<Duration>) {
-        let settings = self.context.settings();
-        let client = settings.ping_interval;
-        (client, client.filter(|_| settings.ping_backend))
-    }
-
     fn send_pings(&mut self, now: Instant) {
         // Only the keepalive injects outside an ending, so a due ping finds its slot free.
-        let (client_ping, backend_ping) = self.ping_intervals();
+        let (client_ping, backend_ping) = ping_intervals(self.context.settings());
         if self
             .client_alive
             .next_ping(client_ping)
@@ -859,7 +856,7 @@ impl<C: Transport, B: Transport, X: TunnelContext> Tunnel<C, B, X> {
         if let Some(lifetime) = settings.max_lifetime {
             deadline = deadline.min(self.started + lifetime);
         }
-        let (client_ping, backend_ping) = self.ping_intervals();
+        let (client_ping, backend_ping) = ping_intervals(settings);
         for (alive, interval) in [
             (&self.client_alive, client_ping),
             (&self.backend_alive, backend_ping),
