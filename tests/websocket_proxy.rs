@@ -638,21 +638,13 @@ async fn an_upgrade_after_a_plain_request_on_the_same_connection_is_tunnelled() 
     use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
     let backend = TestBackend::start("b1").await;
     let (_gateway, addr) = gateway(&config_text(&[backend.addr], "")).await;
-    let mut stream = within("connect", tokio::net::TcpStream::connect(addr))
-        .await
-        .expect("connect");
     let get = format!("GET /ws/plain HTTP/1.1\r\nHost: {addr}\r\n\r\n");
-    within("write", stream.write_all(get.as_bytes()))
-        .await
-        .expect("write");
+    let mut stream = raw_send(addr, get.as_bytes()).await;
     let response = read_response(&mut stream).await;
     assert_eq!(response.status, 200);
     assert_eq!(response.body_text(), "hello from b1");
 
-    let upgrade = upgrade_request(addr, "/ws", "");
-    within("write", stream.write_all(upgrade.as_bytes()))
-        .await
-        .expect("write");
+    raw_write(&mut stream, upgrade_request(addr, "/ws", "").as_bytes()).await;
     let (head, rest) = read_head(&mut stream).await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     assert!(rest.is_empty(), "bytes behind the 101: {rest:?}");
@@ -672,17 +664,12 @@ async fn an_upgrade_after_a_plain_request_on_the_same_connection_is_tunnelled() 
 async fn a_refused_first_upgrade_leaves_the_connection_serving_http() {
     let backend = TestBackend::start("b1").await;
     let (_gateway, addr) = gateway(&config_text(&[backend.addr], "")).await;
-    let mut stream = within("connect", tokio::net::TcpStream::connect(addr))
-        .await
-        .expect("connect");
     let old_version = upgrade_request(addr, "/ws", "")
         .replace("Sec-WebSocket-Version: 13", "Sec-WebSocket-Version: 12");
     let get = format!("GET /ws/next HTTP/1.1\r\nHost: {addr}\r\n\r\n");
     // Both at once: the GET behind the refused upgrade must not be lost.
     let both = format!("{old_version}{get}");
-    within("write", stream.write_all(both.as_bytes()))
-        .await
-        .expect("write");
+    let mut stream = raw_send(addr, both.as_bytes()).await;
     let response = read_response(&mut stream).await;
     assert_eq!(response.status, 426, "{}", response.body_text());
     assert!(response.header("date").is_some());
@@ -693,12 +680,7 @@ async fn a_refused_first_upgrade_leaves_the_connection_serving_http() {
     let closing = upgrade_request(addr, "/ws", "")
         .replace("Connection: Upgrade", "Connection: Upgrade, close")
         .replace("Sec-WebSocket-Version: 13", "Sec-WebSocket-Version: 12");
-    let mut stream = within("connect", tokio::net::TcpStream::connect(addr))
-        .await
-        .expect("connect");
-    within("write", stream.write_all(closing.as_bytes()))
-        .await
-        .expect("write");
+    let mut stream = raw_send(addr, closing.as_bytes()).await;
     let response = read_response(&mut stream).await;
     assert_eq!(response.status, 426);
     assert_eq!(response.header("connection"), Some("close"));

@@ -483,15 +483,26 @@ pub async fn read_response(stream: &mut TcpStream) -> RawResponse {
     }
 }
 
-/// Sends `request` on a fresh connection and reads one response.
-pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> RawResponse {
+/// Writes `request` on `stream`, within the tests' wait.
+pub async fn raw_write(stream: &mut TcpStream, request: &[u8]) {
     use tokio::io::AsyncWriteExt;
-    let mut stream = within("connect", TcpStream::connect(addr))
-        .await
-        .expect("connect");
     within("write", stream.write_all(request))
         .await
         .expect("write");
+}
+
+/// Opens a fresh connection and sends `request` on it.
+pub async fn raw_send(addr: SocketAddr, request: &[u8]) -> TcpStream {
+    let mut stream = within("connect", TcpStream::connect(addr))
+        .await
+        .expect("connect");
+    raw_write(&mut stream, request).await;
+    stream
+}
+
+/// Sends `request` on a fresh connection and reads one response.
+pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> RawResponse {
+    let mut stream = raw_send(addr, request).await;
     read_response(&mut stream).await
 }
 
