@@ -88,6 +88,11 @@ impl Scanner {
         self.remaining == 0
     }
 
+    /// Bytes carried to the next read (a cut header or control frame); never over `MAX_CONTROL_FRAME`.
+    pub fn carried(&self) -> usize {
+        usize::from(self.carry_len)
+    }
+
     /// Whether a Close has passed in this direction.
     pub fn closed(&self) -> bool {
         self.closed
@@ -137,7 +142,7 @@ impl Scanner {
                     break;
                 }
                 Ok(None) => {
-                    self.keep(&buf[r..filled]);
+                    scan.violation = self.keep(&buf[r..filled]).err();
                     break;
                 }
                 Ok(Some(header)) => header,
@@ -149,7 +154,7 @@ impl Scanner {
             if header.is_control() {
                 let total = header.frame_len() as usize;
                 if filled - r < total {
-                    self.keep(&buf[r..filled]);
+                    scan.violation = self.keep(&buf[r..filled]).err();
                     break;
                 }
                 scan.frames += 1;
@@ -186,16 +191,23 @@ impl Scanner {
                 }
                 r += n;
                 w += n;
-                scan.data = true;
+                // An empty fragment that ends nothing moves no data: an endless stream of them must not
+                // keep a tunnel out of its idle timeout.
+                scan.data |= header.payload_len > 0 || header.fin;
             }
         }
         scan.out_len = w;
         scan
     }
 
-    fn keep(&mut self, partial: &[u8]) {
-        // A partial header is under 14 bytes and a partial control frame under 131: both fit.
-        let n = partial.len().min(MAX_CONTROL_FRAME);
+    /// Carries a cut header or control frame to the next read. A cut header is under `MAX_HEADER_LEN`
+    /// bytes and a control frame that passed `check` at most `MAX_CONTROL_FRAME`: both always fit whole.
+    /// Anything longer would be a bug of the scanner's: it is refused as a violation rather than cut.
+    fn keep(&mut self, partial: &[u8]) -> Result<(), Violation> {
+        let n = partial.len();
+        if n > MAX_CONTROL_FRAME {
+            return Err(Violation::Protocol("frame too large to carry"));
+        }
         if n <= MAX_HEADER_LEN {
             self.carry[..n].copy_from_slice(&partial[..n]);
         } else {
@@ -204,6 +216,7 @@ impl Scanner {
             self.carry_long = Some(long);
         }
         self.carry_len = n as u8;
+        Ok(())
     }
 
     fn check(&self, header: &Header) -> Result<(), Violation> {
@@ -224,6 +237,16 @@ impl Scanner {
             }
             OP_CLOSE | OP_PING | OP_PONG if !header.fin => {
                 Err(Violation::Protocol("fragmented control frame"))
+            }
+            // §5.2: a length must use the minimal form. Enforced for control frames, whose whole frame the
+            // scanner may have to carry between reads: the carry is sized for the 7-bit form. Data frames
+            // are not carried, and some clients pad their lengths, so they are let through.
+            OP_CLOSE | OP_PING | OP_PONG
+                if header.header_len != 2 + if header.mask.is_some() { 4 } else { 0 } =>
+            {
+                Err(Violation::Protocol(
+                    "control frame length not in minimal form",
+                ))
             }
             OP_CLOSE | OP_PING | OP_PONG => Ok(()),
             _ => Err(Violation::Protocol("unknown opcode")),

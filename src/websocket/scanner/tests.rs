@@ -673,3 +673,56 @@ proptest! {
         prop_assert_eq!(scanner.carry_len, 0);
     }
 }
+
+#[test]
+fn a_control_frame_with_a_padded_length_is_a_violation_at_every_split() {
+    // The 16- and 64-bit length forms for a payload that fits the 7-bit one (§5.2): up to 139 bytes for a
+    // 125-byte ping, more than the scanner carries. Refused whole, whatever the reads cut.
+    let expected = protocol("control frame length not in minimal form");
+    for opcode in [OP_PING, OP_PONG, OP_CLOSE] {
+        for (len, form) in [(0usize, 126u8), (4, 126), (125, 126), (0, 127), (125, 127)] {
+            for (make, from_client, mask) in [
+                (client as fn() -> Scanner, true, Some(KEY)),
+                (server as fn() -> Scanner, false, None),
+            ] {
+                let mut data = if opcode == OP_CLOSE && len >= 2 {
+                    let mut p = b"\x03\xe8".to_vec();
+                    p.resize(len, b'a');
+                    p
+                } else {
+                    payload(len)
+                };
+                let mut bad = vec![0x80 | opcode, form | if mask.is_some() { 0x80 } else { 0 }];
+                if form == 126 {
+                    bad.extend_from_slice(&(len as u16).to_be_bytes());
+                } else {
+                    bad.extend_from_slice(&(len as u64).to_be_bytes());
+                }
+                if let Some(key) = mask {
+                    bad.extend_from_slice(&key);
+                    frame::apply_mask(&mut data, key, 0);
+                }
+                bad.extend_from_slice(&data);
+                assert_violation(make, from_client, &bad, "padded control length", expected);
+            }
+        }
+    }
+}
+
+#[test]
+fn empty_fragments_that_end_nothing_are_not_data() {
+    let stream = [cf(false, OP_TEXT, &[]), cf(false, OP_CONTINUATION, &[])].concat();
+    let run = whole(&mut client(), &stream);
+    assert_eq!(run.frames, 2);
+    assert!(!run.data, "empty non-final fragments counted as activity");
+    let run = whole(&mut client(), &cf(true, OP_CONTINUATION, &[]));
+    assert_eq!(
+        run.violation,
+        Some(protocol("continuation frame outside a message"))
+    );
+    let stream = [cf(false, OP_TEXT, &[]), cf(true, OP_CONTINUATION, &[])].concat();
+    assert!(
+        whole(&mut client(), &stream).data,
+        "a message's end is data"
+    );
+}
