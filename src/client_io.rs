@@ -6,7 +6,12 @@
 //! - `http_idle`: a keep-alive connection with no request in flight is closed after this long.
 //!
 //! While a request is being served (`Phase::Busy`) neither applies: backend timeouts govern then, and an
-//! upgraded connection leaves this wrapper entirely (the tunnel takes the inner `TcpStream`).
+//! upgraded connection leaves this wrapper (a plain tunnel takes the inner `TcpStream`; a TLS tunnel keeps
+//! it under the TLS session, with every timer here off).
+//!
+//! One more applies to writes, in every phase but upgraded: `send`, a write that makes no progress for
+//! this long fails (the client stopped reading), so a client cannot hold its connection, and the backend
+//! request behind it, by not reading a response.
 
 use std::io;
 use std::pin::Pin;
@@ -38,6 +43,8 @@ const IDLE_STARTED: u8 = 1;
 const IDLE: u8 = 2;
 const HEADERS: u8 = 3;
 const BUSY: u8 = 4;
+/// Left to a tunnel, which keeps its own timers.
+const UPGRADED: u8 = 5;
 
 impl Phase {
     /// A request head has arrived and is being served.
@@ -54,7 +61,7 @@ impl Phase {
     /// The connection has left the HTTP layer (upgraded): the waker of the task that read it is dropped,
     /// since a waker keeps its whole task allocated, and that task is done once the tunnel has its own.
     pub fn upgraded(&self) {
-        self.state.store(BUSY, Ordering::Relaxed);
+        self.state.store(UPGRADED, Ordering::Relaxed);
         drop(self.reader.take());
     }
 }
@@ -64,7 +71,12 @@ pub struct ClientIo {
     conn: Arc<ClientConn>,
     header_timeout: Duration,
     idle_timeout: Duration,
+    send_timeout: Duration,
     timer: Pin<Box<Sleep>>,
+    /// Runs while a write is blocked; made at the first blocked write (most connections never have one).
+    write_timer: Option<Pin<Box<Sleep>>>,
+    /// The last write attempt did not complete: `write_timer` runs from when it first blocked.
+    write_blocked: bool,
 }
 
 impl ClientIo {
@@ -73,18 +85,56 @@ impl ClientIo {
         conn: Arc<ClientConn>,
         header_timeout: Duration,
         idle_timeout: Duration,
+        send_timeout: Duration,
     ) -> ClientIo {
         ClientIo {
             stream,
             conn,
             header_timeout,
             idle_timeout,
+            send_timeout,
             timer: Box::pin(tokio::time::sleep(header_timeout)),
+            write_timer: None,
+            write_blocked: false,
         }
+    }
+
+    /// Passes a write's result on, failing it once writes have been blocked for `send_timeout`.
+    fn watch_write<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        result: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if result.is_ready() {
+            self.write_blocked = false;
+            return result;
+        }
+        if self.conn.phase.state.load(Ordering::Relaxed) == UPGRADED {
+            return result;
+        }
+        let deadline = Instant::now() + self.send_timeout;
+        let timer = self
+            .write_timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if !self.write_blocked {
+            self.write_blocked = true;
+            timer.as_mut().reset(deadline);
+        }
+        if timer.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "send timeout: the client stopped reading",
+            )));
+        }
+        Poll::Pending
     }
 
     pub fn into_stream(self) -> TcpStream {
         self.stream
+    }
+
+    pub fn stream(&self) -> &TcpStream {
+        &self.stream
     }
 }
 
@@ -121,7 +171,7 @@ impl AsyncRead for ClientIo {
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => {
-                if phase != BUSY && this.timer.as_mut().poll(cx).is_ready() {
+                if phase < BUSY && this.timer.as_mut().poll(cx).is_ready() {
                     let what = if phase == IDLE {
                         "keep-alive idle timeout"
                     } else {
@@ -141,7 +191,8 @@ impl AsyncWrite for ClientIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        let result = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.watch_write(cx, result)
     }
 
     fn poll_write_vectored(
@@ -149,7 +200,8 @@ impl AsyncWrite for ClientIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        let result = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.watch_write(cx, result)
     }
 
     fn is_write_vectored(&self) -> bool {

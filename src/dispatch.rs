@@ -6,12 +6,13 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::{HeaderMap, Request, Response, StatusCode, Uri, header};
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, header};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use crate::body::{self, BoxError, ProxyBody};
 use crate::gateway::{Shared, State};
+use crate::headers::{BadRequest, check_request};
 use crate::listener::ClientConn;
 use crate::metrics::status_class;
 use crate::router::Route;
@@ -35,15 +36,35 @@ async fn route_and_proxy(
     conn: &Arc<ClientConn>,
     shared: &Arc<Shared>,
 ) -> Response<ProxyBody> {
+    let upgrade = websocket::is_upgrade_request(&req);
+    if let Err(bad) = check_request(req.headers(), upgrade) {
+        return bad_request(shared, bad);
+    }
     let state = shared.state.load_full();
     let route = match find_route(&state, shared, head_size(&req), req.uri(), req.headers()) {
         Ok(route) => route,
         Err(refusal) => return refusal.response(),
     };
-    if websocket::is_upgrade_request(&req) {
+    if upgrade {
         return websocket::upgrade(req, route, &state.config, conn, shared).await;
     }
     http_proxy::forward(req, &route, &state.config, conn, shared).await
+}
+
+/// The answer to a request head refused before routing: 400, and the connection closes (what follows
+/// the head cannot be trusted to be framed the way the head says). Counted without a route.
+pub fn bad_request(shared: &Shared, bad: BadRequest) -> Response<ProxyBody> {
+    tracing::info!(%bad, "request refused");
+    shared
+        .metrics
+        .http_requests
+        .with_label_values(&["", status_class(400)])
+        .inc();
+    let mut response = body::text(StatusCode::BAD_REQUEST, format!("{bad}\n"));
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
 }
 
 /// Why a request has no route to go to.

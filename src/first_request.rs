@@ -4,7 +4,7 @@
 //! machinery (its 8 KiB read buffer, a write buffer, an upgrade channel and a second task for the tunnel)
 //! is set up only to be thrown away after one request, and its buffers, freed while the tunnel's state
 //! stays, leave the heap fragmented: idle tunnels cost more memory than they hold. So the first request
-//! head is read here into a small buffer; a clean upgrade (GET, HTTP/1.1, no body) is handshaken and
+//! head is read here into a small buffer; an upgrade (GET, HTTP/1.1) is checked, handshaken and
 //! tunnelled in this same task. Anything else (other requests, malformed heads, bodies, refusals'
 //! follow-ups) goes to hyper with the bytes already read replayed in front of the stream, so HTTP
 //! behaviour, error answers included, stays hyper's.
@@ -22,21 +22,21 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::body::ProxyBody;
 use crate::client_io::{ClientIo, Replay};
 use crate::config::Config;
-use crate::dispatch::find_route;
+use crate::dispatch::{bad_request, find_route};
 use crate::gateway::Shared;
-use crate::headers::has_token;
+use crate::headers::{check_request, has_token};
 use crate::listener::{ClientConn, serve_http};
 use crate::websocket::{self, ClientSide, Handshake};
 
 /// Capacity of the first read: a browser's upgrade request is 400–800 bytes.
 const FIRST_READ: usize = 2048;
 /// Headers accepted in one request head; hyper's own limit, so both paths accept the same requests.
-const MAX_HEADERS: usize = 100;
+pub const MAX_HEADERS: usize = 100;
 
 /// How the bytes read so far begin.
 // A short-lived local of one parse: its size does not matter, an allocation per upgrade would.
 #[allow(clippy::large_enum_variant)]
-enum First {
+pub enum First {
     /// The head is not complete yet.
     Partial,
     /// A WebSocket upgrade wsgate handles itself: the request and the length of its head.
@@ -76,15 +76,31 @@ pub async fn serve(
         }
     };
     conn.phase.busy();
+    let write_timeout = config.timeouts.handshake;
+    if let Err(bad) = check_request(&parts.headers, true) {
+        // Whatever follows the head (a body of unknown framing) is not read: the connection closes.
+        let _ = send(&mut io, bad_request(&shared, bad), true, write_timeout).await;
+        return;
+    }
     // Usually nothing: a client waits for the 101 before it sends frames.
     let early = Bytes::copy_from_slice(&buf[head_len..]);
     drop(buf);
     let close_after = has_token(&parts.headers, header::CONNECTION, "close");
 
     let state = shared.state.load_full();
-    let write_timeout = config.timeouts.handshake;
     let handshake = match find_route(&state, &shared, head_len, &parts.uri, &parts.headers) {
-        Ok(route) => websocket::handshake(parts, route, &state.config, &conn, &shared).await,
+        Ok(route) => {
+            let handshake = websocket::handshake(parts, route, &state.config, &conn, &shared);
+            tokio::select! {
+                handshake = handshake => handshake,
+                () = hung_up(io.stream()) => {
+                    // Nobody is left to answer: the backend connection is dropped now, not when the
+                    // handshake timeout ends it, and the backend is not blamed.
+                    tracing::debug!(client = %conn.peer, "client gone during the upgrade handshake");
+                    return;
+                }
+            }
+        }
         Err(refusal) => Handshake::Refused(refusal.response()),
     };
     // Held for the handshake only: a connection that goes on to hyper loads the state per request, and
@@ -119,8 +135,19 @@ pub async fn serve(
     }
 }
 
-/// Reads a request head from the start of `buf`; only clean upgrades are taken apart.
-fn parse(buf: &[u8]) -> First {
+/// Resolves when the client closes its side (EOF or error) while its upgrade waits on a backend. A
+/// client that sends bytes meanwhile (frames behind its request) is not watched further: they stay
+/// unread in the socket for the tunnel.
+async fn hung_up(stream: &tokio::net::TcpStream) {
+    let mut probe = [0u8; 1];
+    match stream.peek(&mut probe).await {
+        Ok(0) | Err(_) => {}
+        Ok(_) => std::future::pending().await,
+    }
+}
+
+/// Reads a request head from the start of `buf`; only upgrades are taken apart.
+pub fn parse(buf: &[u8]) -> First {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
     let len = match request.parse(buf) {
@@ -140,10 +167,6 @@ fn parse(buf: &[u8]) -> First {
             return First::Other;
         };
         map.append(name, value);
-    }
-    // A body on an upgrade request is legal but rare; hyper knows how to read one.
-    if map.contains_key(header::CONTENT_LENGTH) || map.contains_key(header::TRANSFER_ENCODING) {
-        return First::Other;
     }
     if !has_token(&map, header::UPGRADE, "websocket")
         || !has_token(&map, header::CONNECTION, "upgrade")
@@ -250,9 +273,6 @@ mod tests {
         ));
         assert!(other(
             b"GET / HTTP/1.0\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n"
-        ));
-        assert!(other(
-            b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\nContent-Length: 1\r\n\r\nx"
         ));
         assert!(other(
             b"GET / HTTP/1.1\r\nUpgrade: h2c\r\nConnection: upgrade\r\n\r\n"

@@ -59,6 +59,9 @@ pub struct Shared {
     pub loaded_at: Mutex<SystemTime>,
     /// Listeners bound and not shutting down (for `/readyz`).
     pub ready: AtomicBool,
+    /// Cancelled when a part the gateway cannot run without has died (a listener's accept loop): the
+    /// process must end rather than stay up half-working. See `Gateway::failed`.
+    pub fatal: CancellationToken,
 }
 
 impl Shared {
@@ -139,12 +142,14 @@ impl Gateway {
             tasks: TaskTracker::new(),
             loaded_at: Mutex::new(SystemTime::now()),
             ready: AtomicBool::new(false),
+            fatal: CancellationToken::new(),
         });
         crate::balancer::start_health_checks(&shared);
         let config = Arc::clone(&shared.state.load().config);
         let mut listeners = HashMap::new();
         for (listener, tls) in config.listeners.iter().zip(acceptors) {
-            let handle = ListenerHandle::bind(listener, tls, &shared).await?;
+            let max = config.limits.max_connections;
+            let handle = ListenerHandle::bind(listener, tls, max, &shared).await?;
             listeners.insert(listener.name.clone(), handle);
         }
         let admin = match config.admin {
@@ -170,6 +175,12 @@ impl Gateway {
             .unwrap_or_else(|p| p.into_inner())
             .get(name)
             .map(|l| l.addr)
+    }
+
+    /// Resolves if a part the gateway cannot run without has died (a listener's accept loop panicked):
+    /// the caller should shut down and exit with an error. Never resolves otherwise.
+    pub async fn failed(&self) {
+        self.shared.fatal.cancelled().await;
     }
 
     /// The bound address of the admin listener.
@@ -264,7 +275,9 @@ impl Gateway {
                 if current.get(&listener.name) == Some(&listener.listen) {
                     fresh.insert(listener.name.clone(), (None, tls));
                 } else {
-                    let handle = ListenerHandle::bind(listener, tls.clone(), &self.shared).await;
+                    let max = config.limits.max_connections;
+                    let handle =
+                        ListenerHandle::bind(listener, tls.clone(), max, &self.shared).await;
                     match handle {
                         Ok(handle) => fresh.insert(listener.name.clone(), (Some(handle), tls)),
                         Err(error) => {
@@ -279,6 +292,7 @@ impl Gateway {
                 }
             }
         }
+        let max_connections = config.limits.max_connections;
         let state = State::new(config, Some(&old));
         self.shared.state.store(Arc::new(state));
         *self
@@ -303,6 +317,7 @@ impl Gateway {
                 None => {
                     if let Some(kept) = listeners.get(&name) {
                         kept.set_tls(tls);
+                        kept.set_max_connections(max_connections);
                     }
                 }
             }

@@ -1,5 +1,6 @@
-//! Header rewriting shared by HTTP proxying and WebSocket upgrades: hop-by-hop headers out
-//! (RFC 9110 §7.6.1), `X-Forwarded-*` in.
+//! Header rules shared by HTTP proxying and WebSocket upgrades: the checks a request head must pass
+//! before it is routed, hop-by-hop headers out (RFC 9110 §7.6.1), the client's address in
+//! (`X-Forwarded-*`, `X-Real-IP`, `Forwarded`).
 
 use std::net::IpAddr;
 
@@ -9,6 +10,8 @@ use http::header::{self, HeaderName, HeaderValue};
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
@@ -26,7 +29,63 @@ static HOP_BY_HOP: [&HeaderName; 8] = [
     &header::PROXY_AUTHENTICATE,
 ];
 
-/// Removes hop-by-hop headers, including every header the `Connection` header lists.
+/// End-to-end headers that `Connection` may not remove: routing, message framing and the WebSocket
+/// handshake depend on them, so a peer naming them there (`Connection: Host`) must not change what the
+/// next hop sees.
+static PROTECTED: [&HeaderName; 8] = [
+    &header::HOST,
+    &header::CONTENT_LENGTH,
+    &header::COOKIE,
+    &header::SEC_WEBSOCKET_KEY,
+    &header::SEC_WEBSOCKET_VERSION,
+    &header::SEC_WEBSOCKET_ACCEPT,
+    &header::SEC_WEBSOCKET_PROTOCOL,
+    &header::SEC_WEBSOCKET_EXTENSIONS,
+];
+
+/// Headers a request may carry once at most: a second `Host` would let wsgate route by one value while
+/// the backend reads the other; a second WebSocket key or version would let wsgate check one while the
+/// backend answers the other; a second `Content-Length` makes the body's end ambiguous.
+static SINGLETONS: [&HeaderName; 4] = [
+    &header::HOST,
+    &header::CONTENT_LENGTH,
+    &header::SEC_WEBSOCKET_KEY,
+    &header::SEC_WEBSOCKET_VERSION,
+];
+
+/// Why a request head is refused before it is routed. Always the client's doing: answered 400, the
+/// connection closed, no backend involved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BadRequest {
+    #[error("more than one {0} header")]
+    Repeated(&'static str),
+    /// A body on an upgrade: backends disagree on whether to read it (some do, some parse frames right
+    /// after the head), so any body would let wsgate's view of the stream and the backend's drift apart.
+    #[error("an upgrade request may not carry a body")]
+    UpgradeWithBody,
+}
+
+/// Checks a request head before routing; `upgrade` says whether it asks for a WebSocket upgrade.
+pub fn check_request(headers: &HeaderMap, upgrade: bool) -> Result<(), BadRequest> {
+    for name in SINGLETONS {
+        let mut values = headers.get_all(name).iter();
+        if values.next().is_some() && values.next().is_some() {
+            return Err(BadRequest::Repeated(name.as_str()));
+        }
+    }
+    if upgrade
+        && (headers.contains_key(header::TRANSFER_ENCODING)
+            || headers
+                .get(header::CONTENT_LENGTH)
+                .is_some_and(|v| v.as_bytes().trim_ascii() != b"0"))
+    {
+        return Err(BadRequest::UpgradeWithBody);
+    }
+    Ok(())
+}
+
+/// Removes hop-by-hop headers, including every header the `Connection` header lists (except the
+/// `PROTECTED` ones).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if headers.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = headers
@@ -35,6 +94,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .filter(|name| !PROTECTED.contains(&name))
             .collect();
         for name in named {
             headers.remove(name);
@@ -45,8 +105,13 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Appends the client to `X-Forwarded-For` and sets `X-Forwarded-Proto` and `X-Forwarded-Host`.
+/// Appends the client to `X-Forwarded-For`, sets `X-Forwarded-Proto`, `X-Forwarded-Host`, `X-Real-IP`
+/// and `Forwarded`.
 /// Several `X-Forwarded-For` lines are one list (RFC 9110 §5.3): they are joined in order, none dropped.
+///
+/// `X-Real-IP` and `Forwarded` (RFC 7239) are replaced, not appended to: both are set from the real peer
+/// alone, so a client cannot put an address of its choosing where a backend looks for the client's.
+/// (`X-Forwarded-For` keeps what came before wsgate, as proxies chain it; its last entry is wsgate's.)
 pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr, tls: bool) {
     let mut forwarded_for: Vec<&str> = headers
         .get_all(&X_FORWARDED_FOR)
@@ -55,18 +120,32 @@ pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr, tls: bool) {
         .map(str::trim)
         .filter(|v| !v.is_empty())
         .collect();
-    let client = client.to_string();
-    forwarded_for.push(&client);
+    let client_text = client.to_string();
+    forwarded_for.push(&client_text);
     let forwarded_for = forwarded_for.join(", ");
     if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
         headers.insert(X_FORWARDED_FOR.clone(), value);
     }
-    headers.insert(
-        X_FORWARDED_PROTO.clone(),
-        HeaderValue::from_static(if tls { "https" } else { "http" }),
-    );
+    let proto = if tls { "https" } else { "http" };
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
+    let mut forwarded = match client {
+        IpAddr::V4(ip) => format!("for={ip};proto={proto}"),
+        IpAddr::V6(ip) => format!("for=\"[{ip}]\";proto={proto}"),
+    };
     if let Some(host) = headers.get(header::HOST).cloned() {
+        // Quoted-string rules (RFC 7239 §4): a host with a quote or backslash is left out, not escaped.
+        if let Ok(text) = host.to_str()
+            && !text.contains(['"', '\\'])
+        {
+            forwarded.push_str(&format!(";host=\"{text}\""));
+        }
         headers.insert(X_FORWARDED_HOST.clone(), host);
+    }
+    if let Ok(value) = HeaderValue::from_str(&forwarded) {
+        headers.insert(header::FORWARDED, value);
+    }
+    if let Ok(value) = HeaderValue::from_str(&client_text) {
+        headers.insert(X_REAL_IP.clone(), value);
     }
 }
 
@@ -99,6 +178,69 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert_eq!(h["x-kept"], "yes");
+    }
+
+    #[test]
+    fn connection_cannot_remove_end_to_end_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("Host, content-length, Sec-WebSocket-Key, x-gone"),
+        );
+        h.insert("host", HeaderValue::from_static("example.com"));
+        h.insert("content-length", HeaderValue::from_static("0"));
+        h.insert("sec-websocket-key", HeaderValue::from_static("k"));
+        h.insert("x-gone", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 3, "{h:?}");
+        assert!(!h.contains_key("x-gone"));
+    }
+
+    #[test]
+    fn repeated_singletons_and_upgrade_bodies_are_refused() {
+        let mut h = HeaderMap::new();
+        h.append("host", HeaderValue::from_static("a"));
+        assert_eq!(check_request(&h, true), Ok(()));
+        h.append("host", HeaderValue::from_static("a"));
+        assert_eq!(check_request(&h, false), Err(BadRequest::Repeated("host")));
+        let mut h = HeaderMap::new();
+        h.append("sec-websocket-key", HeaderValue::from_static("a"));
+        h.append("sec-websocket-key", HeaderValue::from_static("b"));
+        assert_eq!(
+            check_request(&h, true),
+            Err(BadRequest::Repeated("sec-websocket-key"))
+        );
+        let mut h = HeaderMap::new();
+        h.insert("content-length", HeaderValue::from_static("0"));
+        assert_eq!(check_request(&h, true), Ok(()));
+        h.insert("content-length", HeaderValue::from_static("14"));
+        assert_eq!(check_request(&h, false), Ok(()));
+        assert_eq!(check_request(&h, true), Err(BadRequest::UpgradeWithBody));
+        let mut h = HeaderMap::new();
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        assert_eq!(check_request(&h, true), Err(BadRequest::UpgradeWithBody));
+    }
+
+    #[test]
+    fn real_ip_and_forwarded_come_from_the_peer_alone() {
+        let mut h = HeaderMap::new();
+        h.insert("host", HeaderValue::from_static("example.com:8080"));
+        h.insert("x-real-ip", HeaderValue::from_static("6.6.6.6"));
+        h.insert("forwarded", HeaderValue::from_static("for=6.6.6.6"));
+        add_forwarded(&mut h, "10.0.0.7".parse().unwrap(), true);
+        assert_eq!(h["x-real-ip"], "10.0.0.7");
+        assert_eq!(
+            h["forwarded"],
+            "for=10.0.0.7;proto=https;host=\"example.com:8080\""
+        );
+        add_forwarded(&mut h, "::1".parse().unwrap(), false);
+        assert_eq!(h.get_all("forwarded").iter().count(), 1);
+        assert!(
+            h["forwarded"]
+                .to_str()
+                .unwrap()
+                .starts_with("for=\"[::1]\";proto=http")
+        );
     }
 
     #[test]

@@ -37,5 +37,15 @@ pub mod tls;
 pub mod upstream;
 pub mod websocket;
 
+/// Entry points for the fuzz targets in `fuzz/`: wsgate's hand-written parsers of untrusted bytes,
+/// reachable without a socket. Not part of the supported API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::first_request::{First, MAX_HEADERS, parse as parse_first_request};
+    pub use crate::websocket::backend_http::{
+        BackendHttpError, BodyDecoder, MAX_CHUNK_LINE, MAX_HEAD, MAX_RELAYED_BODY, parse_head,
+    };
+}
+
 pub use config::Config;
 pub use gateway::{Gateway, ReloadError, StartError};

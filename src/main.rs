@@ -150,9 +150,9 @@ async fn serve(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    wait_for_signals(&gateway).await;
+    let ending = wait_for_signals(&gateway).await;
     gateway.shutdown().await;
-    ExitCode::SUCCESS
+    ending
 }
 
 async fn demo(listen: SocketAddr, admin: SocketAddr) -> ExitCode {
@@ -186,13 +186,19 @@ async fn demo(listen: SocketAddr, admin: SocketAddr) -> ExitCode {
     }
     println!("metrics on http://{admin}/metrics");
     println!("wsgate demo: open http://{addr}/ in a browser (Ctrl-C to stop)");
-    wait_for_signals(&gateway).await;
+    let ending = wait_for_signals(&gateway).await;
     gateway.shutdown().await;
-    ExitCode::SUCCESS
+    ending
 }
 
-/// Serves until SIGTERM or SIGINT; reloads the config file on every SIGHUP.
-async fn wait_for_signals(gateway: &Gateway) {
+/// Serves until SIGTERM or SIGINT (success) or until a part of the gateway dies (failure); reloads the
+/// config file on every SIGHUP.
+async fn wait_for_signals(gateway: &Gateway) -> ExitCode {
+    let failed = || async {
+        gateway.failed().await;
+        tracing::error!("the gateway cannot go on; shutting down");
+        ExitCode::FAILURE
+    };
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
@@ -202,12 +208,19 @@ async fn wait_for_signals(gateway: &Gateway) {
             signal(SignalKind::hangup()),
         ) else {
             tracing::error!("cannot install signal handlers");
-            return;
+            return ExitCode::FAILURE;
         };
         loop {
             tokio::select! {
-                _ = term.recv() => return tracing::info!("SIGTERM: draining"),
-                _ = int.recv() => return tracing::info!("SIGINT: draining"),
+                _ = term.recv() => {
+                    tracing::info!("SIGTERM: draining");
+                    return ExitCode::SUCCESS;
+                }
+                _ = int.recv() => {
+                    tracing::info!("SIGINT: draining");
+                    return ExitCode::SUCCESS;
+                }
+                code = failed() => return code,
                 _ = hup.recv() => {
                     tracing::info!("SIGHUP: reloading the config");
                     // Errors are logged and counted by the gateway; the running config stays.
@@ -218,7 +231,9 @@ async fn wait_for_signals(gateway: &Gateway) {
     }
     #[cfg(not(unix))]
     {
-        let _ = gateway;
-        let _ = tokio::signal::ctrl_c().await;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => ExitCode::SUCCESS,
+            code = failed() => code,
+        }
     }
 }

@@ -43,6 +43,7 @@ pub struct FileTimeouts {
     pub header: Option<Text>,
     pub http_idle: Option<Text>,
     pub backend_response: Option<Text>,
+    pub send: Option<Text>,
     pub drain: Option<Text>,
 }
 
@@ -95,6 +96,7 @@ pub struct FileWebSocket {
     pub close_timeout: Option<Text>,
     pub ping_backend: Option<bool>,
     pub max_lifetime: Option<Text>,
+    pub send_timeout: Option<Text>,
 }
 
 #[derive(Debug, Deserialize)]

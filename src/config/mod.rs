@@ -86,6 +86,9 @@ pub struct Timeouts {
     pub http_idle: Duration,
     /// A backend must start its HTTP response within this time (else 504).
     pub backend_response: Duration,
+    /// A write to a client that makes no progress for this long (the client stopped reading) ends its
+    /// connection and the backend request behind it. The default for tunnels' `send_timeout` too.
+    pub send: Duration,
     /// On shutdown, how long live connections get to finish.
     pub drain: Duration,
     /// On shutdown, tunnels are sent their Close 1001 at random moments spread over this window (bounded
@@ -101,11 +104,16 @@ impl Default for Timeouts {
             header: Duration::from_secs(10),
             http_idle: Duration::from_secs(60),
             backend_response: Duration::from_secs(60),
+            send: Duration::from_secs(60),
             drain: Duration::from_secs(30),
             close_spread: Duration::from_secs(5),
         }
     }
 }
+
+/// The largest `limits.max_connections`: far above what one process can hold open (each connection is a
+/// file descriptor, two once upgraded), and small enough for every counter it feeds.
+pub const MAX_CONNECTIONS: usize = 1 << 24;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Limits {
@@ -173,6 +181,9 @@ pub struct WebSocketSettings {
     pub ping_backend: bool,
     /// Upper bound on a tunnel's whole life; `None` is unbounded.
     pub max_lifetime: Option<Duration>,
+    /// Bytes for a peer that makes no progress taking them for this long (it stopped reading) end the
+    /// tunnel: a peer that does not read is not kept alive by what it sends.
+    pub send_timeout: Duration,
 }
 
 impl Default for WebSocketSettings {
@@ -185,6 +196,7 @@ impl Default for WebSocketSettings {
             close_timeout: Duration::from_secs(2),
             ping_backend: false,
             max_lifetime: None,
+            send_timeout: Timeouts::default().send,
         }
     }
 }
@@ -381,6 +393,7 @@ impl Checker<'_> {
                 "timeouts.backend_response",
                 defaults.backend_response,
             ),
+            send: self.timeout(&t.send, "timeouts.send", defaults.send),
             drain: self.timeout(&t.drain, "timeouts.drain", defaults.drain),
             close_spread: match &t.close_spread {
                 None => defaults.close_spread,
@@ -448,7 +461,7 @@ impl Checker<'_> {
                     "duplicate route name",
                 );
             }
-            if let Some(route) = self.route(r, i, &file.pool) {
+            if let Some(route) = self.route(r, i, &file.pool, timeouts.send) {
                 routes.push(route);
             }
         }
@@ -518,12 +531,12 @@ impl Checker<'_> {
         };
         let max_connections = match &l.max_connections {
             None => defaults.max_connections,
-            Some(n) if *n.get_ref() >= 1 => *n.get_ref() as usize,
+            Some(n) if (1..=MAX_CONNECTIONS as i64).contains(n.get_ref()) => *n.get_ref() as usize,
             Some(n) => {
                 self.error(
                     n.span().start,
                     "limits.max_connections",
-                    "must be at least 1",
+                    format!("must be between 1 and {MAX_CONNECTIONS}"),
                 );
                 defaults.max_connections
             }
@@ -539,6 +552,7 @@ impl Checker<'_> {
         r: &FileRoute,
         index: usize,
         pools: &BTreeMap<String, Spanned<file::FilePool>>,
+        send_timeout: Duration,
     ) -> Option<RouteConfig> {
         let key = format!("route[{index}]");
         self.label(&r.name, &format!("{key}.name"));
@@ -578,7 +592,7 @@ impl Checker<'_> {
                 ),
             );
         }
-        let websocket = self.websocket(&r.websocket, &format!("{key}.websocket"));
+        let websocket = self.websocket(&r.websocket, &format!("{key}.websocket"), send_timeout);
         Some(RouteConfig {
             name: r.name.get_ref().clone(),
             host,
@@ -588,7 +602,13 @@ impl Checker<'_> {
         })
     }
 
-    fn websocket(&mut self, w: &FileWebSocket, key: &str) -> WebSocketSettings {
+    /// `send_timeout` is the default of the route's own `send_timeout`: the global `timeouts.send`.
+    fn websocket(
+        &mut self,
+        w: &FileWebSocket,
+        key: &str,
+        send_timeout: Duration,
+    ) -> WebSocketSettings {
         let d = WebSocketSettings::default();
         let ping_interval = match &w.ping_interval {
             None => d.ping_interval,
@@ -650,6 +670,11 @@ impl Checker<'_> {
             ),
             ping_backend: w.ping_backend.unwrap_or(d.ping_backend),
             max_lifetime,
+            send_timeout: self.timeout(
+                &w.send_timeout,
+                &format!("{key}.send_timeout"),
+                send_timeout,
+            ),
         }
     }
 

@@ -182,6 +182,9 @@ pub async fn handshake(
         .pool
         .affinity(&parts.headers, &parts.uri, conn.peer.ip());
     strip_hop_by_hop(&mut parts.headers);
+    // `Content-Length: 0` is the only length an upgrade may have (`headers::check_request`): it says
+    // nothing the backend needs, and a backend must see no framing it could read a body by.
+    parts.headers.remove(header::CONTENT_LENGTH);
     add_forwarded(&mut parts.headers, conn.peer.ip(), conn.tls);
     parts
         .headers
@@ -310,8 +313,13 @@ async fn connect_and_send(
             .await
             .map_err(|_| UpgradeError::Timeout(timeout))
             .and_then(|answer| answer);
-        // Passive health counts handshake failures too (not a takeover failure, which is ours).
+        // Passive health counts what the backend did, and only that: the request it got was checked by
+        // wsgate (one key, one version, no body, `headers::check_request`), so a timeout, garbage, a
+        // wrong accept key or a 5xx is the backend's. A 4xx is a live backend's answer to the client.
         match &answer {
+            Ok(BackendAnswer::Other(response)) if response.status().is_server_error() => {
+                pool.connect_failed(guard.backend())
+            }
             Ok(_) => pool.connect_succeeded(guard.backend()),
             Err(_) => pool.connect_failed(guard.backend()),
         }

@@ -3,7 +3,7 @@
 //! sessions (`transport.rs`), built on frame headers (`frame.rs`), an in-place stream scanner
 //! (`scanner.rs`) and read buffers lent only while data moves (`buffers.rs`).
 
-mod backend_http;
+pub(crate) mod backend_http;
 mod buffers;
 pub mod frame;
 mod handshake;

@@ -42,6 +42,10 @@ pub enum EndReason {
     BackendProtocolError,
     MaxLifetime,
     Shutdown,
+    /// The client took nothing of what was written to it for `send_timeout`.
+    ClientStalled,
+    /// The backend took nothing of what was written to it for `send_timeout`.
+    BackendStalled,
 }
 
 impl EndReason {
@@ -60,6 +64,8 @@ impl EndReason {
             EndReason::BackendProtocolError => "backend_protocol_error",
             EndReason::MaxLifetime => "max_lifetime",
             EndReason::Shutdown => "shutdown",
+            EndReason::ClientStalled => "client_stalled",
+            EndReason::BackendStalled => "backend_stalled",
         }
     }
 
@@ -102,6 +108,15 @@ impl EndReason {
             EndReason::Shutdown => (
                 Some(&(GOING_AWAY, "going away")),
                 Some(&(GOING_AWAY, "going away")),
+            ),
+            // The stalled side gets its Close only if it starts reading within the close timeout.
+            EndReason::ClientStalled => (
+                Some(&(GOING_AWAY, "send timeout")),
+                Some(&(GOING_AWAY, "client not reading")),
+            ),
+            EndReason::BackendStalled => (
+                Some(&(GOING_AWAY, "backend not reading")),
+                Some(&(GOING_AWAY, "send timeout")),
             ),
         }
     }
@@ -263,6 +278,9 @@ struct Half {
     abandoned: bool,
     /// Bytes were written to `dst` since its last flush.
     unflushed: bool,
+    /// Since when writes to `dst` have been blocked with bytes waiting (peer bytes or wsgate's own frame),
+    /// with no progress: `send_timeout` after it, `dst` is taken to have stopped reading.
+    blocked_since: Option<Instant>,
     /// Bytes `src` sent behind its handshake, read by the HTTP layer: scanned before the socket is read.
     /// Boxed: usually there are none, and an empty `Bytes` inline would cost every tunnel 48 bytes.
     early: Option<Box<Bytes>>,
@@ -281,6 +299,10 @@ struct Step {
     progressed: bool,
     /// Bytes went out to `dst`.
     wrote: bool,
+    /// Bytes `src` sent went out to `dst` (activity, unlike wsgate's own frames).
+    forwarded: bool,
+    /// A write or flush to `dst` could not complete: `dst` is not taking bytes right now.
+    blocked: bool,
     /// wsgate's own ping is now wholly written to `dst`.
     ping_out: bool,
     data: bool,
@@ -300,6 +322,7 @@ impl Half {
             abandoned: false,
             close: None,
             unflushed: false,
+            blocked_since: None,
             early: (!early.is_empty()).then(|| Box::new(early)),
             scanner,
             role,
@@ -328,7 +351,10 @@ impl Half {
             if self.unflushed {
                 // A TLS session may hold written records back until flushed; a socket never does.
                 match dst.poll_flush(cx) {
-                    Poll::Pending => return step,
+                    Poll::Pending => {
+                        step.blocked = true;
+                        return step;
+                    }
                     Poll::Ready(Err(_)) => {
                         step.dst_gone = true;
                         return step;
@@ -338,7 +364,10 @@ impl Half {
             }
             if let Some(out) = &mut self.out {
                 match dst.poll_write(cx, &out.buf[out.start..out.end]) {
-                    Poll::Pending => return step,
+                    Poll::Pending => {
+                        step.blocked = true;
+                        return step;
+                    }
                     Poll::Ready(Err(_)) => {
                         self.out = None;
                         step.dst_gone = true;
@@ -348,6 +377,7 @@ impl Half {
                         out.start += n;
                         step.progressed = true;
                         step.wrote = true;
+                        step.forwarded = true;
                         if out.start == out.end {
                             self.out = None;
                             self.unflushed = true;
@@ -366,7 +396,10 @@ impl Half {
                 && self.scanner.at_boundary()
             {
                 match dst.poll_write(cx, &frame.as_bytes()[usize::from(*written)..]) {
-                    Poll::Pending => return step,
+                    Poll::Pending => {
+                        step.blocked = true;
+                        return step;
+                    }
                     Poll::Ready(Err(_)) => {
                         self.inject = None;
                         step.dst_gone = true;
@@ -445,6 +478,18 @@ impl Half {
                     return step;
                 }
             }
+        }
+    }
+
+    /// Follows whether writes to `dst` are getting anywhere: the clock starts at a blocked write and
+    /// restarts at every write that moved bytes.
+    fn track_blocking(&mut self, step: &Step, now: Instant) {
+        if step.blocked {
+            if step.wrote || self.blocked_since.is_none() {
+                self.blocked_since = Some(now);
+            }
+        } else if self.idle() || step.wrote {
+            self.blocked_since = None;
         }
     }
 
@@ -607,6 +652,8 @@ impl<C: Transport, B: Transport, X: TunnelContext> Tunnel<C, B, X> {
             let now = Instant::now();
             self.client_alive.track_ping(&self.down, &down, now);
             self.backend_alive.track_ping(&self.up, &up, now);
+            self.up.track_blocking(&up, now);
+            self.down.track_blocking(&down, now);
             let progressed = up.progressed || down.progressed;
             let yielded = up.yielded || down.yielded;
             self.after_step(Side::Client, up, now);
@@ -640,7 +687,7 @@ impl<C: Transport, B: Transport, X: TunnelContext> Tunnel<C, B, X> {
 
     /// Reacts to what one direction (read from `side`) did.
     fn after_step(&mut self, side: Side, step: Step, now: Instant) {
-        if step.data {
+        if step.data || step.forwarded {
             self.last_data = now;
         }
         let alive = match side {
@@ -743,11 +790,20 @@ impl<C: Transport, B: Transport, X: TunnelContext> Tunnel<C, B, X> {
                 return self.end(reason, now);
             }
         }
-        // Peer bytes wsgate cannot write yet are activity: wsgate itself is the one waiting. A ping of its
-        // own waiting for a frame boundary is not (a peer stalled inside a frame would hold it forever).
-        if self.up.out.is_some() || self.down.out.is_some() {
-            self.last_data = now;
-        } else if now >= self.last_data + settings.idle_timeout {
+        // A peer that takes nothing written to it is not kept alive by what it sends (its pongs, say).
+        if let Some(since) = self.down.blocked_since
+            && now >= since + settings.send_timeout
+        {
+            return self.end(EndReason::ClientStalled, now);
+        }
+        if let Some(since) = self.up.blocked_since
+            && now >= since + settings.send_timeout
+        {
+            return self.end(EndReason::BackendStalled, now);
+        }
+        // Activity is progress: data read from a peer, or peer bytes written on (`after_step`). Bytes
+        // waiting to be written are not, nor is a ping of wsgate's own waiting for a frame boundary.
+        if now >= self.last_data + settings.idle_timeout {
             return self.end(EndReason::IdleTimeout, now);
         }
         self.send_pings(now);
@@ -807,21 +863,26 @@ impl<C: Transport, B: Transport, X: TunnelContext> Tunnel<C, B, X> {
         }
         if matches!(
             reason,
-            EndReason::PongTimeout | EndReason::ProtocolError | EndReason::MessageTooBig
+            EndReason::PongTimeout
+                | EndReason::ProtocolError
+                | EndReason::MessageTooBig
+                | EndReason::ClientStalled
         ) {
             // The client is dead or broke the protocol: its answer is not awaited.
             self.up.reading = false;
         }
         if matches!(
             reason,
-            EndReason::BackendPongTimeout | EndReason::BackendProtocolError
+            EndReason::BackendPongTimeout
+                | EndReason::BackendProtocolError
+                | EndReason::BackendStalled
         ) {
             self.down.reading = false;
         }
         // A dead peer gets one attempt at a Close; it does not hold the tunnel open until the deadline.
         match reason {
-            EndReason::PongTimeout => self.down.abandoned = true,
-            EndReason::BackendPongTimeout => self.up.abandoned = true,
+            EndReason::PongTimeout | EndReason::ClientStalled => self.down.abandoned = true,
+            EndReason::BackendPongTimeout | EndReason::BackendStalled => self.up.abandoned = true,
             _ => {}
         }
     }
@@ -866,6 +927,11 @@ impl<C: Transport, B: Transport, X: TunnelContext> Tunnel<C, B, X> {
             }
             if let Some(since) = alive.waiting_since {
                 deadline = deadline.min(since + settings.pong_timeout);
+            }
+        }
+        for half in [&self.up, &self.down] {
+            if let Some(since) = half.blocked_since {
+                deadline = deadline.min(since + settings.send_timeout);
             }
         }
         deadline
@@ -928,6 +994,8 @@ mod tests {
             BackendProtocolError,
             MaxLifetime,
             Shutdown,
+            ClientStalled,
+            BackendStalled,
         ];
         for reason in all {
             let (to_client, to_backend) = reason.own_closes();
@@ -958,10 +1026,10 @@ mod tests {
         let future = run(client, Bytes::new(), backend, Bytes::new(), params);
         let size = std::mem::size_of_val(&future);
         println!("tunnel future: {size} bytes");
-        // 984 bytes when this was written (1,560 before the idle-memory work of issue 6): two scanners (a
-        // 14-byte inline carry each), two injection slots with one of wsgate's own control frames each,
-        // the timer and the shutdown listener. With the gateway's context and tokio's task header the
-        // tunnel's task is 1,152 bytes; 128 more and it moves up one of tokio's 128-byte steps.
-        assert!(size <= 1000, "the tunnel future grew to {size} bytes");
+        // What it holds: two scanners (a 14-byte inline carry each), two injection slots with one of
+        // wsgate's own control frames each, the keepalive, idle and write-stall clocks, the timer and the
+        // shutdown listener. With the gateway's context and tokio's task header this is the tunnel's task,
+        // whose measured size is in BENCHMARKS.md; the bound keeps it in the same allocator size class.
+        assert!(size <= 1024, "the tunnel future grew to {size} bytes");
     }
 }

@@ -86,7 +86,7 @@ pub enum NoFrame {
 }
 
 /// Splits a whole frame off the front of `buf`, if there is one.
-fn parse(buf: &[u8]) -> Option<(Frame, usize)> {
+pub fn parse_frame(buf: &[u8]) -> Option<(Frame, usize)> {
     let [b0, b1, ..] = *buf else { return None };
     let (len, mut at) = match b1 & 0x7F {
         126 => (
@@ -222,7 +222,7 @@ impl RawPeer {
     pub async fn frame_before(&mut self, deadline: Instant) -> Result<Frame, NoFrame> {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
-            if let Some((frame, used)) = parse(&self.pending) {
+            if let Some((frame, used)) = parse_frame(&self.pending) {
                 self.pending.drain(..used);
                 return Ok(frame);
             }
