@@ -4,9 +4,17 @@
 //! HTTP is served by hyper; an upgrade request is answered with 101 here and
 //! the raw `TcpStream` (taken back with `Upgraded::downcast`) is handed to
 //! tungstenite, so the echo path has no extra adapter layer.
+//!
+//! The soak (`soak/`) starts them with [`Options`]: a fixed port, a greeting
+//! sent right after each 101 (so a client knows which backend it got), and
+//! [`Backend::kill`], which stops accepting and drops every live connection at
+//! once, as a crashed server would. [`start`] (the benchmark's backends) has
+//! none of that and takes the same code path as before: no kill watch is
+//! polled per message.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -21,6 +29,7 @@ use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
 use tokio_tungstenite::WebSocketStream;
@@ -36,11 +45,35 @@ const SEND_LIMIT: Duration = Duration::from_secs(60);
 const UPGRADE_LIMIT: Duration = Duration::from_secs(10);
 const HTTP_BODY: &[u8] = b"ok\n";
 
-/// A running echo backend; stops accepting when dropped.
+/// How a backend is started; the default is what [`start`] does.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Port on 127.0.0.1; 0 = any free port.
+    pub port: u16,
+    /// Text message sent on every WebSocket right after its 101.
+    pub greeting: Option<String>,
+    /// Connections watch for [`Backend::kill`]. Off for the benchmark, whose
+    /// echo loop then polls nothing else.
+    pub killable: bool,
+}
+
+/// How [`Backend::kill`] drops the live connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kill {
+    /// close(): the peer reads a FIN.
+    Fin,
+    /// SO_LINGER 0, then close(): the peer gets a TCP reset.
+    Rst,
+}
+
+/// A running echo backend; stops accepting when dropped (live connections
+/// then go on until they end).
 pub struct Backend {
     pub addr: SocketAddr,
     live: Arc<AtomicUsize>,
     accept_task: JoinHandle<()>,
+    /// Set once by `kill`; every connection task of a killable backend waits on it.
+    kill_tx: watch::Sender<Option<Kill>>,
 }
 
 impl Drop for Backend {
@@ -54,6 +87,34 @@ impl Backend {
     pub fn live(&self) -> usize {
         self.live.load(Ordering::Relaxed)
     }
+
+    /// Stops accepting and drops every live connection (HTTP or WebSocket)
+    /// the way `how` says. Only connections of a backend started with
+    /// `killable` see it; the tasks end as soon as they are next polled.
+    pub fn kill(self, how: Kill) {
+        self.accept_task.abort();
+        let _ = self.kill_tx.send(Some(how));
+    }
+}
+
+/// Resolves once the backend is killed; never if it is dropped instead.
+async fn killed(rx: &mut watch::Receiver<Option<Kill>>) -> Kill {
+    let how = match rx.wait_for(Option::is_some).await {
+        Ok(v) => *v,
+        Err(_) => None,
+    };
+    match how {
+        Some(how) => how,
+        None => std::future::pending().await,
+    }
+}
+
+/// Sets SO_LINGER 0 so that the coming close() sends a reset.
+fn linger_zero(fd: RawFd) {
+    // SAFETY: the caller still owns the socket behind `fd` (it is closed only
+    // after this returns), so the borrowed descriptor is valid here.
+    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+    let _ = socket2::SockRef::from(&fd).set_linger(Some(Duration::ZERO));
 }
 
 /// Counts a live socket while held.
@@ -82,14 +143,26 @@ pub fn ws_config() -> WebSocketConfig {
 
 /// Binds 127.0.0.1:0 and serves until dropped.
 pub async fn start() -> std::io::Result<Backend> {
+    start_with(Options::default()).await
+}
+
+/// Binds 127.0.0.1:`opts.port` and serves until dropped or killed.
+pub async fn start_with(opts: Options) -> std::io::Result<Backend> {
     // A deep backlog: the idle scenario opens hundreds of connections at once.
+    // SO_REUSEADDR also lets a killed soak backend bind its port again while
+    // its old connections sit in TIME_WAIT.
     let sock = TcpSocket::new_v4()?;
     sock.set_reuseaddr(true)?;
-    sock.bind(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+    sock.bind(SocketAddr::from(([127, 0, 0, 1], opts.port)))?;
     let listener: TcpListener = sock.listen(4096)?;
     let addr = listener.local_addr()?;
     let live = Arc::new(AtomicUsize::new(0));
     let live2 = live.clone();
+    let (kill_tx, kill_rx) = watch::channel(None);
+    let conn_opts = ConnOpts {
+        greeting: opts.greeting.map(Arc::from),
+        kill: opts.killable.then_some(kill_rx),
+    };
     let accept_task = tokio::spawn(async move {
         loop {
             let stream = match listener.accept().await {
@@ -103,19 +176,29 @@ pub async fn start() -> std::io::Result<Backend> {
             };
             let _ = stream.set_nodelay(true);
             let live = live2.clone();
-            tokio::spawn(serve_conn(stream, live));
+            tokio::spawn(serve_conn(stream, live, conn_opts.clone()));
         }
     });
     Ok(Backend {
         addr,
         live,
         accept_task,
+        kill_tx,
     })
 }
 
-async fn serve_conn(stream: TcpStream, live: Arc<AtomicUsize>) {
+/// What every connection of one backend shares.
+#[derive(Clone)]
+struct ConnOpts {
+    greeting: Option<Arc<str>>,
+    kill: Option<watch::Receiver<Option<Kill>>>,
+}
+
+async fn serve_conn(stream: TcpStream, live: Arc<AtomicUsize>, opts: ConnOpts) {
     let _guard = LiveGuard::new(&live);
-    let svc = service_fn(move |req| handle(req, live.clone()));
+    let fd = stream.as_raw_fd();
+    let mut kill = opts.kill.clone();
+    let svc = service_fn(move |req| handle(req, live.clone(), opts.clone()));
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(120))
@@ -123,7 +206,23 @@ async fn serve_conn(stream: TcpStream, live: Arc<AtomicUsize>) {
         .serve_connection(TokioIo::new(stream), svc)
         .with_upgrades();
     // Errors here are client resets and timeouts: nothing to report.
-    let _ = conn.await;
+    match &mut kill {
+        None => {
+            let _ = conn.await;
+        }
+        Some(rx) => {
+            // Pinned here, so the socket is still open when the reset is armed.
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = &mut conn => {}
+                how = killed(rx) => {
+                    if how == Kill::Rst {
+                        linger_zero(fd);
+                    }
+                }
+            }
+        }
+    }
 }
 
 fn is_ws_upgrade(req: &Request<Incoming>) -> bool {
@@ -140,6 +239,7 @@ fn is_ws_upgrade(req: &Request<Incoming>) -> bool {
 async fn handle(
     mut req: Request<Incoming>,
     live: Arc<AtomicUsize>,
+    opts: ConnOpts,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     if !is_ws_upgrade(&req) {
         let mut resp = Response::new(Full::new(Bytes::from_static(HTTP_BODY)));
@@ -163,23 +263,44 @@ async fn handle(
         };
         match upgraded.downcast::<TokioIo<TcpStream>>() {
             Ok(parts) => {
-                let ws = WebSocketStream::from_partially_read(
+                let mut ws = WebSocketStream::from_partially_read(
                     parts.io.into_inner(),
                     parts.read_buf.to_vec(),
                     Role::Server,
                     Some(ws_config()),
                 )
                 .await;
-                echo(ws).await;
+                if !greet(&mut ws, opts.greeting.as_deref()).await {
+                    return;
+                }
+                match opts.kill {
+                    None => echo(ws).await,
+                    Some(mut rx) => {
+                        if echo_until_killed(&mut ws, &mut rx).await == Some(Kill::Rst) {
+                            // The socket closes when `ws` drops, right after.
+                            linger_zero(ws.get_ref().as_raw_fd());
+                        }
+                    }
+                }
             }
             Err(upgraded) => {
-                let ws = WebSocketStream::from_raw_socket(
+                // Not reached with hyper's plain TCP server; kept so that an
+                // unexpected wrapper still echoes (a kill then sends a FIN).
+                let mut ws = WebSocketStream::from_raw_socket(
                     TokioIo::new(upgraded),
                     Role::Server,
                     Some(ws_config()),
                 )
                 .await;
-                echo(ws).await;
+                if !greet(&mut ws, opts.greeting.as_deref()).await {
+                    return;
+                }
+                match opts.kill {
+                    None => echo(ws).await,
+                    Some(mut rx) => {
+                        echo_until_killed(&mut ws, &mut rx).await;
+                    }
+                }
             }
         }
     });
@@ -192,6 +313,52 @@ async fn handle(
         h.insert(SEC_WEBSOCKET_ACCEPT, v);
     }
     Ok(resp)
+}
+
+/// Sends the greeting, if any; false when the client is already gone.
+async fn greet<S>(ws: &mut WebSocketStream<S>, greeting: Option<&str>) -> bool
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    match greeting {
+        None => true,
+        Some(g) => matches!(
+            timeout(SEND_LIMIT, ws.send(Message::text(g))).await,
+            Ok(Ok(()))
+        ),
+    }
+}
+
+/// The echo loop of a killable backend: returns `Some(how)` when the backend
+/// is killed (the caller then drops the socket), `None` when the session ends.
+async fn echo_until_killed<S>(
+    ws: &mut WebSocketStream<S>,
+    rx: &mut watch::Receiver<Option<Kill>>,
+) -> Option<Kill>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let kill = killed(rx);
+    tokio::pin!(kill);
+    loop {
+        let msg = tokio::select! {
+            how = &mut kill => return Some(how),
+            m = timeout(WS_IDLE_LIMIT, ws.next()) => match m {
+                Ok(Some(Ok(m))) => m,
+                _ => return None,
+            },
+        };
+        if matches!(msg, Message::Binary(_) | Message::Text(_)) {
+            tokio::select! {
+                how = &mut kill => return Some(how),
+                r = timeout(SEND_LIMIT, ws.send(msg)) => {
+                    if !matches!(r, Ok(Ok(()))) {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
 }
 
 async fn echo<S>(mut ws: WebSocketStream<S>)

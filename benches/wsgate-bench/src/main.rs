@@ -1,18 +1,21 @@
 //! wsgate-bench: wsgate against nginx, HAProxy and a direct connection, on
-//! loopback, with in-process echo backends. See README.md beside Cargo.toml.
+//! loopback, with in-process echo backends; and `wsgate-bench soak`, a
+//! leak-and-fault soak of wsgate alone (`soak/`). See README.md beside
+//! Cargo.toml.
 
 mod backend;
 mod client;
 mod procstat;
 mod report;
 mod scenarios;
+mod soak;
 mod targets;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
 use crate::backend::Backend;
 use crate::report::{Record, Sink};
@@ -22,9 +25,13 @@ use crate::targets::{Kind, Spec, Target};
 #[derive(Parser, Debug)]
 #[command(
     name = "wsgate-bench",
-    about = "Benchmark wsgate against nginx, HAProxy and direct connections on loopback"
+    about = "Benchmark wsgate against nginx, HAProxy and direct connections on loopback",
+    args_conflicts_with_subcommands = true
 )]
 struct Args {
+    /// Without a subcommand: the benchmark, with the options below.
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Scenarios: all, or a comma list of echo64, echo16k, echo1m, handshake, idle, http.
     #[arg(long, default_value = "all")]
     scenario: String,
@@ -78,6 +85,14 @@ struct Args {
     client_threads: usize,
 }
 
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Leak-and-fault soak of wsgate alone: long-lived tunnels with traffic,
+    /// backend kills, vanishing clients, SIGHUP reloads and short handshakes,
+    /// then a check that wsgate returns to its post-warm-up state.
+    Soak(soak::SoakArgs),
+}
+
 /// Largest idle-connection default: the nginx config allows 20000 connections
 /// per worker and each proxied connection takes two.
 const IDLE_CAP: usize = 9000;
@@ -85,9 +100,14 @@ const IDLE_CAP: usize = 9000;
 const FD_MARGIN: u64 = 2000;
 
 fn main() {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    let command = args.command.take();
+    let client_threads = match &command {
+        Some(Command::Soak(s)) => s.client_threads,
+        None => args.client_threads,
+    };
     let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.client_threads.max(1))
+        .worker_threads(client_threads.max(1))
         .enable_all()
         .build()
     {
@@ -106,14 +126,28 @@ fn main() {
                     return 2;
                 }
             };
+        let work = async move {
+            match command {
+                // The soak decides its own exit code: 1 when a check fails,
+                // 2 when it could not run.
+                Some(Command::Soak(soak_args)) => match soak::run(soak_args).await {
+                    Ok(code) => code,
+                    Err(e) => {
+                        eprintln!("wsgate-bench soak: {e}");
+                        2
+                    }
+                },
+                None => match run(args).await {
+                    Ok(()) => 0,
+                    Err(e) => {
+                        eprintln!("wsgate-bench: {e}");
+                        1
+                    }
+                },
+            }
+        };
         tokio::select! {
-            r = run(args) => match r {
-                Ok(()) => 0,
-                Err(e) => {
-                    eprintln!("wsgate-bench: {e}");
-                    1
-                }
-            },
+            code = work => code,
             _ = tokio::signal::ctrl_c() => {
                 eprintln!("wsgate-bench: interrupted; stopping proxies");
                 130
@@ -188,16 +222,20 @@ fn target_dir(root: &Path) -> PathBuf {
 }
 
 /// Builds wsgate (release) unless told not to; returns its path.
-async fn wsgate_binary(args: &Args, root: &Path) -> Result<PathBuf, String> {
-    if let Some(p) = &args.wsgate {
+async fn wsgate_binary(
+    wsgate: Option<&Path>,
+    no_build: bool,
+    root: &Path,
+) -> Result<PathBuf, String> {
+    if let Some(p) = wsgate {
         return if is_executable(p) {
-            Ok(p.clone())
+            Ok(p.to_path_buf())
         } else {
             Err(format!("{} is not an executable", p.display()))
         };
     }
     let bin = target_dir(root).join("release/wsgate");
-    if !args.no_build {
+    if !no_build {
         eprintln!("building wsgate: cargo build --release --bin wsgate");
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let status = tokio::process::Command::new(cargo)
@@ -395,7 +433,8 @@ async fn run(args: Args) -> Result<(), String> {
     for kind in &kinds {
         let bin = match kind {
             Kind::Direct => PathBuf::new(),
-            Kind::Wsgate => match wsgate_binary(&args, &root).await {
+            Kind::Wsgate => match wsgate_binary(args.wsgate.as_deref(), args.no_build, &root).await
+            {
                 Ok(p) => p,
                 Err(e) => {
                     skipped.push(format!("wsgate skipped: {e}"));
@@ -533,6 +572,17 @@ mod tests {
         let s = utc_stamp();
         assert_eq!(s.len(), 15);
         assert_eq!(&s[8..9], "-");
+    }
+
+    #[test]
+    fn bench_flags_and_the_soak_subcommand_parse() {
+        let a =
+            Args::try_parse_from(["wsgate-bench", "--threads", "2", "--scenario", "idle"]).unwrap();
+        assert!(a.command.is_none() && a.threads == 2);
+        let a = Args::try_parse_from(["wsgate-bench", "soak", "--tunnels", "5"]).unwrap();
+        assert!(matches!(a.command, Some(Command::Soak(_))));
+        // The benchmark's flags do not mix with the soak.
+        assert!(Args::try_parse_from(["wsgate-bench", "--runs", "1", "soak"]).is_err());
     }
 
     #[test]

@@ -79,12 +79,7 @@ impl Target {
 
     /// None while running (or for direct); otherwise why it is not.
     pub fn check_alive(&mut self) -> Option<String> {
-        let p = self.proc.as_mut()?;
-        match p.child.try_wait() {
-            Ok(None) => None,
-            Ok(Some(st)) => Some(format!("{} exited ({st}); log: {}", p.name, p.log_tail())),
-            Err(e) => Some(format!("{}: wait failed: {e}", p.name)),
-        }
+        self.proc.as_mut()?.check_alive()
     }
 
     /// Starts (or for direct, just describes) the target and waits until it proxies.
@@ -345,7 +340,7 @@ backend echo
 
 /// A child process in its own process group; the whole group is terminated
 /// (SIGTERM, then SIGKILL) when the guard is dropped.
-struct ProcGuard {
+pub struct ProcGuard {
     name: &'static str,
     child: Child,
     pgid: i32,
@@ -353,7 +348,7 @@ struct ProcGuard {
 }
 
 impl ProcGuard {
-    fn spawn(
+    pub fn spawn(
         name: &'static str,
         bin: &Path,
         args: &[String],
@@ -390,7 +385,25 @@ impl ProcGuard {
         })
     }
 
-    fn log_tail(&self) -> String {
+    /// The child's pid while it has not been reaped.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// None while running; otherwise how it ended and the end of its log.
+    pub fn check_alive(&mut self) -> Option<String> {
+        match self.child.try_wait() {
+            Ok(None) => None,
+            Ok(Some(st)) => Some(format!(
+                "{} exited ({st}); log: {}",
+                self.name,
+                self.log_tail()
+            )),
+            Err(e) => Some(format!("{}: wait failed: {e}", self.name)),
+        }
+    }
+
+    pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         let start = lines.len().saturating_sub(8);
