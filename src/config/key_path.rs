@@ -22,8 +22,12 @@ pub fn key_path_at(text: &str, offset: usize) -> String {
     let mut base = 0;
     let mut i = 0;
     let mut line_start = true;
-    let nested =
-        |frames: &[Frame], base: usize| frames[base..].iter().any(|f| !matches!(f, Frame::Key(_)));
+    // `base` is where the current table's own keys start; a stray closing bracket may pop below it.
+    let nested = |frames: &[Frame], base: usize| {
+        frames
+            .get(base..)
+            .is_some_and(|own| own.iter().any(|f| !matches!(f, Frame::Key(_))))
+    };
     while i < end {
         let b = bytes[i];
         match b {
@@ -105,6 +109,9 @@ pub fn key_path_at(text: &str, offset: usize) -> String {
                     frames.pop();
                 }
                 frames.pop();
+                // Text that closes more than it opened (invalid, but this runs on invalid text too) may
+                // reach into the table header's frames.
+                base = base.min(frames.len());
                 // The inline table or array was the value of a key: that key is done.
                 if frames.len() > base
                     && let Some(Frame::Key(_)) = frames.last()
@@ -183,6 +190,21 @@ backends = [ { addr = "h:1" }, { addr = "h:2", weight = "W" } ]
         assert_eq!(at(text, "\"X\""), "route[1].websocket.ping_interval");
         assert_eq!(at(text, "\"W\""), "pool.p.backends[1].weight");
         assert_eq!(at(text, "\"h:1\""), "pool.p.backends[0].addr");
+    }
+
+    #[test]
+    fn stray_closing_brackets_never_panic() {
+        // Found by the `config` fuzz target: `]` and `}` closing more than was opened.
+        for text in [
+            "[{]].&",
+            "[a]\n}}}]]\nx = 1",
+            "]",
+            "[[a]]\n]]]\n[b]\nc = {]",
+        ] {
+            for offset in 0..=text.len() {
+                let _ = key_path_at(text, offset);
+            }
+        }
     }
 
     #[test]
