@@ -1,0 +1,9 @@
+//! A backend's answer to an upgrade: its head, then a refusal's body. See `src/http_target.rs` for the
+//! input layout and the invariants.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    wsgate_fuzz::known::guard(|| wsgate_fuzz::http_target::backend_answer(data));
+});

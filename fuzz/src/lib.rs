@@ -1,0 +1,11 @@
+//! Fuzz harnesses for wsgate's parsers of untrusted bytes (see README.md in this folder).
+//!
+//! The targets in `fuzz_targets/` are thin: the checks live here, so that `cargo test` can run the
+//! reference decoder's own tests and a crash can be replayed from a debugger without libFuzzer.
+
+pub mod config_target;
+pub mod http_target;
+pub mod known;
+pub mod reference;
+pub mod scanner_target;
+pub mod seeds;

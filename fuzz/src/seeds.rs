@@ -1,0 +1,344 @@
+//! The seed inputs the corpora started from, and a test that every seed passes its target.
+//!
+//! `cargo test --manifest-path fuzz/Cargo.toml -- --ignored write_seeds` writes them into `corpus/`
+//! (named `seed-*`, so a later `cargo fuzz cmin` may drop the ones that add no coverage).
+
+/// The token of the seeds that expect a pong.
+pub const TOKEN: [u8; 8] = *b"wsgate!!";
+const KEY: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
+
+/// One frame: `len_form` forces the 16-bit (126) or 64-bit (127) length form.
+fn frame(first: u8, masked: bool, payload: &[u8], len_form: Option<u8>) -> Vec<u8> {
+    let mask_bit = if masked { 0x80 } else { 0 };
+    let mut out = vec![first];
+    let len = payload.len();
+    match len_form {
+        Some(126) => {
+            out.push(mask_bit | 126);
+            out.extend_from_slice(&(len as u16).to_be_bytes());
+        }
+        Some(_) => {
+            out.push(mask_bit | 127);
+            out.extend_from_slice(&(len as u64).to_be_bytes());
+        }
+        None if len < 126 => out.push(mask_bit | len as u8),
+        None if len <= 0xFFFF => {
+            out.push(mask_bit | 126);
+            out.extend_from_slice(&(len as u16).to_be_bytes());
+        }
+        None => {
+            out.push(mask_bit | 127);
+            out.extend_from_slice(&(len as u64).to_be_bytes());
+        }
+    }
+    if masked {
+        out.extend_from_slice(&KEY);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ KEY[i % 4]));
+    } else {
+        out.extend_from_slice(payload);
+    }
+    out
+}
+
+/// An input for the scanner targets (layout in `scanner_target.rs`).
+fn input(flags: u8, limit: (u8, u8), reads: &[u8], stream: &[u8]) -> Vec<u8> {
+    let mut out = vec![flags, limit.0, limit.1];
+    out.extend_from_slice(&TOKEN);
+    out.push(reads.len() as u8);
+    out.extend_from_slice(reads);
+    out.extend_from_slice(stream);
+    out
+}
+
+/// Seeds for one direction: (name, input).
+pub fn scanner(from_client: bool) -> Vec<(String, Vec<u8>)> {
+    let m = from_client;
+    let f = |first: u8, payload: &[u8]| frame(first, m, payload, None);
+    let unlimited = (2, 0);
+    let text: Vec<u8> = (0..300u32).map(|i| b'a' + (i % 26) as u8).collect();
+    let cat = |parts: &[Vec<u8>]| parts.concat();
+    let mut seeds = vec![
+        ("text", input(0, unlimited, &[], &f(0x81, b"hello"))),
+        (
+            "fragmented-with-ping",
+            input(
+                0,
+                unlimited,
+                &[3, 1, 7],
+                &cat(&[
+                    f(0x01, b"frag"),
+                    f(0x89, b"ping"),
+                    f(0x00, b"ment"),
+                    f(0x80, b"ed"),
+                ]),
+            ),
+        ),
+        (
+            "binary-16bit",
+            input(0, unlimited, &[5, 200], &f(0x82, &text[..200])),
+        ),
+        (
+            "binary-64bit-padded",
+            input(0, unlimited, &[12], &frame(0x82, m, &text, Some(127))),
+        ),
+        (
+            "pong-token-and-close",
+            input(
+                0b1000,
+                unlimited,
+                &[9, 9, 9],
+                &cat(&[
+                    f(0x8A, &TOKEN),
+                    f(0x8A, b"other"),
+                    f(0x89, b""),
+                    f(0x88, b"\x03\xe8bye"),
+                    f(0x81, b"after the close"),
+                ]),
+            ),
+        ),
+        (
+            "close-invalid",
+            input(0, unlimited, &[], &cat(&[f(0x88, b"\x03"), f(0x81, b"x")])),
+        ),
+        (
+            "close-1005",
+            input(0, unlimited, &[], &f(0x88, b"\x03\xed")),
+        ),
+        (
+            "close-empty-split",
+            input(0, unlimited, &[1], &f(0x88, b"")),
+        ),
+        (
+            "rsv1-allowed",
+            input(0b100, unlimited, &[], &f(0xC1, b"deflated")),
+        ),
+        ("rsv-refused", input(0, unlimited, &[], &f(0xF1, b"x"))),
+        ("unknown-opcode", input(0, unlimited, &[], &f(0x83, b"x"))),
+        (
+            "control-fragmented",
+            input(0, unlimited, &[], &f(0x09, b"x")),
+        ),
+        (
+            "control-not-minimal",
+            input(0, unlimited, &[], &frame(0x89, m, b"x", Some(126))),
+        ),
+        (
+            "control-too-long",
+            input(0, unlimited, &[], &f(0x89, &text[..126])),
+        ),
+        (
+            "length-top-bit",
+            input(
+                0,
+                unlimited,
+                &[],
+                &[0x82, 0xFF, 0x80, 0, 0, 0, 0, 0, 0, 1, 1, 2, 3, 4],
+            ),
+        ),
+        (
+            "continuation-outside",
+            input(0, unlimited, &[], &f(0x80, b"x")),
+        ),
+        (
+            "new-message-inside",
+            input(0, unlimited, &[], &cat(&[f(0x01, b"a"), f(0x81, b"b")])),
+        ),
+        (
+            "message-too-big",
+            input(
+                0,
+                (0, 6),
+                &[2, 2, 2],
+                &cat(&[f(0x01, b"abc"), f(0x00, b"def"), f(0x80, b"g")]),
+            ),
+        ),
+        (
+            "wrong-masking",
+            input(0, unlimited, &[], &frame(0x81, !m, b"x", None)),
+        ),
+        (
+            "ping-split-everywhere",
+            input(
+                0,
+                unlimited,
+                &[1, 1, 1, 1, 1, 1, 1, 1, 1, 1],
+                &cat(&[f(0x89, b"are you there"), f(0x81, b"yes")]),
+            ),
+        ),
+    ];
+    seeds.push((
+        "large-read",
+        input(0, (1, 255), &[240], &f(0x82, &text[..250])),
+    ));
+    seeds
+        .into_iter()
+        .map(|(name, bytes)| (name.to_string(), bytes))
+        .collect()
+}
+
+/// A valid config from tests/config_errors.rs.
+const BASE: &str = r#"[[listener]]
+name = "main"
+listen = "127.0.0.1:0"
+
+[[route]]
+name = "r"
+pool = "p"
+websocket = { idle_timeout = "60s" }
+
+[pool.p]
+backends = [ { addr = "127.0.0.1:9000" } ]
+"#;
+
+const EVERY_ERROR: &str = r#"[timeouts]
+connect = "0s"
+drain = "forever"
+
+[[listener]]
+name = "main"
+listen = "localhost:80"
+
+[[route]]
+name = "r"
+pool = "missing"
+websocket = { max_message_size = "12 parsecs" }
+
+[[route]]
+name = "s"
+path_prefix = "ws"
+pool = "p"
+
+[pool.p]
+backends = [ { addr = "nohost" } ]
+
+[pool.q]
+backends = []
+"#;
+
+const STICKY: &str = r#"workers = 2
+[limits]
+max_connections = 1000
+max_header_size = "16KiB"
+
+[[listener]]
+name = "tls"
+listen = "[::1]:8443"
+tls = { certs = [ { cert = "a.pem", key = "a.key" } ] }
+
+[[route]]
+name = "ws"
+host = "Chat.Example.com"
+path_prefix = "/ws"
+pool = "chat"
+websocket = { ping_interval = "0s", max_lifetime = "1h", ping_backend = true, close_timeout = "500ms" }
+
+[pool.chat]
+policy = "sticky"
+sticky = { source_ip = true, trusted_proxies = ["10.0.0.0/8", "::1/128", "127.0.0.1"] }
+max_fails = 0
+fail_timeout = "1d"
+health = { path = "/healthz", interval = "5s", timeout = "1s", rise = 1, fall = 100, websocket = true }
+backends = [ { addr = "b1:9000", id = "one", weight = 1000 }, { addr = "[::1]:9001", drain = true } ]
+"#;
+
+/// Seeds for the config target: (name, text).
+pub fn config() -> Vec<(String, String)> {
+    let mut seeds = vec![
+        (
+            "example",
+            include_str!("../../config/wsgate.toml").to_string(),
+        ),
+        ("deploy", include_str!("../../deploy/wsgate.toml").to_string()),
+        ("base", BASE.to_string()),
+        ("every-error", EVERY_ERROR.to_string()),
+        ("sticky", STICKY.to_string()),
+        (
+            "unknown-key",
+            format!("workers = 2\ncolour = \"blue\"\n{BASE}"),
+        ),
+        (
+            "syntax-error",
+            BASE.replace("name = \"r\"", "name = \"r"),
+        ),
+        (
+            "wrong-type",
+            BASE.replace(
+                "{ addr = \"127.0.0.1:9000\" }",
+                "{ addr = \"127.0.0.1:9000\", weight = \"2\" }",
+            ),
+        ),
+        (
+            "bad-units",
+            format!("[timeouts]\nhandshake = \"5 sec\"\n\n[limits]\nmax_header_size = \"1B\"\n\n{BASE}"),
+        ),
+        (
+            "huge-values",
+            format!(
+                "[timeouts]\nconnect = \"18446744073709551615ms\"\ndrain = \"213503982334601d\"\n\
+                 [limits]\nmax_connections = 9223372036854775807\n\n{}",
+                BASE.replace("\"60s\"", "\"5124095576030431h\"")
+            ),
+        ),
+        (
+            "sticky-cookie",
+            BASE.replace(
+                "[pool.p]\n",
+                "[pool.p]\npolicy = \"sticky\"\nsticky = { cookie = \"wsgate\" }\n",
+            ),
+        ),
+        (
+            "sticky-header-query",
+            BASE.replace(
+                "[pool.p]\n",
+                "[pool.p]\npolicy = \"sticky\"\nsticky = { header = \"x-user\", query = \"room\" }\n",
+            ),
+        ),
+    ];
+    seeds.push(("empty", String::new()));
+    seeds
+        .into_iter()
+        .map(|(name, text)| (name.to_string(), text))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_seed_passes_its_target() {
+        for (name, bytes) in scanner(true) {
+            crate::scanner_target::run(true, &bytes);
+            assert!(
+                bytes.len() < 4096,
+                "{name}: over libFuzzer's default max_len"
+            );
+        }
+        for (_, bytes) in scanner(false) {
+            crate::scanner_target::run(false, &bytes);
+        }
+        for (_, text) in config() {
+            crate::config_target::run(text.as_bytes());
+        }
+    }
+
+    #[test]
+    #[ignore = "writes the seed files into corpus/"]
+    fn write_seeds() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus");
+        let write = |dir: &str, name: &str, bytes: &[u8]| {
+            let dir = root.join(dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join(format!("seed-{name}")), bytes).unwrap();
+        };
+        for (name, bytes) in scanner(true) {
+            write("scanner_client", &name, &bytes);
+        }
+        for (name, bytes) in scanner(false) {
+            write("scanner_server", &name, &bytes);
+        }
+        for (name, text) in config() {
+            write("config", &name, text.as_bytes());
+        }
+    }
+}
