@@ -14,7 +14,6 @@ use bytes::Bytes;
 use common::*;
 use http::{Response, StatusCode};
 use http_body_util::{BodyExt, StreamBody};
-use hyper::body::Frame;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -302,7 +301,10 @@ async fn a_client_that_stops_reading_a_response_loses_it_and_frees_the_backend()
             let chunks = futures_util::stream::unfold((guard, 0u32), |(guard, n)| async move {
                 (n < 16_384).then(|| {
                     let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
-                    (Ok::<_, hyper::Error>(Frame::data(chunk)), (guard, n + 1))
+                    (
+                        Ok::<_, hyper::Error>(hyper::body::Frame::data(chunk)),
+                        (guard, n + 1),
+                    )
                 })
             });
             Response::new(StreamBody::new(chunks).boxed())
@@ -338,6 +340,25 @@ async fn a_client_that_stops_reading_a_response_loses_it_and_frees_the_backend()
 // ---------------------------------------------------------------------------------------------------------
 // 5. A tunnel whose client does not read
 
+/// Reads frames off `stream` (skipping the others) until a Close, within `WAIT`.
+async fn next_close(stream: &mut (impl AsyncReadExt + Unpin), what: &str) -> Frame {
+    let mut received = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let n = within(what, stream.read(&mut buf)).await.expect("read");
+        assert!(n > 0, "the connection closed without a Close");
+        received.extend_from_slice(&buf[..n]);
+        let mut offset = 0;
+        while let Some((frame, used)) = parse_frame(&received[offset..]) {
+            offset += used;
+            if frame.opcode == OP_CLOSE {
+                return frame;
+            }
+        }
+        received.drain(..offset);
+    }
+}
+
 #[tokio::test]
 async fn a_tunnel_whose_client_reads_nothing_ends_even_while_it_sends_pongs() {
     let backend = WsBackend::bind().await;
@@ -367,27 +388,7 @@ async fn a_tunnel_whose_client_reads_nothing_ends_even_while_it_sends_pongs() {
         client
     });
     // What wsgate sends the backend: the client's pongs, then its Close 1001.
-    let mut received = Vec::new();
-    let mut buf = vec![0u8; 4096];
-    let close = loop {
-        let n = within("wsgate's Close to the backend", server_read.read(&mut buf))
-            .await
-            .expect("read");
-        assert!(n > 0, "the backend connection closed without a Close");
-        received.extend_from_slice(&buf[..n]);
-        let mut offset = 0;
-        let mut found = None;
-        while let Some((frame, used)) = tunnel_support::parse_frame(&received[offset..]) {
-            offset += used;
-            if frame.opcode == OP_CLOSE {
-                found = Some(frame);
-            }
-        }
-        received.drain(..offset);
-        if let Some(frame) = found {
-            break frame;
-        }
-    };
+    let close = next_close(&mut server_read, "wsgate's Close to the backend").await;
     assert_eq!(close.close(), (1001, "client not reading".to_string()));
     flood.abort();
     ponging.abort();
@@ -410,18 +411,7 @@ async fn a_tunnel_whose_backend_reads_nothing_ends() {
             }
         }
     });
-    let mut received = Vec::new();
-    let mut buf = vec![0u8; 4096];
-    let close = loop {
-        let n = within("wsgate's Close to the client", client_read.read(&mut buf))
-            .await
-            .expect("read");
-        assert!(n > 0, "the client connection closed without a Close");
-        received.extend_from_slice(&buf[..n]);
-        if let Some((frame, _)) = tunnel_support::parse_frame(&received) {
-            break frame;
-        }
-    };
+    let close = next_close(&mut client_read, "wsgate's Close to the client").await;
     assert_eq!(close.close(), (1001, "backend not reading".to_string()));
     flood.abort();
     wait_metric(&gateway, &closes("backend_stalled", 1)).await;
@@ -443,7 +433,7 @@ async fn a_ping_with_a_padded_length_is_a_protocol_error_however_it_is_cut() {
         let (mut client, mut server) = raw_pair(addr, &backend).await;
         client.write_raw(&ping[..cut]).await;
         if cut < ping.len() {
-            // Let the first part be read on its own before the rest comes.
+            // A pause so that wsgate usually reads the two parts apart; the verdict is the same either way.
             tokio::time::sleep(Duration::from_millis(50)).await;
             client.write_raw(&ping[cut..]).await;
         }
