@@ -112,15 +112,18 @@ impl ClientIo {
         if self.conn.phase.state.load(Ordering::Relaxed) == UPGRADED {
             return result;
         }
-        let deadline = Instant::now() + self.send_timeout;
-        let timer = self
-            .write_timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        // The clock starts at the first blocked write; later ones only poll it.
         if !self.write_blocked {
             self.write_blocked = true;
-            timer.as_mut().reset(deadline);
+            let deadline = Instant::now() + self.send_timeout;
+            match &mut self.write_timer {
+                Some(timer) => timer.as_mut().reset(deadline),
+                None => self.write_timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
         }
-        if timer.as_mut().poll(cx).is_ready() {
+        if let Some(timer) = &mut self.write_timer
+            && timer.as_mut().poll(cx).is_ready()
+        {
             return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 "send timeout: the client stopped reading",

@@ -2,6 +2,7 @@
 //! before it is routed, hop-by-hop headers out (RFC 9110 §7.6.1), the client's address in
 //! (`X-Forwarded-*`, `X-Real-IP`, `Forwarded`).
 
+use std::fmt::Write;
 use std::net::IpAddr;
 
 use http::HeaderMap;
@@ -137,7 +138,7 @@ pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr, tls: bool) {
         if let Ok(text) = host.to_str()
             && !text.contains(['"', '\\'])
         {
-            forwarded.push_str(&format!(";host=\"{text}\""));
+            let _ = write!(forwarded, ";host=\"{text}\"");
         }
         headers.insert(X_FORWARDED_HOST.clone(), host);
     }
