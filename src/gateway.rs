@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin;
-use crate::balancer::Pools;
+use crate::balancer::{BackendStatus, Pools};
 use crate::config::{Config, ConfigErrors};
 use crate::listener::ListenerHandle;
 use crate::metrics::Metrics;
@@ -188,18 +188,29 @@ impl Gateway {
         self.admin
     }
 
+    #[doc(hidden)]
     pub fn shared(&self) -> &Arc<Shared> {
         &self.shared
     }
 
+    /// A read-only view of this gateway's metrics and backends that stays usable after `shutdown`.
+    pub fn monitor(&self) -> Monitor {
+        Monitor(Arc::clone(&self.shared))
+    }
+
     /// Read buffers currently lent to tunnels: zero when every tunnel is idle.
     pub fn buffers_in_use(&self) -> usize {
-        self.shared.buffers.lent()
+        self.monitor().buffers_in_use()
     }
 
     /// The Prometheus text exposition of the gateway's metrics.
     pub fn metrics_text(&self) -> String {
-        self.shared.render_metrics()
+        self.monitor().metrics_text()
+    }
+
+    /// Every backend of the running configuration, with its state and live connection count.
+    pub fn backends(&self) -> Vec<BackendStatus> {
+        self.monitor().backends()
     }
 
     /// Re-reads the file the running config came from and applies it (SIGHUP).
@@ -349,6 +360,29 @@ impl Gateway {
                 "drain timeout reached with connections still open"
             );
         }
+    }
+}
+
+/// A read-only view of a gateway: its metrics, read buffers and backends. Cheap to clone; it keeps the
+/// gateway's shared state alive, so it can be read after `Gateway::shutdown` (by tests, by an embedding
+/// program's final report).
+#[derive(Clone)]
+pub struct Monitor(Arc<Shared>);
+
+impl Monitor {
+    /// Read buffers currently lent to tunnels: zero when every tunnel is idle.
+    pub fn buffers_in_use(&self) -> usize {
+        self.0.buffers.lent()
+    }
+
+    /// The Prometheus text exposition of the gateway's metrics.
+    pub fn metrics_text(&self) -> String {
+        self.0.render_metrics()
+    }
+
+    /// Every backend of the running configuration, with its state and live connection count.
+    pub fn backends(&self) -> Vec<BackendStatus> {
+        self.0.state.load().pools.status()
     }
 }
 

@@ -47,5 +47,6 @@ pub mod fuzzing {
     };
 }
 
-pub use config::Config;
-pub use gateway::{Gateway, ReloadError, StartError};
+pub use balancer::BackendStatus;
+pub use config::{Config, ConfigError, ConfigErrors};
+pub use gateway::{Gateway, Monitor, ReloadError, StartError};
