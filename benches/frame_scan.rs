@@ -7,9 +7,9 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use wsgate::websocket::BUFFER_SIZE;
-use wsgate::websocket::frame::{MAX_HEADER_LEN, OP_BINARY, apply_mask, write_header};
-use wsgate::websocket::scanner::Scanner;
+use wsgate::internals::BUFFER_SIZE;
+use wsgate::internals::frame::{MAX_HEADER_LEN, OP_BINARY, apply_mask, write_header};
+use wsgate::internals::scanner::Scanner;
 
 /// A read buffer holding as many whole masked frames of `payload` bytes as fit; returns it, the bytes
 /// used and the number of frames.

@@ -5,7 +5,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::UNIX_EPOCH;
+use std::time::{Duration, UNIX_EPOCH};
 
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -16,28 +16,36 @@ use serde_json::json;
 use tokio::net::TcpListener;
 
 use crate::body::{self, ProxyBody};
-use crate::gateway::Shared;
+use crate::state::Shared;
 
-/// How long an admin client may take to send its request.
-const ADMIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long an admin connection may last (one request: keep-alive is off).
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause after a failed accept.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// Binds the admin listener and serves it until shutdown; returns the bound address.
 pub async fn start(addr: SocketAddr, shared: Arc<Shared>) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     tracing::info!(addr = %bound, "admin listening");
-    tokio::spawn(async move {
+    let tasks = shared.tasks.clone();
+    tasks.spawn(async move {
         loop {
             let (stream, _) = tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok(accepted) => accepted,
-                    Err(_) => continue,
+                    Err(error) => {
+                        // EMFILE and friends: back off briefly instead of spinning.
+                        tracing::warn!(%error, "admin accept failed");
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
+                        continue;
+                    }
                 },
                 _ = shared.shutdown.cancelled() => return,
             };
-            let shared = Arc::clone(&shared);
-            tokio::spawn(async move {
-                let service = service_fn(|req| answer(req, Arc::clone(&shared)));
+            let shared2 = Arc::clone(&shared);
+            shared.tasks.spawn(async move {
+                let service = service_fn(|req| answer(req, Arc::clone(&shared2)));
                 let connection = http1::Builder::new()
                     .keep_alive(false)
                     .serve_connection(TokioIo::new(stream), service);
@@ -102,23 +110,14 @@ fn status(shared: &Shared) -> serde_json::Value {
         .unwrap_or_else(|p| *p.into_inner())
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
+    let backends = state.pools.status();
     let pools: Vec<_> = state
         .pools
         .iter()
         .map(|pool| {
-            let backends: Vec<_> = pool
-                .backends
+            let backends: Vec<_> = backends
                 .iter()
-                .map(|b| {
-                    json!({
-                        "addr": b.addr,
-                        "weight": b.weight(),
-                        "healthy": b.is_healthy(),
-                        "draining": b.is_draining(),
-                        "available": b.is_available(),
-                        "active_connections": b.active(),
-                    })
-                })
+                .filter(|b| b.pool == pool.name)
                 .collect();
             json!({ "name": pool.name, "policy": format!("{:?}", pool.policy), "backends": backends })
         })

@@ -3,13 +3,18 @@
 //!
 //! Each demo backend serves the page on `GET /` and a chat room on `/ws`: every text message is sent back to
 //! everyone connected to the same backend, tagged with the backend's name.
+//!
+//! Part of the binary, not the library: it uses only what any embedding program could (`Config`,
+//! `Gateway`), and hyper and tungstenite for its backends.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use http::{Request, Response, StatusCode, header};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -18,15 +23,14 @@ use tokio::net::TcpListener;
 use tokio::sync::broadcast;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
-
-use crate::body::{self, ProxyBody};
-use crate::config::{Config, ConfigErrors};
-use crate::websocket::{accept_key, is_upgrade_request};
+use wsgate::{Config, ConfigErrors};
 
 const PAGE: &str = include_str!("demo.html");
 
-/// A demo backend, serving until its task is dropped.
+/// A demo backend, serving as long as the process runs (its tasks are not the gateway's: they stay up
+/// while the gateway drains, as real backends would).
 pub struct DemoBackend {
     pub name: String,
     pub addr: SocketAddr,
@@ -66,19 +70,33 @@ struct Room {
     chat: broadcast::Sender<String>,
 }
 
-async fn serve(
-    mut req: Request<Incoming>,
-    room: Arc<Room>,
-) -> Result<Response<ProxyBody>, Infallible> {
-    if !is_upgrade_request(&req) {
+type DemoResponse = Response<Full<Bytes>>;
+
+fn respond(status: StatusCode, content_type: &'static str, body: &'static str) -> DemoResponse {
+    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
+    response
+}
+
+async fn serve(mut req: Request<Incoming>, room: Arc<Room>) -> Result<DemoResponse, Infallible> {
+    let text = "text/plain; charset=utf-8";
+    let upgrade = req
+        .headers()
+        .get(header::UPGRADE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
+    if !upgrade {
         return Ok(match req.uri().path() {
-            "/" => body::with_type(StatusCode::OK, "text/html; charset=utf-8", PAGE),
-            "/healthz" => body::text(StatusCode::OK, "ok\n"),
-            _ => body::text(StatusCode::NOT_FOUND, "not found\n"),
+            "/" => respond(StatusCode::OK, "text/html; charset=utf-8", PAGE),
+            "/healthz" => respond(StatusCode::OK, text, "ok\n"),
+            _ => respond(StatusCode::NOT_FOUND, text, "not found\n"),
         });
     }
     let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned() else {
-        return Ok(body::text(StatusCode::BAD_REQUEST, "missing key\n"));
+        return Ok(respond(StatusCode::BAD_REQUEST, text, "missing key\n"));
     };
     let upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
@@ -88,7 +106,7 @@ async fn serve(
             chat(ws, room).await;
         }
     });
-    let mut response = Response::new(body::empty());
+    let mut response = Response::new(Full::new(Bytes::new()));
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let headers = response.headers_mut();
     headers.insert(
@@ -99,7 +117,7 @@ async fn serve(
         header::CONNECTION,
         header::HeaderValue::from_static("Upgrade"),
     );
-    if let Ok(accept) = header::HeaderValue::from_str(&accept_key(key.as_bytes())) {
+    if let Ok(accept) = header::HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
         headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
     }
     Ok(response)

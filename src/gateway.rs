@@ -1,89 +1,26 @@
-//! The running gateway: its listeners, its current config generation, and what outlives a reload
-//! (metrics, backend connection pool, read buffers, the shutdown signal).
+//! The running gateway, the top of the library: `start` binds the listeners (`server`), the admin
+//! listener (`admin`) and starts the health checks (`health_checks`) over one shared state (`state`);
+//! `reload` swaps the config generation and diffs the listeners; `shutdown` stops accepting, tells every
+//! tunnel to close, and waits for every task.
 //!
-//! `Gateway::start` binds everything and returns at once with a handle; tests bind port 0 and ask the
-//! handle for the addresses. `shutdown` stops accepting, tells every tunnel to close, and waits.
+//! `Gateway::start` returns at once with a handle; tests bind port 0 and ask the handle for the
+//! addresses.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use arc_swap::ArcSwap;
 use tokio_rustls::TlsAcceptor;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
-use crate::admin;
-use crate::balancer::{BackendStatus, Pools};
-use crate::config::{Config, ConfigErrors};
-use crate::listener::ListenerHandle;
+use crate::balancer::BackendStatus;
+use crate::config::{Config, ConfigErrors, ListenerConfig};
 use crate::metrics::Metrics;
-use crate::router::Router;
+use crate::server::ListenerHandle;
+use crate::state::{Shared, State};
 use crate::tls::{self, TlsError};
-use crate::upstream::Upstream;
-use crate::websocket::BufferPool;
-
-/// One config generation: what new connections are routed by. Live tunnels keep the `Arc` of the route
-/// they started with, so a reload never changes them.
-pub struct State {
-    pub config: Arc<Config>,
-    pub router: Router,
-    pub pools: Pools,
-}
-
-impl State {
-    pub fn new(config: Config, previous: Option<&State>) -> State {
-        let pools = Pools::build(&config, previous.map(|p| &p.pools));
-        let router = Router::build(&config, &pools);
-        State {
-            config: Arc::new(config),
-            router,
-            pools,
-        }
-    }
-}
-
-/// Everything a connection task needs, shared by all of them.
-pub struct Shared {
-    pub state: ArcSwap<State>,
-    pub metrics: Metrics,
-    pub buffers: BufferPool,
-    pub upstream: Arc<Upstream>,
-    /// Cancelled when the gateway shuts down.
-    pub shutdown: CancellationToken,
-    /// Every connection and tunnel task, so shutdown can wait for them.
-    pub tasks: TaskTracker,
-    /// When the running config was loaded.
-    pub loaded_at: Mutex<SystemTime>,
-    /// Listeners bound and not shutting down (for `/readyz`).
-    pub ready: AtomicBool,
-    /// Cancelled when a part the gateway cannot run without has died (a listener's accept loop): the
-    /// process must end rather than stay up half-working. See `Gateway::failed`.
-    pub fatal: CancellationToken,
-}
-
-impl Shared {
-    /// The Prometheus text exposition, with the per-backend gauges brought up to date first.
-    pub fn render_metrics(&self) -> String {
-        let state = self.state.load();
-        for pool in state.pools.iter() {
-            for backend in &pool.backends {
-                let labels = [pool.name.as_str(), backend.addr.as_str()];
-                self.metrics
-                    .backend_up
-                    .with_label_values(&labels)
-                    .set(i64::from(backend.is_available()));
-                self.metrics
-                    .backend_connections_active
-                    .with_label_values(&labels)
-                    .set(backend.active() as i64);
-            }
-        }
-        self.metrics.render()
-    }
-}
+use crate::{admin, health_checks};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -133,23 +70,13 @@ impl Gateway {
             .with_label_values(&["error"])
             .inc_by(0);
         metrics.config_last_reload_success.set(unix_now());
-        let shared = Arc::new(Shared {
-            state: ArcSwap::from_pointee(State::new(config, None)),
-            metrics,
-            buffers: BufferPool::default(),
-            upstream: Arc::new(Upstream::default()),
-            shutdown: CancellationToken::new(),
-            tasks: TaskTracker::new(),
-            loaded_at: Mutex::new(SystemTime::now()),
-            ready: AtomicBool::new(false),
-            fatal: CancellationToken::new(),
-        });
-        crate::balancer::start_health_checks(&shared);
+        let shared = Arc::new(Shared::new(config, metrics));
+        health_checks::start(&shared);
         let config = Arc::clone(&shared.state.load().config);
         let mut listeners = HashMap::new();
         for (listener, tls) in config.listeners.iter().zip(acceptors) {
             let max = config.limits.max_connections;
-            let handle = ListenerHandle::bind(listener, tls, max, &shared).await?;
+            let handle = bind(listener, tls, max, &shared).await?;
             listeners.insert(listener.name.clone(), handle);
         }
         let admin = match config.admin {
@@ -186,11 +113,6 @@ impl Gateway {
     /// The bound address of the admin listener.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin
-    }
-
-    #[doc(hidden)]
-    pub fn shared(&self) -> &Arc<Shared> {
-        &self.shared
     }
 
     /// A read-only view of this gateway's metrics and backends that stays usable after `shutdown`.
@@ -287,8 +209,7 @@ impl Gateway {
                     fresh.insert(listener.name.clone(), (None, tls));
                 } else {
                     let max = config.limits.max_connections;
-                    let handle =
-                        ListenerHandle::bind(listener, tls.clone(), max, &self.shared).await;
+                    let handle = bind(listener, tls.clone(), max, &self.shared).await;
                     match handle {
                         Ok(handle) => fresh.insert(listener.name.clone(), (Some(handle), tls)),
                         Err(error) => {
@@ -350,6 +271,8 @@ impl Gateway {
         let drain = self.shared.state.load().config.timeouts.drain;
         self.shared.ready.store(false, Ordering::Relaxed);
         self.shared.shutdown.cancel();
+        // Idle pooled backend connections are closed now: their tasks are tracked too.
+        self.shared.upstream.retain(|_| false);
         self.shared.tasks.close();
         if tokio::time::timeout(drain, self.shared.tasks.wait())
             .await
@@ -384,6 +307,33 @@ impl Monitor {
     pub fn backends(&self) -> Vec<BackendStatus> {
         self.0.state.load().pools.status()
     }
+}
+
+/// Binds one listener, naming it in the error.
+async fn bind(
+    listener: &ListenerConfig,
+    tls: Option<TlsAcceptor>,
+    max_connections: usize,
+    shared: &Arc<Shared>,
+) -> Result<ListenerHandle, StartError> {
+    ListenerHandle::bind(listener, tls, max_connections, shared)
+        .await
+        .map_err(|source| StartError::Bind {
+            name: listener.name.clone(),
+            addr: listener.listen,
+            source,
+        })
+}
+
+/// Loads the certificates of every TLS listener of `config`, as `Gateway::start` would: the problems
+/// with each (a file missing or unreadable, a key that does not match), for `wsgate check`.
+pub fn check_certificates(config: &Config) -> Vec<TlsError> {
+    config
+        .listeners
+        .iter()
+        .filter_map(|l| l.tls.as_ref())
+        .filter_map(|tls| tls::acceptor(tls).err())
+        .collect()
 }
 
 /// Loads the certificates of every TLS listener, in listener order.

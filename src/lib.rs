@@ -1,52 +1,57 @@
 //! wsgate: a WebSocket-aware reverse proxy and load balancer.
 //!
+//! The library is what the `wsgate` binary runs, and what an embedding program or the integration tests
+//! start in-process: [`Gateway::start`] with a [`Config`] (from a TOML file or text), then `reload`,
+//! `shutdown`, and a [`Monitor`] for metrics and backend states.
+//!
 //! # Layout
 //!
-//! The path of one connection, in the order it runs (DESIGN.md §1):
+//! Modules form layers, each using only the layers below it; `docs/ARCHITECTURE.md` draws the data path.
 //!
-//! - `listener`: accepts client connections and serves HTTP/1.1 on them (hyper), with the header and
-//!   keep-alive timeouts of `client_io`.
-//! - `first_request`: on plain connections, reads the first request head itself; an upgrade is handshaken
-//!   and tunnelled without hyper, anything else is replayed to hyper.
-//! - `dispatch`: finds a request's route (`router`) and sends it on as HTTP or as an upgrade.
-//! - `http_proxy`: forwards ordinary requests over pooled backend connections (`upstream`).
-//! - `websocket`: the upgrade handshake, then the frame-aware tunnel between client and backend.
-//! - `balancer`: pools and backends, live-connection guards, the policy that picks a backend
-//!   (least-connections, or sticky by rendezvous hashing), active and passive health, draining.
-//!
-//! Around it: `config` (the TOML file, checked with file:line:key errors), `gateway` (the running state:
-//! start, reload, shutdown), `tls` (certificates, SNI), `admin` (`/metrics`, `/healthz`, `/readyz`,
-//! `/status`), `metrics` (every Prometheus metric), `headers` and `body` (helpers shared by the two proxy
-//! paths), `demo` (built-in backends and a page for `wsgate demo`).
+//! - `gateway`: start, reload, shutdown; starts the listeners, the admin listener and the health checks.
+//! - `server`: listening sockets and client connections (TLS, the first request read by wsgate itself,
+//!   hyper's HTTP/1.1 server after it); `admin` (`/metrics`, `/healthz`, `/readyz`, `/status`);
+//!   `health_checks` (the active checks' tasks).
+//! - `proxy`: one request, whatever transport it came on: routing, HTTP forwarding, the WebSocket upgrade
+//!   and its splice, one backend-attempt loop and one table of wsgate's own answers.
+//! - `state` (the config generation and what every connection shares) and `conn` (one client
+//!   connection's record).
+//! - At the bottom, knowing nothing above them: `websocket` (handshake rules, frames, scanner, the tunnel),
+//!   `http1` (the HTTP/1.1 wsgate writes and parses by hand), `balancer`, `upstream` (backend connections),
+//!   `router`, `tls`, `metrics`, `headers`, `body`, `config`.
 
 mod admin;
-pub mod balancer;
-pub mod body;
-mod client_io;
-pub mod config;
-pub mod demo;
-mod dispatch;
-mod first_request;
-pub mod gateway;
-pub mod headers;
-mod http_proxy;
-mod listener;
-pub mod metrics;
-pub mod router;
-pub mod tls;
-pub mod upstream;
-pub mod websocket;
-
-/// Entry points for the fuzz targets in `fuzz/`: wsgate's hand-written parsers of untrusted bytes,
-/// reachable without a socket. Not part of the supported API.
-#[doc(hidden)]
-pub mod fuzzing {
-    pub use crate::first_request::{First, MAX_HEADERS, parse as parse_first_request};
-    pub use crate::websocket::backend_http::{
-        BackendHttpError, BodyDecoder, MAX_CHUNK_LINE, MAX_HEAD, MAX_RELAYED_BODY, parse_head,
-    };
-}
+mod balancer;
+mod body;
+mod config;
+mod conn;
+mod gateway;
+mod headers;
+mod health_checks;
+mod http1;
+mod metrics;
+mod proxy;
+mod router;
+mod server;
+mod state;
+mod tls;
+mod upstream;
+mod websocket;
 
 pub use balancer::BackendStatus;
 pub use config::{Config, ConfigError, ConfigErrors};
-pub use gateway::{Gateway, Monitor, ReloadError, StartError};
+pub use gateway::{Gateway, Monitor, ReloadError, StartError, check_certificates};
+pub use tls::TlsError;
+
+/// wsgate's internals that its benchmarks and fuzz targets (`benches/`, `fuzz/`) drive directly: the
+/// hand-written parsers of untrusted bytes and the frame scanner, reachable without a socket. Not part of
+/// the supported API.
+#[doc(hidden)]
+pub mod internals {
+    pub use crate::headers::{BadRequest, check_request, has_token};
+    pub use crate::http1::backend::{BackendHttpError, BodyDecoder, parse_head};
+    pub use crate::http1::request::{First, parse as parse_first_request};
+    pub use crate::http1::{MAX_CHUNK_LINE, MAX_HEAD, MAX_HEADERS, MAX_RELAYED_BODY};
+    pub use crate::state::State;
+    pub use crate::websocket::{BUFFER_SIZE, frame, scanner};
+}

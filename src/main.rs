@@ -8,6 +8,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use wsgate::{Config, Gateway};
 
+mod demo;
+
 /// An idle tunnel is three long-lived allocations of wsgate's and tokio's, two of them 128-byte aligned;
 /// jemalloc's size classes hold them with less waste than glibc's malloc: 2.0 KB of memory per idle
 /// tunnel against 2.35 KB (BENCHMARKS.md). `--no-default-features` builds with the system allocator.
@@ -69,11 +71,8 @@ fn main() -> ExitCode {
         Command::Check { config: path } => match Config::from_file(&path) {
             Ok(config) => {
                 // Certificates are part of a config: a missing or mismatched one is an error here too.
-                let tls_errors: Vec<String> = config
-                    .listeners
+                let tls_errors: Vec<String> = wsgate::check_certificates(&config)
                     .iter()
-                    .filter_map(|l| l.tls.as_ref())
-                    .filter_map(|tls| wsgate::tls::acceptor(tls).err())
                     .map(|e| e.to_string())
                     .collect();
                 if tls_errors.is_empty() {
@@ -158,7 +157,7 @@ async fn serve(config: Config) -> ExitCode {
 async fn demo(listen: SocketAddr, admin: SocketAddr) -> ExitCode {
     let mut backends = Vec::new();
     for name in ["demo-1", "demo-2"] {
-        match wsgate::demo::start_backend(name).await {
+        match demo::start_backend(name).await {
             Ok(backend) => backends.push(backend),
             Err(error) => {
                 eprintln!("cannot start demo backend {name}: {error}");
@@ -166,7 +165,7 @@ async fn demo(listen: SocketAddr, admin: SocketAddr) -> ExitCode {
             }
         }
     }
-    let config = match wsgate::demo::config(listen, Some(admin), &backends) {
+    let config = match demo::config(listen, Some(admin), &backends) {
         Ok(config) => config,
         Err(errors) => {
             eprintln!("{errors}");

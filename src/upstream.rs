@@ -16,6 +16,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tokio_util::task::TaskTracker;
 
 use crate::balancer::BackendGuard;
 use crate::body::BoxError;
@@ -64,12 +65,21 @@ pub async fn connect(addr: &str, timeout: Duration) -> Result<TcpStream, Connect
 
 type Sender = SendRequest<Incoming>;
 
-#[derive(Default)]
 pub struct Upstream {
     idle: Mutex<HashMap<String, Vec<Sender>>>,
+    /// The gateway's task tracker: each backend connection's task is tracked, so shutdown waits for the
+    /// ones still carrying a response (idle ones are dropped first, see `retain`).
+    tasks: TaskTracker,
 }
 
 impl Upstream {
+    pub fn new(tasks: TaskTracker) -> Upstream {
+        Upstream {
+            idle: Mutex::default(),
+            tasks,
+        }
+    }
+
     /// A sender ready for one request to `addr`: a pooled connection if one is alive, else a new one.
     pub async fn checkout(
         &self,
@@ -92,7 +102,7 @@ impl Upstream {
                 addr: addr.to_string(),
                 source,
             })?;
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             if let Err(error) = conn.await {
                 tracing::debug!(%error, "backend connection ended with an error");
             }

@@ -30,7 +30,7 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
-use wsgate::balancer::BackendStatus;
+use wsgate::BackendStatus;
 use wsgate::{Config, Gateway};
 
 // ---------------------------------------------------------------------------------------------------------
@@ -227,11 +227,7 @@ async fn start(text: &str) -> (Gateway, SocketAddr) {
 fn backend_status(gateway: &Gateway, addr: SocketAddr) -> BackendStatus {
     let addr = addr.to_string();
     gateway
-        .shared()
-        .state
-        .load()
-        .pools
-        .status()
+        .backends()
         .into_iter()
         .find(|b| b.addr == addr)
         .unwrap_or_else(|| panic!("no backend {addr} in the gateway"))
@@ -966,11 +962,7 @@ async fn a_backend_refusing_connections_is_ejected_passively_and_clients_never_s
     }
     let status = |pool: &str| {
         gateway
-            .shared()
-            .state
-            .load()
-            .pools
-            .status()
+            .backends()
             .into_iter()
             .find(|s| s.pool == pool && s.addr == dead.to_string())
             .expect("dead backend listed")

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use wsgate::Config;
-use wsgate::config::ConfigError;
+use wsgate::ConfigError;
 
 /// A valid config; the tests below break one line of it at a time. Line numbers:
 /// 1 `[[listener]]`, 3 `listen`, 5 `[[route]]`, 7 `pool`, 8 `websocket`, 10 `[pool.p]`, 11 `backends`.
@@ -245,12 +245,12 @@ backends = []
         assert!(
             got.contains(&expected),
             "{expected:?} not reported; got:\n{}",
-            wsgate::config::ConfigErrors(errors.clone())
+            wsgate::ConfigErrors(errors.clone())
         );
     }
     assert_eq!(got.len(), want.len(), "unexpected extra errors: {got:?}");
     // The display lists them one per line.
-    let shown = wsgate::config::ConfigErrors(errors).to_string();
+    let shown = wsgate::ConfigErrors(errors).to_string();
     assert_eq!(shown.lines().count(), want.len());
     assert!(shown.lines().all(|l| l.starts_with("gw.toml:")), "{shown}");
 }
@@ -369,7 +369,7 @@ fn an_unknown_key_does_not_hide_the_other_errors() {
     assert!(
         lines.contains(&1) && lines.contains(&3),
         "{}",
-        wsgate::config::ConfigErrors(errors.clone())
+        wsgate::ConfigErrors(errors.clone())
     );
 }
 

@@ -137,7 +137,7 @@ async fn last_key_backend() -> (RawBackend, Arc<AtomicUsize>) {
             let answer = format!(
                 "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
                  Sec-WebSocket-Accept: {}\r\n\r\n",
-                wsgate::websocket::accept_key(key.as_bytes())
+                tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes())
             );
             let _ = stream.write_all(answer.as_bytes()).await;
             let mut sink = [0u8; 1024];

@@ -740,7 +740,7 @@ async fn shutdown_closes_both_sides_with_1001_going_away() {
     let text = config_text(&[backend.addr], NO_PINGS) + "\n[timeouts]\nclose_spread = \"0s\"\n";
     let (gateway, addr) = gateway(&text).await;
     let (mut client, mut server) = raw_pair(addr, &backend).await;
-    let shared = std::sync::Arc::clone(gateway.shared());
+    let monitor = gateway.monitor();
     let shutdown = tokio::spawn(gateway.shutdown());
     tokio::join!(
         client.expect_close(1001, "going away"),
@@ -749,7 +749,7 @@ async fn shutdown_closes_both_sides_with_1001_going_away() {
     client.send_close(1001, "").await;
     server.send_close(1001, "").await;
     within("shutdown", shutdown).await.expect("shutdown task");
-    assert!(shared.metrics.render().contains(&closes("shutdown", 1)));
+    assert!(monitor.metrics_text().contains(&closes("shutdown", 1)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -821,13 +821,13 @@ async fn a_slow_client_stops_wsgate_reading_from_the_backend() {
         backend.accept()
     );
     let sampler = {
-        let shared = std::sync::Arc::clone(gateway.shared());
+        let monitor = gateway.monitor();
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stop2 = std::sync::Arc::clone(&stop);
         let task = tokio::spawn(async move {
             let mut most = 0;
             while !stop2.load(std::sync::atomic::Ordering::SeqCst) {
-                most = most.max(shared.buffers.lent());
+                most = most.max(monitor.buffers_in_use());
                 tokio::time::sleep(ms(2)).await;
             }
             most

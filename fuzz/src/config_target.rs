@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use wsgate::Config;
-use wsgate::gateway::State;
+use wsgate::internals::State;
 
 /// The name errors are reported under.
 pub const FILE: &str = "fuzz.toml";
@@ -19,7 +19,7 @@ pub fn run(data: &[u8]) {
     }
 }
 
-fn check_errors(text: &str, errors: &wsgate::config::ConfigErrors) {
+fn check_errors(text: &str, errors: &wsgate::ConfigErrors) {
     assert!(!errors.0.is_empty(), "an empty error list");
     // `lines()` does not count a last empty line; an error may point just past the last newline.
     let lines = text.lines().count();

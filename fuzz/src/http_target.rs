@@ -1,14 +1,14 @@
-//! The hand-written HTTP/1 parsers: the first request head a client sends (`first_request`), and a
+//! The hand-written HTTP/1 parsers: the first request head a client sends (`http1/request.rs`), and a
 //! backend's answer to an upgrade (its head, then a refusal's body), each fed the way wsgate feeds it.
 //!
 //! Input layout for both: byte 0 gives how many read lengths follow (`% 16`), each one byte (0 means one
 //! byte, 255 a large read); the rest is the stream. What the reads do not cover is one last read.
 
-use wsgate::fuzzing::{
+use wsgate::internals::{
     BodyDecoder, First, MAX_CHUNK_LINE, MAX_HEAD, MAX_HEADERS, MAX_RELAYED_BODY,
     parse_first_request, parse_head,
 };
-use wsgate::headers::{BadRequest, check_request, has_token};
+use wsgate::internals::{BadRequest, check_request, has_token};
 
 /// Splits the input into read lengths and the stream.
 fn reads(data: &[u8]) -> Option<(Vec<usize>, &[u8])> {
@@ -69,7 +69,7 @@ fn reference_is_upgrade(head: &[u8]) -> Option<bool> {
 
 /// The first-request target. Invariants:
 /// - the verdict depends on the bytes, not on how they were read: reading the stream piece by piece the
-///   way `first_request::serve` does (parse after every read, stop at the first non-`Partial`) reaches
+///   way `server::connection` does (parse after every read, stop at the first non-`Partial`) reaches
 ///   the same verdict and head length as parsing it whole;
 /// - an `Upgrade` is a GET over HTTP/1.1 asking for `websocket` with `Connection: upgrade`, of at most
 ///   `MAX_HEADERS` headers, whose head length is within the bytes read and ends in an empty line; its
@@ -251,7 +251,7 @@ fn has_head_end(buf: &[u8]) -> bool {
     buf.windows(2).any(|w| w == b"\n\n") || buf.windows(3).any(|w| w == b"\n\r\n")
 }
 
-/// Reads an answer the way `backend_http` does: the head from reads cut to the room left under
+/// Reads an answer the way `http1/backend.rs` does: the head from reads cut to the room left under
 /// `MAX_HEAD`, parsed once a blank line is there, informational answers other than 101 skipped; then
 /// the body of a non-101 through `BodyDecoder`, checked against its cap after every read.
 fn read_answer(stream: &[u8], reads: &[usize]) -> Outcome {

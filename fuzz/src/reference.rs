@@ -1,5 +1,5 @@
 //! A reference decoder for one direction of a WebSocket stream, written from RFC 6455 §5.2–5.5 and the
-//! rules wsgate's scanner documents, independently of `wsgate::websocket::scanner`.
+//! rules wsgate's scanner documents, independently of `wsgate::internals::scanner`.
 //!
 //! It reads the whole stream (or a prefix of it) at once, frame by frame, and says what a correct scanner
 //! fed the same bytes must have done: which bytes it forwarded, how many frames it counted, which pong it

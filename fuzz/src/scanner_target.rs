@@ -1,4 +1,4 @@
-//! The scanner targets: one direction of a WebSocket stream fed to `wsgate::websocket::scanner::Scanner`
+//! The scanner targets: one direction of a WebSocket stream fed to `wsgate::internals::scanner::Scanner`
 //! the way the tunnel feeds it, checked against the reference decoder.
 //!
 //! Input layout (short inputs are ignored):
@@ -16,8 +16,8 @@
 //! against the reference decoding of the stream up to that read), the whole stream in one read, and one
 //! byte per read. All three must end exactly where the reference does.
 
-use wsgate::websocket::frame::{ClosePayload, MAX_CONTROL_FRAME};
-use wsgate::websocket::scanner::{Scanner, Violation};
+use wsgate::internals::frame::{ClosePayload, MAX_CONTROL_FRAME};
+use wsgate::internals::scanner::{Scanner, Violation};
 
 use crate::reference::{self, Close, Decoded, Kind, Rules};
 
@@ -131,7 +131,7 @@ fn scan_once(
     chunk: &[u8],
     slack: bool,
     run: &mut Run,
-) -> (wsgate::websocket::scanner::Scan, usize) {
+) -> (wsgate::internals::scanner::Scan, usize) {
     let before = scanner.carried();
     assert!(
         before <= MAX_CONTROL_FRAME,

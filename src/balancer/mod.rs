@@ -5,12 +5,12 @@
 //!
 //! Policies: `least_conn` (weighted least-connections, random tie-break) and `sticky` (weighted rendezvous
 //! hashing of a request key over stable backend ids, `sticky.rs`; the key comes from `affinity.rs`).
-//! A backend takes new connections only while it is up by its active checks (`health.rs`), not ejected by
-//! passive failure counting, and not draining.
+//! A backend takes new connections only while it is up by its active checks (`probe.rs`, run on a schedule
+//! by the gateway), not ejected by passive failure counting, and not draining.
 
 mod affinity;
-pub mod health;
 mod least_conn;
+pub mod probe;
 pub mod sticky;
 
 use std::collections::BTreeMap;
@@ -20,8 +20,7 @@ use std::time::{Duration, Instant};
 
 use http::header::HeaderValue;
 
-pub use affinity::{Affinity, client_ip, cookie_value};
-pub use health::start_health_checks;
+pub use affinity::Affinity;
 
 use crate::config::{BackendConfig, Config, HealthCheck, Policy, PoolConfig, StickyKey};
 
@@ -150,7 +149,7 @@ impl Backend {
 
     /// Counts one active check; returns the new health when this check changed it (`rise` passes in a row
     /// bring a down backend up, `fall` failures in a row take an up one down).
-    fn record_check(&self, passed: bool, rise: u32, fall: u32) -> Option<bool> {
+    pub fn record_check(&self, passed: bool, rise: u32, fall: u32) -> Option<bool> {
         if passed {
             self.failures.store(0, Ordering::Relaxed);
             let passes = self
@@ -286,9 +285,10 @@ impl Pool {
     }
 }
 
-/// A backend as `/status` and the metrics show it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A backend as `/status` and the metrics show it (serialized as it is in `/status`, under its pool).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct BackendStatus {
+    #[serde(skip)]
     pub pool: String,
     pub addr: String,
     pub id: String,
@@ -298,6 +298,8 @@ pub struct BackendStatus {
     pub healthy: bool,
     pub ejected: bool,
     pub draining: bool,
+    /// Live connections (tunnels and requests in flight).
+    #[serde(rename = "active_connections")]
     pub active: usize,
 }
 

@@ -1,6 +1,7 @@
 //! The pool part of the config: policies, sticky key sources, health checks, passive health, backend ids.
 
 use super::*;
+use std::time::Duration;
 
 const HEAD: &str = r#"[[listener]]
 name = "l"

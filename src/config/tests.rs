@@ -2,6 +2,7 @@
 //! "zero means off" settings read as documented.
 
 use super::*;
+use std::time::Duration;
 
 /// The smallest valid file: one listener, one route, one pool of one backend.
 const MINIMAL: &str = r#"

@@ -1,10 +1,11 @@
-//! WebSocket proxying: the upgrade handshake (`handshake.rs`; its backend side spoken directly on the
-//! socket in `backend_http.rs`), then the frame-aware tunnel (`tunnel.rs`) over raw sockets or TLS
-//! sessions (`transport.rs`), built on frame headers (`frame.rs`), an in-place stream scanner
-//! (`scanner.rs`) and read buffers lent only while data moves (`buffers.rs`).
+//! The WebSocket protocol as the tunnel needs it, knowing neither hyper nor the gateway: the opening
+//! handshake's rules (`handshake.rs`), frame headers and wsgate's own control frames (`frame.rs`), an
+//! in-place stream scanner (`scanner.rs`), the frame-aware tunnel (`tunnel.rs`) over raw sockets or TLS
+//! sessions (`transport.rs`), how a tunnel ends (`end.rs`), and read buffers lent only while data moves
+//! (`buffers.rs`).
 
-pub(crate) mod backend_http;
 mod buffers;
+mod end;
 pub mod frame;
 mod handshake;
 pub mod scanner;
@@ -12,7 +13,5 @@ mod transport;
 pub mod tunnel;
 
 pub use buffers::{BUFFER_SIZE, BufferPool};
-pub use handshake::{
-    ClientSide, Handshake, Splice, accept_key, accepts, handshake, is_upgrade_request, upgrade,
-};
+pub use handshake::{Rejection, accept_key, accepts, is_upgrade_request, validate};
 pub use transport::{Buffered, Transport};

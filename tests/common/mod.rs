@@ -110,7 +110,7 @@ pub fn switching_protocols(key: &http::HeaderValue) -> Response<TestBody> {
     h.insert(header::CONNECTION, "Upgrade".parse().expect("static"));
     h.insert(
         header::SEC_WEBSOCKET_ACCEPT,
-        wsgate::websocket::accept_key(key.as_bytes())
+        tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes())
             .parse()
             .expect("base64"),
     );

@@ -166,7 +166,8 @@ impl RawPeer {
             .expect("write upgrade request");
         let (head, rest) = read_head(&mut stream).await;
         assert!(head.starts_with("HTTP/1.1 101"), "upgrade refused:\n{head}");
-        let accept = wsgate::websocket::accept_key(CLIENT_KEY.as_bytes());
+        let accept =
+            tokio_tungstenite::tungstenite::handshake::derive_accept_key(CLIENT_KEY.as_bytes());
         assert!(
             head.to_ascii_lowercase().contains(&format!(
                 "sec-websocket-accept: {}",
@@ -339,7 +340,7 @@ impl WsBackend {
         let answer = format!(
             "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Accept: {}\r\n\r\n",
-            wsgate::websocket::accept_key(key.as_bytes())
+            tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes())
         );
         within("101", stream.write_all(answer.as_bytes()))
             .await

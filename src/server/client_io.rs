@@ -5,7 +5,7 @@
 //!   connection must also send its first request within it;
 //! - `http_idle`: a keep-alive connection with no request in flight is closed after this long.
 //!
-//! While a request is being served (`Phase::Busy`) neither applies: backend timeouts govern then, and an
+//! While a request is being served (`Stage::Busy`) neither applies: backend timeouts govern then, and an
 //! upgraded connection leaves this wrapper (a plain tunnel takes the inner `TcpStream`; a TLS tunnel keeps
 //! it under the TLS session, with every timer here off).
 //!
@@ -16,55 +16,15 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::task::AtomicWaker;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
-use crate::listener::ClientConn;
-
-/// Where a client connection is between requests; shared by the stream and the request handler.
-#[derive(Debug, Default)]
-pub struct Phase {
-    state: AtomicU8,
-    /// The task last left waiting in `poll_read`. hyper may already be waiting on the socket when a response
-    /// ends (it watches for the client hanging up meanwhile), and will not read again until woken: `idle`
-    /// wakes it so that the idle timer gets armed and polled.
-    reader: AtomicWaker,
-}
-
-const WAITING_FIRST: u8 = 0;
-const IDLE_STARTED: u8 = 1;
-const IDLE: u8 = 2;
-const HEADERS: u8 = 3;
-const BUSY: u8 = 4;
-/// Left to a tunnel, which keeps its own timers.
-const UPGRADED: u8 = 5;
-
-impl Phase {
-    /// A request head has arrived and is being served.
-    pub fn busy(&self) {
-        self.state.store(BUSY, Ordering::Relaxed);
-    }
-
-    /// The response has been sent completely: the connection waits for its next request.
-    pub fn idle(&self) {
-        self.state.store(IDLE_STARTED, Ordering::Release);
-        self.reader.wake();
-    }
-
-    /// The connection has left the HTTP layer (upgraded): the waker of the task that read it is dropped,
-    /// since a waker keeps its whole task allocated, and that task is done once the tunnel has its own.
-    pub fn upgraded(&self) {
-        self.state.store(UPGRADED, Ordering::Relaxed);
-        drop(self.reader.take());
-    }
-}
+use crate::conn::{ClientConn, Stage};
 
 pub struct ClientIo {
     stream: TcpStream,
@@ -109,7 +69,7 @@ impl ClientIo {
             self.write_blocked = false;
             return result;
         }
-        if self.conn.phase.state.load(Ordering::Relaxed) == UPGRADED {
+        if self.conn.phase.get() == Stage::Upgraded {
             return result;
         }
         // The clock starts at the first blocked write; later ones only poll it.
@@ -149,33 +109,33 @@ impl AsyncRead for ClientIo {
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         // Registered before the phase is read, so an `idle` from another thread cannot slip in between.
-        this.conn.phase.reader.register(cx.waker());
-        let mut phase = this.conn.phase.state.load(Ordering::Acquire);
-        if phase == IDLE_STARTED {
+        this.conn.phase.register_reader(cx.waker());
+        let mut phase = this.conn.phase.get();
+        if phase == Stage::IdleStarted {
             this.timer
                 .as_mut()
                 .reset(Instant::now() + this.idle_timeout);
-            this.conn.phase.state.store(IDLE, Ordering::Relaxed);
-            phase = IDLE;
+            this.conn.phase.set(Stage::Idle);
+            phase = Stage::Idle;
         }
         let before = buf.filled().len();
         match Pin::new(&mut this.stream).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
-                if buf.filled().len() > before && phase == IDLE {
+                if buf.filled().len() > before && phase == Stage::Idle {
                     this.timer
                         .as_mut()
                         .reset(Instant::now() + this.header_timeout);
-                    this.conn.phase.state.store(HEADERS, Ordering::Relaxed);
-                } else if buf.filled().len() > before && phase == WAITING_FIRST {
+                    this.conn.phase.set(Stage::Headers);
+                } else if buf.filled().len() > before && phase == Stage::WaitingFirst {
                     // The header timer of a new connection runs from the accept; it keeps running.
-                    this.conn.phase.state.store(HEADERS, Ordering::Relaxed);
+                    this.conn.phase.set(Stage::Headers);
                 }
                 Poll::Ready(Ok(()))
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => {
-                if phase < BUSY && this.timer.as_mut().poll(cx).is_ready() {
-                    let what = if phase == IDLE {
+                if phase < Stage::Busy && this.timer.as_mut().poll(cx).is_ready() {
+                    let what = if phase == Stage::Idle {
                         "keep-alive idle timeout"
                     } else {
                         "request header timeout"
@@ -220,7 +180,7 @@ impl AsyncWrite for ClientIo {
     }
 }
 
-/// A stream whose first bytes were already read by wsgate (`first_request.rs`): they are read again
+/// A stream whose first bytes were already read by wsgate (`connection.rs`): they are read again
 /// from here before the stream itself, so hyper parses the request as if it had read it.
 pub struct Replay<I> {
     unread: Bytes,

@@ -1,29 +1,30 @@
 //! Forwarding ordinary HTTP requests to a backend of the route's pool, bodies streamed both ways.
 //!
-//! A backend that cannot be reached is skipped for the next one (the request is still whole then); a
-//! backend that does not start answering within `backend_response` gets the client a 504.
+//! A backend that cannot be reached is skipped for the next one (the request is still whole then:
+//! `attempt.rs`); a backend that does not start answering within `backend_response` gets the client a 504.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use http::uri::{PathAndQuery, Uri};
-use http::{Request, Response, StatusCode, Version};
+use http::{Request, Response, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use crate::balancer::Backend;
-use crate::body::{self, ProxyBody};
+use super::ProxyError;
+use super::attempt::Attempts;
+use crate::body::ProxyBody;
 use crate::config::Config;
-use crate::gateway::Shared;
+use crate::conn::ClientConn;
 use crate::headers::{add_forwarded, strip_hop_by_hop};
-use crate::listener::ClientConn;
 use crate::metrics::status_class;
 use crate::router::Route;
+use crate::state::Shared;
 use crate::upstream::UpstreamBody;
 
 pub async fn forward(
     req: Request<Incoming>,
-    route: &Arc<Route>,
+    route: &Route,
     config: &Config,
     conn: &ClientConn,
     shared: &Shared,
@@ -31,9 +32,13 @@ pub async fn forward(
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let (response, backend) = proxy(req, route, config, conn, shared).await;
-    let status = response.status().as_u16();
     let route_name = route.config.name.as_str();
+    let (result, backend) = proxy(req, route, config, conn, shared).await;
+    let response = result.unwrap_or_else(|error| {
+        error.log(conn.peer, route_name);
+        error.response()
+    });
+    let status = response.status().as_u16();
     let metrics = &shared.metrics;
     metrics
         .http_requests
@@ -57,14 +62,14 @@ pub async fn forward(
     response
 }
 
-/// Returns the response and the backend that produced it, if any.
+/// The backend's response, or why there is none; and the backend that was last tried, if any.
 async fn proxy(
     req: Request<Incoming>,
     route: &Route,
     config: &Config,
     conn: &ClientConn,
     shared: &Shared,
-) -> (Response<ProxyBody>, Option<String>) {
+) -> (Result<Response<ProxyBody>, ProxyError>, Option<String>) {
     let (mut parts, body) = req.into_parts();
     let pool = &route.pool;
     // The sticky key is read before the headers are rewritten (X-Forwarded-For must be the client's).
@@ -75,60 +80,34 @@ async fn proxy(
     parts.version = Version::HTTP_11;
     let mut request = Request::from_parts(parts, body);
 
-    let mut tried: Vec<Arc<Backend>> = Vec::new();
+    let mut attempts = Attempts::new(pool, &affinity);
     let mut stale_retries = 0;
+    let mut last_tried = None;
     loop {
-        let Some(guard) = pool.pick(&affinity, &tried) else {
-            return if tried.is_empty() {
-                (
-                    body::text(StatusCode::SERVICE_UNAVAILABLE, "no backend available\n"),
-                    None,
-                )
-            } else {
-                (
-                    body::text(StatusCode::BAD_GATEWAY, "backend unreachable\n"),
-                    None,
-                )
-            };
+        let guard = match attempts.next() {
+            Ok(guard) => guard,
+            Err(error) => return (Err(error), last_tried),
         };
         let backend = Arc::clone(guard.backend());
+        last_tried = Some(backend.addr.clone());
         let mut sender = match shared
             .upstream
             .checkout(&backend.addr, config.timeouts.connect)
             .await
         {
             Ok(sender) => {
-                pool.connect_succeeded(&backend);
+                attempts.answered(&guard);
                 sender
             }
-            Err(error) => {
-                tracing::warn!(pool = %pool.name, backend = %backend.addr, %error, "backend connect failed");
-                pool.connect_failed(&backend);
-                tried.push(backend);
-                if tried.len() >= pool.max_attempts() {
-                    return (
-                        body::text(StatusCode::BAD_GATEWAY, "backend unreachable\n"),
-                        None,
-                    );
-                }
-                continue;
-            }
+            Err(error) => match attempts.unreachable(&guard, &error) {
+                Ok(()) => continue,
+                Err(error) => return (Err(error), last_tried),
+            },
         };
-        let sent = tokio::time::timeout(
-            config.timeouts.backend_response,
-            sender.try_send_request(request),
-        )
-        .await;
-        match sent {
-            Err(_) => {
-                return (
-                    body::text(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        "backend did not answer in time\n",
-                    ),
-                    Some(backend.addr.clone()),
-                );
-            }
+        let timeout = config.timeouts.backend_response;
+        let sent = tokio::time::timeout(timeout, sender.try_send_request(request)).await;
+        let error = match sent {
+            Err(_) => ProxyError::Timeout(timeout),
             Ok(Ok(response)) => {
                 let (mut parts, incoming) = response.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
@@ -136,36 +115,30 @@ async fn proxy(
                     parts.headers.append(http::header::SET_COOKIE, cookie);
                 }
                 let body = UpstreamBody::new(incoming, Arc::clone(&shared.upstream), sender, guard);
-                return (
-                    Response::from_parts(parts, body.boxed()),
-                    Some(backend.addr.clone()),
-                );
+                return (Ok(Response::from_parts(parts, body.boxed())), last_tried);
             }
             Ok(Err(mut error)) => match error.take_message() {
-                // The pooled connection was closed by the backend before our request went out: the request
-                // is intact, so it may go again (on a fresh connection, since stale ones were skipped).
+                // The pooled connection was closed by the backend before our request went out: the
+                // request is intact, so it may go again (on a fresh connection, since stale ones are
+                // skipped), and the backend is not to blame.
                 Some(unsent) => {
                     tracing::debug!(backend = %backend.addr, error = %error.error(), "retrying on a fresh connection");
                     request = unsent;
                     stale_retries += 1;
-                    if stale_retries > 2 {
-                        return (
-                            body::text(StatusCode::BAD_GATEWAY, "backend unreachable\n"),
-                            None,
-                        );
+                    if stale_retries <= MAX_STALE_RETRIES {
+                        continue;
                     }
+                    ProxyError::Unreachable
                 }
-                None => {
-                    tracing::warn!(backend = %backend.addr, error = %error.error(), "backend request failed");
-                    return (
-                        body::text(StatusCode::BAD_GATEWAY, "backend error\n"),
-                        Some(backend.addr.clone()),
-                    );
-                }
+                None => ProxyError::Http(error.into_error()),
             },
-        }
+        };
+        return (Err(error), last_tried);
     }
 }
+
+/// Requests returned unsent by pooled connections that turned out closed, before giving up.
+const MAX_STALE_RETRIES: u32 = 2;
 
 /// The request target as sent to a backend: path and query only.
 pub fn origin_form(uri: &Uri) -> Uri {

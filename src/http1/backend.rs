@@ -1,5 +1,5 @@
-//! The backend side of the opening handshake, spoken directly on the socket: one write for the request
-//! head, `httparse` for the answer.
+//! wsgate as the client of a backend for the WebSocket opening handshake, spoken directly on the socket:
+//! one write for the request head, `httparse` for the answer.
 //!
 //! A general HTTP client would cost a connection task, a channel and two 8 KiB buffers per handshake, all
 //! thrown away once the answer is a 101 — a handshake's whole job. Here the answer head is read into one
@@ -15,15 +15,8 @@ use http::{StatusCode, Uri};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// Largest answer head accepted from a backend: the most a handshake ever holds of a backend's bytes
-/// before its body.
-pub const MAX_HEAD: usize = 64 << 10;
-/// Largest body of a refusal relayed to the client (error pages are small).
-pub const MAX_RELAYED_BODY: usize = 1 << 20;
-/// Longest run of whitespace and extensions in one chunk-size line.
-pub const MAX_CHUNK_LINE: usize = 4096;
-/// Headers accepted in one answer head.
-const MAX_HEADERS: usize = 100;
+use super::{MAX_CHUNK_LINE, MAX_HEAD, MAX_HEADERS, MAX_RELAYED_BODY};
+
 /// Bytes asked of the socket per read.
 const READ_SIZE: usize = 8192;
 

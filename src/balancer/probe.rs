@@ -1,0 +1,122 @@
+//! One active health-check probe of a backend: an HTTP GET of the check's `path` (2xx or 3xx passes), or
+//! with `websocket = true` an upgrade to `path` (a 101 with the right `Sec-WebSocket-Accept` passes, and the
+//! probe then closes with 1001). The tasks that run probes on a schedule and record their verdicts are the
+//! gateway's (`health_checks.rs`); `fall` and `rise` are counted on the backend (`Backend::record_check`).
+//!
+//! Passive health (ejection after `max_fails` consecutive backend faults) lives on the backends
+//! themselves: see `Pool::connect_failed`.
+
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Request, StatusCode};
+use http_body_util::Empty;
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
+
+use crate::config::HealthCheck;
+use crate::upstream::{self, ConnectError};
+use crate::websocket::accepts;
+use crate::websocket::frame::{ControlFrame, Role};
+
+/// Why a probe failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("HTTP: {0}")]
+    Http(#[from] hyper::Error),
+    #[error("answered {0}")]
+    Status(StatusCode),
+    #[error("answered 101 with a wrong Sec-WebSocket-Accept")]
+    BadAccept,
+}
+
+/// One probe of `addr`, bounded by `check.timeout` as a whole.
+pub async fn probe(addr: &str, check: &HealthCheck) -> Result<(), ProbeError> {
+    tokio::time::timeout(check.timeout, probe_inner(addr, check))
+        .await
+        .map_err(|_| ProbeError::Timeout(check.timeout))?
+}
+
+async fn probe_inner(addr: &str, check: &HealthCheck) -> Result<(), ProbeError> {
+    let stream = upstream::connect(addr, check.timeout).await?;
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    // The connection is driven beside the exchange, inside the probe, not as a task of its own: the
+    // probe's timeout bounds both and nothing outlives it. It ends when the exchange drops its sender, or
+    // hands the connection over after a 101.
+    let driven = async {
+        if let Err(error) = connection.with_upgrades().await {
+            tracing::debug!(%error, "health check connection ended with an error");
+        }
+    };
+    let (result, ()) = tokio::join!(exchange(sender, addr, check), driven);
+    result
+}
+
+/// The probe's request and the verdict on its answer.
+async fn exchange(
+    mut sender: SendRequest<Empty<Bytes>>,
+    addr: &str,
+    check: &HealthCheck,
+) -> Result<(), ProbeError> {
+    let mut request = Request::new(Empty::<Bytes>::new());
+    *request.uri_mut() = check
+        .path
+        .parse()
+        .unwrap_or_else(|_| http::Uri::from_static("/"));
+    let headers = request.headers_mut();
+    if let Ok(host) = HeaderValue::from_str(addr) {
+        headers.insert(header::HOST, host);
+    }
+    headers.insert(
+        header::USER_AGENT,
+        HeaderValue::from_static("wsgate-health-check"),
+    );
+    let key = if check.websocket {
+        let nonce: [u8; 16] = std::array::from_fn(|_| fastrand::u8(..));
+        let key = BASE64.encode(nonce);
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        headers.insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
+        if let Ok(value) = HeaderValue::from_str(&key) {
+            headers.insert(header::SEC_WEBSOCKET_KEY, value);
+        }
+        Some(key)
+    } else {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        None
+    };
+    let response = sender.send_request(request).await?;
+    let status = response.status();
+    let Some(key) = key else {
+        return if status.is_success() || status.is_redirection() {
+            Ok(())
+        } else {
+            Err(ProbeError::Status(status))
+        };
+    };
+    if status != StatusCode::SWITCHING_PROTOCOLS {
+        return Err(ProbeError::Status(status));
+    }
+    if !accepts(response.headers(), key.as_bytes()) {
+        return Err(ProbeError::BadAccept);
+    }
+    // Say goodbye properly; whether the backend hears it does not change the verdict.
+    if let Ok(upgraded) = hyper::upgrade::on(response).await {
+        let mut io = TokioIo::new(upgraded);
+        let close = ControlFrame::close(1001, "health check", Role::Client);
+        let _ = io.write_all(close.as_bytes()).await;
+        let _ = io.shutdown().await;
+    }
+    Ok(())
+}

@@ -1,0 +1,272 @@
+//! The configuration the gateway runs on: typed, checked values (durations, sizes, addresses, resolved
+//! references), and the errors a config file can have. `check.rs` builds these from the file's text.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::cidr;
+
+/// One problem in a config file, with where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    pub line: usize,
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}:{}: {}", self.file, self.line, self.message)
+        } else {
+            write!(
+                f,
+                "{}:{}: {}: {}",
+                self.file, self.line, self.key, self.message
+            )
+        }
+    }
+}
+
+/// Every problem found in one config file (never empty).
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, error) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{error}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The file this config was read from, if any (used in logs, `/status` and reloads).
+    pub source: Option<PathBuf>,
+    /// Runtime worker threads; `None` means one per core.
+    pub workers: Option<usize>,
+    pub admin: Option<SocketAddr>,
+    pub timeouts: Timeouts,
+    pub limits: Limits,
+    pub listeners: Vec<ListenerConfig>,
+    pub routes: Vec<RouteConfig>,
+    pub pools: BTreeMap<String, PoolConfig>,
+}
+
+/// Timeouts of the HTTP side. None of them applies to an upgraded connection: tunnels have their own
+/// settings in [`WebSocketSettings`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Timeouts {
+    /// TCP connect to a backend.
+    pub connect: Duration,
+    /// From sending the upgrade request to a backend until its full answer head has arrived.
+    pub handshake: Duration,
+    /// A client must send a complete request head within this time of its first byte (slowloris guard).
+    pub header: Duration,
+    /// A keep-alive client connection with no request in flight is closed after this long.
+    pub http_idle: Duration,
+    /// A backend must start its HTTP response within this time (else 504).
+    pub backend_response: Duration,
+    /// A write to a client that makes no progress for this long (the client stopped reading) ends its
+    /// connection and the backend request behind it. The default for tunnels' `send_timeout` too.
+    pub send: Duration,
+    /// On shutdown, how long live connections get to finish.
+    pub drain: Duration,
+    /// On shutdown, tunnels are sent their Close 1001 at random moments spread over this window (bounded
+    /// by `drain`), so that thousands of clients do not all reconnect in the same instant.
+    pub close_spread: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(5),
+            handshake: Duration::from_secs(10),
+            header: Duration::from_secs(10),
+            http_idle: Duration::from_secs(60),
+            backend_response: Duration::from_secs(60),
+            send: Duration::from_secs(60),
+            drain: Duration::from_secs(30),
+            close_spread: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The largest `limits.max_connections`: far above what one process can hold open (each connection is a
+/// file descriptor, two once upgraded), and small enough for every counter it feeds.
+pub const MAX_CONNECTIONS: usize = 1 << 24;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    /// Largest request head a client may send; larger gets 431.
+    pub max_header_size: usize,
+    /// Most client connections open at once per listener; further accepts wait.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_header_size: 64 << 10,
+            max_connections: 100_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub listen: SocketAddr,
+    /// TLS termination; `None` for plain TCP.
+    pub tls: Option<TlsConfig>,
+}
+
+/// Certificates of a TLS listener: the client's SNI picks one, else the first is used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    pub certs: Vec<CertFiles>,
+}
+
+/// A PEM certificate chain and its private key (PKCS#8, PKCS#1 or SEC1), as paths resolved against the
+/// config file's folder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteConfig {
+    pub name: String,
+    /// Lower-cased host without port; `None` matches every host.
+    pub host: Option<String>,
+    pub path_prefix: String,
+    pub pool: String,
+    pub websocket: WebSocketSettings,
+}
+
+/// Per-route settings of upgraded connections (DESIGN.md §2).
+#[derive(Debug, Clone, PartialEq)]
+pub struct WebSocketSettings {
+    /// No data frame in either direction for this long ends the tunnel.
+    pub idle_timeout: Duration,
+    /// wsgate pings the client after this much silence from it; `None` disables pings.
+    pub ping_interval: Option<Duration>,
+    /// After a ping, some frame must arrive within this time or the peer is dead.
+    pub pong_timeout: Duration,
+    /// Largest message, summed over its fragments.
+    pub max_message_size: u64,
+    /// After wsgate sends or forwards a Close, how long it waits for the answer before dropping TCP.
+    pub close_timeout: Duration,
+    /// Ping the backend too, the same way as the client.
+    pub ping_backend: bool,
+    /// Upper bound on a tunnel's whole life; `None` is unbounded.
+    pub max_lifetime: Option<Duration>,
+    /// Bytes for a peer that makes no progress taking them for this long (it stopped reading) end the
+    /// tunnel: a peer that does not read is not kept alive by what it sends.
+    pub send_timeout: Duration,
+}
+
+impl Default for WebSocketSettings {
+    fn default() -> Self {
+        WebSocketSettings {
+            idle_timeout: Duration::from_secs(300),
+            ping_interval: Some(Duration::from_secs(30)),
+            pong_timeout: Duration::from_secs(10),
+            max_message_size: 16 << 20,
+            close_timeout: Duration::from_secs(2),
+            ping_backend: false,
+            max_lifetime: None,
+            send_timeout: Timeouts::default().send,
+        }
+    }
+}
+
+/// How a pool chooses the backend of a new connection (DESIGN.md §3).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Policy {
+    /// Fewest live connections per unit of weight; ties broken at random.
+    LeastConn,
+    /// The same key always goes to the same backend (rendezvous hashing over backend ids, so every
+    /// instance agrees); a request without a key falls back to least-connections.
+    Sticky(StickyKey),
+}
+
+/// Where a sticky pool reads a request's key.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StickyKey {
+    /// A cookie of this name, set by wsgate itself; its value names a backend by a hash of its id.
+    Cookie(String),
+    /// A request header.
+    Header(http::HeaderName),
+    /// A query parameter.
+    Query(String),
+    /// The client's IP: the peer's, or taken from `X-Forwarded-For` when the peer is a trusted proxy.
+    SourceIp { trusted_proxies: Vec<cidr::Cidr> },
+}
+
+/// Active health checks of a pool's backends: a GET (or a WebSocket upgrade) every `interval`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthCheck {
+    pub path: String,
+    pub interval: Duration,
+    /// The whole check (connect, request, answer head) must finish within this.
+    pub timeout: Duration,
+    /// Consecutive passed checks that bring a down backend up.
+    pub rise: u32,
+    /// Consecutive failed checks that take an up backend down.
+    pub fall: u32,
+    /// Probe with a WebSocket upgrade (101 with a correct accept key passes) instead of a GET (2xx/3xx passes).
+    pub websocket: bool,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        HealthCheck {
+            path: "/".to_string(),
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(1),
+            rise: 2,
+            fall: 3,
+            websocket: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolConfig {
+    pub policy: Policy,
+    /// `None`: no active checks, backends are up unless passively ejected.
+    pub health: Option<HealthCheck>,
+    /// Consecutive connect or handshake failures that eject a backend (passive health); 0 never ejects.
+    pub max_fails: u32,
+    /// How long an ejected backend gets no new connections.
+    pub fail_timeout: Duration,
+    pub backends: Vec<BackendConfig>,
+}
+
+impl PoolConfig {
+    pub const DEFAULT_MAX_FAILS: u32 = 3;
+    pub const DEFAULT_FAIL_TIMEOUT: Duration = Duration::from_secs(10);
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct BackendConfig {
+    /// `host:port` as written.
+    pub addr: String,
+    /// Stable identity (defaults to `addr`): what sticky hashing and cookies are computed from, so moving a
+    /// backend to a new address keeps its keys when the id stays.
+    pub id: String,
+    pub weight: u32,
+    /// A draining backend takes no new connections; its live ones finish.
+    pub drain: bool,
+}

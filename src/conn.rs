@@ -1,0 +1,215 @@
+//! The record of one accepted client connection (`ClientConn`): who it is, where it is between requests
+//! (`Phase`), and its place under the listener's connection limit (`ConnLimit`). Shared by the server
+//! layer, which reads and times the socket, and the proxy layer, which serves its requests.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::task::Waker;
+
+use futures_util::task::AtomicWaker;
+use prometheus::IntGauge;
+use tokio::sync::Notify;
+
+/// One accepted client connection, shared by its HTTP requests and, after an upgrade, by its tunnel.
+/// Dropping the last reference marks the connection closed in the metrics and frees its place under the
+/// listener's limit.
+pub struct ClientConn {
+    pub peer: SocketAddr,
+    pub tls: bool,
+    /// Inline, not an `Arc` of its own: one allocation less for every connection (an idle tunnel's too).
+    pub phase: Phase,
+    active: IntGauge,
+    _slot: ConnSlot,
+}
+
+impl ClientConn {
+    /// The record of a connection just accepted; `active` is the listener's open-connections gauge,
+    /// counted up here and down on drop.
+    pub fn new(peer: SocketAddr, tls: bool, active: IntGauge, slot: ConnSlot) -> ClientConn {
+        active.inc();
+        ClientConn {
+            peer,
+            tls,
+            phase: Phase::default(),
+            active,
+            _slot: slot,
+        }
+    }
+}
+
+impl Drop for ClientConn {
+    fn drop(&mut self) {
+        self.active.dec();
+    }
+}
+
+/// Where a client connection is between requests; shared by the stream (`server::client_io`, which arms
+/// the header and keep-alive timers by it) and the request handler (which moves it on).
+#[derive(Debug, Default)]
+pub struct Phase {
+    state: AtomicU8,
+    /// The task last left waiting in a read. hyper may already be waiting on the socket when a response
+    /// ends (it watches for the client hanging up meanwhile), and will not read again until woken: `idle`
+    /// wakes it so that the idle timer gets armed and polled.
+    reader: AtomicWaker,
+}
+
+/// The values of `Phase`, in the order a connection goes through them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum Stage {
+    /// Accepted; its first request has not begun.
+    WaitingFirst = 0,
+    /// A response has just been sent: the keep-alive idle timer is to be armed.
+    IdleStarted = 1,
+    /// Waiting for the next request on a keep-alive connection.
+    Idle = 2,
+    /// A request head is arriving.
+    Headers = 3,
+    /// A request is being served: backend timeouts govern.
+    Busy = 4,
+    /// Left to a tunnel, which keeps its own timers.
+    Upgraded = 5,
+}
+
+impl Phase {
+    pub fn get(&self) -> Stage {
+        match self.state.load(Ordering::Acquire) {
+            0 => Stage::WaitingFirst,
+            1 => Stage::IdleStarted,
+            2 => Stage::Idle,
+            3 => Stage::Headers,
+            4 => Stage::Busy,
+            _ => Stage::Upgraded,
+        }
+    }
+
+    /// Moves to `stage` (the stream's own transitions: idle armed, head begun).
+    pub fn set(&self, stage: Stage) {
+        self.state.store(stage as u8, Ordering::Release);
+    }
+
+    /// A request head has arrived and is being served.
+    pub fn busy(&self) {
+        self.set(Stage::Busy);
+    }
+
+    /// The response has been sent completely: the connection waits for its next request.
+    pub fn idle(&self) {
+        self.set(Stage::IdleStarted);
+        self.reader.wake();
+    }
+
+    /// The connection has left the HTTP layer (upgraded): the waker of the task that read it is dropped,
+    /// since a waker keeps its whole task allocated, and that task is done once the tunnel has its own.
+    pub fn upgraded(&self) {
+        self.set(Stage::Upgraded);
+        drop(self.reader.take());
+    }
+
+    /// Registers the task about to wait in a read, so that `idle` can wake it. Called before the stage is
+    /// read, so an `idle` from another thread cannot slip in between.
+    pub fn register_reader(&self, waker: &Waker) {
+        self.reader.register(waker);
+    }
+}
+
+/// How many client connections a listener holds, and how many it may (`limits.max_connections`, which a
+/// reload may change for a listener that stays bound).
+pub struct ConnLimit {
+    active: AtomicUsize,
+    max: AtomicUsize,
+    /// Signalled when a connection closes or the maximum changes.
+    changed: Notify,
+}
+
+impl ConnLimit {
+    pub fn new(max: usize) -> ConnLimit {
+        ConnLimit {
+            active: AtomicUsize::new(0),
+            max: AtomicUsize::new(max),
+            changed: Notify::new(),
+        }
+    }
+
+    /// Waits for room under the maximum and takes one place. Only the listener's accept loop calls it,
+    /// so a place seen free cannot be taken by someone else before it is counted.
+    pub async fn acquire(self: &Arc<Self>) -> ConnSlot {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            // Registered before the count is read, so a connection closing in between is not missed.
+            changed.as_mut().enable();
+            if self.active.load(Ordering::Acquire) < self.max.load(Ordering::Acquire) {
+                self.active.fetch_add(1, Ordering::AcqRel);
+                return ConnSlot(Arc::clone(self));
+            }
+            changed.await;
+        }
+    }
+
+    /// A lower maximum takes effect as connections close; open ones are not cut.
+    pub fn set_max(&self, max: usize) {
+        self.max.store(max, Ordering::Release);
+        self.changed.notify_waiters();
+    }
+}
+
+/// One place under a listener's connection limit, given back on drop.
+pub struct ConnSlot(Arc<ConnLimit>);
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
+        self.0.changed.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    // Paused time: a wait that must not end is decided by the clock jumping ahead, not by sleeping.
+    #[tokio::test(start_paused = true)]
+    async fn the_connection_limit_follows_its_maximum() {
+        let limit = Arc::new(ConnLimit::new(1));
+        let first = limit.acquire().await;
+        let wait = Duration::from_millis(50);
+        assert!(
+            tokio::time::timeout(wait, limit.acquire()).await.is_err(),
+            "a second place under a maximum of one"
+        );
+        limit.set_max(2);
+        let second = tokio::time::timeout(Duration::from_secs(10), limit.acquire())
+            .await
+            .expect("a raised maximum makes room at once");
+        limit.set_max(1);
+        drop(first);
+        assert!(
+            tokio::time::timeout(wait, limit.acquire()).await.is_err(),
+            "a lowered maximum is kept as connections close"
+        );
+        drop(second);
+        let _third = tokio::time::timeout(Duration::from_secs(10), limit.acquire())
+            .await
+            .expect("room once under the lowered maximum");
+    }
+
+    #[test]
+    fn stages_read_back_as_set() {
+        let phase = Phase::default();
+        assert_eq!(phase.get(), Stage::WaitingFirst);
+        for stage in [
+            Stage::IdleStarted,
+            Stage::Idle,
+            Stage::Headers,
+            Stage::Busy,
+            Stage::Upgraded,
+        ] {
+            phase.set(stage);
+            assert_eq!(phase.get(), stage);
+        }
+    }
+}

@@ -1,0 +1,197 @@
+//! Every way the proxy layer answers a request itself instead of relaying a backend's answer, in one
+//! table: the status and body the client gets, the label the metrics count it under, and whether it is
+//! the client's fault (logged at `info`) or the backends' (logged at `warn`). HTTP forwarding and the
+//! WebSocket upgrade both answer through it, so the same failure gets the same answer on either path.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::header::{self, HeaderValue};
+use http::{Response, StatusCode};
+
+use crate::body::{self, ProxyBody};
+use crate::headers::BadRequest;
+use crate::http1::backend::BackendHttpError;
+use crate::websocket::Rejection;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// A head wsgate will not forward (ambiguous framing, repeated singletons): the connection closes,
+    /// since what follows the head cannot be trusted to be framed the way the head says.
+    #[error(transparent)]
+    BadRequest(#[from] BadRequest),
+    #[error("request head larger than limits.max_header_size")]
+    HeadTooLarge,
+    #[error("no route for this request")]
+    NoRoute,
+    /// An upgrade whose key or version wsgate refuses before any backend sees it.
+    #[error(transparent)]
+    BadUpgrade(#[from] Rejection),
+    /// The route's pool has no backend taking connections (all down, ejected or draining).
+    #[error("no backend available")]
+    NoBackend,
+    /// Every backend tried could not be connected to (or the attempts allowed ran out).
+    #[error("no backend could be reached")]
+    Unreachable,
+    #[error("backend did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The backend's HTTP answer to a request failed (connection reset mid-answer, invalid HTTP).
+    #[error("backend request failed: {0}")]
+    Http(#[source] hyper::Error),
+    /// The backend's answer to an upgrade was not valid HTTP, or it closed before answering in full.
+    #[error(transparent)]
+    Handshake(#[from] BackendHttpError),
+    #[error("backend answered 101 with a wrong Sec-WebSocket-Accept")]
+    BadAccept,
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::BadUpgrade(Rejection::BadKey) => StatusCode::BAD_REQUEST,
+            ProxyError::BadUpgrade(Rejection::BadVersion) => StatusCode::UPGRADE_REQUIRED,
+            ProxyError::NoBackend => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Unreachable
+            | ProxyError::Http(_)
+            | ProxyError::Handshake(_)
+            | ProxyError::BadAccept => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    /// The error's name in logs (`error` field of the access event).
+    pub fn label(&self) -> &'static str {
+        match self {
+            ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::HeadTooLarge => "head_too_large",
+            ProxyError::NoRoute => "no_route",
+            ProxyError::BadUpgrade(_) => "bad_upgrade",
+            ProxyError::NoBackend => "no_backend",
+            ProxyError::Unreachable => "backend_unreachable",
+            ProxyError::Timeout(_) => "backend_timeout",
+            ProxyError::Http(_) | ProxyError::Handshake(_) | ProxyError::BadAccept => {
+                "backend_error"
+            }
+        }
+    }
+
+    /// The `result` label of `wsgate_ws_upgrades_total` for an upgrade that ended in this error.
+    pub fn upgrade_result(&self) -> &'static str {
+        match self {
+            _ if self.is_client_fault() => "rejected",
+            ProxyError::NoBackend => "no_backend",
+            _ => "backend_error",
+        }
+    }
+
+    /// The request itself was refused; no backend was at fault.
+    pub fn is_client_fault(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::BadRequest(_)
+                | ProxyError::HeadTooLarge
+                | ProxyError::NoRoute
+                | ProxyError::BadUpgrade(_)
+        )
+    }
+
+    /// Logs the error with the request's client and route (empty before routing), at `info` for a
+    /// client's fault and `warn` for a backend's.
+    pub fn log(&self, client: SocketAddr, route: &str) {
+        let (status, error) = (self.status().as_u16(), self.label());
+        if self.is_client_fault() {
+            tracing::info!(%client, route, status, error, detail = %self, "request refused");
+        } else {
+            tracing::warn!(%client, route, status, error, detail = %self, "request failed");
+        }
+    }
+
+    /// The client's answer: the status and a one-line text body, which names the problem without
+    /// revealing anything about the backends.
+    pub fn response(&self) -> Response<ProxyBody> {
+        let text = match self {
+            ProxyError::BadRequest(bad) => return bad_request(bad),
+            ProxyError::HeadTooLarge => "request head too large\n",
+            ProxyError::NoRoute => "no route for this request\n",
+            ProxyError::BadUpgrade(Rejection::BadKey) => "missing or malformed Sec-WebSocket-Key\n",
+            ProxyError::BadUpgrade(Rejection::BadVersion) => {
+                let mut response =
+                    body::text(self.status(), "only WebSocket version 13 is supported\n");
+                response.headers_mut().insert(
+                    header::SEC_WEBSOCKET_VERSION,
+                    HeaderValue::from_static("13"),
+                );
+                return response;
+            }
+            ProxyError::NoBackend => "no backend available\n",
+            ProxyError::Unreachable => "backend unreachable\n",
+            ProxyError::Timeout(_) => "backend did not answer in time\n",
+            ProxyError::Http(_) | ProxyError::Handshake(_) | ProxyError::BadAccept => {
+                "backend error\n"
+            }
+        };
+        body::text(self.status(), text)
+    }
+}
+
+/// 400 with the reason, and `Connection: close`.
+fn bad_request(bad: &BadRequest) -> Response<ProxyBody> {
+    let mut response = body::text(StatusCode::BAD_REQUEST, format!("{bad}\n"));
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all() -> Vec<ProxyError> {
+        vec![
+            ProxyError::BadRequest(BadRequest::UpgradeWithBody),
+            ProxyError::HeadTooLarge,
+            ProxyError::NoRoute,
+            ProxyError::BadUpgrade(Rejection::BadKey),
+            ProxyError::BadUpgrade(Rejection::BadVersion),
+            ProxyError::NoBackend,
+            ProxyError::Unreachable,
+            ProxyError::Timeout(Duration::from_secs(1)),
+            ProxyError::Handshake(BackendHttpError::Closed),
+            ProxyError::BadAccept,
+        ]
+    }
+
+    #[test]
+    fn client_faults_are_4xx_and_backend_faults_5xx() {
+        for error in all() {
+            let status = error.status();
+            assert_eq!(
+                error.is_client_fault(),
+                status.is_client_error(),
+                "{error:?} answers {status}"
+            );
+            assert!(status.is_client_error() || status.is_server_error());
+            assert_eq!(error.response().status(), status, "{error:?}");
+        }
+    }
+
+    #[test]
+    fn the_answers_operators_rely_on() {
+        // Nothing was up to try: 503. Backends were tried and all failed: 502 (as nginx answers).
+        assert_eq!(ProxyError::NoBackend.status(), 503);
+        assert_eq!(ProxyError::Unreachable.status(), 502);
+        assert_eq!(ProxyError::Timeout(Duration::ZERO).status(), 504);
+        let version = ProxyError::BadUpgrade(Rejection::BadVersion).response();
+        assert_eq!(version.status(), 426);
+        assert_eq!(version.headers()[header::SEC_WEBSOCKET_VERSION], "13");
+        let bad = ProxyError::BadRequest(BadRequest::UpgradeWithBody).response();
+        assert_eq!(bad.headers()[header::CONNECTION], "close");
+        assert_eq!(ProxyError::NoBackend.upgrade_result(), "no_backend");
+        assert_eq!(ProxyError::Unreachable.upgrade_result(), "backend_error");
+        assert_eq!(ProxyError::NoRoute.upgrade_result(), "rejected");
+    }
+}

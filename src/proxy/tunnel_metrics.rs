@@ -1,0 +1,123 @@
+//! A live tunnel as the gateway sees it (`RouteTunnel`): the tunnel's context of route settings, shared
+//! buffers and metrics, and the access event written when it ends.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::balancer::BackendGuard;
+use crate::config::WebSocketSettings;
+use crate::conn::ClientConn;
+use crate::router::Route;
+use crate::state::Shared;
+use crate::websocket::BufferPool;
+use crate::websocket::tunnel::{Traffic, TunnelContext, TunnelOutcome};
+
+/// A live tunnel as the gateway sees it: its route (settings, metrics), the backend it holds, the client
+/// connection it came on. Counted in `wsgate_ws_tunnels_active` from creation to drop.
+///
+/// Metric handles are looked up when used (at most once a second per busy tunnel, see `tunnel.rs`), not
+/// held: every idle tunnel would carry them.
+pub struct RouteTunnel {
+    route: Arc<Route>,
+    guard: BackendGuard,
+    conn: Arc<ClientConn>,
+    shared: Arc<Shared>,
+}
+
+impl RouteTunnel {
+    pub fn new(
+        route: Arc<Route>,
+        guard: BackendGuard,
+        conn: Arc<ClientConn>,
+        shared: Arc<Shared>,
+    ) -> RouteTunnel {
+        let tunnel = RouteTunnel {
+            route,
+            guard,
+            conn,
+            shared,
+        };
+        tunnel.active().inc();
+        tunnel
+    }
+
+    fn route_name(&self) -> &str {
+        &self.route.config.name
+    }
+
+    fn active(&self) -> prometheus::IntGauge {
+        self.shared
+            .metrics
+            .ws_tunnels_active
+            .with_label_values(&[self.route_name(), &self.guard.backend().addr])
+    }
+
+    /// Counts the ending and writes the tunnel's access event.
+    pub fn ended(self, outcome: &TunnelOutcome) {
+        let route_name = self.route_name();
+        let metrics = &self.shared.metrics;
+        metrics
+            .ws_closes
+            .with_label_values(&[route_name, outcome.reason.label()])
+            .inc();
+        metrics
+            .ws_tunnel_duration
+            .with_label_values(&[route_name])
+            .observe(outcome.duration.as_secs_f64());
+        tracing::info!(
+            target: "wsgate::access",
+            client = %self.conn.peer,
+            route = route_name,
+            backend = self.guard.backend().addr.as_str(),
+            duration_ms = outcome.duration.as_millis() as u64,
+            bytes_client_to_backend = outcome.client_to_backend.bytes,
+            bytes_backend_to_client = outcome.backend_to_client.bytes,
+            close_code = outcome.close_code,
+            reason = outcome.reason.label(),
+            "tunnel ended"
+        );
+    }
+}
+
+impl Drop for RouteTunnel {
+    fn drop(&mut self) {
+        self.active().dec();
+    }
+}
+
+impl TunnelContext for RouteTunnel {
+    fn settings(&self) -> &WebSocketSettings {
+        &self.route.config.websocket
+    }
+
+    fn buffers(&self) -> &BufferPool {
+        &self.shared.buffers
+    }
+
+    fn traffic(&self, up: Traffic, down: Traffic) {
+        let (m, route) = (&self.shared.metrics, self.route_name());
+        for (direction, traffic) in [("client_to_backend", up), ("backend_to_client", down)] {
+            m.ws_bytes
+                .with_label_values(&[route, direction])
+                .inc_by(traffic.bytes);
+            m.ws_frames
+                .with_label_values(&[route, direction])
+                .inc_by(traffic.frames);
+        }
+    }
+
+    /// A uniformly random moment within the close spread in force (never past the drain deadline).
+    fn shutdown_delay(&self) -> Duration {
+        let timeouts = &self.shared.state.load().config.timeouts;
+        let spread = timeouts.close_spread.min(timeouts.drain / 2);
+        spread.mul_f64(fastrand::f64())
+    }
+
+    fn ping_rtt(&self, rtt: Duration) {
+        self.shared
+            .metrics
+            .ws_ping_rtt
+            .with_label_values(&[self.route_name()])
+            .observe(rtt.as_secs_f64());
+    }
+}

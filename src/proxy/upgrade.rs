@@ -1,0 +1,219 @@
+//! The backend side of a WebSocket upgrade (RFC 6455 §4), in the order a request lives: validate → pick
+//! a backend → connect → send the upgrade → read the answer → the 101 for the client, with the `Splice`
+//! that will join the two once the client side has switched too (`splice.rs`).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Response, StatusCode};
+use tokio::net::TcpStream;
+
+use super::attempt::Attempts;
+use super::http::origin_form;
+use super::splice::Splice;
+use super::{Answer, ProxyError};
+use crate::balancer::{Affinity, BackendGuard};
+use crate::body::{self, ProxyBody};
+use crate::config::Config;
+use crate::conn::ClientConn;
+use crate::headers::{add_forwarded, strip_hop_by_hop};
+use crate::http1::backend;
+use crate::router::Route;
+use crate::state::Shared;
+use crate::upstream;
+use crate::websocket::{accept_key, accepts, validate};
+
+/// Validates an upgrade request routed to `route`, picks a backend and performs the backend side of the
+/// handshake. The client side is the caller's: it sends the answer, then runs the `Splice`.
+pub async fn handshake(
+    mut parts: http::request::Parts,
+    route: Arc<Route>,
+    config: &Config,
+    conn: &ClientConn,
+    shared: &Shared,
+) -> Answer {
+    let started = Instant::now();
+    let route_name = route.config.name.as_str();
+    let count = |result: &str| {
+        shared
+            .metrics
+            .ws_upgrades
+            .with_label_values(&[route_name, result])
+            .inc();
+    };
+    let refuse = |error: ProxyError| {
+        count(error.upgrade_result());
+        error.log(conn.peer, route_name);
+        Answer::Response(error.response())
+    };
+    let key = match validate(&parts.headers) {
+        Ok(key) => key,
+        Err(rejection) => return refuse(rejection.into()),
+    };
+    // The sticky key is read before the headers are rewritten (X-Forwarded-For must be the client's).
+    let affinity = route
+        .pool
+        .affinity(&parts.headers, &parts.uri, conn.peer.ip());
+    strip_hop_by_hop(&mut parts.headers);
+    // `Content-Length: 0` is the only length an upgrade may have (`headers::check_request`): it says
+    // nothing the backend needs, and a backend must see no framing it could read a body by.
+    parts.headers.remove(header::CONTENT_LENGTH);
+    add_forwarded(&mut parts.headers, conn.peer.ip(), conn.tls);
+    parts
+        .headers
+        .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    parts
+        .headers
+        .insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    let request = BackendRequest {
+        target: origin_form(&parts.uri),
+        headers: &parts.headers,
+        key: &key,
+    };
+    let (guard, answer) = match connect_and_send(&route, &affinity, config, &request).await {
+        Ok(done) => done,
+        Err(error) => return refuse(error),
+    };
+    match answer {
+        BackendAnswer::Other(mut response) => {
+            let status = response.status();
+            count(if status.is_client_error() {
+                "rejected"
+            } else {
+                "backend_error"
+            });
+            tracing::info!(route = route_name, backend = %guard.backend().addr, status = status.as_u16(), "backend refused the upgrade");
+            strip_hop_by_hop(response.headers_mut());
+            Answer::Response(response)
+        }
+        BackendAnswer::Switching {
+            headers,
+            stream,
+            early,
+        } => {
+            count("ok");
+            shared
+                .metrics
+                .ws_handshake_duration
+                .with_label_values(&[route_name])
+                .observe(started.elapsed().as_secs_f64());
+            let allowed_rsv = if headers.contains_key(header::SEC_WEBSOCKET_EXTENSIONS) {
+                0b111
+            } else {
+                0
+            };
+            let mut response = switching_protocols(headers, &key);
+            if let Some(cookie) = route
+                .pool
+                .sticky_cookie(&affinity, guard.backend(), conn.tls)
+            {
+                response.headers_mut().append(header::SET_COOKIE, cookie);
+            }
+            let splice = Splice::new(route, guard, stream, early, allowed_rsv);
+            Answer::Switching(response, splice)
+        }
+    }
+}
+
+/// The upgrade request as it goes to a backend.
+struct BackendRequest<'a> {
+    target: http::Uri,
+    headers: &'a HeaderMap,
+    key: &'a HeaderValue,
+}
+
+enum BackendAnswer {
+    /// 101 with a correct accept key: the backend's headers, its raw stream, and what it sent behind
+    /// its 101.
+    Switching {
+        headers: HeaderMap,
+        stream: TcpStream,
+        early: Bytes,
+    },
+    /// Any other answer, relayed to the client as it is.
+    Other(Response<ProxyBody>),
+}
+
+/// Picks a backend, connects (moving on to the next backend when a connect fails) and performs the
+/// backend side of the handshake.
+async fn connect_and_send(
+    route: &Route,
+    affinity: &Affinity,
+    config: &Config,
+    request: &BackendRequest<'_>,
+) -> Result<(BackendGuard, BackendAnswer), ProxyError> {
+    let pool = &route.pool;
+    let mut attempts = Attempts::new(pool, affinity);
+    loop {
+        let guard = attempts.next()?;
+        let stream = match upstream::connect(&guard.backend().addr, config.timeouts.connect).await {
+            Ok(stream) => stream,
+            Err(error) => {
+                attempts.unreachable(&guard, &error)?;
+                continue;
+            }
+        };
+        let timeout = config.timeouts.handshake;
+        let answer = tokio::time::timeout(timeout, send_upgrade(stream, request))
+            .await
+            .map_err(|_| ProxyError::Timeout(timeout))
+            .and_then(|answer| answer);
+        // Passive health counts what the backend did, and only that: the request it got was checked by
+        // wsgate (one key, one version, no body, `headers::check_request`), so a timeout, garbage, a
+        // wrong accept key or a 5xx is the backend's. A 4xx is a live backend's answer to the client.
+        match &answer {
+            Ok(BackendAnswer::Other(response)) if response.status().is_server_error() => {
+                attempts.faulted(&guard);
+                // A server error before the 101 sends the upgrade on to the next backend while attempts
+                // remain; the last one's answer is relayed as it is.
+                if attempts.pass_over(&guard) {
+                    tracing::warn!(pool = %pool.name, backend = %guard.backend().addr, status = response.status().as_u16(), "backend answered the upgrade with a server error; trying the next one");
+                    continue;
+                }
+            }
+            Ok(_) => attempts.answered(&guard),
+            Err(_) => attempts.faulted(&guard),
+        }
+        return Ok((guard, answer?));
+    }
+}
+
+async fn send_upgrade(
+    mut stream: TcpStream,
+    request: &BackendRequest<'_>,
+) -> Result<BackendAnswer, ProxyError> {
+    backend::send_request(&mut stream, &request.target, request.headers).await?;
+    let mut answer = backend::read_answer(&mut stream).await?;
+    if answer.status != StatusCode::SWITCHING_PROTOCOLS {
+        let body = backend::read_body(&mut stream, &mut answer).await?;
+        let mut response = Response::new(body::full(body));
+        *response.status_mut() = answer.status;
+        *response.headers_mut() = answer.headers;
+        return Ok(BackendAnswer::Other(response));
+    }
+    if !accepts(&answer.headers, request.key.as_bytes()) {
+        return Err(ProxyError::BadAccept);
+    }
+    Ok(BackendAnswer::Switching {
+        headers: answer.headers,
+        stream,
+        early: Bytes::from(answer.rest),
+    })
+}
+
+/// The 101 for the client: the backend's headers (subprotocol, extensions, cookies), hop-by-hop ones
+/// replaced by the upgrade's own.
+fn switching_protocols(mut headers: HeaderMap, key: &HeaderValue) -> Response<ProxyBody> {
+    strip_hop_by_hop(&mut headers);
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    if let Ok(accept) = HeaderValue::from_str(&accept_key(key.as_bytes())) {
+        headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    let mut response = Response::new(body::empty());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    *response.headers_mut() = headers;
+    response
+}

@@ -1,0 +1,228 @@
+//! One client connection, over any transport: the TLS handshake if the listener has certificates, then
+//! the first request, read by wsgate itself, then hyper (`h1.rs`) for whatever follows.
+//!
+//! Most WebSocket clients open a connection for the upgrade alone. For those, hyper's connection
+//! machinery (its read buffer, a write buffer, an upgrade channel and a second task for the tunnel) is set
+//! up only to be thrown away after one request, and its buffers, freed while the tunnel's state stays,
+//! leave the heap fragmented: idle tunnels cost more memory than they hold. So the first request head is
+//! read here into a small buffer; an upgrade (GET, HTTP/1.1) is checked, handshaken and tunnelled in this
+//! same task, over a plain socket and a TLS session alike. Anything else (other requests, malformed heads,
+//! bodies, refusals' follow-ups) goes to hyper with the bytes already read replayed in front of the
+//! stream, so HTTP behaviour, error answers included, stays hyper's.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Response;
+use http::header;
+use http_body_util::BodyExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+
+use super::client_io::{ClientIo, Replay};
+use super::h1::serve_http;
+use crate::body::ProxyBody;
+use crate::config::Config;
+use crate::conn::ClientConn;
+use crate::headers::has_token;
+use crate::http1::request::{First, parse};
+use crate::http1::response::encode;
+use crate::http1::{FIRST_READ, client_head_limit};
+use crate::proxy::{self, Answer, Splice};
+use crate::state::Shared;
+use crate::websocket::Buffered;
+
+/// Serves an accepted connection until it closes or is upgraded; `tls` is the listener's acceptor.
+pub async fn serve(
+    stream: TcpStream,
+    tls: Option<Arc<TlsAcceptor>>,
+    conn: Arc<ClientConn>,
+    shared: Arc<Shared>,
+) {
+    let _ = stream.set_nodelay(true);
+    let config = Arc::clone(&shared.state.load().config);
+    let io = ClientIo::new(
+        stream,
+        Arc::clone(&conn),
+        config.timeouts.header,
+        config.timeouts.http_idle,
+        config.timeouts.send,
+    );
+    match tls {
+        None => first_request(io, conn, shared, config).await,
+        // Boxed: a TLS session is several KiB, and a plain connection's task (an idle tunnel's, too)
+        // would otherwise be sized for it.
+        Some(acceptor) => Box::pin(serve_tls(io, &acceptor, conn, shared, config)).await,
+    }
+}
+
+async fn serve_tls(
+    io: ClientIo,
+    acceptor: &TlsAcceptor,
+    conn: Arc<ClientConn>,
+    shared: Arc<Shared>,
+    config: Arc<Config>,
+) {
+    // The TLS handshake counts against the header timeout, like the request head that follows it.
+    match tokio::time::timeout(config.timeouts.header, acceptor.accept(io)).await {
+        Ok(Ok(stream)) => first_request(stream, conn, shared, config).await,
+        Ok(Err(error)) => tracing::debug!(peer = %conn.peer, %error, "TLS handshake failed"),
+        Err(_) => tracing::debug!(peer = %conn.peer, "TLS handshake timed out"),
+    }
+}
+
+/// A client stream wsgate can serve: a plain socket (`ClientIo`) or a TLS session over one.
+pub trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send + Sized + 'static {
+    /// The TCP socket underneath.
+    fn socket(&self) -> &TcpStream;
+
+    /// Starts the tunnel between this stream, which has been sent its 101, and the backend of `splice`,
+    /// as a task of its own. `early`: what the client sent behind its upgrade request.
+    fn start_tunnel(self, splice: Splice, early: Bytes, conn: Arc<ClientConn>, shared: Arc<Shared>);
+}
+
+impl ClientStream for ClientIo {
+    fn socket(&self) -> &TcpStream {
+        self.stream()
+    }
+
+    /// The tunnel takes the raw socket: readiness tells it when data is there, so an idle tunnel holds
+    /// no read buffer (`websocket::transport`).
+    fn start_tunnel(
+        self,
+        splice: Splice,
+        early: Bytes,
+        conn: Arc<ClientConn>,
+        shared: Arc<Shared>,
+    ) {
+        let tunnel = splice.run(self.into_stream(), early, conn, Arc::clone(&shared));
+        shared.tasks.spawn(tunnel);
+    }
+}
+
+impl ClientStream for TlsStream<ClientIo> {
+    fn socket(&self) -> &TcpStream {
+        self.get_ref().0.stream()
+    }
+
+    /// The tunnel keeps the TLS session over `ClientIo`, whose timers are off once upgraded.
+    fn start_tunnel(
+        self,
+        splice: Splice,
+        early: Bytes,
+        conn: Arc<ClientConn>,
+        shared: Arc<Shared>,
+    ) {
+        let tunnel = splice.run(Buffered(self), early, conn, Arc::clone(&shared));
+        shared.tasks.spawn(tunnel);
+    }
+}
+
+/// Serves a connection's first request here if it is an upgrade, and everything else through hyper.
+async fn first_request<S: ClientStream>(
+    mut io: S,
+    conn: Arc<ClientConn>,
+    shared: Arc<Shared>,
+    config: Arc<Config>,
+) {
+    // hyper refuses a head that does not fit its buffer with 431; stop reading at the same size and let
+    // it give that answer.
+    let limit = client_head_limit(config.limits.max_header_size);
+    let mut buf = Vec::with_capacity(FIRST_READ);
+    let (parts, head_len) = loop {
+        let read = tokio::select! {
+            read = io.read_buf(&mut buf) => read,
+            _ = shared.shutdown.cancelled() => return,
+        };
+        match read {
+            // Gone before a whole head, or the header timeout (`ClientIo`): nothing to answer.
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        match parse(&buf) {
+            First::Upgrade(parts, len) => break (parts, len),
+            First::Partial if buf.len() < limit => continue,
+            _ => {
+                let io = Replay::new(io, Bytes::from(buf));
+                return Box::pin(serve_http(io, conn, shared, &config)).await;
+            }
+        }
+    };
+    conn.phase.busy();
+    // Usually nothing: a client waits for the 101 before it sends frames.
+    let early = Bytes::copy_from_slice(&buf[head_len..]);
+    drop(buf);
+    let close_after = has_token(&parts.headers, header::CONNECTION, "close");
+    let write_timeout = config.timeouts.handshake;
+
+    let answer = tokio::select! {
+        answer = proxy::handle_upgrade(parts, head_len, &conn, &shared) => answer,
+        () = hung_up(io.socket()) => {
+            // Nobody is left to answer: the backend connection is dropped now, not when the handshake
+            // timeout ends it, and the backend is not blamed.
+            tracing::debug!(client = %conn.peer, "client gone during the upgrade handshake");
+            return;
+        }
+    };
+    match answer {
+        Answer::Switching(response, splice) => {
+            if let Err(error) = send(&mut io, response, false, write_timeout).await {
+                tracing::debug!(client = %conn.peer, %error, "client gone before its 101");
+                return;
+            }
+            // The tunnel gets a task of its own, sized for the tunnel alone: this one also had to hold
+            // the handshake's state, which an idle tunnel would otherwise carry for its whole life.
+            io.start_tunnel(splice, early, conn, shared);
+        }
+        Answer::Response(response) => {
+            // A refusal wsgate made before routing closes the connection (`ProxyError::BadRequest`):
+            // whatever follows the head is not read.
+            let close = close_after || has_token(response.headers(), header::CONNECTION, "close");
+            if send(&mut io, response, close, write_timeout).await.is_err() || close {
+                return;
+            }
+            conn.phase.idle();
+            let io = Replay::new(io, early);
+            Box::pin(serve_http(io, conn, shared, &config)).await;
+        }
+    }
+}
+
+/// Resolves when the client closes its side (EOF or error) while its upgrade waits on a backend. A
+/// client that sends bytes meanwhile (frames behind its request) is not watched further: they stay
+/// unread in the socket for the tunnel. Under TLS the bytes peeked are records: a client's `close_notify`
+/// counts as bytes, so a TLS client that hangs up is noticed only by the handshake timeout.
+async fn hung_up(stream: &TcpStream) {
+    let mut probe = [0u8; 1];
+    match stream.peek(&mut probe).await {
+        Ok(0) | Err(_) => {}
+        Ok(_) => std::future::pending().await,
+    }
+}
+
+/// Writes a whole response: the 101, or a refusal whose body is already in memory.
+async fn send<S: AsyncWrite + Unpin>(
+    io: &mut S,
+    response: Response<ProxyBody>,
+    close: bool,
+    timeout: Duration,
+) -> std::io::Result<()> {
+    let (parts, body) = response.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map_err(std::io::Error::other)?
+        .to_bytes();
+    let bytes = encode(parts.status, &parts.headers, &body, close);
+    let written = async {
+        io.write_all(&bytes).await?;
+        // A TLS session holds what was written until flushed.
+        io.flush().await
+    };
+    tokio::time::timeout(timeout, written)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "client write timed out"))?
+}

@@ -1,0 +1,135 @@
+//! How a tunnel ends: one `EndReason` per row of the ending table (docs/ARCHITECTURE.md, "How a tunnel
+//! ends"), with its metric label and the Close frames wsgate itself sends to each side. The tunnel
+//! (`tunnel.rs`) decides which row applies; this table alone says what each row means on the wire.
+
+/// Why a tunnel ended: one value per row of DESIGN.md's table "How a tunnel ends".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndReason {
+    ClientClose,
+    BackendClose,
+    ClientGone,
+    BackendGone,
+    PongTimeout,
+    BackendPongTimeout,
+    IdleTimeout,
+    MessageTooBig,
+    ProtocolError,
+    BackendProtocolError,
+    MaxLifetime,
+    Shutdown,
+    /// The client took nothing of what was written to it for `send_timeout`.
+    ClientStalled,
+    /// The backend took nothing of what was written to it for `send_timeout`.
+    BackendStalled,
+}
+
+impl EndReason {
+    /// The `reason` label of `wsgate_ws_closes_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            EndReason::ClientClose => "client_close",
+            EndReason::BackendClose => "backend_close",
+            EndReason::ClientGone => "client_gone",
+            EndReason::BackendGone => "backend_gone",
+            EndReason::PongTimeout => "pong_timeout",
+            EndReason::BackendPongTimeout => "backend_pong_timeout",
+            EndReason::IdleTimeout => "idle_timeout",
+            EndReason::MessageTooBig => "message_too_big",
+            EndReason::ProtocolError => "protocol_error",
+            EndReason::BackendProtocolError => "backend_protocol_error",
+            EndReason::MaxLifetime => "max_lifetime",
+            EndReason::Shutdown => "shutdown",
+            EndReason::ClientStalled => "client_stalled",
+            EndReason::BackendStalled => "backend_stalled",
+        }
+    }
+
+    /// The Close wsgate itself sends to (client, backend) for this ending; `None` where a Close is only forwarded
+    /// or the side is gone.
+    pub(super) fn own_closes(self) -> (OwnClose, OwnClose) {
+        const GOING_AWAY: u16 = 1001;
+        match self {
+            EndReason::ClientClose | EndReason::BackendClose => (None, None),
+            EndReason::ClientGone => (None, Some(&(GOING_AWAY, "client gone"))),
+            EndReason::BackendGone => (Some(&(1014, "backend gone")), None),
+            EndReason::PongTimeout => (
+                Some(&(GOING_AWAY, "pong timeout")),
+                Some(&(GOING_AWAY, "client not responding")),
+            ),
+            EndReason::BackendPongTimeout => (
+                Some(&(1014, "backend not responding")),
+                Some(&(GOING_AWAY, "pong timeout")),
+            ),
+            EndReason::IdleTimeout => (
+                Some(&(GOING_AWAY, "idle timeout")),
+                Some(&(GOING_AWAY, "idle timeout")),
+            ),
+            EndReason::MessageTooBig => (
+                Some(&(1009, "message too big")),
+                Some(&(GOING_AWAY, "client sent a message too big")),
+            ),
+            EndReason::ProtocolError => (
+                Some(&(1002, "protocol error")),
+                Some(&(GOING_AWAY, "client protocol error")),
+            ),
+            EndReason::BackendProtocolError => (
+                Some(&(1014, "backend protocol error")),
+                Some(&(1002, "protocol error")),
+            ),
+            EndReason::MaxLifetime => (
+                Some(&(GOING_AWAY, "max lifetime")),
+                Some(&(GOING_AWAY, "max lifetime")),
+            ),
+            EndReason::Shutdown => (
+                Some(&(GOING_AWAY, "going away")),
+                Some(&(GOING_AWAY, "going away")),
+            ),
+            // The stalled side gets its Close only if it starts reading within the close timeout.
+            EndReason::ClientStalled => (
+                Some(&(GOING_AWAY, "send timeout")),
+                Some(&(GOING_AWAY, "client not reading")),
+            ),
+            EndReason::BackendStalled => (
+                Some(&(GOING_AWAY, "backend not reading")),
+                Some(&(GOING_AWAY, "send timeout")),
+            ),
+        }
+    }
+}
+
+/// A Close of wsgate's own: code and reason. A reference to a constant, so waiting for its turn costs a
+/// tunnel one pointer per direction.
+pub(super) type OwnClose = Option<&'static (u16, &'static str)>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_own_close_reason_fits_a_close_frame_whole() {
+        use super::super::frame::MAX_OWN_PAYLOAD;
+        use EndReason::*;
+        let all = [
+            ClientClose,
+            BackendClose,
+            ClientGone,
+            BackendGone,
+            PongTimeout,
+            BackendPongTimeout,
+            IdleTimeout,
+            MessageTooBig,
+            ProtocolError,
+            BackendProtocolError,
+            MaxLifetime,
+            Shutdown,
+            ClientStalled,
+            BackendStalled,
+        ];
+        for reason in all {
+            let (to_client, to_backend) = reason.own_closes();
+            for (_, text) in to_client.into_iter().chain(to_backend) {
+                assert!(2 + text.len() <= MAX_OWN_PAYLOAD, "{reason:?}: {text:?}");
+            }
+        }
+    }
+}
