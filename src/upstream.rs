@@ -18,7 +18,6 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio_util::task::TaskTracker;
 
-use crate::balancer::BackendGuard;
 use crate::body::BoxError;
 use crate::config::split_host_port;
 
@@ -135,25 +134,26 @@ impl Upstream {
 }
 
 /// A backend's response body on its way to the client. When it has been read to the end, its connection
-/// goes back to the pool; the backend's live count is held until the body is done or dropped.
-pub struct UpstreamBody {
+/// goes back to the pool of `addr`; `held` (the backend's live-connection guard) is kept until the body is
+/// done or dropped.
+pub struct UpstreamBody<H> {
     inner: Incoming,
     reuse: Option<(Arc<Upstream>, String, Sender)>,
-    _guard: BackendGuard,
+    _held: H,
 }
 
-impl UpstreamBody {
+impl<H> UpstreamBody<H> {
     pub fn new(
         inner: Incoming,
         upstream: Arc<Upstream>,
+        addr: String,
         sender: Sender,
-        guard: BackendGuard,
-    ) -> UpstreamBody {
-        let addr = guard.backend().addr.clone();
+        held: H,
+    ) -> UpstreamBody<H> {
         UpstreamBody {
             inner,
             reuse: Some((upstream, addr, sender)),
-            _guard: guard,
+            _held: held,
         }
     }
 
@@ -164,7 +164,7 @@ impl UpstreamBody {
     }
 }
 
-impl Drop for UpstreamBody {
+impl<H> Drop for UpstreamBody<H> {
     fn drop(&mut self) {
         // hyper never polls a body that is empty from the start (204, 304, HEAD, `Content-Length: 0`):
         // such a response is complete all the same, and its connection reusable.
@@ -174,7 +174,7 @@ impl Drop for UpstreamBody {
     }
 }
 
-impl Body for UpstreamBody {
+impl<H: Unpin> Body for UpstreamBody<H> {
     type Data = Bytes;
     type Error = BoxError;
 

@@ -114,7 +114,9 @@ async fn proxy(
                 if let Some(cookie) = pool.sticky_cookie(&affinity, &backend, conn.tls) {
                     parts.headers.append(http::header::SET_COOKIE, cookie);
                 }
-                let body = UpstreamBody::new(incoming, Arc::clone(&shared.upstream), sender, guard);
+                let upstream = Arc::clone(&shared.upstream);
+                let body =
+                    UpstreamBody::new(incoming, upstream, backend.addr.clone(), sender, guard);
                 return (Ok(Response::from_parts(parts, body.boxed())), last_tried);
             }
             Ok(Err(mut error)) => match error.take_message() {
