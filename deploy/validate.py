@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Check the files under deploy/ for consistency with each other and with DESIGN.md.
+"""Check the files under deploy/ for consistency with each other and with wsgate's metric list
+(src/metrics.rs, docs/ARCHITECTURE.md "Metrics").
 
     python3 deploy/validate.py          (exit 0: all good, 1: problems found, 2: missing PyYAML)
 
@@ -7,7 +8,7 @@ What it checks:
   * every YAML (.yml/.yaml, all documents) and JSON file under deploy/ parses, and so does
     the TOML (deploy/wsgate.toml and the wsgate.toml inside the Kubernetes ConfigMap);
   * every metric named in a PromQL expression (alert rules, rule unit tests, Grafana panel
-    queries and template variables) is one of wsgate's metrics from DESIGN.md section 4
+    queries and template variables) is one of wsgate's metrics (src/metrics.rs)
     (histograms only through their _bucket/_sum/_count series), a process_* metric, or
     Prometheus' own `up`;
   * label matchers and by/on/... clauses use labels those metrics have, and fixed label
@@ -47,12 +48,13 @@ DEPLOY = Path(__file__).resolve().parent
 REPO = DEPLOY.parent
 
 # --------------------------------------------------------------------------------------
-# The metric interface, copied from DESIGN.md section 4. Keep in sync with it.
+# The metric interface, copied from src/metrics.rs (docs/ARCHITECTURE.md, "Metrics"). Keep in sync.
 # name -> (type, labels, {label: allowed values} for labels with a fixed set of values)
 # --------------------------------------------------------------------------------------
 CLOSE_REASONS = {
     "client_close", "backend_close", "client_gone", "backend_gone", "pong_timeout",
     "idle_timeout", "message_too_big", "protocol_error", "shutdown", "max_lifetime",
+    "backend_protocol_error", "backend_pong_timeout", "client_stalled", "backend_stalled",
 }
 DIRECTIONS = {"client_to_backend", "backend_to_client"}
 METRICS = {
@@ -208,7 +210,7 @@ def resolve_metric(name):
             return base, labels, enums, suffix == "_bucket"
     if name.startswith("process_") or name in PROMETHEUS_SERIES:
         return name, None, {}, False  # labels unknown: not checked
-    return f"unknown metric {name!r} (not in DESIGN.md section 4)"
+    return f"unknown metric {name!r} (not one of wsgate's metrics, src/metrics.rs)"
 
 
 def counted_here(selectors):

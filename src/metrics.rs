@@ -1,5 +1,5 @@
 //! Every metric wsgate exports, defined in one place (names and labels are part of the interface:
-//! DESIGN.md §4). Label values come only from the config (route, pool, backend, listener names) or from
+//! docs/ARCHITECTURE.md, "Metrics"). Label values come only from the config (route, pool, backend, listener names) or from
 //! fixed sets (status class, result, reason, direction), never from client input.
 
 use prometheus::{

@@ -1,4 +1,4 @@
-//! Balancing through real sockets (DESIGN.md §3): sticky keys agree across independent instances and move
+//! Balancing through real sockets (docs/ARCHITECTURE.md, "Balancing and health"): sticky keys agree across independent instances and move
 //! minimally when backends come and go, weights split keys, least-connections lets a restarted backend
 //! catch up, active and passive health take backends out and back, draining keeps live tunnels, and the
 //! sticky cookie carries the right flags.

@@ -1,4 +1,4 @@
-//! The tunnel over real sockets (DESIGN.md §2): keepalive, pass-through of control frames, every row of
+//! The tunnel over real sockets (docs/ARCHITECTURE.md, "The tunnel"): keepalive, pass-through of control frames, every row of
 //! "How a tunnel ends", backpressure, and no buffer while idle. Most tests put byte-level peers on both
 //! sides (`tunnel_support`), so they can check each byte wsgate forwards, drops or adds.
 

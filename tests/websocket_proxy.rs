@@ -483,7 +483,7 @@ async fn upgrade_moves_on_after_a_5xx_from_a_backend() {
     .await;
     let live = TestBackend::start("live").await;
     let (_gateway, addr) = gateway(&config_text(&[failing.addr, live.addr], "")).await;
-    // DESIGN.md §1: a 5xx before the 101 sends the upgrade to the next backend.
+    // docs/ARCHITECTURE.md, "Backend attempts": a 5xx before the 101 sends the upgrade to the next backend.
     for i in 0..16 {
         let mut ws = ws_connect(addr, &format!("/ws/{i}")).await;
         within("send", ws.send(Message::text("alive?")))

@@ -1,4 +1,4 @@
-//! Backends, pools and the choice of a backend for each new connection (DESIGN.md §3).
+//! Backends, pools and the choice of a backend for each new connection (docs/ARCHITECTURE.md, "Balancing and health").
 //!
 //! A backend's live-connection count is held by [`BackendGuard`]s: whoever proxies to a backend holds one,
 //! and dropping it (however the connection ends) releases the count, so the count cannot drift.

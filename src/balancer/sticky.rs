@@ -1,5 +1,6 @@
 //! Weighted rendezvous (highest random weight) hashing: maps a sticky key to a backend so that every wsgate
-//! instance with the same config agrees without talking to the others (DESIGN.md §3, §6).
+//! instance with the same config agrees without talking to the others (docs/ARCHITECTURE.md, "Balancing
+//! and health" and "Scaling past one machine").
 //!
 //! Each (key, backend) pair gets a score from a hash of the two; the key goes to the backend with the highest
 //! score among those available, and when that one is down, to the next in score order. Removing a backend

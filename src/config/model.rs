@@ -154,7 +154,7 @@ pub struct RouteConfig {
     pub websocket: WebSocketSettings,
 }
 
-/// Per-route settings of upgraded connections (DESIGN.md §2).
+/// Per-route settings of upgraded connections (docs/ARCHITECTURE.md, "The tunnel").
 #[derive(Debug, Clone, PartialEq)]
 pub struct WebSocketSettings {
     /// No data frame in either direction for this long ends the tunnel.
@@ -191,7 +191,7 @@ impl Default for WebSocketSettings {
     }
 }
 
-/// How a pool chooses the backend of a new connection (DESIGN.md §3).
+/// How a pool chooses the backend of a new connection (docs/ARCHITECTURE.md, "Balancing and health").
 #[derive(Debug, Clone, PartialEq)]
 pub enum Policy {
     /// Fewest live connections per unit of weight; ties broken at random.

@@ -2,7 +2,7 @@
 //! ends"), with its metric label and the Close frames wsgate itself sends to each side. The tunnel
 //! (`tunnel.rs`) decides which row applies; this table alone says what each row means on the wire.
 
-/// Why a tunnel ended: one value per row of DESIGN.md's table "How a tunnel ends".
+/// Why a tunnel ended: one value per row of the table "How a tunnel ends" (docs/ARCHITECTURE.md, README.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EndReason {
     ClientClose,

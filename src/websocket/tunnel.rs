@@ -1,4 +1,4 @@
-//! The frame-aware splice between a client and a backend after a successful upgrade (DESIGN.md §2).
+//! The frame-aware splice between a client and a backend after a successful upgrade (docs/ARCHITECTURE.md, "The tunnel").
 //!
 //! One task drives both directions over the two streams (raw `TcpStream`s, or a TLS session on the client
 //! side: see `transport.rs`): it waits for readiness, borrows a buffer,
@@ -899,7 +899,7 @@ mod tests {
         }
     }
 
-    /// Memory per idle tunnel is a figure wsgate competes on (DESIGN.md §2): the whole state of a tunnel is
+    /// Memory per idle tunnel is a figure wsgate competes on (BENCHMARKS.md): the whole state of a tunnel is
     /// its future, so its size is held to a bound.
     #[tokio::test]
     async fn the_tunnel_future_stays_small() {

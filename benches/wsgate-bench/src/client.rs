@@ -1,5 +1,6 @@
 //! Client-side helpers: TCP connects from spread loopback source addresses,
-//! WebSocket upgrades and single echo round trips, all under timeouts.
+//! WebSocket upgrades (plain, or inside TLS) and single echo round trips, all
+//! under timeouts.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::AsRawFd;
@@ -8,13 +9,18 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::timeout;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 pub type Ws = WebSocketStream<TcpStream>;
+/// A WebSocket inside a TLS session (`wss://`).
+pub type Wss = WebSocketStream<TlsStream<TcpStream>>;
 
 /// Source addresses 127.0.0.2 ..= 127.0.0.20.
 const SOURCE_IPS: u8 = 19;
@@ -82,8 +88,46 @@ pub async fn ws_connect(
     }
 }
 
+/// TCP connect, TLS handshake (SNI [`crate::tls::SERVER_NAME`]) and WebSocket
+/// upgrade inside it, to `wss://localhost:PORT/bench`, within `limit` as a whole.
+pub async fn wss_connect(
+    dst: SocketAddr,
+    src: IpAddr,
+    tls: TlsConnector,
+    cfg: WebSocketConfig,
+    limit: Duration,
+) -> Result<Wss, String> {
+    let fut = async {
+        let stream = tcp_connect(dst, src)
+            .await
+            .map_err(|e| format!("connect {dst}: {e}"))?;
+        let stream = tls
+            .connect(crate::tls::server_name(), stream)
+            .await
+            .map_err(|e| format!("TLS handshake {dst}: {e}"))?;
+        let url = format!("wss://{}:{}/bench", crate::tls::SERVER_NAME, dst.port());
+        let (ws, _resp) = tokio_tungstenite::client_async_with_config(url, stream, Some(cfg))
+            .await
+            .map_err(|e| format!("upgrade {dst} (TLS): {e}"))?;
+        Ok::<_, String>(ws)
+    };
+    match timeout(limit, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(format!(
+            "connect+TLS+upgrade {dst}: timed out after {limit:?}"
+        )),
+    }
+}
+
 /// Sends one binary message and waits for its echo (same length), within `limit`.
-pub async fn echo_once(ws: &mut Ws, payload: &Bytes, limit: Duration) -> Result<(), String> {
+pub async fn echo_once<S>(
+    ws: &mut WebSocketStream<S>,
+    payload: &Bytes,
+    limit: Duration,
+) -> Result<(), String>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let fut = async {
         ws.send(Message::Binary(payload.clone()))
             .await
@@ -118,7 +162,10 @@ pub async fn echo_once(ws: &mut Ws, payload: &Bytes, limit: Duration) -> Result<
 }
 
 /// Sends Close and waits (bounded) for the peer's Close and end of stream.
-pub async fn close(mut ws: Ws, limit: Duration) -> Result<(), String> {
+pub async fn close<S>(mut ws: WebSocketStream<S>, limit: Duration) -> Result<(), String>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let fut = async {
         ws.close(None).await.map_err(|e| format!("close: {e}"))?;
         while let Some(m) = ws.next().await {

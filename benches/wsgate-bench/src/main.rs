@@ -10,6 +10,7 @@ mod report;
 mod scenarios;
 mod soak;
 mod targets;
+mod tls;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -21,6 +22,7 @@ use crate::backend::Backend;
 use crate::report::{Record, Sink};
 use crate::scenarios::{Outcome, Scenario};
 use crate::targets::{Kind, Spec, Target};
+use crate::tls::TlsSetup;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -32,7 +34,8 @@ struct Args {
     /// Without a subcommand: the benchmark, with the options below.
     #[command(subcommand)]
     command: Option<Command>,
-    /// Scenarios: all, or a comma list of echo64, echo16k, echo1m, handshake, idle, http.
+    /// Scenarios: all, or a comma list of echo64, echo16k, echo1m, handshake, idle, http,
+    /// idle_tls (idle over TLS; not part of all, name it: `all,idle_tls`).
     #[arg(long, default_value = "all")]
     scenario: String,
     /// Targets, in the order they are interleaved within a run.
@@ -185,16 +188,27 @@ impl Drop for TempDir {
     }
 }
 
+/// A comma list of names; `all` (alone or in the list) stands for every name
+/// of `all`.
 fn parse_list<T>(s: &str, all: &[T], parse: fn(&str) -> Option<T>) -> Result<Vec<T>, String>
 where
-    T: Copy,
+    T: Copy + PartialEq,
 {
-    if s.trim() == "all" {
-        return Ok(all.to_vec());
+    let mut out: Vec<T> = Vec::new();
+    for w in s.split(',') {
+        let w = w.trim();
+        let add: Vec<T> = if w == "all" {
+            all.to_vec()
+        } else {
+            vec![parse(w).ok_or_else(|| format!("unknown name {w:?}"))?]
+        };
+        for x in add {
+            if !out.contains(&x) {
+                out.push(x);
+            }
+        }
     }
-    s.split(',')
-        .map(|w| parse(w.trim()).ok_or_else(|| format!("unknown name {w:?}")))
-        .collect()
+    Ok(out)
 }
 
 fn find_on_path(name: &str) -> Option<PathBuf> {
@@ -358,8 +372,34 @@ async fn measure(
             let hold = Duration::from_secs(args.idle_hold);
             scenarios::idle::run(addr, idle_conns, hold, probe).await
         }
+        Scenario::IdleTls => {
+            let hold = Duration::from_secs(args.idle_hold);
+            match (target.tls_addr, &target.spec.tls) {
+                (Some(tls_addr), Some(tls)) => {
+                    scenarios::idle::run_tls(tls_addr, tls, idle_conns, hold, probe).await
+                }
+                // The caller skips targets without a TLS listener.
+                _ => {
+                    let mut o = Outcome::default();
+                    o.note_error(format!("{} has no TLS listener", target.kind()));
+                    o
+                }
+            }
+        }
         Scenario::Http => scenarios::http::run(addr, 50, d, probe, wrk).await,
     }
+}
+
+/// Why `target` cannot run `sc`, if it cannot: a TLS scenario needs a TLS
+/// listener, which direct (plain-ws backends) never has.
+fn not_applicable(sc: Scenario, target: &Target) -> Option<String> {
+    if !sc.uses_tls() || target.tls_addr.is_some() {
+        return None;
+    }
+    Some(match target.kind() {
+        Kind::Direct => "not applicable (the backends speak plain ws; no TLS)".to_string(),
+        k => format!("skipped ({k} could not start with a TLS listener)"),
+    })
 }
 
 async fn run(args: Args) -> Result<(), String> {
@@ -417,6 +457,21 @@ async fn run(args: Args) -> Result<(), String> {
         }
     }
 
+    // A self-signed certificate, only when a scenario needs TLS, so that
+    // plain-only runs start the proxies exactly as before.
+    let tls = if scenario_list.iter().any(|s| s.uses_tls()) {
+        let t = TlsSetup::generate(&tmp.path.join("tls"))
+            .map_err(|e| format!("TLS certificate: {e}"))?;
+        eprintln!(
+            "TLS: self-signed certificate for {} in {}",
+            crate::tls::SERVER_NAME,
+            t.cert.display()
+        );
+        Some(t)
+    } else {
+        None
+    };
+
     let b1 = backend::start()
         .await
         .map_err(|e| format!("backend: {e}"))?;
@@ -468,10 +523,25 @@ async fn run(args: Args) -> Result<(), String> {
                 Kind::Wsgate => vec![("RUST_LOG".into(), args.wsgate_log.clone())],
                 _ => Vec::new(),
             },
+            tls: match kind {
+                Kind::Direct => None,
+                _ => tls.clone(),
+            },
         };
-        match Target::start(spec).await {
+        let mut started = Target::start(spec.clone()).await;
+        if let (Err(e), Some(_)) = (&started, &spec.tls) {
+            // Keep the plain scenarios: try again without the TLS listener.
+            skipped.push(format!(
+                "{kind}: no TLS listener, TLS scenarios skipped: {e}"
+            ));
+            started = Target::start(Spec { tls: None, ..spec }).await;
+        }
+        match started {
             Ok(t) => {
-                eprintln!("{kind} listening on {}", t.addr);
+                match t.tls_addr {
+                    Some(a) => eprintln!("{kind} listening on {} and {a} (TLS)", t.addr),
+                    None => eprintln!("{kind} listening on {}", t.addr),
+                }
                 running.push(t);
             }
             Err(e) => skipped.push(format!("{kind} skipped: {e}")),
@@ -484,11 +554,20 @@ async fn run(args: Args) -> Result<(), String> {
         return Err("no target could be started".into());
     }
 
+    // Seconds per run: every scenario on every target it applies to.
     let per_run: u64 = scenario_list
         .iter()
-        .map(|sc| match sc {
-            Scenario::Idle => args.idle_hold + 5,
-            _ => args.duration + 1,
+        .map(|&sc| {
+            let secs = if sc.is_idle() {
+                args.idle_hold + 5
+            } else {
+                args.duration + 1
+            };
+            let n = running
+                .iter()
+                .filter(|t| not_applicable(sc, t).is_none())
+                .count();
+            secs * n as u64
         })
         .sum();
     eprintln!(
@@ -496,13 +575,21 @@ async fn run(args: Args) -> Result<(), String> {
         running.len(),
         scenario_list.len(),
         args.runs,
-        (per_run * args.runs as u64 * running.len() as u64).div_ceil(60)
+        (per_run * args.runs as u64).div_ceil(60)
     );
 
     let mut records: Vec<Record> = Vec::new();
+    let mut not_run: Vec<String> = Vec::new();
     for &sc in &scenario_list {
         for run in 1..=args.runs {
             for target in running.iter_mut() {
+                if let Some(why) = not_applicable(sc, target) {
+                    if run == 1 {
+                        eprintln!("[{sc}] {}: {why}", target.kind());
+                        not_run.push(format!("{}: {sc} {why}", target.kind()));
+                    }
+                    continue;
+                }
                 let down = target.check_alive();
                 if let Some(why) = &down {
                     eprintln!(
@@ -514,7 +601,7 @@ async fn run(args: Args) -> Result<(), String> {
                 // Memory per connection means something only from a fresh process: a proxy that already
                 // held thousands of connections keeps that memory for reuse, and a second idle run would
                 // measure next to nothing. So idle always starts from a restarted proxy.
-                if down.is_some() || sc == Scenario::Idle {
+                if down.is_some() || sc.is_idle() {
                     let spec = target.spec.clone();
                     target.stop();
                     match Target::start(spec).await {
@@ -543,7 +630,7 @@ async fn run(args: Args) -> Result<(), String> {
                 sink.write(&r)
                     .map_err(|e| format!("{}: {e}", out_path.display()))?;
                 records.push(r);
-                if sc == Scenario::Idle {
+                if sc.is_idle() {
                     settle(&backends, 200, Duration::from_secs(15)).await;
                 }
                 tokio::time::sleep(Duration::from_millis(300)).await;
@@ -556,7 +643,7 @@ async fn run(args: Args) -> Result<(), String> {
     let sc_names: Vec<&str> = scenario_list.iter().map(|s| s.name()).collect();
     let t_names: Vec<&str> = kinds.iter().map(|k| k.name()).collect();
     println!("{}", report::markdown(&records, &sc_names, &t_names));
-    for s in &skipped {
+    for s in skipped.iter().chain(&not_run) {
         println!("- {s}");
     }
     eprintln!("results: {}", out_path.display());
@@ -598,5 +685,17 @@ mod tests {
             vec![Scenario::Idle, Scenario::Http]
         );
         assert!(parse_list("nope", &Kind::ALL, Kind::parse).is_err());
+    }
+
+    #[test]
+    fn idle_tls_is_named_not_part_of_all() {
+        let p = |s| parse_list(s, &Scenario::ALL, Scenario::parse).unwrap();
+        assert!(!p("all").contains(&Scenario::IdleTls));
+        assert_eq!(p("idle,idle_tls"), vec![Scenario::Idle, Scenario::IdleTls]);
+        let all_tls = p("all,idle_tls");
+        assert_eq!(all_tls.len(), Scenario::ALL.len() + 1);
+        assert_eq!(all_tls.last(), Some(&Scenario::IdleTls));
+        assert!(Scenario::IdleTls.is_idle() && Scenario::IdleTls.uses_tls());
+        assert!(!Scenario::Idle.uses_tls());
     }
 }

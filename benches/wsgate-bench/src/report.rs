@@ -8,7 +8,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::scenarios::Outcome;
+use crate::scenarios::{Outcome, Scenario};
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Record {
@@ -158,7 +158,8 @@ fn summarize(rs: &[&Record]) -> Summary {
 }
 
 /// Markdown: per scenario, medians over runs per target, and wsgate's ratio
-/// to each other target (ops/s and ops per CPU-second; for idle, memory).
+/// to each other target (ops/s and ops per CPU-second; for idle and
+/// idle_tls, memory).
 pub fn markdown(records: &[Record], scenarios: &[&str], targets: &[&str]) -> String {
     let mut by: BTreeMap<(&str, &str), Vec<&Record>> = BTreeMap::new();
     for r in records {
@@ -181,7 +182,7 @@ pub fn markdown(records: &[Record], scenarios: &[&str], targets: &[&str]) -> Str
             let m = summarize(rs);
             let (r_ops, r_cpu) = match &ws {
                 Some(w) if *t != "wsgate" => {
-                    if *sc == "idle" {
+                    if Scenario::is_idle_name(sc) {
                         // Memory: wsgate's bytes per connection ÷ the target's
                         // (below 1 means wsgate holds less).
                         (
@@ -206,7 +207,7 @@ pub fn markdown(records: &[Record], scenarios: &[&str], targets: &[&str]) -> Str
                 fmt_num(m.ops_per_s),
                 fmt_num(m.p99_us),
                 fmt_num(m.ops_per_cpu_s),
-                if *t == "direct" && *sc == "idle" {
+                if *t == "direct" && Scenario::is_idle_name(sc) {
                     "na".into()
                 } else {
                     fmt_num(m.rss_per_conn)
@@ -216,9 +217,9 @@ pub fn markdown(records: &[Record], scenarios: &[&str], targets: &[&str]) -> Str
         }
     }
     s.push_str(
-        "\nRatios above 1 favour wsgate, except idle's `RSS` (wsgate's proxy memory per \
-         connection ÷ the target's: below 1 favours wsgate). idle's ops/s is the rate of \
-         opening connections.\n",
+        "\nRatios above 1 favour wsgate, except idle's and idle_tls's `RSS` (wsgate's proxy \
+         memory per connection ÷ the target's: below 1 favours wsgate). Their ops/s is the \
+         rate of opening connections (for idle_tls with a full TLS handshake each).\n",
     );
     s
 }
@@ -250,5 +251,21 @@ mod tests {
         let md = markdown(&rs, &["echo64"], &["wsgate", "nginx"]);
         assert!(md.contains("| echo64 | nginx |"), "{md}");
         assert!(md.contains("2.00×"), "{md}");
+    }
+
+    #[test]
+    fn idle_tls_compares_memory() {
+        let idle = |target: &str, rss: f64| {
+            let o = Outcome {
+                ops: 100,
+                duration_s: 1.0,
+                rss_per_conn_bytes: Some(rss),
+                ..Default::default()
+            };
+            Record::new(target, "idle_tls", 1, 1, o)
+        };
+        let rs = vec![idle("wsgate", 16_000.0), idle("nginx", 40_000.0)];
+        let md = markdown(&rs, &["idle_tls"], &["wsgate", "nginx"]);
+        assert!(md.contains("RSS 0.40×"), "{md}");
     }
 }

@@ -7,12 +7,13 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 use tokio::time::timeout;
 
 use crate::procstat::Probe;
+use crate::tls::{self, TlsSetup};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
@@ -57,12 +58,17 @@ pub struct Spec {
     pub dir: PathBuf,
     /// Extra environment for the process (wsgate's log filter).
     pub env: Vec<(String, String)>,
+    /// When set, the proxy gets a second listener, TLS with this certificate,
+    /// proxying to the same plain-ws backends (ignored for direct).
+    pub tls: Option<TlsSetup>,
 }
 
 /// A running target. For direct, `addr` is the first backend and there is no process.
 pub struct Target {
     pub spec: Spec,
     pub addr: SocketAddr,
+    /// The TLS listener, when the spec asks for one.
+    pub tls_addr: Option<SocketAddr>,
     proc: Option<ProcGuard>,
 }
 
@@ -87,12 +93,23 @@ impl Target {
         if spec.kind == Kind::Direct {
             return Ok(Target {
                 addr: spec.backends[0],
+                tls_addr: None,
                 spec,
                 proc: None,
             });
         }
-        let port = free_port().map_err(|e| format!("no free port: {e}"))?;
-        let addr: SocketAddr = SocketAddr::from(([127, 0, 0, 1], port));
+        // Both ports are held at once so that they differ, then released for the proxy.
+        let plain = bind_free()?;
+        let tls_sock = match spec.tls {
+            Some(_) => Some(bind_free()?),
+            None => None,
+        };
+        let local =
+            |l: &std::net::TcpListener| l.local_addr().map_err(|e| format!("no free port: {e}"));
+        let addr = local(&plain)?;
+        let tls_addr = tls_sock.as_ref().map(local).transpose()?;
+        drop((plain, tls_sock));
+        let listen = Listen { addr, tls_addr };
         let name = spec.kind.name();
         let conf_dir = spec.dir.join(name);
         std::fs::create_dir_all(&conf_dir).map_err(|e| format!("{}: {e}", conf_dir.display()))?;
@@ -106,7 +123,7 @@ impl Target {
                     "--threads".into(),
                     spec.threads.to_string(),
                 ];
-                (f.clone(), wsgate_config(&spec, addr), args)
+                (f.clone(), wsgate_config(&spec, listen), args)
             }
             Kind::Nginx => {
                 let f = conf_dir.join("nginx.conf");
@@ -118,12 +135,12 @@ impl Target {
                     "-e".into(),
                     conf_dir.join("error.log").display().to_string(),
                 ];
-                (f.clone(), nginx_config(&spec, addr, &conf_dir), args)
+                (f.clone(), nginx_config(&spec, listen, &conf_dir), args)
             }
             Kind::Haproxy => {
                 let f = conf_dir.join("haproxy.cfg");
                 let args = vec!["-f".into(), f.display().to_string(), "-db".into()];
-                (f.clone(), haproxy_config(&spec, addr), args)
+                (f.clone(), haproxy_config(&spec, listen), args)
             }
             Kind::Direct => unreachable!(),
         };
@@ -133,24 +150,41 @@ impl Target {
         let mut t = Target {
             spec,
             addr,
+            tls_addr,
             proc: Some(proc),
         };
         t.wait_ready(Duration::from_secs(15)).await?;
         Ok(t)
     }
 
-    /// Waits until `GET /` through the target answers 200.
+    /// Waits until `GET /` through the target answers 200 (on the TLS
+    /// listener too, when there is one).
     async fn wait_ready(&mut self, limit: Duration) -> Result<(), String> {
         let deadline = Instant::now() + limit;
         let mut last = String::from("not tried");
+        let mut plain_ok = false;
         while Instant::now() < deadline {
             if let Some(dead) = self.check_alive() {
                 return Err(dead);
             }
-            match http_get_status(self.addr, Duration::from_secs(2)).await {
-                Ok(200) => return Ok(()),
-                Ok(s) => last = format!("GET / answered {s}"),
-                Err(e) => last = e,
+            if !plain_ok {
+                match http_get_status(self.addr, Duration::from_secs(2)).await {
+                    Ok(200) => plain_ok = true,
+                    Ok(s) => last = format!("GET / answered {s}"),
+                    Err(e) => last = e,
+                }
+            }
+            if plain_ok {
+                match (self.tls_addr, &self.spec.tls) {
+                    (Some(a), Some(t)) => {
+                        match https_get_status(a, t, Duration::from_secs(2)).await {
+                            Ok(200) => return Ok(()),
+                            Ok(s) => last = format!("GET / over TLS answered {s}"),
+                            Err(e) => last = e,
+                        }
+                    }
+                    _ => return Ok(()),
+                }
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -167,38 +201,34 @@ impl Target {
     }
 }
 
-/// A port free on 127.0.0.1 right now (bound and released).
-pub fn free_port() -> std::io::Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?.port())
+/// A socket on a port free on 127.0.0.1 right now; its port is free again once it is dropped.
+fn bind_free() -> Result<std::net::TcpListener, String> {
+    std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("no free port: {e}"))
+}
+
+/// Where a proxy listens: plain, and TLS when its spec has a certificate.
+#[derive(Clone, Copy, Debug)]
+pub struct Listen {
+    pub addr: SocketAddr,
+    pub tls_addr: Option<SocketAddr>,
+}
+
+impl From<SocketAddr> for Listen {
+    fn from(addr: SocketAddr) -> Listen {
+        Listen {
+            addr,
+            tls_addr: None,
+        }
+    }
 }
 
 /// Minimal `GET /` with `Connection: close`; returns the status code.
 pub async fn http_get_status(addr: SocketAddr, limit: Duration) -> Result<u16, String> {
     let fut = async {
-        let mut s = TcpStream::connect(addr)
+        let s = TcpStream::connect(addr)
             .await
             .map_err(|e| format!("connect {addr}: {e}"))?;
-        s.write_all(b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
-            .await
-            .map_err(|e| format!("write: {e}"))?;
-        let mut buf = Vec::with_capacity(512);
-        let mut chunk = [0u8; 512];
-        loop {
-            let n = s.read(&mut chunk).await.map_err(|e| format!("read: {e}"))?;
-            if n == 0 || buf.len() > 64 * 1024 {
-                break;
-            }
-            buf.extend_from_slice(&chunk[..n]);
-            if buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                break;
-            }
-        }
-        let head = String::from_utf8_lossy(&buf);
-        head.split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse::<u16>().ok())
-            .ok_or_else(|| format!("bad response: {:?}", head.lines().next().unwrap_or("")))
+        get_status(s).await
     };
     match timeout(limit, fut).await {
         Ok(r) => r,
@@ -206,7 +236,74 @@ pub async fn http_get_status(addr: SocketAddr, limit: Duration) -> Result<u16, S
     }
 }
 
-pub fn wsgate_config(spec: &Spec, addr: SocketAddr) -> String {
+/// As [`http_get_status`], over TLS with `tls`'s client config.
+pub async fn https_get_status(
+    addr: SocketAddr,
+    tls: &TlsSetup,
+    limit: Duration,
+) -> Result<u16, String> {
+    let fut = async {
+        let s = TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect {addr}: {e}"))?;
+        let s = tls
+            .connector()
+            .connect(tls::server_name(), s)
+            .await
+            .map_err(|e| format!("TLS handshake with {addr}: {e}"))?;
+        get_status(s).await
+    };
+    match timeout(limit, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("GET / over TLS to {addr} timed out")),
+    }
+}
+
+async fn get_status<S: AsyncRead + AsyncWrite + Unpin>(mut s: S) -> Result<u16, String> {
+    s.write_all(b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+        .await
+        .map_err(|e| format!("write: {e}"))?;
+    let mut buf = Vec::with_capacity(512);
+    let mut chunk = [0u8; 512];
+    loop {
+        let n = s.read(&mut chunk).await.map_err(|e| format!("read: {e}"))?;
+        if n == 0 || buf.len() > 64 * 1024 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            break;
+        }
+    }
+    let head = String::from_utf8_lossy(&buf);
+    head.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse::<u16>().ok())
+        .ok_or_else(|| format!("bad response: {:?}", head.lines().next().unwrap_or("")))
+}
+
+/// The TLS listener's address and certificate, when the proxy gets one.
+fn tls_of(spec: &Spec, listen: Listen) -> Option<(SocketAddr, &TlsSetup)> {
+    listen.tls_addr.zip(spec.tls.as_ref())
+}
+
+/// A path as a quoted string for a config file (TOML, nginx and HAProxy all
+/// accept a double-quoted string with backslash escapes).
+fn quoted(p: &Path) -> String {
+    format!("{:?}", p.display().to_string())
+}
+
+pub fn wsgate_config(spec: &Spec, listen: impl Into<Listen>) -> String {
+    let listen = listen.into();
+    let tls_listener = match tls_of(spec, listen) {
+        None => String::new(),
+        Some((a, t)) => format!(
+            "\n[[listener]]\nname = \"bench-tls\"\nlisten = \"{a}\"\n\
+             tls = {{ certs = [ {{ cert = {}, key = {} }} ] }}\n",
+            quoted(&t.cert),
+            quoted(&t.key)
+        ),
+    };
     format!(
         r#"# generated by wsgate-bench
 workers = {threads}
@@ -214,7 +311,7 @@ workers = {threads}
 [[listener]]
 name = "bench"
 listen = "{addr}"
-
+{tls_listener}
 [[route]]
 name = "all"
 path_prefix = "/"
@@ -226,12 +323,13 @@ policy = "least_conn"
 backends = [ {{ addr = "{b1}" }}, {{ addr = "{b2}" }} ]
 "#,
         threads = spec.threads,
+        addr = listen.addr,
         b1 = spec.backends[0],
         b2 = spec.backends[1],
     )
 }
 
-pub fn nginx_config(spec: &Spec, addr: SocketAddr, dir: &Path) -> String {
+pub fn nginx_config(spec: &Spec, listen: impl Into<Listen>, dir: &Path) -> String {
     // As root the workers would drop to "nobody"; keep them as the caller.
     // SAFETY: geteuid has no preconditions.
     let user = if unsafe { libc::geteuid() } == 0 {
@@ -239,7 +337,16 @@ pub fn nginx_config(spec: &Spec, addr: SocketAddr, dir: &Path) -> String {
     } else {
         ""
     };
+    let listen = listen.into();
     let d = dir.display();
+    let tls_listen = match tls_of(spec, listen) {
+        None => String::new(),
+        Some((a, t)) => format!(
+            "\n        listen {a} ssl backlog=4096;\n        ssl_certificate {};\n        ssl_certificate_key {};",
+            quoted(&t.cert),
+            quoted(&t.key)
+        ),
+    };
     format!(
         r#"# generated by wsgate-bench
 {user}worker_processes {threads};
@@ -276,7 +383,7 @@ http {{
     }}
 
     server {{
-        listen {addr} backlog=4096;
+        listen {addr} backlog=4096;{tls_listen}
         location / {{
             proxy_pass http://echo;
             proxy_http_version 1.1;
@@ -292,6 +399,7 @@ http {{
 }}
 "#,
         threads = spec.threads,
+        addr = listen.addr,
         nofile = spec.nofile_hard,
         b1 = spec.backends[0],
         b2 = spec.backends[1],
@@ -304,7 +412,12 @@ pub fn haproxy_maxconn(nofile_hard: u64) -> u64 {
     (nofile_hard.saturating_sub(200) / 2).clamp(100, 40_000)
 }
 
-pub fn haproxy_config(spec: &Spec, addr: SocketAddr) -> String {
+pub fn haproxy_config(spec: &Spec, listen: impl Into<Listen>) -> String {
+    let listen = listen.into();
+    let tls_bind = match tls_of(spec, listen) {
+        None => String::new(),
+        Some((a, t)) => format!("\n    bind {a} ssl crt {} alpn http/1.1", quoted(&t.bundle)),
+    };
     format!(
         r#"# generated by wsgate-bench
 global
@@ -323,7 +436,7 @@ defaults
     http-reuse safe
 
 frontend bench
-    bind {addr}
+    bind {addr}{tls_bind}
     default_backend echo
 
 backend echo
@@ -332,6 +445,7 @@ backend echo
     server b2 {b2}
 "#,
         threads = spec.threads,
+        addr = listen.addr,
         maxconn = haproxy_maxconn(spec.nofile_hard),
         b1 = spec.backends[0],
         b2 = spec.backends[1],
@@ -476,6 +590,7 @@ mod tests {
             nofile_hard: 20000,
             dir: PathBuf::from("/tmp/x"),
             env: Vec::new(),
+            tls: None,
         }
     }
 
@@ -489,5 +604,38 @@ mod tests {
         assert!(n.contains("worker_processes 2;") && n.contains("least_conn;"));
         let h = haproxy_config(&spec(Kind::Haproxy), addr);
         assert!(h.contains("nbthread 2") && h.contains("balance leastconn"));
+    }
+
+    #[test]
+    fn a_tls_listener_is_added_only_with_a_certificate() {
+        let dir = std::env::temp_dir().join(format!("wsgate-bench-cfg-{}", std::process::id()));
+        let tls = TlsSetup::generate(&dir).unwrap();
+        let listen = Listen {
+            addr: "127.0.0.1:9999".parse().unwrap(),
+            tls_addr: Some("127.0.0.1:9998".parse().unwrap()),
+        };
+        let plain = Listen::from(listen.addr);
+        let mut with = spec(Kind::Wsgate);
+        with.tls = Some(tls.clone());
+        let without = spec(Kind::Wsgate);
+
+        let w = wsgate_config(&with, listen);
+        assert!(
+            w.contains("listen = \"127.0.0.1:9998\"\ntls = { certs = [ { cert = "),
+            "{w}"
+        );
+        assert!(w.contains(&tls.key.display().to_string()));
+        // A spec without a certificate gets no TLS listener, and neither does a
+        // plain-only address.
+        assert!(!wsgate_config(&without, listen).contains("9998"));
+        assert!(!wsgate_config(&with, plain).contains("tls"));
+
+        let n = nginx_config(&with, listen, Path::new("/tmp/x"));
+        assert!(n.contains("listen 127.0.0.1:9998 ssl backlog=4096;"), "{n}");
+        assert!(n.contains("ssl_certificate_key \""), "{n}");
+        let h = haproxy_config(&with, listen);
+        assert!(h.contains("bind 127.0.0.1:9998 ssl crt \""), "{h}");
+        assert!(h.contains("bundle.pem\" alpn http/1.1"), "{h}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -1,18 +1,27 @@
 //! Idle connections: open `conns` WebSocket connections (spread over source
 //! addresses), measure the proxy's RSS before and after, hold them, check that
 //! every one still echoes, close them. Ops are connections held; the rate is
-//! the opening rate and the latency that of the upgrades.
+//! the opening rate and the latency that of the upgrades (for `idle_tls`, TCP
+//! connect + TLS handshake + upgrade).
+//!
+//! [`run`] does it over plain `ws://`, [`run_tls`] over `wss://` (the proxy
+//! terminates TLS and talks plain ws to the backends); both are [`held`] with
+//! another connect function.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::stream;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_tungstenite::WebSocketStream;
 
 use super::{Outcome, Tally};
-use crate::client::{self, Ws};
+use crate::client;
 use crate::procstat::Probe;
+use crate::tls::TlsSetup;
 
 const CONNECT_LIMIT: Duration = Duration::from_secs(10);
 const ECHO_LIMIT: Duration = Duration::from_secs(10);
@@ -22,24 +31,62 @@ const OPEN_PHASE_LIMIT: Duration = Duration::from_secs(180);
 const PARALLEL: usize = 200;
 const SETTLE: Duration = Duration::from_secs(1);
 
+/// Idle connections over plain `ws://` to `addr`.
 pub async fn run(addr: SocketAddr, conns: usize, hold: Duration, probe: Probe) -> Outcome {
+    let cfg = client::ws_config(4096);
+    held(conns, hold, probe, move || {
+        client::ws_connect(addr, client::next_source(), cfg, CONNECT_LIMIT)
+    })
+    .await
+}
+
+/// Idle connections over `wss://` to `addr`, a TLS listener with `tls`'s certificate.
+pub async fn run_tls(
+    addr: SocketAddr,
+    tls: &TlsSetup,
+    conns: usize,
+    hold: Duration,
+    probe: Probe,
+) -> Outcome {
+    let cfg = client::ws_config(4096);
+    let connector = tls.connector();
+    held(conns, hold, probe, move || {
+        client::wss_connect(
+            addr,
+            client::next_source(),
+            connector.clone(),
+            cfg,
+            CONNECT_LIMIT,
+        )
+    })
+    .await
+}
+
+/// The measurement itself; `connect` opens one WebSocket connection (bounded
+/// by its own timeout) each time it is called.
+async fn held<S, C, F>(conns: usize, hold: Duration, probe: Probe, connect: C) -> Outcome
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    C: Fn() -> F,
+    F: Future<Output = Result<WebSocketStream<S>, String>>,
+{
     let mut out = Outcome {
         connections: conns as u64,
         ..Default::default()
     };
     let rss_before = probe.rss();
-    let cfg = client::ws_config(4096);
+    let connect = &connect;
 
     let cpu0 = probe.cpu_s();
     let start = Instant::now();
     let open_deadline = start + OPEN_PHASE_LIMIT;
-    let results: Vec<Result<(Ws, u64), String>> = stream::iter(0..conns)
+    let results: Vec<Result<(WebSocketStream<S>, u64), String>> = stream::iter(0..conns)
         .map(|_| async move {
             if Instant::now() > open_deadline {
                 return Err(format!("opening took over {OPEN_PHASE_LIMIT:?}; gave up"));
             }
             let t0 = Instant::now();
-            let ws = client::ws_connect(addr, client::next_source(), cfg, CONNECT_LIMIT).await?;
+            let ws = connect().await?;
             Ok((ws, t0.elapsed().as_micros() as u64))
         })
         .buffer_unordered(PARALLEL)
@@ -72,7 +119,7 @@ pub async fn run(addr: SocketAddr, conns: usize, hold: Duration, probe: Probe) -
 
     // Every held connection must still echo.
     let payload = Bytes::from_static(b"still-there-0123");
-    let checked: Vec<(Ws, Result<(), String>)> = stream::iter(open)
+    let checked: Vec<(WebSocketStream<S>, Result<(), String>)> = stream::iter(open)
         .map(|mut ws| {
             let payload = payload.clone();
             async move {
