@@ -49,7 +49,11 @@ pub async fn start(addr: SocketAddr, shared: Arc<Shared>) -> std::io::Result<Soc
                 let connection = http1::Builder::new()
                     .keep_alive(false)
                     .serve_connection(TokioIo::new(stream), service);
-                let _ = tokio::time::timeout(ADMIN_TIMEOUT, connection).await;
+                // A scraper's connection must not hold a shutdown up: it is dropped when one starts.
+                tokio::select! {
+                    _ = tokio::time::timeout(ADMIN_TIMEOUT, connection) => {}
+                    _ = shared2.shutdown.cancelled() => {}
+                }
             });
         }
     });

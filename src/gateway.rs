@@ -149,9 +149,9 @@ impl Gateway {
             Ok(config) => self.reload(config).await,
             Err(errors) => Err(errors.into()),
         };
-        if let Err(error) = &result
-            && matches!(error, ReloadError::Config(_))
-        {
+        // `reload` counts and logs everything else; a file that does not check out stops before it.
+        if let Err(ReloadError::Config(errors)) = &result {
+            tracing::error!(file = %path.display(), %errors, "reload refused; the running config stays");
             self.shared
                 .metrics
                 .config_reloads
@@ -271,9 +271,10 @@ impl Gateway {
         let drain = self.shared.state.load().config.timeouts.drain;
         self.shared.ready.store(false, Ordering::Relaxed);
         self.shared.shutdown.cancel();
-        // Idle pooled backend connections are closed now: their tasks are tracked too.
-        self.shared.upstream.retain(|_| false);
+        // Closed first, so no backend connection is pooled from now on (`Upstream::checkin`); then the
+        // idle pooled ones are closed: their tasks are tracked too.
         self.shared.tasks.close();
+        self.shared.upstream.retain(|_| false);
         if tokio::time::timeout(drain, self.shared.tasks.wait())
             .await
             .is_err()

@@ -10,9 +10,9 @@ use wsgate::{Config, Gateway};
 
 mod demo;
 
-/// An idle tunnel is three long-lived allocations of wsgate's and tokio's, two of them 128-byte aligned;
-/// jemalloc's size classes hold them with less waste than glibc's malloc: 2.0 KB of memory per idle
-/// tunnel against 2.35 KB (BENCHMARKS.md). `--no-default-features` builds with the system allocator.
+/// An idle tunnel is a few long-lived allocations of wsgate's and tokio's, some of them cache-line aligned;
+/// jemalloc's size classes hold them with less waste than glibc's malloc (BENCHMARKS.md has the figures).
+/// `--no-default-features` builds with the system allocator.
 #[cfg(all(feature = "jemalloc", not(target_env = "msvc")))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;

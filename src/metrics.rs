@@ -116,7 +116,7 @@ impl Metrics {
             ),
             ws_handshake_duration: histogram(
                 "wsgate_ws_handshake_duration_seconds",
-                "From the client's upgrade request to the 101 sent back",
+                "From the client's upgrade request routed to the backend's checked 101",
                 &["route"],
                 LATENCY_BUCKETS,
             ),

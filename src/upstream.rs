@@ -116,7 +116,9 @@ impl Upstream {
 
     /// Returns a connection whose last response has been read completely.
     pub fn checkin(&self, addr: &str, sender: Sender) {
-        if sender.is_closed() {
+        // Once the gateway shuts down (its tracker closed), a connection is not kept for later: its
+        // task would hold the shutdown up until the drain timeout.
+        if sender.is_closed() || self.tasks.is_closed() {
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());

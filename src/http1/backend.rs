@@ -1,7 +1,7 @@
 //! wsgate as the client of a backend for the WebSocket opening handshake, spoken directly on the socket:
 //! one write for the request head, `httparse` for the answer.
 //!
-//! A general HTTP client would cost a connection task, a channel and two 8 KiB buffers per handshake, all
+//! A general HTTP client would cost a connection task, a channel and two buffers per handshake, all
 //! thrown away once the answer is a 101 — a handshake's whole job. Here the answer head is read into one
 //! small buffer; bytes the backend sent behind its 101 stay with the tunnel. A refusal (any other status)
 //! is read whole, up to `MAX_RELAYED_BODY`, and relayed as it is.

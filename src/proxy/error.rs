@@ -62,7 +62,7 @@ impl ProxyError {
         }
     }
 
-    /// The error's name in logs (`error` field of the access event).
+    /// The error's name: the `error` field of the event `log` writes.
     pub fn label(&self) -> &'static str {
         match self {
             ProxyError::BadRequest(_) => "bad_request",

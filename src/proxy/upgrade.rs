@@ -146,14 +146,21 @@ async fn connect_and_send(
 ) -> Result<(BackendGuard, BackendAnswer), ProxyError> {
     let pool = &route.pool;
     let mut attempts = Attempts::new(pool, affinity);
+    // The last server error passed over for another backend: relayed if no other backend answers.
+    let mut passed_over: Option<(BackendGuard, BackendAnswer)> = None;
+    let give_up =
+        |passed_over: Option<(BackendGuard, BackendAnswer)>, error| passed_over.ok_or(error);
     loop {
-        let guard = attempts.next()?;
+        let guard = match attempts.next() {
+            Ok(guard) => guard,
+            Err(error) => return give_up(passed_over, error),
+        };
         let stream = match upstream::connect(&guard.backend().addr, config.timeouts.connect).await {
             Ok(stream) => stream,
-            Err(error) => {
-                attempts.unreachable(&guard, &error)?;
-                continue;
-            }
+            Err(error) => match attempts.unreachable(&guard, &error) {
+                Ok(()) => continue,
+                Err(error) => return give_up(passed_over, error),
+            },
         };
         let timeout = config.timeouts.handshake;
         let answer = tokio::time::timeout(timeout, send_upgrade(stream, request))
@@ -170,6 +177,7 @@ async fn connect_and_send(
                 // remain; the last one's answer is relayed as it is.
                 if attempts.pass_over(&guard) {
                     tracing::warn!(pool = %pool.name, backend = %guard.backend().addr, status = response.status().as_u16(), "backend answered the upgrade with a server error; trying the next one");
+                    passed_over = answer.ok().map(|answer| (guard, answer));
                     continue;
                 }
             }

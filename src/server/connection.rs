@@ -5,10 +5,10 @@
 //! machinery (its read buffer, a write buffer, an upgrade channel and a second task for the tunnel) is set
 //! up only to be thrown away after one request, and its buffers, freed while the tunnel's state stays,
 //! leave the heap fragmented: idle tunnels cost more memory than they hold. So the first request head is
-//! read here into a small buffer; an upgrade (GET, HTTP/1.1) is checked, handshaken and tunnelled in this
-//! same task, over a plain socket and a TLS session alike. Anything else (other requests, malformed heads,
-//! bodies, refusals' follow-ups) goes to hyper with the bytes already read replayed in front of the
-//! stream, so HTTP behaviour, error answers included, stays hyper's.
+//! read here into a small buffer; an upgrade (GET, HTTP/1.1) is checked and handshaken in this same task,
+//! over a plain socket and a TLS session alike, and its tunnel started on a task of its own. Anything
+//! else (other requests, malformed heads, bodies, refusals' follow-ups) goes to hyper with the bytes
+//! already read replayed in front of the stream, so HTTP behaviour, error answers included, stays hyper's.
 
 use std::sync::Arc;
 use std::time::Duration;

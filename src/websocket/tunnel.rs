@@ -182,11 +182,15 @@ struct Half {
     abandoned: bool,
     /// Bytes were written to `dst` since its last flush.
     unflushed: bool,
+    /// The chunk in `out` carries data-frame payload: writing it on is activity (control frames and
+    /// empty fragments are not, as reading them is not).
+    out_has_data: bool,
     /// Since when writes to `dst` have been blocked with bytes waiting (peer bytes or wsgate's own frame),
     /// with no progress: `send_timeout` after it, `dst` is taken to have stopped reading.
     blocked_since: Option<Mark>,
     /// Bytes `src` sent behind its handshake, read by the HTTP layer: scanned before the socket is read.
-    /// Boxed: usually there are none, and an empty `Bytes` inline would cost every tunnel 48 bytes.
+    /// Boxed: usually there are none, and an empty `Bytes` inline would cost every tunnel its size twice
+    /// over (one per direction).
     early: Option<Box<Bytes>>,
     traffic: Traffic,
 }
@@ -220,7 +224,8 @@ struct Step {
     progressed: bool,
     /// Bytes went out to `dst`.
     wrote: bool,
-    /// Bytes `src` sent went out to `dst` (activity, unlike wsgate's own frames).
+    /// Data-frame bytes `src` sent went out to `dst` (activity, unlike control frames and wsgate's own
+    /// frames).
     forwarded: bool,
     /// A write or flush to `dst` could not complete: `dst` is not taking bytes right now.
     blocked: bool,
@@ -243,6 +248,7 @@ impl Half {
             abandoned: false,
             close: None,
             unflushed: false,
+            out_has_data: false,
             blocked_since: None,
             early: (!early.is_empty()).then(|| Box::new(early)),
             scanner,
@@ -299,7 +305,7 @@ impl Half {
                         out.start += n as u32;
                         step.progressed = true;
                         step.wrote = true;
-                        step.forwarded = true;
+                        step.forwarded = self.out_has_data;
                         if out.start == out.end {
                             self.out = None;
                             self.unflushed = true;
@@ -435,6 +441,7 @@ impl Half {
         self.traffic.frames += u64::from(scan.frames);
         if self.forwarding && scan.out_len > 0 {
             self.traffic.bytes += scan.out_len as u64;
+            self.out_has_data = scan.data;
             self.out = Some(Pending {
                 buf,
                 start: 0,
@@ -723,8 +730,9 @@ impl<C: Transport, B: Transport, X: TunnelContext> Tunnel<C, B, X> {
         {
             return self.end(EndReason::BackendStalled, now);
         }
-        // Activity is progress: data read from a peer, or peer bytes written on (`after_step`). Bytes
-        // waiting to be written are not, nor is a ping of wsgate's own waiting for a frame boundary.
+        // Activity is progress: data read from a peer, or a peer's data-frame bytes written on
+        // (`after_step`). Bytes waiting to be written are not, nor are control frames (the peers' pings
+        // and pongs pass through without keeping a tunnel open), nor a ping of wsgate's own.
         if now >= self.last_data + settings.idle_timeout {
             return self.end(EndReason::IdleTimeout, now);
         }
