@@ -33,7 +33,7 @@ use crate::http1::response::encode;
 use crate::http1::{FIRST_READ, client_head_limit};
 use crate::proxy::{self, Answer, Splice};
 use crate::state::Shared;
-use crate::websocket::Buffered;
+use crate::websocket::{Buffered, Transport};
 
 /// Serves an accepted connection until it closes or is upgraded; `tls` is the listener's acceptor.
 pub async fn serve(
@@ -76,49 +76,53 @@ async fn serve_tls(
 
 /// A client stream wsgate can serve: a plain socket (`ClientIo`) or a TLS session over one.
 pub trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send + Sized + 'static {
+    /// What the tunnel relays on once the stream has been sent its 101.
+    type Tunnelled: Transport + 'static;
+
     /// The TCP socket underneath.
     fn socket(&self) -> &TcpStream;
 
-    /// Starts the tunnel between this stream, which has been sent its 101, and the backend of `splice`,
-    /// as a task of its own. `early`: what the client sent behind its upgrade request.
-    fn start_tunnel(self, splice: Splice, early: Bytes, conn: Arc<ClientConn>, shared: Arc<Shared>);
+    fn into_tunnelled(self) -> Self::Tunnelled;
 }
 
 impl ClientStream for ClientIo {
+    /// The raw socket: readiness tells the tunnel when data is there, so an idle tunnel holds no read
+    /// buffer (`websocket::transport`).
+    type Tunnelled = TcpStream;
+
     fn socket(&self) -> &TcpStream {
         self.stream()
     }
 
-    /// The tunnel takes the raw socket: readiness tells it when data is there, so an idle tunnel holds
-    /// no read buffer (`websocket::transport`).
-    fn start_tunnel(
-        self,
-        splice: Splice,
-        early: Bytes,
-        conn: Arc<ClientConn>,
-        shared: Arc<Shared>,
-    ) {
-        let tunnel = splice.run(self.into_stream(), early, conn, Arc::clone(&shared));
-        shared.tasks.spawn(tunnel);
+    fn into_tunnelled(self) -> TcpStream {
+        self.into_stream()
     }
 }
 
 impl ClientStream for TlsStream<ClientIo> {
+    /// The TLS session over `ClientIo`, whose timers are off once upgraded.
+    type Tunnelled = Buffered<TlsStream<ClientIo>>;
+
     fn socket(&self) -> &TcpStream {
         self.get_ref().0.stream()
     }
 
-    /// The tunnel keeps the TLS session over `ClientIo`, whose timers are off once upgraded.
-    fn start_tunnel(
-        self,
-        splice: Splice,
-        early: Bytes,
-        conn: Arc<ClientConn>,
-        shared: Arc<Shared>,
-    ) {
-        let tunnel = splice.run(Buffered(self), early, conn, Arc::clone(&shared));
-        shared.tasks.spawn(tunnel);
+    fn into_tunnelled(self) -> Self::Tunnelled {
+        Buffered(self)
     }
+}
+
+/// Starts the tunnel between `io`, which has been sent its 101, and the backend of `splice`, as a task
+/// of its own, sized for the tunnel alone. `early`: what the client sent behind its upgrade request.
+pub fn start_tunnel<S: ClientStream>(
+    io: S,
+    splice: Splice,
+    early: Bytes,
+    conn: Arc<ClientConn>,
+    shared: Arc<Shared>,
+) {
+    let tunnel = splice.run(io.into_tunnelled(), early, conn, Arc::clone(&shared));
+    shared.tasks.spawn(tunnel);
 }
 
 /// Serves a connection's first request here if it is an upgrade, and everything else through hyper.
@@ -175,7 +179,7 @@ async fn first_request<S: ClientStream>(
             }
             // The tunnel gets a task of its own, sized for the tunnel alone: this one also had to hold
             // the handshake's state, which an idle tunnel would otherwise carry for its whole life.
-            io.start_tunnel(splice, early, conn, shared);
+            start_tunnel(io, splice, early, conn, shared);
         }
         Answer::Response(response) => {
             // A refusal wsgate made before routing closes the connection (`ProxyError::BadRequest`):

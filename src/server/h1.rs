@@ -19,7 +19,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
 use super::client_io::Replay;
-use super::connection::ClientStream;
+use super::connection::{ClientStream, start_tunnel};
 use crate::body::{BoxError, ProxyBody};
 use crate::config::Config;
 use crate::conn::ClientConn;
@@ -119,7 +119,7 @@ async fn take_over<S: ClientStream>(
     } else {
         [unread, parts.read_buf].concat().into()
     };
-    io.start_tunnel(splice, early, conn, shared);
+    start_tunnel(io, splice, early, conn, shared);
 }
 
 /// A response body that marks the connection idle once the response is fully sent (or abandoned), so the

@@ -24,6 +24,25 @@ pub enum EndReason {
 }
 
 impl EndReason {
+    /// Every ending, in the order of the table. A new variant goes here too (the tests below check the
+    /// list against the documented tables).
+    pub const ALL: [EndReason; 14] = [
+        EndReason::ClientClose,
+        EndReason::BackendClose,
+        EndReason::ClientGone,
+        EndReason::BackendGone,
+        EndReason::PongTimeout,
+        EndReason::BackendPongTimeout,
+        EndReason::IdleTimeout,
+        EndReason::MessageTooBig,
+        EndReason::ProtocolError,
+        EndReason::BackendProtocolError,
+        EndReason::MaxLifetime,
+        EndReason::Shutdown,
+        EndReason::ClientStalled,
+        EndReason::BackendStalled,
+    ];
+
     /// The `reason` label of `wsgate_ws_closes_total`.
     pub fn label(self) -> &'static str {
         match self {
@@ -108,27 +127,33 @@ mod tests {
     #[test]
     fn every_own_close_reason_fits_a_close_frame_whole() {
         use super::super::frame::MAX_OWN_PAYLOAD;
-        use EndReason::*;
-        let all = [
-            ClientClose,
-            BackendClose,
-            ClientGone,
-            BackendGone,
-            PongTimeout,
-            BackendPongTimeout,
-            IdleTimeout,
-            MessageTooBig,
-            ProtocolError,
-            BackendProtocolError,
-            MaxLifetime,
-            Shutdown,
-            ClientStalled,
-            BackendStalled,
-        ];
-        for reason in all {
+        for reason in EndReason::ALL {
             let (to_client, to_backend) = reason.own_closes();
             for (_, text) in to_client.into_iter().chain(to_backend) {
                 assert!(2 + text.len() <= MAX_OWN_PAYLOAD, "{reason:?}: {text:?}");
+            }
+        }
+    }
+
+    /// `ALL` is kept by hand: distinct labels, and every one in the ending tables operators read.
+    #[test]
+    fn every_ending_is_listed_once_and_documented() {
+        let labels: std::collections::BTreeSet<_> =
+            EndReason::ALL.iter().map(|r| r.label()).collect();
+        assert_eq!(labels.len(), EndReason::ALL.len(), "a label is repeated");
+        let docs = [
+            ("README.md", include_str!("../../README.md")),
+            (
+                "docs/ARCHITECTURE.md",
+                include_str!("../../docs/ARCHITECTURE.md"),
+            ),
+        ];
+        for label in labels {
+            for (file, text) in docs {
+                assert!(
+                    text.contains(&format!("`{label}`")),
+                    "{file} does not list `{label}`"
+                );
             }
         }
     }
