@@ -176,7 +176,7 @@ pub fn scanner(from_client: bool) -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
-/// A valid config from tests/config_errors.rs.
+/// A valid config from tests/it/config_errors.rs.
 const BASE: &str = r#"[[listener]]
 name = "main"
 listen = "127.0.0.1:0"

@@ -1,14 +1,12 @@
 //! Operating wsgate: Prometheus metrics and the admin endpoints, reload without dropping a connection,
 //! graceful shutdown, and the `wsgate` binary's signals.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -526,4 +524,26 @@ async fn the_binary_reloads_on_sighup_and_drains_on_sigterm() {
     let exit = within("wsgate to exit", child.wait()).await.expect("wait");
     assert!(exit.success(), "exit status {exit:?}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Every task the gateway starts is tracked and shutdown waits for them, so none may linger: not a pooled
+/// backend connection left by a finished request, not a scraper's idle connection to the admin listener.
+/// The drain timeout is long; shutdown must not need it.
+#[tokio::test]
+async fn shutdown_does_not_wait_for_pooled_backend_connections_or_idle_admin_clients() {
+    let backend = TestBackend::start("b1").await;
+    let admin = dead_addr();
+    let text = config_text(&[backend.addr], "")
+        + &format!("\n[admin]\nlisten = \"{admin}\"\n[timeouts]\ndrain = \"600s\"\n");
+    let (gateway, addr) = gateway(&text).await;
+    let admin = gateway.admin_addr().expect("admin listener");
+    for _ in 0..3 {
+        let (status, _, body) = http_get(addr, "/x").await;
+        assert_eq!(status, 200);
+        assert_eq!(body, "hello from b1");
+    }
+    let _idle_scraper = within("admin connect", tokio::net::TcpStream::connect(admin))
+        .await
+        .expect("admin connect");
+    within("shutdown", gateway.shutdown()).await;
 }

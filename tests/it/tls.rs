@@ -1,13 +1,11 @@
 //! TLS termination: `wss://` end to end, SNI picking the certificate, certificate errors naming the file,
 //! and certificates re-read on reload. Certificates are made by the test with rcgen.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use common::*;
+use crate::common::*;
 use futures_util::SinkExt;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::net::TcpStream;
@@ -267,6 +265,46 @@ async fn reload_rereads_certificates_and_refuses_broken_ones() {
     assert_eq!(
         presented(&tls_connect(&pki, addr, "site.test").await),
         Some(new_der)
+    );
+    gateway.shutdown().await;
+}
+
+/// Over TLS too, wsgate reads a connection's first request itself (`wss_works_end_to_end`), and an
+/// upgrade that follows other requests on the connection goes through hyper and is taken over from it.
+#[tokio::test]
+async fn a_wss_upgrade_after_a_request_on_the_same_connection_is_tunnelled() {
+    let pki = Pki::new();
+    let (cert, key, _) = pki.leaf("site", &["site.test"]);
+    let backend = TestBackend::start("b1").await;
+    let (gateway, addr) = gateway(&tls_config(backend.addr, &[(&cert, &key)])).await;
+    let mut tls = tls_connect(&pki, addr, "site.test").await;
+    raw_write(
+        &mut tls,
+        b"GET /ws/plain HTTP/1.1\r\nHost: site.test\r\n\r\n",
+    )
+    .await;
+    let response = read_response(&mut tls).await;
+    assert_eq!(response.status, 200);
+    assert_eq!(response.body_text(), "hello from b1");
+    let request = format!("wss://site.test:{}/ws/after", addr.port())
+        .into_client_request()
+        .expect("request");
+    let (mut ws, _) = within("upgrade", tokio_tungstenite::client_async(request, tls))
+        .await
+        .expect("upgrade after a request");
+    within("send", ws.send(Message::text("after a GET")))
+        .await
+        .expect("send");
+    assert_eq!(
+        next_tls_message(&mut ws).await,
+        Message::text("after a GET")
+    );
+    let targets: Vec<String> = backend.seen().into_iter().map(|s| s.target).collect();
+    assert_eq!(targets, ["/ws/plain", "/ws/after"]);
+    assert_eq!(
+        gateway.buffers_in_use(),
+        0,
+        "an idle TLS tunnel holds no read buffer"
     );
     gateway.shutdown().await;
 }

@@ -3,21 +3,18 @@
 //! wsgate's memory from a backend, holding connections by not reading, desyncing the frame stream,
 //! header spoofing, configs that pass `check` but break `run`), and checks it no longer does.
 
-mod common;
-mod tunnel_support;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use crate::common::*;
+use crate::tunnel_support::*;
 use bytes::Bytes;
-use common::*;
 use http::{Response, StatusCode};
 use http_body_util::{BodyExt, StreamBody};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tunnel_support::*;
 
 /// Reads until the peer closes the connection (EOF or reset), discarding what arrives; fails the test
 /// if it is still open after `WAIT`.
@@ -137,7 +134,7 @@ async fn last_key_backend() -> (RawBackend, Arc<AtomicUsize>) {
             let answer = format!(
                 "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
                  Sec-WebSocket-Accept: {}\r\n\r\n",
-                tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes())
+                accept_key(&key)
             );
             let _ = stream.write_all(answer.as_bytes()).await;
             let mut sink = [0u8; 1024];
@@ -289,7 +286,9 @@ impl Drop for DropFlag {
     }
 }
 
-#[tokio::test]
+// Paused time (as for the two tunnel write stalls below): the clock moves only when every task waits, so
+// the stall is timed exactly, however loaded the machine.
+#[tokio::test(start_paused = true)]
 async fn a_client_that_stops_reading_a_response_loses_it_and_frees_the_backend() {
     let abandoned = Arc::new(AtomicBool::new(false));
     let flag = Arc::clone(&abandoned);
@@ -326,14 +325,24 @@ async fn a_client_that_stops_reading_a_response_loses_it_and_frees_the_backend()
     assert!(first.starts_with(b"HTTP/1.1 200"));
     // Then nothing more is read. wsgate's writes stall; after `send` it drops the client connection and
     // the backend request behind it.
-    let deadline = Instant::now() + WAIT;
+    let stalled = Instant::now();
+    let deadline = stalled + WAIT;
+    let poll = Duration::from_millis(20);
     while !abandoned.load(Ordering::SeqCst) {
         assert!(
             Instant::now() < deadline,
             "the backend response is still being sent"
         );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(poll).await;
     }
+    // The client's buffers were full at once (the download is as fast as wsgate takes it): dropped `send`
+    // later, as seen by this loop.
+    let send = Duration::from_millis(300);
+    let elapsed = stalled.elapsed();
+    assert!(
+        elapsed >= send && elapsed <= send + poll + TICK,
+        "the response was dropped {elapsed:?} after the client stopped reading"
+    );
     read_to_end(&mut stream).await;
 }
 
@@ -359,7 +368,7 @@ async fn next_close(stream: &mut (impl AsyncReadExt + Unpin), what: &str) -> Fra
     }
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_tunnel_whose_client_reads_nothing_ends_even_while_it_sends_pongs() {
     let backend = WsBackend::bind().await;
     let settings = r#"send_timeout = "500ms", ping_interval = "200ms", pong_timeout = "10s", idle_timeout = "60s""#;
@@ -370,6 +379,7 @@ async fn a_tunnel_whose_client_reads_nothing_ends_even_while_it_sends_pongs() {
     // used to count as a sign of life, and waiting bytes as activity: the tunnel lived forever).
     let pong = client.frame_bytes(true, OP_PONG, b"alive");
     let (mut server_read, mut server_write) = server.stream.into_split();
+    let started = Instant::now();
     let flood = tokio::spawn(async move {
         let frame = encode(true, 0, OP_BINARY, None, &vec![b'd'; 16 * 1024]);
         for _ in 0..65_536 {
@@ -390,12 +400,19 @@ async fn a_tunnel_whose_client_reads_nothing_ends_even_while_it_sends_pongs() {
     // What wsgate sends the backend: the client's pongs, then its Close 1001.
     let close = next_close(&mut server_read, "wsgate's Close to the backend").await;
     assert_eq!(close.close(), (1001, "client not reading".to_string()));
+    // The client's window was full at once (paused time: the flood takes no time), and wsgate gave up on
+    // it send_timeout later, pongs or not.
+    assert_at(
+        "wsgate's Close to the backend",
+        started.elapsed(),
+        Duration::from_millis(500),
+    );
     flood.abort();
     ponging.abort();
     wait_metric(&gateway, &closes("client_stalled", 1)).await;
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_tunnel_whose_backend_reads_nothing_ends() {
     let backend = WsBackend::bind().await;
     let settings = r#"send_timeout = "500ms", ping_interval = "0s", idle_timeout = "60s""#;
@@ -404,6 +421,7 @@ async fn a_tunnel_whose_backend_reads_nothing_ends() {
     // The backend reads nothing: the client's frames pile up until wsgate gives up on the backend.
     let frame = client.frame_bytes(true, OP_BINARY, &vec![b'u'; 16 * 1024]);
     let (mut client_read, mut client_write) = client.stream.into_split();
+    let started = Instant::now();
     let flood = tokio::spawn(async move {
         for _ in 0..65_536 {
             if client_write.write_all(&frame).await.is_err() {
@@ -413,6 +431,11 @@ async fn a_tunnel_whose_backend_reads_nothing_ends() {
     });
     let close = next_close(&mut client_read, "wsgate's Close to the client").await;
     assert_eq!(close.close(), (1001, "backend not reading".to_string()));
+    assert_at(
+        "wsgate's Close to the client",
+        started.elapsed(),
+        Duration::from_millis(500),
+    );
     flood.abort();
     wait_metric(&gateway, &closes("backend_stalled", 1)).await;
 }

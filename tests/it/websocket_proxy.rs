@@ -1,11 +1,9 @@
 //! WebSocket proxying through wsgate with real tokio-tungstenite peers: messages of every size class,
 //! fragmentation, pings, subprotocols, close codes, concurrency, balancing, and handshake errors.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use futures_util::{SinkExt, StreamExt};
 use http::header;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -446,8 +444,7 @@ async fn backend_refusal_reaches_the_client_with_its_body() {
 async fn bytes_right_behind_the_backend_101_reach_the_client() {
     let backend = RawBackend::start(|mut stream| async move {
         let (head, _) = read_head(&mut stream).await;
-        let accept =
-            tokio_tungstenite::tungstenite::handshake::derive_accept_key(key_of(&head).as_bytes());
+        let accept = accept_key(&key_of(&head));
         let mut answer = format!(
             "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Accept: {accept}\r\n\r\n"
@@ -570,7 +567,7 @@ async fn negotiated_extension_reaches_the_client_and_rsv1_frames_pass_both_ways(
                     .contains("sec-websocket-extensions: permessage-deflate"),
                 "{head}"
             );
-            let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key_of(&head).as_bytes());
+            let accept = accept_key(&key_of(&head));
             let mut answer = format!(
                 "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
                  Sec-WebSocket-Accept: {accept}\r\nSec-WebSocket-Extensions: permessage-deflate\r\n\r\n"

@@ -1,14 +1,12 @@
 //! Ordinary HTTP requests through wsgate: round trips, streamed bodies, header rewriting, routing misses,
 //! malformed and oversized requests, the client-side timeouts, backend failures, and backend keep-alive.
 
-mod common;
-
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use crate::common::*;
 use bytes::Bytes;
-use common::*;
 use http::{Request, Response, StatusCode};
 use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};

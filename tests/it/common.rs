@@ -32,6 +32,26 @@ pub async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
     }
 }
 
+/// The `Sec-WebSocket-Accept` answer to a `Sec-WebSocket-Key` (RFC 6455 §4.2.2): SHA-1 of the key and the
+/// protocol's GUID, in standard base64. Written here, independently of wsgate's own.
+pub fn accept_key(key: &str) -> String {
+    use base64::Engine;
+    use sha1::{Digest, Sha1};
+    let mut sha1 = Sha1::new();
+    sha1.update(key.as_bytes());
+    sha1.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+    base64::engine::general_purpose::STANDARD.encode(sha1.finalize())
+}
+
+#[test]
+fn accept_key_matches_the_rfc_example() {
+    // RFC 6455 §1.3.
+    assert_eq!(
+        accept_key("dGhlIHNhbXBsZSBub25jZQ=="),
+        "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+    );
+}
+
 /// What a backend saw of one request.
 #[derive(Debug, Clone)]
 pub struct Seen {
@@ -110,7 +130,7 @@ pub fn switching_protocols(key: &http::HeaderValue) -> Response<TestBody> {
     h.insert(header::CONNECTION, "Upgrade".parse().expect("static"));
     h.insert(
         header::SEC_WEBSOCKET_ACCEPT,
-        tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes())
+        accept_key(key.to_str().expect("an ASCII key"))
             .parse()
             .expect("base64"),
     );
@@ -233,9 +253,11 @@ pub async fn ws_connect(addr: SocketAddr, path: &str) -> Client {
 }
 
 pub async fn ws_connect_with(request: http::Request<()>) -> Client {
+    // TCP_NODELAY: each message goes out at once, not after a delayed ACK (a kernel timer, which paused
+    // time does not see).
     let (ws, _response) = within(
         "websocket connect",
-        tokio_tungstenite::connect_async(request),
+        tokio_tungstenite::connect_async_with_config(request, None, true),
     )
     .await
     .expect("websocket handshake");
@@ -360,7 +382,7 @@ pub fn dead_addr() -> SocketAddr {
 }
 
 /// Reads a request or response head (through the blank line); returns it and the bytes read past it.
-pub async fn read_head(stream: &mut TcpStream) -> (String, Vec<u8>) {
+pub async fn read_head<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> (String, Vec<u8>) {
     use tokio::io::AsyncReadExt;
     let mut data = Vec::new();
     let mut buf = [0u8; 4096];
@@ -404,7 +426,7 @@ impl RawResponse {
 }
 
 /// Reads one response (head, then a Content-Length, chunked, or read-to-close body; none for 1xx/204/304).
-pub async fn read_response(stream: &mut TcpStream) -> RawResponse {
+pub async fn read_response<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> RawResponse {
     use tokio::io::AsyncReadExt;
     let (head, mut rest) = read_head(stream).await;
     let mut lines = head.split("\r\n");
@@ -484,7 +506,7 @@ pub async fn read_response(stream: &mut TcpStream) -> RawResponse {
 }
 
 /// Writes `request` on `stream`, within the tests' wait.
-pub async fn raw_write(stream: &mut TcpStream, request: &[u8]) {
+pub async fn raw_write<S: tokio::io::AsyncWrite + Unpin>(stream: &mut S, request: &[u8]) {
     use tokio::io::AsyncWriteExt;
     within("write", stream.write_all(request))
         .await

@@ -7,15 +7,13 @@
 //! test's command), a WebSocket gets the server's name as its first message and then an echo, and `kill`
 //! drops every connection at once, like a crashed process.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::common::{self, WAIT, within};
 use bytes::Bytes;
-use common::{WAIT, within};
 use futures_util::{SinkExt, StreamExt};
 use http::{Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Empty, Full, combinators::BoxBody};
@@ -30,8 +28,7 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
-use wsgate::BackendStatus;
-use wsgate::{Config, Gateway};
+use wsgate::{BackendStatus, Config, Gateway};
 
 // ---------------------------------------------------------------------------------------------------------
 // Backends

@@ -11,7 +11,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::time::{Instant, timeout, timeout_at};
 use wsgate::Gateway;
 
-use crate::common::{WAIT, read_head, within};
+use crate::common::{WAIT, accept_key, read_head, within};
 
 pub const OP_CONTINUATION: u8 = 0x0;
 pub const OP_TEXT: u8 = 0x1;
@@ -21,6 +21,20 @@ pub const OP_PING: u8 = 0x9;
 pub const OP_PONG: u8 = 0xA;
 
 const CLIENT_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
+/// The resolution of tokio's timers: a deadline fires at the first millisecond tick at or after it.
+pub const TICK: Duration = Duration::from_millis(1);
+
+/// For tests under paused time (`#[tokio::test(start_paused = true)]`), where the clock is virtual and
+/// jumps from timer to timer: asserts that `what` came `expected` after the start, no earlier and no later
+/// than one tick.
+#[track_caller]
+pub fn assert_at(what: &str, elapsed: Duration, expected: Duration) {
+    assert!(
+        elapsed >= expected && elapsed <= expected + TICK,
+        "{what} after {elapsed:?}, expected after {expected:?}"
+    );
+}
 
 /// Encodes one frame; `mask` masks the payload (client frames).
 pub fn encode(fin: bool, rsv: u8, opcode: u8, mask: Option<[u8; 4]>, payload: &[u8]) -> Vec<u8> {
@@ -157,6 +171,9 @@ impl RawPeer {
 
     /// Sends the upgrade request on `stream` and checks the 101.
     pub async fn handshake(mut stream: TcpStream, addr: SocketAddr) -> RawPeer {
+        // Each write goes out at once (no Nagle delay waiting on a delayed ACK, a kernel timer that paused
+        // time does not see).
+        stream.set_nodelay(true).expect("TCP_NODELAY");
         let request = format!(
             "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Key: {CLIENT_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
@@ -166,8 +183,7 @@ impl RawPeer {
             .expect("write upgrade request");
         let (head, rest) = read_head(&mut stream).await;
         assert!(head.starts_with("HTTP/1.1 101"), "upgrade refused:\n{head}");
-        let accept =
-            tokio_tungstenite::tungstenite::handshake::derive_accept_key(CLIENT_KEY.as_bytes());
+        let accept = accept_key(CLIENT_KEY);
         assert!(
             head.to_ascii_lowercase().contains(&format!(
                 "sec-websocket-accept: {}",
@@ -273,6 +289,24 @@ impl RawPeer {
             .await;
     }
 
+    /// Under paused time: expects a Close with `code` and `reason` (pings before it are skipped) exactly
+    /// `after` past `start` (`assert_at`).
+    pub async fn expect_close_at(
+        &mut self,
+        start: Instant,
+        after: Duration,
+        code: u16,
+        reason: &str,
+    ) {
+        self.expect_close_before(start + after + WAIT, code, reason)
+            .await;
+        assert_at(
+            &format!("the Close {code} {reason:?}"),
+            start.elapsed(),
+            after,
+        );
+    }
+
     /// Expects the connection to end (EOF or reset) with no further frame before `deadline`.
     pub async fn expect_eof_before(&mut self, deadline: Instant) {
         match self.frame_before(deadline).await {
@@ -284,6 +318,13 @@ impl RawPeer {
 
     pub async fn expect_eof(&mut self) {
         self.expect_eof_before(Instant::now() + WAIT).await;
+    }
+
+    /// Under paused time: expects the connection to end, with no further frame, exactly `after` past
+    /// `start` (`assert_at`).
+    pub async fn expect_eof_at(&mut self, start: Instant, after: Duration) {
+        self.expect_eof_before(start + after + WAIT).await;
+        assert_at("the end of the connection", start.elapsed(), after);
     }
 
     /// Expects not a single byte for `period`.
@@ -328,6 +369,7 @@ impl WsBackend {
         let (mut stream, _) = within("wsgate connecting", self.listener.accept())
             .await
             .expect("accept");
+        stream.set_nodelay(true).expect("TCP_NODELAY");
         let (head, rest) = read_head(&mut stream).await;
         let key = head
             .lines()
@@ -340,7 +382,7 @@ impl WsBackend {
         let answer = format!(
             "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Accept: {}\r\n\r\n",
-            tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes())
+            accept_key(&key)
         );
         within("101", stream.write_all(answer.as_bytes()))
             .await

@@ -4,8 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use wsgate::Config;
-use wsgate::ConfigError;
+use wsgate::{Config, ConfigError};
 
 /// A valid config; the tests below break one line of it at a time. Line numbers:
 /// 1 `[[listener]]`, 3 `listen`, 5 `[[route]]`, 7 `pool`, 8 `websocket`, 10 `[pool.p]`, 11 `backends`.
