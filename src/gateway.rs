@@ -71,28 +71,45 @@ impl Gateway {
             .inc_by(0);
         metrics.config_last_reload_success.set(unix_now());
         let shared = Arc::new(Shared::new(config, metrics));
-        health_checks::start(&shared);
+        match Self::serve(&shared, acceptors).await {
+            Ok((listeners, admin)) => {
+                shared.ready.store(true, Ordering::Relaxed);
+                Ok(Gateway {
+                    shared,
+                    listeners: Mutex::new(listeners),
+                    admin,
+                })
+            }
+            Err(error) => {
+                // Whatever was started (health checks, listeners already bound) stops with the token.
+                shared.shutdown.cancel();
+                Err(error)
+            }
+        }
+    }
+
+    /// Starts the health checks and binds the listeners and the admin listener of the running config.
+    async fn serve(
+        shared: &Arc<Shared>,
+        acceptors: Vec<Option<TlsAcceptor>>,
+    ) -> Result<(HashMap<String, ListenerHandle>, Option<SocketAddr>), StartError> {
+        health_checks::start(shared);
         let config = Arc::clone(&shared.state.load().config);
         let mut listeners = HashMap::new();
         for (listener, tls) in config.listeners.iter().zip(acceptors) {
             let max = config.limits.max_connections;
-            let handle = bind(listener, tls, max, &shared).await?;
+            let handle = bind(listener, tls, max, shared).await?;
             listeners.insert(listener.name.clone(), handle);
         }
         let admin = match config.admin {
             Some(addr) => Some(
-                admin::start(addr, Arc::clone(&shared))
+                admin::start(addr, Arc::clone(shared))
                     .await
                     .map_err(|source| StartError::Admin { addr, source })?,
             ),
             None => None,
         };
-        shared.ready.store(true, Ordering::Relaxed);
-        Ok(Gateway {
-            shared,
-            listeners: Mutex::new(listeners),
-            admin,
-        })
+        Ok((listeners, admin))
     }
 
     /// The bound address of a listener (the real port when the config said port 0).

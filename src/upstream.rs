@@ -116,12 +116,17 @@ impl Upstream {
 
     /// Returns a connection whose last response has been read completely.
     pub fn checkin(&self, addr: &str, sender: Sender) {
-        // Once the gateway shuts down (its tracker closed), a connection is not kept for later: its
-        // task would hold the shutdown up until the drain timeout.
-        if sender.is_closed() || self.tasks.is_closed() {
+        if sender.is_closed() {
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        // Once the gateway shuts down (its tracker closed), a connection is not kept for later: its
+        // task would hold the shutdown up until the drain timeout. Asked under the lock, which shutdown
+        // takes after closing the tracker to empty the pool: a connection is either seen closed here or
+        // emptied there.
+        if self.tasks.is_closed() {
+            return;
+        }
         let list = idle.entry(addr.to_string()).or_default();
         if list.len() < MAX_IDLE_PER_BACKEND {
             list.push(sender);

@@ -82,7 +82,7 @@ impl<'a> Attempts<'a> {
         self.pool.connect_succeeded(guard.backend());
     }
 
-    /// The backend is at fault (no answer in time, garbage, a server error to an upgrade): counted
+    /// The backend is at fault (no answer in time, garbage, a wrong accept key): counted
     /// against it in passive health. A client's fault never comes here.
     pub fn faulted(&self, guard: &BackendGuard) {
         self.pool.connect_failed(guard.backend());

@@ -98,14 +98,17 @@ impl ProxyError {
         )
     }
 
-    /// Logs the error with the request's client and route (empty before routing), at `info` for a
-    /// client's fault and `warn` for a backend's.
-    pub fn log(&self, client: SocketAddr, route: &str) {
+    /// Logs the error with the request's client, route (empty before routing) and the backend last tried
+    /// (if any). A client's fault is one line per request, like an access event, and goes with them
+    /// (target `wsgate::access`, `info`), so the two can be turned off together; a backend's fault is a
+    /// `warn` of wsgate's own.
+    pub fn log(&self, client: SocketAddr, route: &str, backend: Option<&str>) {
         let (status, error) = (self.status().as_u16(), self.label());
+        let backend = backend.unwrap_or("-");
         if self.is_client_fault() {
-            tracing::info!(%client, route, status, error, detail = %self, "request refused");
+            tracing::info!(target: "wsgate::access", %client, route, status, error, detail = %self, "request refused");
         } else {
-            tracing::warn!(%client, route, status, error, detail = %self, "request failed");
+            tracing::warn!(%client, route, backend, status, error, detail = %self, "request failed");
         }
     }
 

@@ -35,7 +35,7 @@ pub async fn forward(
     let route_name = route.config.name.as_str();
     let (result, backend) = proxy(req, route, config, conn, shared).await;
     let response = result.unwrap_or_else(|error| {
-        error.log(conn.peer, route_name);
+        error.log(conn.peer, route_name, backend.as_deref());
         error.response()
     });
     let status = response.status().as_u16();

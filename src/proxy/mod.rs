@@ -84,7 +84,7 @@ fn admit(
 
 /// A request refused before it has a route (400, 431, 404): logged, counted without a route, answered.
 fn refused(shared: &Shared, conn: &ClientConn, error: ProxyError) -> Answer {
-    error.log(conn.peer, "");
+    error.log(conn.peer, "", None);
     shared
         .metrics
         .http_requests

@@ -43,14 +43,14 @@ pub async fn handshake(
             .with_label_values(&[route_name, result])
             .inc();
     };
-    let refuse = |error: ProxyError| {
+    let refuse = |error: ProxyError, backend: Option<&str>| {
         count(error.upgrade_result());
-        error.log(conn.peer, route_name);
+        error.log(conn.peer, route_name, backend);
         Answer::Response(error.response())
     };
     let key = match validate(&parts.headers) {
         Ok(key) => key,
-        Err(rejection) => return refuse(rejection.into()),
+        Err(rejection) => return refuse(rejection.into(), None),
     };
     // The sticky key is read before the headers are rewritten (X-Forwarded-For must be the client's).
     let affinity = route
@@ -72,46 +72,45 @@ pub async fn handshake(
         headers: &parts.headers,
         key: &key,
     };
-    let (guard, answer) = match connect_and_send(&route, &affinity, config, &request).await {
-        Ok(done) => done,
-        Err(error) => return refuse(error),
+    let outcome = match connect_and_send(&route, &affinity, config, &request).await {
+        Ok(outcome) => outcome,
+        Err((error, backend)) => return refuse(error, backend.as_deref()),
     };
-    match answer {
-        BackendAnswer::Other(mut response) => {
+    match outcome {
+        Outcome::Refused(backend, mut response) => {
             let status = response.status();
             count(if status.is_client_error() {
                 "rejected"
             } else {
                 "backend_error"
             });
-            tracing::info!(route = route_name, backend = %guard.backend().addr, status = status.as_u16(), "backend refused the upgrade");
+            tracing::info!(route = route_name, %backend, status = status.as_u16(), "backend refused the upgrade");
             strip_hop_by_hop(response.headers_mut());
             Answer::Response(response)
         }
-        BackendAnswer::Switching {
-            headers,
-            stream,
-            early,
-        } => {
+        Outcome::Switching(guard, switched) => {
             count("ok");
             shared
                 .metrics
                 .ws_handshake_duration
                 .with_label_values(&[route_name])
                 .observe(started.elapsed().as_secs_f64());
-            let allowed_rsv = if headers.contains_key(header::SEC_WEBSOCKET_EXTENSIONS) {
+            let allowed_rsv = if switched
+                .headers
+                .contains_key(header::SEC_WEBSOCKET_EXTENSIONS)
+            {
                 0b111
             } else {
                 0
             };
-            let mut response = switching_protocols(headers, &key);
+            let mut response = switching_protocols(switched.headers, &key);
             if let Some(cookie) = route
                 .pool
                 .sticky_cookie(&affinity, guard.backend(), conn.tls)
             {
                 response.headers_mut().append(header::SET_COOKIE, cookie);
             }
-            let splice = Splice::new(route, guard, stream, early, allowed_rsv);
+            let splice = Splice::new(route, guard, switched.stream, switched.early, allowed_rsv);
             Answer::Switching(response, splice)
         }
     }
@@ -124,42 +123,57 @@ struct BackendRequest<'a> {
     key: &'a HeaderValue,
 }
 
+/// A backend's 101 with a correct accept key: its headers, its raw stream, and what it sent behind the
+/// 101.
+struct Switched {
+    headers: HeaderMap,
+    stream: TcpStream,
+    early: Bytes,
+}
+
+/// One backend's answer to the upgrade.
 enum BackendAnswer {
-    /// 101 with a correct accept key: the backend's headers, its raw stream, and what it sent behind
-    /// its 101.
-    Switching {
-        headers: HeaderMap,
-        stream: TcpStream,
-        early: Bytes,
-    },
+    Switching(Switched),
     /// Any other answer, relayed to the client as it is.
     Other(Response<ProxyBody>),
 }
 
-/// Picks a backend, connects (moving on to the next backend when a connect fails) and performs the
-/// backend side of the handshake.
+/// What the attempts came to, short of an error of wsgate's own.
+enum Outcome {
+    /// The backend behind the guard switched protocols.
+    Switching(BackendGuard, Switched),
+    /// A backend (named) refused; its answer goes to the client.
+    Refused(String, Response<ProxyBody>),
+}
+
+/// Picks a backend, connects (moving on to the next backend when a connect fails or the answer is a
+/// server error) and performs the backend side of the handshake. An error comes with the backend last
+/// tried, if any, for the log.
 async fn connect_and_send(
     route: &Route,
     affinity: &Affinity,
     config: &Config,
     request: &BackendRequest<'_>,
-) -> Result<(BackendGuard, BackendAnswer), ProxyError> {
+) -> Result<Outcome, (ProxyError, Option<String>)> {
     let pool = &route.pool;
     let mut attempts = Attempts::new(pool, affinity);
     // The last server error passed over for another backend: relayed if no other backend answers.
-    let mut passed_over: Option<(BackendGuard, BackendAnswer)> = None;
-    let give_up =
-        |passed_over: Option<(BackendGuard, BackendAnswer)>, error| passed_over.ok_or(error);
+    let mut passed_over: Option<Outcome> = None;
+    let mut last_tried: Option<String> = None;
     loop {
+        let give_up =
+            |passed_over: Option<Outcome>, error| passed_over.ok_or((error, last_tried.clone()));
         let guard = match attempts.next() {
             Ok(guard) => guard,
             Err(error) => return give_up(passed_over, error),
         };
-        let stream = match upstream::connect(&guard.backend().addr, config.timeouts.connect).await {
+        let addr = &guard.backend().addr;
+        last_tried = Some(addr.clone());
+        let stream = match upstream::connect(addr, config.timeouts.connect).await {
             Ok(stream) => stream,
             Err(error) => match attempts.unreachable(&guard, &error) {
                 Ok(()) => continue,
-                Err(error) => return give_up(passed_over, error),
+                Err(error) => return passed_over.ok_or((error, last_tried)),
             },
         };
         let timeout = config.timeouts.handshake;
@@ -167,24 +181,35 @@ async fn connect_and_send(
             .await
             .map_err(|_| ProxyError::Timeout(timeout))
             .and_then(|answer| answer);
-        // Passive health counts what the backend did, and only that: the request it got was checked by
-        // wsgate (one key, one version, no body, `headers::check_request`), so a timeout, garbage, a
-        // wrong accept key or a 5xx is the backend's. A 4xx is a live backend's answer to the client.
-        match &answer {
-            Ok(BackendAnswer::Other(response)) if response.status().is_server_error() => {
+        // Passive health counts what the backend did wrong, and only that: no answer in time, garbage,
+        // a wrong accept key. Any status is a live backend's answer, a 5xx included: what makes an
+        // application answer 5xx may be the request itself, and a client must not be able to eject
+        // backends by sending one. (Active checks take out a backend that fails every upgrade.)
+        let answer = match answer {
+            Ok(answer) => {
+                attempts.answered(&guard);
+                answer
+            }
+            Err(error) => {
                 attempts.faulted(&guard);
+                return Err((error, last_tried));
+            }
+        };
+        match answer {
+            BackendAnswer::Switching(switched) => return Ok(Outcome::Switching(guard, switched)),
+            BackendAnswer::Other(response) => {
+                let status = response.status();
+                let refused = Outcome::Refused(addr.clone(), response);
                 // A server error before the 101 sends the upgrade on to the next backend while attempts
-                // remain; the last one's answer is relayed as it is.
-                if attempts.pass_over(&guard) {
-                    tracing::warn!(pool = %pool.name, backend = %guard.backend().addr, status = response.status().as_u16(), "backend answered the upgrade with a server error; trying the next one");
-                    passed_over = answer.ok().map(|answer| (guard, answer));
+                // remain (the backend is not held meanwhile); the last one is relayed as it is.
+                if status.is_server_error() && attempts.pass_over(&guard) {
+                    tracing::warn!(pool = %pool.name, backend = %addr, status = status.as_u16(), "backend answered the upgrade with a server error; trying the next one");
+                    passed_over = Some(refused);
                     continue;
                 }
+                return Ok(refused);
             }
-            Ok(_) => attempts.answered(&guard),
-            Err(_) => attempts.faulted(&guard),
         }
-        return Ok((guard, answer?));
     }
 }
 
@@ -204,11 +229,11 @@ async fn send_upgrade(
     if !accepts(&answer.headers, request.key.as_bytes()) {
         return Err(ProxyError::BadAccept);
     }
-    Ok(BackendAnswer::Switching {
+    Ok(BackendAnswer::Switching(Switched {
         headers: answer.headers,
         stream,
         early: Bytes::from(answer.rest),
-    })
+    }))
 }
 
 /// The 101 for the client: the backend's headers (subprotocol, extensions, cookies), hop-by-hop ones

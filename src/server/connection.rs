@@ -67,7 +67,11 @@ async fn serve_tls(
     config: Arc<Config>,
 ) {
     // The TLS handshake counts against the header timeout, like the request head that follows it.
-    match tokio::time::timeout(config.timeouts.header, acceptor.accept(io)).await {
+    let accepted = tokio::select! {
+        accepted = tokio::time::timeout(config.timeouts.header, acceptor.accept(io)) => accepted,
+        _ = shared.shutdown.cancelled() => return,
+    };
+    match accepted {
         Ok(Ok(stream)) => first_request(stream, conn, shared, config).await,
         Ok(Err(error)) => tracing::debug!(peer = %conn.peer, %error, "TLS handshake failed"),
         Err(_) => tracing::debug!(peer = %conn.peer, "TLS handshake timed out"),

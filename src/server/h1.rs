@@ -112,12 +112,12 @@ async fn take_over<S: ClientStream>(
         return;
     };
     let (io, unread) = parts.io.into_inner().into_parts();
-    // What the client sent behind its request: bytes of the replay hyper did not read, then what hyper
-    // read past the head.
+    // What the client sent behind its request: what hyper read past the head, then the bytes of the
+    // replay hyper did not read (the replay is read first, so anything hyper read came before them).
     let early = if unread.is_empty() {
         parts.read_buf
     } else {
-        [unread, parts.read_buf].concat().into()
+        [parts.read_buf, unread].concat().into()
     };
     start_tunnel(io, splice, early, conn, shared);
 }

@@ -305,7 +305,7 @@ impl Half {
                         out.start += n as u32;
                         step.progressed = true;
                         step.wrote = true;
-                        step.forwarded = self.out_has_data;
+                        step.forwarded |= self.out_has_data;
                         if out.start == out.end {
                             self.out = None;
                             self.unflushed = true;

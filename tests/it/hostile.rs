@@ -193,30 +193,52 @@ async fn repeated_singleton_headers_get_400_and_cannot_get_a_backend_ejected() {
     assert!(gateway.metrics_text().lines().any(|l| l == up), "{up}");
 }
 
+/// What makes an application answer 5xx may be the request itself (a path it fails on, a limiter): such
+/// answers are relayed, and passed on to the next backend, but a client sending them cannot eject the
+/// backends. Passive health counts only what a backend did wrong on its own.
 #[tokio::test]
-async fn a_backend_that_answers_upgrades_with_5xx_is_ejected() {
-    let backend = http_backend(|_req| async {
-        let mut response = Response::new(backend_body("down\n"));
-        *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+async fn a_client_that_makes_backends_answer_5xx_cannot_eject_them() {
+    let handler = |req: http::Request<hyper::body::Incoming>| async move {
+        if req.uri().path() == "/ws/boom" {
+            let mut response = Response::new(backend_body("down\n"));
+            *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+            return response;
+        }
+        let key = req
+            .headers()
+            .get(http::header::SEC_WEBSOCKET_KEY)
+            .and_then(|k| k.to_str().ok())
+            .unwrap_or_default();
+        let mut response = Response::new(backend_body(""));
+        *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let headers = response.headers_mut();
+        headers.insert(http::header::UPGRADE, "websocket".parse().expect("static"));
+        headers.insert(http::header::CONNECTION, "Upgrade".parse().expect("static"));
+        let accept = accept_key(key).parse().expect("base64");
+        headers.insert(http::header::SEC_WEBSOCKET_ACCEPT, accept);
         response
-    })
-    .await;
-    let text = config_text(&[backend.addr], "").replace(
+    };
+    let (one, two) = (http_backend(handler).await, http_backend(handler).await);
+    let text = config_text(&[one.addr, two.addr], "").replace(
         "policy = \"least_conn\"",
-        "policy = \"least_conn\"\nmax_fails = 2\nfail_timeout = \"60s\"",
+        "policy = \"least_conn\"\nmax_fails = 1\nfail_timeout = \"60s\"",
     );
-    let (_gateway, addr) = gateway(&text).await;
-    let upgrade = upgrade_request(addr, "/ws", "");
-    for _ in 0..2 {
-        let response = raw_exchange(addr, upgrade.as_bytes()).await;
+    let (gateway, addr) = gateway(&text).await;
+    let boom = upgrade_request(addr, "/ws/boom", "");
+    for _ in 0..3 {
+        let response = raw_exchange(addr, boom.as_bytes()).await;
         assert_eq!(response.status, 503, "the backend's own answer is relayed");
         assert_eq!(response.body_text(), "down\n");
     }
-    // Two server errors in a row: the backend is out, and wsgate says so itself.
-    let response = raw_exchange(addr, upgrade.as_bytes()).await;
-    assert_eq!(response.status, 503);
-    assert_eq!(response.body_text(), "no backend available\n");
-    assert_eq!(backend.accepts(), 2);
+    // Each 5xx went on to the other backend before it was relayed: both backends answered every time.
+    assert_eq!(one.accepts() + two.accepts(), 6);
+    assert!(
+        gateway.backends().iter().all(|b| b.available && !b.ejected),
+        "{:?}",
+        gateway.backends()
+    );
+    let honest = raw_exchange(addr, upgrade_request(addr, "/ws", "").as_bytes()).await;
+    assert_eq!(honest.status, 101, "{}", honest.body_text());
 }
 
 // ---------------------------------------------------------------------------------------------------------
