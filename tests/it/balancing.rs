@@ -6,13 +6,19 @@
 //! Backends here are `Server`s: HTTP answers with the server's name (`/healthz` answers 200 or 503 at the
 //! test's command), a WebSocket gets the server's name as its first message and then an echo, and `kill`
 //! drops every connection at once, like a crashed process.
+//!
+//! Tests of the active checks' timing run in paused time, `#[tokio::test(start_paused = true)]`, as the
+//! tunnel's timer tests do (`tunnel.rs`): the checks' rounds come exactly every `interval` from the
+//! gateway's start, so when a backend goes down or comes back is checked to the millisecond (`assert_at`).
+//! Passive ejection's `fail_timeout` runs on the real clock (`std::time::Instant`), which paused time does
+//! not move.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::common::{self, WAIT, within};
+use crate::common::{self, TICK, WAIT, assert_at, within};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use http::{Request, Response, StatusCode, header};
@@ -23,6 +29,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpSocket, TcpStream};
+use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::{self, Message};
@@ -73,7 +80,11 @@ impl Server {
             loop {
                 let stream = tokio::select! {
                     accepted = listener.accept() => match accepted {
-                        Ok((stream, _)) => stream,
+                        // Nagle off, as on every test socket (`common::tcp_connect`).
+                        Ok((stream, _)) => {
+                            let _ = stream.set_nodelay(true);
+                            stream
+                        }
                         Err(_) => return,
                     },
                     _ = stop.cancelled() => return,
@@ -230,14 +241,15 @@ fn backend_status(gateway: &Gateway, addr: SocketAddr) -> BackendStatus {
         .unwrap_or_else(|| panic!("no backend {addr} in the gateway"))
 }
 
-/// Polls `condition` every 5 ms until it holds; panics after `WAIT`. Returns how long it took.
-async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) -> Duration {
+/// Polls `condition` every millisecond (`TICK`) until it holds; panics after `WAIT`. Returns when it held
+/// (in paused time: within a tick of the moment it came true).
+async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) -> Instant {
     let started = Instant::now();
     while !condition() {
         assert!(started.elapsed() < WAIT, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        tokio::time::sleep(TICK).await;
     }
-    started.elapsed()
+    Instant::now()
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -256,9 +268,7 @@ struct Reply {
 
 impl HttpClient {
     async fn connect(addr: SocketAddr) -> HttpClient {
-        let stream = within("connect", TcpStream::connect(addr))
-            .await
-            .expect("connect");
+        let stream = common::tcp_connect(addr).await;
         let (sender, connection) = within(
             "client handshake",
             hyper::client::conn::http1::handshake(TokioIo::new(stream)),
@@ -386,7 +396,7 @@ async fn ws_open(addr: SocketAddr, headers: &[(&str, &str)]) -> (Ws, String, Opt
     }
     let (mut ws, response) = within(
         "websocket handshake",
-        tokio_tungstenite::connect_async(request),
+        tokio_tungstenite::connect_async_with_config(request, None, true),
     )
     .await
     .expect("websocket handshake");
@@ -881,14 +891,12 @@ async fn least_conn_sends_new_connections_to_a_restarted_backend_until_it_catche
 // ---------------------------------------------------------------------------------------------------------
 // Health
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_backend_failing_its_active_check_stops_getting_connections_and_returns_after_rise_passes()
  {
     const INTERVAL: Duration = Duration::from_millis(100);
     const FALL: u32 = 2;
     const RISE: u32 = 2;
-    // A round may have just gone when the backend turns; then scheduling and the probes themselves.
-    const MARGIN: Duration = Duration::from_millis(600);
     let a = Server::start("a").await;
     let b = Server::start("b").await;
     let pools = format!(
@@ -899,14 +907,15 @@ async fn a_backend_failing_its_active_check_stops_getting_connections_and_return
         b.entry("")
     );
     let (gateway, addr) = start(&config_text(&[("/", "p")], &pools)).await;
+    // The rounds of checks: at once, then every INTERVAL (paused time: nothing else takes any).
+    let rounds = Instant::now();
     let mut client = HttpClient::connect(addr).await;
 
+    // b fails between two rounds; the FALL rounds after it take b down.
+    tokio::time::sleep_until(rounds + INTERVAL / 2).await;
     b.set_healthy(false);
-    let took = wait_until("b is down", || !backend_status(&gateway, b.addr).available).await;
-    assert!(
-        took <= INTERVAL * FALL + MARGIN,
-        "b went down after {took:?}"
-    );
+    let down = wait_until("b is down", || !backend_status(&gateway, b.addr).available).await;
+    assert_at("b going down", down - rounds, INTERVAL * FALL);
     for _ in 0..40 {
         assert_eq!(client.get("/", &[]).await.body, "a");
     }
@@ -920,12 +929,13 @@ async fn a_backend_failing_its_active_check_stops_getting_connections_and_return
     let b_up = format!("wsgate_backend_up{{backend=\"{}\",pool=\"p\"}} 0", b.addr);
     assert!(metrics.contains(&b_up), "metrics lack `{b_up}`");
 
+    // b passes again between two rounds; the RISE rounds after it bring b back.
+    let recovers = rounds + INTERVAL * FALL + INTERVAL / 2;
+    assert!(Instant::now() < recovers, "the traffic above took time");
+    tokio::time::sleep_until(recovers).await;
     b.set_healthy(true);
-    let took = wait_until("b is up", || backend_status(&gateway, b.addr).available).await;
-    assert!(
-        took <= INTERVAL * RISE + MARGIN,
-        "b came back after {took:?}"
-    );
+    let up = wait_until("b is up", || backend_status(&gateway, b.addr).available).await;
+    assert_at("b coming back", up - rounds, INTERVAL * (FALL + RISE));
     // b has fewer live connections (none): least-connections sends it the next ones.
     let mut saw_b = false;
     for _ in 0..20 {
@@ -983,8 +993,9 @@ async fn a_backend_refusing_connections_is_ejected_passively_and_clients_never_s
     assert_eq!(served, again);
 }
 
-#[tokio::test]
-async fn a_pool_with_no_healthy_backend_answers_503_quickly_and_is_not_ready() {
+#[tokio::test(start_paused = true)]
+async fn a_pool_with_no_healthy_backend_answers_503_at_once_and_is_not_ready() {
+    const INTERVAL: Duration = Duration::from_millis(50);
     let only = Server::start("only").await;
     only.set_healthy(false);
     let pools = format!(
@@ -994,41 +1005,53 @@ async fn a_pool_with_no_healthy_backend_answers_503_quickly_and_is_not_ready() {
         only.entry("")
     );
     let (gateway, addr) = start(&config_text(&[("/", "p")], &pools)).await;
-    wait_until("the only backend is down", || {
+    let rounds = Instant::now();
+    // A backend starts up; the rounds at once and one INTERVAL later fail (fall = 2).
+    let down = wait_until("the only backend is down", || {
         !backend_status(&gateway, only.addr).available
     })
     .await;
+    assert_at("the backend going down", down - rounds, INTERVAL);
 
+    // No backend to try: the answers come before any timer (connect, backend response) could run.
     let mut client = HttpClient::connect(addr).await;
-    let started = Instant::now();
+    let asked = Instant::now();
     let reply = client.get("/", &[]).await;
     assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
-    assert!(
-        started.elapsed() < Duration::from_millis(500),
-        "503 took {:?}",
-        started.elapsed()
-    );
+    assert_at("the 503", asked.elapsed(), Duration::ZERO);
 
     let request = format!("ws://{addr}/ws")
         .into_client_request()
         .expect("request");
-    match within("upgrade", tokio_tungstenite::connect_async(request)).await {
+    let asked = Instant::now();
+    match within(
+        "upgrade",
+        tokio_tungstenite::connect_async_with_config(request, None, true),
+    )
+    .await
+    {
         Err(tungstenite::Error::Http(response)) => {
             assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE)
         }
         other => panic!("expected 503, got {:?}", other.map(|(_, r)| r.status())),
     }
+    assert_at("the upgrade's 503", asked.elapsed(), Duration::ZERO);
 
     // The admin listener closes its connections after each answer.
     let admin = gateway.admin_addr().expect("admin listener");
     let ready = HttpClient::connect(admin).await.get("/readyz", &[]).await;
     assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE, "{ready:?}");
 
+    // Healthy again between two rounds (at 75 ms): the rounds at 100 and 150 ms pass (rise = 2).
+    let recovers = rounds + INTERVAL + INTERVAL / 2;
+    assert!(Instant::now() < recovers, "the requests above took time");
+    tokio::time::sleep_until(recovers).await;
     only.set_healthy(true);
-    wait_until("the backend is back", || {
+    let up = wait_until("the backend is back", || {
         backend_status(&gateway, only.addr).available
     })
     .await;
+    assert_at("the backend coming back", up - rounds, INTERVAL * 3);
     assert_eq!(client.get("/", &[]).await.body, "only");
     let ready = HttpClient::connect(admin).await.get("/readyz", &[]).await;
     assert_eq!(ready.status, StatusCode::OK, "{ready:?}");

@@ -24,6 +24,20 @@ use wsgate::{Config, Gateway};
 /// The longest any single step of a test may wait.
 pub const WAIT: Duration = Duration::from_secs(10);
 
+/// The resolution of tokio's timers: a deadline fires at the first millisecond tick at or after it.
+pub const TICK: Duration = Duration::from_millis(1);
+
+/// For tests under paused time (`#[tokio::test(start_paused = true)]`), where the clock is virtual and
+/// jumps from timer to timer: asserts that `what` came `expected` after the start, no earlier and no later
+/// than one tick.
+#[track_caller]
+pub fn assert_at(what: &str, elapsed: Duration, expected: Duration) {
+    assert!(
+        elapsed >= expected && elapsed <= expected + TICK,
+        "{what} after {elapsed:?}, expected after {expected:?}"
+    );
+}
+
 /// Awaits `future`, failing the test if it takes longer than `WAIT`.
 pub async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
     match tokio::time::timeout(WAIT, future).await {
@@ -62,7 +76,8 @@ pub struct Seen {
 }
 
 /// A real backend on 127.0.0.1: HTTP (`GET /...` answers with its name, `POST` echoes the body as it
-/// streams) and WebSocket (echoes every message; picks the last subprotocol the client offers).
+/// streams) and WebSocket (echoes every message; picks the last subprotocol the client offers). Nagle is
+/// off on its connections, as on every test socket (see `tcp_connect`).
 pub struct TestBackend {
     pub name: String,
     pub addr: SocketAddr,
@@ -83,6 +98,7 @@ impl TestBackend {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
+                let _ = stream.set_nodelay(true);
                 let (name, seen) = (name2.clone(), Arc::clone(&seen2));
                 tokio::spawn(async move {
                     let service = service_fn(move |req| {
@@ -277,13 +293,21 @@ pub async fn next_message(ws: &mut Client) -> Message {
     }
 }
 
+/// A TCP connection to `addr`, with Nagle off: each write goes out at once, not after a delayed ACK (a
+/// kernel timer, which paused time does not see).
+pub async fn tcp_connect(addr: SocketAddr) -> TcpStream {
+    let stream = within("connect", TcpStream::connect(addr))
+        .await
+        .expect("connect");
+    stream.set_nodelay(true).expect("TCP_NODELAY");
+    stream
+}
+
 /// Sends a raw HTTP/1.1 request over a fresh TCP connection and returns the whole response text
 /// (read until the server closes or `WAIT` passes).
 pub async fn raw_http(addr: SocketAddr, request: &[u8]) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = within("connect", TcpStream::connect(addr))
-        .await
-        .expect("connect");
+    let mut stream = tcp_connect(addr).await;
     within("write", stream.write_all(request))
         .await
         .expect("write");
@@ -308,8 +332,8 @@ pub fn backend_body(data: impl Into<Bytes>) -> BackendBody {
     full(data)
 }
 
-/// A backend on 127.0.0.1 that hands each accepted TCP connection to `handler` and counts accepts:
-/// for backends that must misbehave at the byte level.
+/// A backend on 127.0.0.1 that hands each accepted TCP connection (Nagle off) to `handler` and counts
+/// accepts: for backends that must misbehave at the byte level.
 pub struct RawBackend {
     pub addr: SocketAddr,
     accepts: Arc<std::sync::atomic::AtomicUsize>,
@@ -330,6 +354,7 @@ impl RawBackend {
         let counter = Arc::clone(&accepts);
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
+                let _ = stream.set_nodelay(true);
                 counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 tokio::spawn(handler(stream));
             }
@@ -515,9 +540,7 @@ pub async fn raw_write<S: tokio::io::AsyncWrite + Unpin>(stream: &mut S, request
 
 /// Opens a fresh connection and sends `request` on it.
 pub async fn raw_send(addr: SocketAddr, request: &[u8]) -> TcpStream {
-    let mut stream = within("connect", TcpStream::connect(addr))
-        .await
-        .expect("connect");
+    let mut stream = tcp_connect(addr).await;
     raw_write(&mut stream, request).await;
     stream
 }
@@ -542,9 +565,7 @@ where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let stream = within("connect", TcpStream::connect(addr))
-        .await
-        .expect("connect");
+    let stream = tcp_connect(addr).await;
     let (mut sender, conn) = within(
         "client handshake",
         hyper::client::conn::http1::handshake(TokioIo::new(stream)),

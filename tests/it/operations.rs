@@ -1,13 +1,19 @@
 //! Operating wsgate: Prometheus metrics and the admin endpoints, reload without dropping a connection,
 //! graceful shutdown, and the `wsgate` binary's signals.
+//!
+//! Tests that wait on wsgate's timers (idle tunnels, the spread of the shutdown's Closes, the drain) run in
+//! paused time, `#[tokio::test(start_paused = true)]`, as the tunnel's timer tests do (`tunnel.rs`), and
+//! check when things happen to the millisecond (`assert_at`). The reload test needs real threads and the
+//! binary's test a child process (whose own clock paused time cannot hold): both run in real time.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::common::*;
 use futures_util::{SinkExt, StreamExt};
+use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -28,21 +34,24 @@ fn with_admin(config: &str) -> String {
     format!("[admin]\nlisten = \"127.0.0.1:0\"\n{config}")
 }
 
-/// Polls `check` until it holds, failing after `WAIT`.
-async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+/// Polls `check` every millisecond (`TICK`) until it holds, failing after `WAIT`. Returns when it held (in
+/// paused time: within a tick of the moment it came true).
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) -> Instant {
     let deadline = Instant::now() + WAIT;
     while !check() {
         assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(TICK).await;
     }
+    Instant::now()
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn metrics_count_known_traffic_exactly() {
     let backend = TestBackend::start("b1").await;
+    let (idle_timeout, close_timeout) = (Duration::from_millis(300), Duration::from_secs(2));
     let text = with_admin(&config_text(
         &[backend.addr],
-        "idle_timeout = \"300ms\", ping_interval = \"0s\"",
+        "idle_timeout = \"300ms\", close_timeout = \"2s\", ping_interval = \"0s\"",
     ));
     let (gateway, addr) = gateway(&text).await;
     let admin = gateway.admin_addr().expect("admin listener");
@@ -51,6 +60,7 @@ async fn metrics_count_known_traffic_exactly() {
     let mut talker = ws_connect(addr, "/ws").await;
     let _idle_a = ws_connect(addr, "/ws").await;
     let _idle_b = ws_connect(addr, "/ws").await;
+    let opened = Instant::now();
     for _ in 0..5 {
         within("send", talker.send(Message::text("x".repeat(100))))
             .await
@@ -81,12 +91,17 @@ async fn metrics_count_known_traffic_exactly() {
     .await;
     assert_eq!(rejected.status, 426);
 
-    eventually("three tunnels have ended", || {
+    // The idle tunnels end idle_timeout after they opened, and close_timeout later still: their clients,
+    // never read, do not answer wsgate's Close. (Polled from just before, a tick apart.)
+    let idle_end = idle_timeout + close_timeout;
+    tokio::time::sleep_until(opened + idle_end - TICK).await;
+    let ended = eventually("three tunnels have ended", || {
         let text = gateway.metrics_text();
         text.contains("wsgate_ws_closes_total{reason=\"idle_timeout\",route=\"main\"} 2")
             && text.contains("wsgate_ws_closes_total{reason=\"client_close\",route=\"main\"} 1")
     })
     .await;
+    assert_at("the idle tunnels' end", ended - opened, idle_end);
     let (status, _, body) = http_get(admin, "/metrics").await;
     assert_eq!(status, 200);
     let metrics = String::from_utf8_lossy(&body).into_owned();
@@ -393,8 +408,9 @@ async fn a_broken_reload_leaves_everything_serving() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn shutdown_sends_going_away_to_every_tunnel_and_finishes() {
+    let close_spread = Duration::from_millis(300);
     let backend = TestBackend::start("b1").await;
     let text = config_text(&[backend.addr], "").replace(
         "[[listener]]",
@@ -406,8 +422,11 @@ async fn shutdown_sends_going_away_to_every_tunnel_and_finishes() {
         clients.push(ws_connect(addr, "/ws").await);
     }
     let started = Instant::now();
-    let shutdown = tokio::spawn(gateway.shutdown());
-    // Each client waits for its Close on its own, so the arrival times are the real ones.
+    let shutdown = tokio::spawn(async move {
+        gateway.shutdown().await;
+        Instant::now()
+    });
+    // Each client waits for its Close on its own, so the arrival times are the true ones.
     let waiters: Vec<_> = clients
         .into_iter()
         .map(|mut ws| {
@@ -428,22 +447,24 @@ async fn shutdown_sends_going_away_to_every_tunnel_and_finishes() {
         let (at, close) = within("a client", waiter).await.expect("client task");
         assert_eq!(u16::from(close.code), 1001);
         assert_eq!(close.reason.as_str(), "going away");
-        arrivals.push(at);
+        arrivals.push(at - started);
     }
-    let first = arrivals.iter().min().copied().expect("arrivals");
-    let last = arrivals.iter().max().copied().expect("arrivals");
-    // Uniform over 300 ms: 20 closes all within 100 ms of each other would be a (1/3)^19 fluke.
+    arrivals.sort();
+    // Each Close at a random moment within close_spread (paused time: exactly then)...
+    let last = *arrivals.last().expect("arrivals");
     assert!(
-        last - first > Duration::from_millis(100),
-        "closes were not spread: {:?}",
-        last - first
+        last <= close_spread + TICK,
+        "a Close came after the spread: {arrivals:?}"
     );
-    within("shutdown", shutdown).await.expect("shutdown task");
+    // ...uniform over 300 ms: 20 closes all within 100 ms of each other would be a (1/3)^19 fluke.
     assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "shutdown took {:?}",
-        started.elapsed()
+        last - arrivals[0] > Duration::from_millis(100),
+        "closes were not spread: {arrivals:?}"
     );
+    // Every client answers its Close at once, so shutdown is over with the last one, long before the drain
+    // timeout.
+    let finished = within("shutdown", shutdown).await.expect("shutdown task");
+    assert_at("the end of the shutdown", finished - started, last);
     // Nothing listens any more.
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }
@@ -528,8 +549,9 @@ async fn the_binary_reloads_on_sighup_and_drains_on_sigterm() {
 
 /// Every task the gateway starts is tracked and shutdown waits for them, so none may linger: not a pooled
 /// backend connection left by a finished request, not a scraper's idle connection to the admin listener.
-/// The drain timeout is long; shutdown must not need it.
-#[tokio::test]
+/// The drain timeout is long; shutdown must not need it, nor any other timer (paused time: it takes no
+/// time at all).
+#[tokio::test(start_paused = true)]
 async fn shutdown_does_not_wait_for_pooled_backend_connections_or_idle_admin_clients() {
     let backend = TestBackend::start("b1").await;
     let admin = dead_addr();
@@ -542,8 +564,8 @@ async fn shutdown_does_not_wait_for_pooled_backend_connections_or_idle_admin_cli
         assert_eq!(status, 200);
         assert_eq!(body, "hello from b1");
     }
-    let _idle_scraper = within("admin connect", tokio::net::TcpStream::connect(admin))
-        .await
-        .expect("admin connect");
+    let _idle_scraper = tcp_connect(admin).await;
+    let started = Instant::now();
     within("shutdown", gateway.shutdown()).await;
+    assert_at("the end of the shutdown", started.elapsed(), Duration::ZERO);
 }

@@ -11,7 +11,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::time::{Instant, timeout, timeout_at};
 use wsgate::Gateway;
 
-use crate::common::{WAIT, accept_key, read_head, within};
+use crate::common::{WAIT, accept_key, assert_at, read_head, within};
 
 pub const OP_CONTINUATION: u8 = 0x0;
 pub const OP_TEXT: u8 = 0x1;
@@ -21,20 +21,6 @@ pub const OP_PING: u8 = 0x9;
 pub const OP_PONG: u8 = 0xA;
 
 const CLIENT_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
-
-/// The resolution of tokio's timers: a deadline fires at the first millisecond tick at or after it.
-pub const TICK: Duration = Duration::from_millis(1);
-
-/// For tests under paused time (`#[tokio::test(start_paused = true)]`), where the clock is virtual and
-/// jumps from timer to timer: asserts that `what` came `expected` after the start, no earlier and no later
-/// than one tick.
-#[track_caller]
-pub fn assert_at(what: &str, elapsed: Duration, expected: Duration) {
-    assert!(
-        elapsed >= expected && elapsed <= expected + TICK,
-        "{what} after {elapsed:?}, expected after {expected:?}"
-    );
-}
 
 /// Encodes one frame; `mask` masks the payload (client frames).
 pub fn encode(fin: bool, rsv: u8, opcode: u8, mask: Option<[u8; 4]>, payload: &[u8]) -> Vec<u8> {
