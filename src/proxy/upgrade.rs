@@ -161,11 +161,9 @@ async fn connect_and_send(
     let mut passed_over: Option<Outcome> = None;
     let mut last_tried: Option<String> = None;
     loop {
-        let give_up =
-            |passed_over: Option<Outcome>, error| passed_over.ok_or((error, last_tried.clone()));
         let guard = match attempts.next() {
             Ok(guard) => guard,
-            Err(error) => return give_up(passed_over, error),
+            Err(error) => return passed_over.ok_or((error, last_tried)),
         };
         let addr = &guard.backend().addr;
         last_tried = Some(addr.clone());
