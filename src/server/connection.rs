@@ -66,12 +66,10 @@ async fn serve_tls(
     shared: Arc<Shared>,
     config: Arc<Config>,
 ) {
-    // The TLS handshake counts against the header timeout, like the request head that follows it.
-    let accepted = tokio::select! {
-        accepted = tokio::time::timeout(config.timeouts.header, acceptor.accept(io)) => accepted,
-        _ = shared.shutdown.cancelled() => return,
-    };
-    match accepted {
+    // The TLS handshake counts against the header timeout, like the request head that follows it. A
+    // shutdown lets it finish (within that timeout), so that the session can be closed properly, with a
+    // `close_notify`, rather than cut mid-handshake.
+    match tokio::time::timeout(config.timeouts.header, acceptor.accept(io)).await {
         Ok(Ok(stream)) => first_request(stream, conn, shared, config).await,
         Ok(Err(error)) => tracing::debug!(peer = %conn.peer, %error, "TLS handshake failed"),
         Err(_) => tracing::debug!(peer = %conn.peer, "TLS handshake timed out"),
@@ -142,8 +140,11 @@ async fn first_request<S: ClientStream>(
     let mut buf = Vec::with_capacity(FIRST_READ);
     let (parts, head_len) = loop {
         let read = tokio::select! {
-            read = io.read_buf(&mut buf) => read,
-            _ = shared.shutdown.cancelled() => return,
+            read = io.read_buf(&mut buf) => Some(read),
+            _ = shared.shutdown.cancelled() => None,
+        };
+        let Some(read) = read else {
+            return close(&mut io, config.timeouts.handshake).await;
         };
         match read {
             // Gone before a whole head, or the header timeout (`ClientIo`): nothing to answer.
@@ -188,9 +189,15 @@ async fn first_request<S: ClientStream>(
         Answer::Response(response) => {
             // A refusal wsgate made before routing closes the connection (`ProxyError::BadRequest`):
             // whatever follows the head is not read.
-            let close = close_after || has_token(response.headers(), header::CONNECTION, "close");
-            if send(&mut io, response, close, write_timeout).await.is_err() || close {
+            let closing = close_after || has_token(response.headers(), header::CONNECTION, "close");
+            if send(&mut io, response, closing, write_timeout)
+                .await
+                .is_err()
+            {
                 return;
+            }
+            if closing {
+                return close(&mut io, write_timeout).await;
             }
             conn.phase.idle();
             let io = Replay::new(io, early);
@@ -209,6 +216,13 @@ async fn hung_up(stream: &TcpStream) {
         Ok(0) | Err(_) => {}
         Ok(_) => std::future::pending().await,
     }
+}
+
+/// Ends a connection wsgate closes itself, in order: a TLS session sends its `close_notify` alert (RFC
+/// 8446 §6.1: without it a client cannot tell a complete response from a cut one), then the socket's
+/// write side closes. Bounded by `timeout`: a client that reads nothing does not hold it.
+async fn close<S: AsyncWrite + Unpin>(io: &mut S, timeout: Duration) {
+    let _ = tokio::time::timeout(timeout, io.shutdown()).await;
 }
 
 /// Writes a whole response: the 101, or a refusal whose body is already in memory.

@@ -308,3 +308,52 @@ async fn a_wss_upgrade_after_a_request_on_the_same_connection_is_tunnelled() {
     );
     gateway.shutdown().await;
 }
+
+/// Reads to the end of a TLS stream: `Ok` only if the server closed with a `close_notify` alert (RFC 8446
+/// §6.1); a bare TCP FIN is an `UnexpectedEof` error, as a client sees a truncated response.
+async fn read_to_clean_end(tls: &mut TlsStream<TcpStream>) -> std::io::Result<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut rest = Vec::new();
+    within("the end of the connection", tls.read_to_end(&mut rest))
+        .await
+        .map(|_| rest)
+}
+
+/// wsgate ends a TLS connection it closes itself with `close_notify`: after a response with
+/// `Connection: close` (hyper's path), after a refused first upgrade that asked to close (wsgate's), and
+/// at shutdown for a connection that has not sent a request yet.
+#[tokio::test]
+async fn tls_connections_wsgate_closes_end_with_close_notify() {
+    let pki = Pki::new();
+    let (cert, key, _) = pki.leaf("site", &["site.test"]);
+    let backend = TestBackend::start("b1").await;
+    let (gateway, addr) = gateway(&tls_config(backend.addr, &[(&cert, &key)])).await;
+
+    let mut tls = tls_connect(&pki, addr, "site.test").await;
+    let get = b"GET /x HTTP/1.1\r\nHost: site.test\r\nConnection: close\r\n\r\n";
+    raw_write(&mut tls, get).await;
+    let response = read_response(&mut tls).await;
+    assert_eq!(response.status, 200);
+    read_to_clean_end(&mut tls)
+        .await
+        .expect("close_notify after Connection: close");
+
+    let mut tls = tls_connect(&pki, addr, "site.test").await;
+    let refused = upgrade_request(addr, "/ws", "")
+        .replace("Connection: Upgrade", "Connection: Upgrade, close")
+        .replace("Sec-WebSocket-Version: 13", "Sec-WebSocket-Version: 12");
+    raw_write(&mut tls, refused.as_bytes()).await;
+    let response = read_response(&mut tls).await;
+    assert_eq!(response.status, 426);
+    read_to_clean_end(&mut tls)
+        .await
+        .expect("close_notify after a refused upgrade that asked to close");
+
+    // A connection still waiting for its first request when the gateway shuts down.
+    let mut idle = tls_connect(&pki, addr, "site.test").await;
+    let shutdown = tokio::spawn(gateway.shutdown());
+    read_to_clean_end(&mut idle)
+        .await
+        .expect("close_notify at shutdown");
+    within("shutdown", shutdown).await.expect("shutdown task");
+}
