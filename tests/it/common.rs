@@ -281,7 +281,10 @@ pub async fn ws_connect_with(request: http::Request<()>) -> Client {
 }
 
 /// The next data message, skipping pings and pongs.
-pub async fn next_message(ws: &mut Client) -> Message {
+pub async fn next_message<S>(ws: &mut WebSocketStream<S>) -> Message
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     loop {
         let message = within("a message", ws.next())
             .await

@@ -127,7 +127,7 @@ async fn wss_works_end_to_end() {
         within("send", ws.send(Message::binary(data.clone())))
             .await
             .expect("send");
-        assert_eq!(next_tls_message(&mut ws).await, Message::binary(data));
+        assert_eq!(next_message(&mut ws).await, Message::binary(data));
     }
     let seen = backend.seen();
     assert_eq!(seen[0].target, "/chat?room=1");
@@ -138,21 +138,6 @@ async fn wss_works_end_to_end() {
         "an idle TLS tunnel holds no read buffer"
     );
     gateway.shutdown().await;
-}
-
-async fn next_tls_message(
-    ws: &mut tokio_tungstenite::WebSocketStream<TlsStream<TcpStream>>,
-) -> Message {
-    use futures_util::StreamExt;
-    loop {
-        let message = within("a message", ws.next())
-            .await
-            .expect("stream ended")
-            .expect("websocket error");
-        if !matches!(message, Message::Ping(_) | Message::Pong(_)) {
-            return message;
-        }
-    }
 }
 
 #[tokio::test]
@@ -295,10 +280,7 @@ async fn a_wss_upgrade_after_a_request_on_the_same_connection_is_tunnelled() {
     within("send", ws.send(Message::text("after a GET")))
         .await
         .expect("send");
-    assert_eq!(
-        next_tls_message(&mut ws).await,
-        Message::text("after a GET")
-    );
+    assert_eq!(next_message(&mut ws).await, Message::text("after a GET"));
     let targets: Vec<String> = backend.seen().into_iter().map(|s| s.target).collect();
     assert_eq!(targets, ["/ws/plain", "/ws/after"]);
     assert_eq!(
