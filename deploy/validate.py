@@ -57,17 +57,21 @@ CLOSE_REASONS = {
     "backend_protocol_error", "backend_pong_timeout", "client_stalled", "backend_stalled",
 }
 DIRECTIONS = {"client_to_backend", "backend_to_client"}
+PROTOCOLS = {"h1", "h2"}
 METRICS = {
     "wsgate_connections_accepted_total": ("counter", {"listener"}, {}),
     "wsgate_connections_active": ("gauge", {"listener"}, {}),
-    "wsgate_http_requests_total": ("counter", {"route", "status_class"}, {}),
+    "wsgate_http_requests_total": ("counter", {"route", "status_class", "protocol"},
+                                   {"protocol": PROTOCOLS}),
     "wsgate_http_request_duration_seconds": ("histogram", {"route"}, {}),
-    "wsgate_ws_upgrades_total": ("counter", {"route", "result"},
-                                 {"result": {"ok", "rejected", "backend_error", "no_backend"}}),
+    "wsgate_ws_upgrades_total": ("counter", {"route", "result", "protocol"},
+                                 {"result": {"ok", "rejected", "backend_error", "no_backend"},
+                                  "protocol": PROTOCOLS}),
     "wsgate_ws_handshake_duration_seconds": ("histogram", {"route"}, {}),
-    "wsgate_ws_tunnels_active": ("gauge", {"route", "backend"}, {}),
+    "wsgate_ws_tunnels_active": ("gauge", {"route", "backend", "protocol"}, {"protocol": PROTOCOLS}),
     "wsgate_ws_tunnel_duration_seconds": ("histogram", {"route"}, {}),
-    "wsgate_ws_closes_total": ("counter", {"route", "reason"}, {"reason": CLOSE_REASONS}),
+    "wsgate_ws_closes_total": ("counter", {"route", "reason", "protocol"},
+                               {"reason": CLOSE_REASONS, "protocol": PROTOCOLS}),
     "wsgate_ws_bytes_total": ("counter", {"route", "direction"}, {"direction": DIRECTIONS}),
     "wsgate_ws_frames_total": ("counter", {"route", "direction"}, {"direction": DIRECTIONS}),
     "wsgate_ws_ping_rtt_seconds": ("histogram", {"route"}, {}),

@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::task::Waker;
 
 use futures_util::task::AtomicWaker;
@@ -17,6 +17,8 @@ use tokio::sync::Notify;
 pub struct ClientConn {
     pub peer: SocketAddr,
     pub tls: bool,
+    /// Set once the connection speaks HTTP/2 (ALPN or h2c), before its first request is served.
+    h2: AtomicBool,
     /// Inline, not an `Arc` of its own: one allocation less for every connection (an idle tunnel's too).
     pub phase: Phase,
     active: IntGauge,
@@ -31,10 +33,27 @@ impl ClientConn {
         ClientConn {
             peer,
             tls,
+            h2: AtomicBool::new(false),
             phase: Phase::default(),
             active,
             _slot: slot,
         }
+    }
+}
+
+impl ClientConn {
+    /// The connection speaks HTTP/2 from now on.
+    pub fn set_h2(&self) {
+        self.h2.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_h2(&self) -> bool {
+        self.h2.load(Ordering::Relaxed)
+    }
+
+    /// The client's HTTP version as a metric label and log field: `h1` or `h2`.
+    pub fn protocol(&self) -> &'static str {
+        if self.is_h2() { "h2" } else { "h1" }
     }
 }
 

@@ -222,15 +222,18 @@ impl Gateway {
                 .map(|(name, l)| (name.clone(), l.config.listen))
                 .collect();
             for (listener, tls) in config.listeners.iter().zip(acceptors) {
+                let http = listener.http.clone();
                 if current.get(&listener.name) == Some(&listener.listen) {
-                    fresh.insert(listener.name.clone(), (None, tls));
+                    fresh.insert(listener.name.clone(), (None, tls, http));
                 } else {
                     let max = config.limits.max_connections;
                     let handle = bind(listener, tls.clone(), max, &self.shared).await;
                     match handle {
-                        Ok(handle) => fresh.insert(listener.name.clone(), (Some(handle), tls)),
+                        Ok(handle) => {
+                            fresh.insert(listener.name.clone(), (Some(handle), tls, http))
+                        }
                         Err(error) => {
-                            for (handle, _) in fresh.into_values() {
+                            for (handle, _, _) in fresh.into_values() {
                                 if let Some(handle) = handle {
                                     handle.stop();
                                 }
@@ -251,21 +254,21 @@ impl Gateway {
             .unwrap_or_else(|p| p.into_inner()) = SystemTime::now();
         let mut listeners = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
         listeners.retain(|name, handle| {
-            let keep = matches!(fresh.get(name), Some((None, _)));
+            let keep = matches!(fresh.get(name), Some((None, _, _)));
             if !keep {
                 handle.stop();
                 tracing::info!(listener = %name, "listener closed");
             }
             keep
         });
-        for (name, (handle, tls)) in fresh {
+        for (name, (handle, tls, http)) in fresh {
             match handle {
                 Some(handle) => {
                     listeners.insert(name, handle);
                 }
                 None => {
                     if let Some(kept) = listeners.get(&name) {
-                        kept.set_tls(tls);
+                        kept.set_front(tls, http);
                         kept.set_max_connections(max_connections);
                     }
                 }
@@ -350,7 +353,7 @@ pub fn check_certificates(config: &Config) -> Vec<TlsError> {
         .listeners
         .iter()
         .filter_map(|l| l.tls.as_ref())
-        .filter_map(|tls| tls::acceptor(tls).err())
+        .filter_map(|tls| tls::acceptor(tls, &[]).err())
         .collect()
 }
 
@@ -359,7 +362,12 @@ fn load_tls(config: &Config) -> Result<Vec<Option<TlsAcceptor>>, TlsError> {
     config
         .listeners
         .iter()
-        .map(|l| l.tls.as_ref().map(tls::acceptor).transpose())
+        .map(|l| {
+            l.tls
+                .as_ref()
+                .map(|tls| tls::acceptor(tls, &l.http.alpn))
+                .transpose()
+        })
         .collect()
 }
 

@@ -1,6 +1,6 @@
 //! Header rules shared by HTTP proxying and WebSocket upgrades: the checks a request head must pass
-//! before it is routed, hop-by-hop headers out (RFC 9110 §7.6.1), the client's address in
-//! (`X-Forwarded-*`, `X-Real-IP`, `Forwarded`).
+//! before it is routed, an HTTP/2 head made into the HTTP/1.1 one backends get, hop-by-hop headers out
+//! (RFC 9110 §7.6.1), the client's address in (`X-Forwarded-*`, `X-Real-IP`, `Forwarded`).
 
 use std::fmt::Write;
 use std::net::IpAddr;
@@ -64,6 +64,49 @@ pub enum BadRequest {
     /// after the head), so any body would let wsgate's view of the stream and the backend's drift apart.
     #[error("an upgrade request may not carry a body")]
     UpgradeWithBody,
+    /// An HTTP/2 request whose `Host` names another authority than its `:authority` (RFC 9113 §8.3.1):
+    /// wsgate would route by one while the backend reads the other.
+    #[error("Host differs from :authority")]
+    AuthorityMismatch,
+    /// An extended CONNECT (RFC 8441 §4) without the pseudo-headers a WebSocket needs.
+    #[error("extended CONNECT needs {0}")]
+    ExtendedConnect(&'static str),
+}
+
+/// Makes an HTTP/2 request head (`parts`) the HTTP/1.1 one a backend gets: `Host` from `:authority`
+/// (which a client must send instead of `Host`), and the `Cookie` fields HTTP/2 may split joined into one
+/// (RFC 9113 §8.2.3). The request target is made origin-form where it is sent.
+pub fn h2_to_h1(parts: &mut http::request::Parts) -> Result<(), BadRequest> {
+    if let Some(authority) = parts.uri.authority() {
+        match parts.headers.get(header::HOST) {
+            Some(host)
+                if !host
+                    .as_bytes()
+                    .eq_ignore_ascii_case(authority.as_str().as_bytes()) =>
+            {
+                return Err(BadRequest::AuthorityMismatch);
+            }
+            Some(_) => {}
+            None => {
+                let host = HeaderValue::from_str(authority.as_str())
+                    .map_err(|_| BadRequest::AuthorityMismatch)?;
+                parts.headers.insert(header::HOST, host);
+            }
+        }
+    }
+    let mut cookies = parts.headers.get_all(header::COOKIE).iter();
+    if let (Some(first), Some(_)) = (cookies.next(), cookies.next()) {
+        let mut joined = first.as_bytes().to_vec();
+        for cookie in parts.headers.get_all(header::COOKIE).iter().skip(1) {
+            joined.extend_from_slice(b"; ");
+            joined.extend_from_slice(cookie.as_bytes());
+        }
+        if let Ok(joined) = HeaderValue::from_bytes(&joined) {
+            parts.headers.insert(header::COOKIE, joined);
+        }
+    }
+    parts.version = http::Version::HTTP_11;
+    Ok(())
 }
 
 /// Checks a request head before routing; `upgrade` says whether it asks for a WebSocket upgrade.
@@ -163,6 +206,40 @@ pub fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn h2_parts(uri: &str, headers: &[(&str, &str)]) -> http::request::Parts {
+        let mut builder = http::Request::get(uri).version(http::Version::HTTP_2);
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        builder.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn an_h2_head_becomes_the_h1_head_backends_get() {
+        let mut parts = h2_parts(
+            "https://chat.example.com/ws?room=1",
+            &[("cookie", "a=1"), ("cookie", "b=2"), ("x-other", "1")],
+        );
+        h2_to_h1(&mut parts).unwrap();
+        assert_eq!(parts.headers[header::HOST], "chat.example.com");
+        assert_eq!(parts.headers[header::COOKIE], "a=1; b=2");
+        assert_eq!(parts.headers.get_all(header::COOKIE).iter().count(), 1);
+        assert_eq!(parts.version, http::Version::HTTP_11);
+
+        // A Host that agrees (any case) stays; one that does not is refused.
+        let mut agrees = h2_parts(
+            "https://Chat.example.com:8443/",
+            &[("host", "chat.EXAMPLE.com:8443")],
+        );
+        assert_eq!(h2_to_h1(&mut agrees), Ok(()));
+        let mut differs = h2_parts("https://chat.example.com/", &[("host", "evil.example.com")]);
+        assert_eq!(h2_to_h1(&mut differs), Err(BadRequest::AuthorityMismatch));
+        // Without :authority the Host field (if any) is the authority, as over HTTP/1.1.
+        let mut host_only = h2_parts("/path", &[("host", "a.example")]);
+        h2_to_h1(&mut host_only).unwrap();
+        assert_eq!(host_only.headers[header::HOST], "a.example");
+    }
 
     #[test]
     fn connection_named_headers_and_fixed_hop_headers_go() {

@@ -1,6 +1,6 @@
 //! Every metric wsgate exports, defined in one place (names and labels are part of the interface:
 //! docs/ARCHITECTURE.md, "Metrics"). Label values come only from the config (route, pool, backend, listener names) or from
-//! fixed sets (status class, result, reason, direction), never from client input.
+//! fixed sets (status class, result, reason, direction, the client's protocol), never from client input.
 
 use prometheus::{
     Encoder, Gauge, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
@@ -101,7 +101,7 @@ impl Metrics {
             http_requests: counter(
                 "wsgate_http_requests_total",
                 "HTTP requests answered (upgrades excluded)",
-                &["route", "status_class"],
+                &["route", "status_class", "protocol"],
             ),
             http_request_duration: histogram(
                 "wsgate_http_request_duration_seconds",
@@ -112,7 +112,7 @@ impl Metrics {
             ws_upgrades: counter(
                 "wsgate_ws_upgrades_total",
                 "WebSocket upgrade attempts by result",
-                &["route", "result"],
+                &["route", "result", "protocol"],
             ),
             ws_handshake_duration: histogram(
                 "wsgate_ws_handshake_duration_seconds",
@@ -123,7 +123,7 @@ impl Metrics {
             ws_tunnels_active: gauge(
                 "wsgate_ws_tunnels_active",
                 "Live WebSocket tunnels",
-                &["route", "backend"],
+                &["route", "backend", "protocol"],
             ),
             ws_tunnel_duration: histogram(
                 "wsgate_ws_tunnel_duration_seconds",
@@ -134,7 +134,7 @@ impl Metrics {
             ws_closes: counter(
                 "wsgate_ws_closes_total",
                 "Ended tunnels by reason",
-                &["route", "reason"],
+                &["route", "reason", "protocol"],
             ),
             ws_bytes: counter(
                 "wsgate_ws_bytes_total",

@@ -1,5 +1,6 @@
 //! TLS termination (rustls): certificates loaded from PEM files, the one to present chosen by the
-//! client's SNI (exact name, then wildcard, else the first certificate). TLS 1.2 and 1.3, ALPN `http/1.1`.
+//! client's SNI (exact name, then wildcard, else the first certificate). TLS 1.2 and 1.3; ALPN offers what
+//! the listener speaks (`h2`, `http/1.1`).
 //!
 //! Certificates are read at start and again on every reload; a listener keeps its socket across reloads
 //! and only its [`TlsAcceptor`] is swapped.
@@ -14,7 +15,7 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use tokio_rustls::TlsAcceptor;
 
-use crate::config::TlsConfig;
+use crate::config::{Alpn, TlsConfig};
 
 /// A certificate problem, naming the file.
 #[derive(Debug, thiserror::Error)]
@@ -31,8 +32,8 @@ fn error(path: &Path, message: impl Into<String>) -> TlsError {
     }
 }
 
-/// Loads every certificate of a listener and builds its acceptor.
-pub fn acceptor(config: &TlsConfig) -> Result<TlsAcceptor, TlsError> {
+/// Loads every certificate of a listener and builds its acceptor, offering `alpn` in that order.
+pub fn acceptor(config: &TlsConfig, alpn: &[Alpn]) -> Result<TlsAcceptor, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut certs = Vec::new();
     for files in &config.certs {
@@ -44,7 +45,7 @@ pub fn acceptor(config: &TlsConfig) -> Result<TlsAcceptor, TlsError> {
         .map_err(|e| error(Path::new("<tls>"), e.to_string()))?
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(resolver));
-    server.alpn_protocols = vec![b"http/1.1".to_vec()];
+    server.alpn_protocols = alpn.iter().map(|id| id.id().to_vec()).collect();
     Ok(TlsAcceptor::from(Arc::new(server)))
 }
 

@@ -141,6 +141,7 @@ impl Checker<'_> {
             },
         };
         let limits = self.limits(&file.limits);
+        let http2 = self.http2(&file.http2);
 
         let mut listeners = Vec::new();
         let mut seen = HashSet::new();
@@ -158,11 +159,13 @@ impl Checker<'_> {
                 .tls
                 .as_ref()
                 .map(|tls| self.tls(tls, &format!("{key}.tls")));
+            let http = self.listener_http(l, &key);
             if let Some(listen) = self.socket_addr(&l.listen, &format!("{key}.listen")) {
                 listeners.push(ListenerConfig {
                     name: l.name.get_ref().clone(),
                     listen,
                     tls,
+                    http,
                 });
             }
         }
@@ -209,6 +212,7 @@ impl Checker<'_> {
             admin,
             timeouts,
             limits,
+            http2,
             listeners,
             routes,
             pools,
@@ -241,6 +245,106 @@ impl Checker<'_> {
             })
             .collect();
         TlsConfig { certs }
+    }
+
+    /// The HTTP versions of listener `key`: ALPN ids only on TLS listeners, h2c only on plain ones.
+    fn listener_http(&mut self, l: &file::FileListener, key: &str) -> ListenerHttp {
+        let defaults = ListenerHttp::default();
+        let alpn = match &l.alpn {
+            None => defaults.alpn,
+            Some(list) => {
+                if l.tls.is_none() {
+                    self.error(
+                        list.span().start,
+                        format!("{key}.alpn"),
+                        "ALPN is for TLS listeners (a plain listener takes HTTP/2 with `h2c = true`)",
+                    );
+                }
+                let mut alpn = Vec::new();
+                for (i, id) in list.get_ref().iter().enumerate() {
+                    let protocol = match id.get_ref().as_str() {
+                        "h2" => Alpn::H2,
+                        "http/1.1" => Alpn::Http11,
+                        other => {
+                            self.error(
+                                id.span().start,
+                                format!("{key}.alpn[{i}]"),
+                                format!("`{other}` is not a protocol wsgate speaks: \"h2\" or \"http/1.1\""),
+                            );
+                            continue;
+                        }
+                    };
+                    if alpn.contains(&protocol) {
+                        self.error(id.span().start, format!("{key}.alpn[{i}]"), "listed twice");
+                    }
+                    alpn.push(protocol);
+                }
+                if list.get_ref().is_empty() {
+                    self.error(
+                        list.span().start,
+                        format!("{key}.alpn"),
+                        "name at least one protocol: \"h2\", \"http/1.1\"",
+                    );
+                }
+                alpn
+            }
+        };
+        let h2c = match &l.h2c {
+            None => defaults.h2c,
+            Some(h2c) => {
+                if *h2c.get_ref() && l.tls.is_some() {
+                    self.error(
+                        h2c.span().start,
+                        format!("{key}.h2c"),
+                        "h2c is HTTP/2 without TLS: a TLS listener offers HTTP/2 by ALPN (`alpn`)",
+                    );
+                }
+                *h2c.get_ref()
+            }
+        };
+        ListenerHttp {
+            alpn,
+            h2c,
+            websocket_over_h2: l.websocket_over_h2.unwrap_or(defaults.websocket_over_h2),
+        }
+    }
+
+    fn http2(&mut self, h: &file::FileHttp2) -> Http2Settings {
+        let defaults = Http2Settings::default();
+        let max_concurrent_streams = match &h.max_concurrent_streams {
+            None => defaults.max_concurrent_streams,
+            Some(n) if (1..=10_000).contains(n.get_ref()) => *n.get_ref() as u32,
+            Some(n) => {
+                self.error(
+                    n.span().start,
+                    "http2.max_concurrent_streams",
+                    "must be between 1 and 10000",
+                );
+                defaults.max_concurrent_streams
+            }
+        };
+        let stream_window = match &h.stream_window {
+            None => defaults.stream_window,
+            Some(text) => match units::parse_size(text.get_ref()) {
+                Ok(n) if ((16 << 10)..=(16 << 20)).contains(&n) => n as u32,
+                Ok(_) => {
+                    self.error(
+                        text.span().start,
+                        "http2.stream_window",
+                        "must be between 16KiB and 16MiB",
+                    );
+                    defaults.stream_window
+                }
+                Err(e) => {
+                    self.error(text.span().start, "http2.stream_window", e);
+                    defaults.stream_window
+                }
+            },
+        };
+        Http2Settings {
+            max_concurrent_streams,
+            stream_window,
+        }
     }
 
     fn limits(&mut self, l: &file::FileLimits) -> Limits {

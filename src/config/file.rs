@@ -21,6 +21,8 @@ pub struct FileConfig {
     #[serde(default)]
     pub limits: FileLimits,
     #[serde(default)]
+    pub http2: FileHttp2,
+    #[serde(default)]
     pub listener: Vec<FileListener>,
     #[serde(default)]
     pub route: Vec<FileRoute>,
@@ -54,12 +56,22 @@ pub struct FileLimits {
     pub max_connections: Option<Spanned<i64>>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileHttp2 {
+    pub max_concurrent_streams: Option<Spanned<i64>>,
+    pub stream_window: Option<Text>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileListener {
     pub name: Text,
     pub listen: Text,
     pub tls: Option<FileTls>,
+    pub alpn: Option<Spanned<Vec<Text>>>,
+    pub h2c: Option<Spanned<bool>>,
+    pub websocket_over_h2: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -57,6 +57,7 @@ pub struct Config {
     pub admin: Option<SocketAddr>,
     pub timeouts: Timeouts,
     pub limits: Limits,
+    pub http2: Http2Settings,
     pub listeners: Vec<ListenerConfig>,
     pub routes: Vec<RouteConfig>,
     pub pools: BTreeMap<String, PoolConfig>,
@@ -122,12 +123,82 @@ impl Default for Limits {
     }
 }
 
+/// Per-connection limits of HTTP/2 client connections (docs/ARCHITECTURE.md, "HTTP/2"). The header list
+/// limit is `limits.max_header_size`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Http2Settings {
+    /// Streams (requests and WebSockets) open at once on one connection (SETTINGS_MAX_CONCURRENT_STREAMS).
+    pub max_concurrent_streams: u32,
+    /// Flow-control window of one stream: what a client may send on it before wsgate has passed it on. It
+    /// bounds what a stalled stream (a WebSocket whose backend does not read) holds.
+    pub stream_window: u32,
+}
+
+impl Http2Settings {
+    /// The connection's window: room for every stream's whole window, so that streams that stall (and
+    /// keep their share of the connection's window until they are read) never leave the others without.
+    pub fn connection_window(&self) -> u32 {
+        let sum = u64::from(self.max_concurrent_streams) * u64::from(self.stream_window);
+        // 2^31 - 1: the largest window HTTP/2 allows (RFC 9113 §6.9.1).
+        sum.clamp(65_535, (1 << 31) - 1) as u32
+    }
+}
+
+impl Default for Http2Settings {
+    fn default() -> Self {
+        Http2Settings {
+            max_concurrent_streams: 100,
+            stream_window: 64 << 10,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct ListenerConfig {
     pub name: String,
     pub listen: SocketAddr,
     /// TLS termination; `None` for plain TCP.
     pub tls: Option<TlsConfig>,
+    pub http: ListenerHttp,
+}
+
+/// Which HTTP versions a listener speaks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerHttp {
+    /// What a TLS listener offers in ALPN, in order of preference: `h2` and/or `http/1.1`. A client that
+    /// offers neither (or no ALPN at all) gets HTTP/1.1.
+    pub alpn: Vec<Alpn>,
+    /// A plain listener also takes HTTP/2 with prior knowledge (RFC 9113 §3.3).
+    pub h2c: bool,
+    /// HTTP/2 connections advertise SETTINGS_ENABLE_CONNECT_PROTOCOL and take WebSockets over HTTP/2
+    /// (RFC 8441).
+    pub websocket_over_h2: bool,
+}
+
+impl Default for ListenerHttp {
+    fn default() -> Self {
+        ListenerHttp {
+            alpn: vec![Alpn::H2, Alpn::Http11],
+            h2c: false,
+            websocket_over_h2: true,
+        }
+    }
+}
+
+/// An ALPN protocol id wsgate speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Alpn {
+    H2,
+    Http11,
+}
+
+impl Alpn {
+    pub fn id(self) -> &'static [u8] {
+        match self {
+            Alpn::H2 => b"h2",
+            Alpn::Http11 => b"http/1.1",
+        }
+    }
 }
 
 /// Certificates of a TLS listener: the client's SNI picks one, else the first is used.

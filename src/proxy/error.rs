@@ -3,13 +3,13 @@
 //! the client's fault (logged at `info`) or the backends' (logged at `warn`). HTTP forwarding and the
 //! WebSocket upgrade both answer through it, so the same failure gets the same answer on either path.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
 
 use crate::body::{self, ProxyBody};
+use crate::conn::ClientConn;
 use crate::headers::BadRequest;
 use crate::http1::backend::BackendHttpError;
 use crate::websocket::Rejection;
@@ -24,6 +24,10 @@ pub enum ProxyError {
     HeadTooLarge,
     #[error("no route for this request")]
     NoRoute,
+    /// An extended CONNECT for a protocol other than `websocket` (RFC 8441 §4), or a plain CONNECT:
+    /// wsgate is no forward proxy.
+    #[error("CONNECT is supported for the websocket protocol only")]
+    UnsupportedProtocol,
     /// An upgrade whose key or version wsgate refuses before any backend sees it.
     #[error(transparent)]
     BadUpgrade(#[from] Rejection),
@@ -51,6 +55,7 @@ impl ProxyError {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::UnsupportedProtocol => StatusCode::NOT_IMPLEMENTED,
             ProxyError::BadUpgrade(Rejection::BadKey) => StatusCode::BAD_REQUEST,
             ProxyError::BadUpgrade(Rejection::BadVersion) => StatusCode::UPGRADE_REQUIRED,
             ProxyError::NoBackend => StatusCode::SERVICE_UNAVAILABLE,
@@ -68,6 +73,7 @@ impl ProxyError {
             ProxyError::BadRequest(_) => "bad_request",
             ProxyError::HeadTooLarge => "head_too_large",
             ProxyError::NoRoute => "no_route",
+            ProxyError::UnsupportedProtocol => "unsupported_protocol",
             ProxyError::BadUpgrade(_) => "bad_upgrade",
             ProxyError::NoBackend => "no_backend",
             ProxyError::Unreachable => "backend_unreachable",
@@ -94,21 +100,23 @@ impl ProxyError {
             ProxyError::BadRequest(_)
                 | ProxyError::HeadTooLarge
                 | ProxyError::NoRoute
+                | ProxyError::UnsupportedProtocol
                 | ProxyError::BadUpgrade(_)
         )
     }
 
-    /// Logs the error with the request's client, route (empty before routing) and the backend last tried
+    /// Logs the error with the request's client (address and protocol), route (empty before routing) and the backend last tried
     /// (if any). A client's fault is one line per request, like an access event, and goes with them
     /// (target `wsgate::access`, `info`), so the two can be turned off together; a backend's fault is a
     /// `warn` of wsgate's own.
-    pub fn log(&self, client: SocketAddr, route: &str, backend: Option<&str>) {
+    pub fn log(&self, conn: &ClientConn, route: &str, backend: Option<&str>) {
         let (status, error) = (self.status().as_u16(), self.label());
+        let (client, protocol) = (conn.peer, conn.protocol());
         let backend = backend.unwrap_or("-");
         if self.is_client_fault() {
-            tracing::info!(target: "wsgate::access", %client, route, status, error, detail = %self, "request refused");
+            tracing::info!(target: "wsgate::access", %client, protocol, route, status, error, detail = %self, "request refused");
         } else {
-            tracing::warn!(%client, route, backend, status, error, detail = %self, "request failed");
+            tracing::warn!(%client, protocol, route, backend, status, error, detail = %self, "request failed");
         }
     }
 
@@ -119,6 +127,7 @@ impl ProxyError {
             ProxyError::BadRequest(bad) => return bad_request(bad),
             ProxyError::HeadTooLarge => "request head too large\n",
             ProxyError::NoRoute => "no route for this request\n",
+            ProxyError::UnsupportedProtocol => "only WebSocket CONNECT is supported\n",
             ProxyError::BadUpgrade(Rejection::BadKey) => "missing or malformed Sec-WebSocket-Key\n",
             ProxyError::BadUpgrade(Rejection::BadVersion) => {
                 let mut response =
@@ -158,6 +167,7 @@ mod tests {
             ProxyError::BadRequest(BadRequest::UpgradeWithBody),
             ProxyError::HeadTooLarge,
             ProxyError::NoRoute,
+            ProxyError::UnsupportedProtocol,
             ProxyError::BadUpgrade(Rejection::BadKey),
             ProxyError::BadUpgrade(Rejection::BadVersion),
             ProxyError::NoBackend,
@@ -172,9 +182,11 @@ mod tests {
     fn client_faults_are_4xx_and_backend_faults_5xx() {
         for error in all() {
             let status = error.status();
+            // 501: the client asked for what wsgate does not do (RFC 8441 §4), no backend's fault.
+            let client_status = status.is_client_error() || status == StatusCode::NOT_IMPLEMENTED;
             assert_eq!(
                 error.is_client_fault(),
-                status.is_client_error(),
+                client_status,
                 "{error:?} answers {status}"
             );
             assert!(status.is_client_error() || status.is_server_error());

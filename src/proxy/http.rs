@@ -35,14 +35,14 @@ pub async fn forward(
     let route_name = route.config.name.as_str();
     let (result, backend) = proxy(req, route, config, conn, shared).await;
     let response = result.unwrap_or_else(|error| {
-        error.log(conn.peer, route_name, backend.as_deref());
+        error.log(conn, route_name, backend.as_deref());
         error.response()
     });
     let status = response.status().as_u16();
     let metrics = &shared.metrics;
     metrics
         .http_requests
-        .with_label_values(&[route_name, status_class(status)])
+        .with_label_values(&[route_name, status_class(status), conn.protocol()])
         .inc();
     metrics
         .http_request_duration
@@ -51,6 +51,7 @@ pub async fn forward(
     tracing::info!(
         target: "wsgate::access",
         client = %conn.peer,
+        protocol = conn.protocol(),
         %method,
         %path,
         status,

@@ -13,12 +13,12 @@ mod upgrade;
 
 use std::sync::Arc;
 
-use ::http::{HeaderMap, Request, Response, Uri, header};
+use ::http::{HeaderMap, Method, Request, Response, Uri, header};
 use hyper::body::Incoming;
 
 use crate::body::ProxyBody;
 use crate::conn::ClientConn;
-use crate::headers::check_request;
+use crate::headers::{BadRequest, check_request, h2_to_h1};
 use crate::http1::request::head_size;
 use crate::metrics::status_class;
 use crate::router::Route;
@@ -32,12 +32,12 @@ pub use splice::Splice;
 pub enum Answer {
     /// The response for the client: a backend's, or one of wsgate's own.
     Response(Response<ProxyBody>),
-    /// The 101 for the client, and the backend that switched behind it: the server layer sends the 101,
-    /// takes the client connection over and runs the `Splice`.
+    /// The 101 for the client (a 200 over HTTP/2), and the backend that switched behind it: the server
+    /// layer sends it, takes the client connection (or HTTP/2 stream) over and runs the `Splice`.
     Switching(Response<ProxyBody>, Splice),
 }
 
-/// A request hyper parsed: every request but a connection's first upgrade.
+/// An HTTP/1.1 request hyper parsed: every request but a connection's first upgrade.
 pub async fn handle(req: Request<Incoming>, conn: &ClientConn, shared: &Shared) -> Answer {
     let upgrade = is_upgrade_request(&req);
     let size = head_size(&req);
@@ -68,6 +68,72 @@ pub async fn handle_upgrade(
     upgrade::handshake(parts, route, &state.config, conn, shared).await
 }
 
+/// A request on an HTTP/2 stream: forwarded to the HTTP/1.1 backends like any other, with the same
+/// header rules once its head is made an HTTP/1.1 one; a CONNECT is a WebSocket (`extended_connect`).
+pub async fn handle_h2(req: Request<Incoming>, conn: &ClientConn, shared: &Shared) -> Answer {
+    if req.method() == Method::CONNECT {
+        return handle_extended_connect(req, conn, shared).await;
+    }
+    let size = head_size(&req);
+    let (mut parts, body) = req.into_parts();
+    if let Err(bad) = h2_to_h1(&mut parts) {
+        return refused(shared, conn, bad.into());
+    }
+    let (state, route) = match admit(shared, &parts.headers, &parts.uri, size, false) {
+        Ok(admitted) => admitted,
+        Err(error) => return refused(shared, conn, error),
+    };
+    let req = Request::from_parts(parts, body);
+    Answer::Response(http::forward(req, &route, &state.config, conn, shared).await)
+}
+
+/// An HTTP/2 CONNECT: a WebSocket over HTTP/2 (RFC 8441) when its `:protocol` is `websocket`. It is
+/// checked (§4, §5), made the HTTP/1.1 upgrade backends know, and routed and handshaken like one; the
+/// client's answer is a 200 instead of a 101 (`upgrade::handshake`). A refusal gets the status an
+/// HTTP/1.1 upgrade would: browsers do not fall back to HTTP/1.1 when an extended CONNECT fails, so the
+/// application must see the same errors either way.
+async fn handle_extended_connect(
+    req: Request<Incoming>,
+    conn: &ClientConn,
+    shared: &Shared,
+) -> Answer {
+    let size = head_size(&req);
+    let (mut parts, _) = req.into_parts();
+    if let Err(error) = extended_connect(&mut parts) {
+        return refused(shared, conn, error);
+    }
+    let (state, route) = match admit(shared, &parts.headers, &parts.uri, size, true) {
+        Ok(admitted) => admitted,
+        Err(error) => return refused(shared, conn, error),
+    };
+    upgrade::handshake(parts, route, &state.config, conn, shared).await
+}
+
+/// Checks an extended CONNECT's pseudo-headers and makes its head an HTTP/1.1 GET: `Host` from
+/// `:authority`, origin-form path. The WebSocket headers (`Upgrade`, `Connection`, a key) are the
+/// handshake's to add.
+fn extended_connect(parts: &mut ::http::request::Parts) -> Result<(), ProxyError> {
+    let websocket = parts
+        .extensions
+        .get::<hyper::ext::Protocol>()
+        .is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"));
+    if !websocket {
+        return Err(ProxyError::UnsupportedProtocol);
+    }
+    if !matches!(parts.uri.scheme_str(), Some("https" | "http")) {
+        return Err(BadRequest::ExtendedConnect(":scheme https or http").into());
+    }
+    if parts.uri.authority().is_none() {
+        return Err(BadRequest::ExtendedConnect(":authority").into());
+    }
+    if !parts.uri.path().starts_with('/') {
+        return Err(BadRequest::ExtendedConnect(":path").into());
+    }
+    h2_to_h1(parts)?;
+    parts.method = Method::GET;
+    Ok(())
+}
+
 /// Checks a request head and finds its route in the current config generation.
 fn admit(
     shared: &Shared,
@@ -84,11 +150,11 @@ fn admit(
 
 /// A request refused before it has a route (400, 431, 404): logged, counted without a route, answered.
 fn refused(shared: &Shared, conn: &ClientConn, error: ProxyError) -> Answer {
-    error.log(conn.peer, "", None);
+    error.log(conn, "", None);
     shared
         .metrics
         .http_requests
-        .with_label_values(&["", status_class(error.status().as_u16())])
+        .with_label_values(&["", status_class(error.status().as_u16()), conn.protocol()])
         .inc();
     Answer::Response(error.response())
 }

@@ -56,7 +56,6 @@ impl Splice {
         conn: Arc<ClientConn>,
         shared: Arc<Shared>,
     ) -> impl Future<Output = ()> + Send + 'static {
-        conn.phase.upgraded();
         let params = TunnelParams {
             allowed_rsv: self.allowed_rsv,
             shutdown: shared.shutdown.clone(),

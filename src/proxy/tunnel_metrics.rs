@@ -46,10 +46,11 @@ impl RouteTunnel {
     }
 
     fn active(&self) -> prometheus::IntGauge {
-        self.shared
-            .metrics
-            .ws_tunnels_active
-            .with_label_values(&[self.route_name(), &self.guard.backend().addr])
+        self.shared.metrics.ws_tunnels_active.with_label_values(&[
+            self.route_name(),
+            &self.guard.backend().addr,
+            self.conn.protocol(),
+        ])
     }
 
     /// Counts the ending and writes the tunnel's access event.
@@ -58,7 +59,7 @@ impl RouteTunnel {
         let metrics = &self.shared.metrics;
         metrics
             .ws_closes
-            .with_label_values(&[route_name, outcome.reason.label()])
+            .with_label_values(&[route_name, outcome.reason.label(), self.conn.protocol()])
             .inc();
         metrics
             .ws_tunnel_duration
@@ -67,6 +68,7 @@ impl RouteTunnel {
         tracing::info!(
             target: "wsgate::access",
             client = %self.conn.peer,
+            protocol = self.conn.protocol(),
             route = route_name,
             backend = self.guard.backend().addr.as_str(),
             duration_ms = outcome.duration.as_millis() as u64,

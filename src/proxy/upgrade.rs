@@ -23,7 +23,7 @@ use crate::http1::backend;
 use crate::router::Route;
 use crate::state::Shared;
 use crate::upstream;
-use crate::websocket::{accept_key, accepts, validate};
+use crate::websocket::{accept_key, accepts, new_key, validate, validate_version};
 
 /// Validates an upgrade request routed to `route`, picks a backend and performs the backend side of the
 /// handshake. The client side is the caller's: it sends the answer, then runs the `Splice`.
@@ -40,15 +40,26 @@ pub async fn handshake(
         shared
             .metrics
             .ws_upgrades
-            .with_label_values(&[route_name, result])
+            .with_label_values(&[route_name, result, conn.protocol()])
             .inc();
     };
     let refuse = |error: ProxyError, backend: Option<&str>| {
         count(error.upgrade_result());
-        error.log(conn.peer, route_name, backend);
+        error.log(conn, route_name, backend);
         Answer::Response(error.response())
     };
-    let key = match validate(&parts.headers) {
+    // Over HTTP/2 (RFC 8441 §5) the client sends no key: the stream it opened is its proof of intent.
+    // The backend gets an HTTP/1.1 upgrade with a key of wsgate's own, whose accept wsgate checks.
+    let key = if conn.is_h2() {
+        validate_version(&parts.headers).map(|()| {
+            let key = new_key();
+            parts.headers.insert(header::SEC_WEBSOCKET_KEY, key.clone());
+            key
+        })
+    } else {
+        validate(&parts.headers)
+    };
+    let key = match key {
         Ok(key) => key,
         Err(rejection) => return refuse(rejection.into(), None),
     };
@@ -103,7 +114,11 @@ pub async fn handshake(
             } else {
                 0
             };
-            let mut response = switching_protocols(switched.headers, &key);
+            let mut response = if conn.is_h2() {
+                connect_established(switched.headers)
+            } else {
+                switching_protocols(switched.headers, &key)
+            };
             if let Some(cookie) = route
                 .pool
                 .sticky_cookie(&affinity, guard.backend(), conn.tls)
@@ -232,6 +247,17 @@ async fn send_upgrade(
         stream,
         early: Bytes::from(answer.rest),
     }))
+}
+
+/// The 200 that opens a WebSocket over HTTP/2 (RFC 8441 §5): the backend's headers (subprotocol,
+/// extensions, cookies) without the HTTP/1.1 handshake's own, which mean nothing on an HTTP/2 stream.
+fn connect_established(mut headers: HeaderMap) -> Response<ProxyBody> {
+    strip_hop_by_hop(&mut headers);
+    headers.remove(header::SEC_WEBSOCKET_ACCEPT);
+    headers.remove(header::CONTENT_LENGTH);
+    let mut response = Response::new(body::empty());
+    *response.headers_mut() = headers;
+    response
 }
 
 /// The 101 for the client: the backend's headers (subprotocol, extensions, cookies), hop-by-hop ones

@@ -1,5 +1,6 @@
 //! One client connection, over any transport: the TLS handshake if the listener has certificates, then
-//! the first request, read by wsgate itself, then hyper (`h1.rs`) for whatever follows.
+//! HTTP/2 (`h2.rs`) if ALPN or the h2c preface chose it, else the first request, read by wsgate itself,
+//! then hyper (`h1.rs`) for whatever follows.
 //!
 //! Most WebSocket clients open a connection for the upgrade alone. For those, hyper's connection
 //! machinery (its read buffer, a write buffer, an upgrade channel and a second task for the tunnel) is set
@@ -24,8 +25,9 @@ use tokio_rustls::server::TlsStream;
 
 use super::client_io::{ClientIo, Replay};
 use super::h1::serve_http;
+use super::h2::serve_h2;
 use crate::body::ProxyBody;
-use crate::config::Config;
+use crate::config::{Alpn, Config, ListenerHttp};
 use crate::conn::ClientConn;
 use crate::headers::has_token;
 use crate::http1::request::{First, parse};
@@ -35,10 +37,20 @@ use crate::proxy::{self, Answer, Splice};
 use crate::state::Shared;
 use crate::websocket::{Buffered, Transport};
 
-/// Serves an accepted connection until it closes or is upgraded; `tls` is the listener's acceptor.
+/// How a listener serves the connections it accepts (swapped whole on reload).
+pub struct Front {
+    /// The listener's certificates and ALPN ids; `None` for a plain listener.
+    pub tls: Option<TlsAcceptor>,
+    pub http: ListenerHttp,
+}
+
+/// The HTTP/2 connection preface (RFC 9113 §3.4): how an h2c client with prior knowledge begins.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Serves an accepted connection until it closes or is upgraded, as its listener's `front` says.
 pub async fn serve(
     stream: TcpStream,
-    tls: Option<Arc<TlsAcceptor>>,
+    front: Arc<Front>,
     conn: Arc<ClientConn>,
     shared: Arc<Shared>,
 ) {
@@ -51,17 +63,20 @@ pub async fn serve(
         config.timeouts.http_idle,
         config.timeouts.send,
     );
-    match tls {
-        None => first_request(io, conn, shared, config).await,
+    match &front.tls {
+        None => first_request(io, conn, shared, config, &front.http).await,
         // Boxed: a TLS session is several KiB, and a plain connection's task (an idle tunnel's, too)
         // would otherwise be sized for it.
-        Some(acceptor) => Box::pin(serve_tls(io, &acceptor, conn, shared, config)).await,
+        Some(acceptor) => {
+            Box::pin(serve_tls(io, acceptor, &front.http, conn, shared, config)).await
+        }
     }
 }
 
 async fn serve_tls(
     io: ClientIo,
     acceptor: &TlsAcceptor,
+    http: &ListenerHttp,
     conn: Arc<ClientConn>,
     shared: Arc<Shared>,
     config: Arc<Config>,
@@ -70,7 +85,11 @@ async fn serve_tls(
     // shutdown lets it finish (within that timeout), so that the session can be closed properly, with a
     // `close_notify`, rather than cut mid-handshake.
     match tokio::time::timeout(config.timeouts.header, acceptor.accept(io)).await {
-        Ok(Ok(stream)) => first_request(stream, conn, shared, config).await,
+        Ok(Ok(stream)) if stream.get_ref().1.alpn_protocol() == Some(Alpn::H2.id()) => {
+            let websockets = http.websocket_over_h2;
+            Box::pin(serve_h2(stream, conn, shared, &config, websockets)).await;
+        }
+        Ok(Ok(stream)) => first_request(stream, conn, shared, config, http).await,
         Ok(Err(error)) => tracing::debug!(peer = %conn.peer, %error, "TLS handshake failed"),
         Err(_) => tracing::debug!(peer = %conn.peer, "TLS handshake timed out"),
     }
@@ -123,16 +142,20 @@ pub fn start_tunnel<S: ClientStream>(
     conn: Arc<ClientConn>,
     shared: Arc<Shared>,
 ) {
+    // The connection leaves the HTTP layer: its timers are off from now on.
+    conn.phase.upgraded();
     let tunnel = splice.run(io.into_tunnelled(), early, conn, Arc::clone(&shared));
     shared.tasks.spawn(tunnel);
 }
 
-/// Serves a connection's first request here if it is an upgrade, and everything else through hyper.
+/// Serves a connection's first request here if it is an upgrade, an h2c connection (if the listener
+/// takes them) through hyper's HTTP/2 server, and everything else through hyper's HTTP/1.1 one.
 async fn first_request<S: ClientStream>(
     mut io: S,
     conn: Arc<ClientConn>,
     shared: Arc<Shared>,
     config: Arc<Config>,
+    http: &ListenerHttp,
 ) {
     // hyper refuses a head that does not fit its buffer with 431; stop reading at the same size and let
     // it give that answer.
@@ -150,6 +173,14 @@ async fn first_request<S: ClientStream>(
             // Gone before a whole head, or the header timeout (`ClientIo`): nothing to answer.
             Ok(0) | Err(_) => return,
             Ok(_) => {}
+        }
+        if http.h2c && H2_PREFACE.starts_with(&buf[..buf.len().min(H2_PREFACE.len())]) {
+            if buf.len() < H2_PREFACE.len() {
+                continue;
+            }
+            let io = Replay::new(io, Bytes::from(buf));
+            let websockets = http.websocket_over_h2;
+            return Box::pin(serve_h2(io, conn, shared, &config, websockets)).await;
         }
         match parse(&buf) {
             First::Upgrade(parts, len) => break (parts, len),

@@ -1,18 +1,18 @@
 //! Listening sockets: bind, accept within the connection limit, and hand each connection to
-//! `connection.rs` as a task of its own. A listener's certificates and limit can change on reload without
-//! touching its socket.
+//! `connection.rs` as a task of its own. A listener's certificates, HTTP versions and limit can change on
+//! reload without touching its socket.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwapOption;
+use arc_swap::ArcSwap;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-use super::connection;
-use crate::config::ListenerConfig;
+use super::connection::{self, Front};
+use crate::config::{ListenerConfig, ListenerHttp};
 use crate::conn::{ClientConn, ConnLimit};
 use crate::state::Shared;
 
@@ -20,8 +20,9 @@ use crate::state::Shared;
 pub struct ListenerHandle {
     pub config: ListenerConfig,
     pub addr: SocketAddr,
-    /// The certificates in use: swapped on reload without touching the socket.
-    tls: Arc<ArcSwapOption<TlsAcceptor>>,
+    /// How new connections are served (certificates, HTTP versions): swapped on reload without touching
+    /// the socket.
+    front: Arc<ArcSwap<Front>>,
     limit: Arc<ConnLimit>,
     stop: CancellationToken,
 }
@@ -43,7 +44,10 @@ impl ListenerHandle {
         let handle = ListenerHandle {
             config: config.clone(),
             addr,
-            tls: Arc::new(ArcSwapOption::from_pointee(tls)),
+            front: Arc::new(ArcSwap::from_pointee(Front {
+                tls,
+                http: config.http.clone(),
+            })),
             limit: Arc::new(ConnLimit::new(max_connections)),
             stop: shared.shutdown.child_token(),
         };
@@ -51,7 +55,7 @@ impl ListenerHandle {
         let accepting = shared.tasks.spawn(accept_loop(
             listener,
             config.name.clone(),
-            Arc::clone(&handle.tls),
+            Arc::clone(&handle.front),
             Arc::clone(&handle.limit),
             handle.stop.clone(),
             Arc::clone(shared),
@@ -65,9 +69,9 @@ impl ListenerHandle {
         self.limit.set_max(max);
     }
 
-    /// Uses new certificates for connections accepted from now on.
-    pub fn set_tls(&self, tls: Option<TlsAcceptor>) {
-        self.tls.store(tls.map(Arc::new));
+    /// Uses new certificates and HTTP settings for connections accepted from now on.
+    pub fn set_front(&self, tls: Option<TlsAcceptor>, http: ListenerHttp) {
+        self.front.store(Arc::new(Front { tls, http }));
     }
 
     /// Closes the listening socket; connections already accepted go on.
@@ -113,7 +117,7 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
 async fn accept_loop(
     listener: TcpListener,
     name: String,
-    tls: Arc<ArcSwapOption<TlsAcceptor>>,
+    front: Arc<ArcSwap<Front>>,
     limit: Arc<ConnLimit>,
     stop: CancellationToken,
     shared: Arc<Shared>,
@@ -145,17 +149,17 @@ async fn accept_loop(
             _ = stop.cancelled() => return,
         };
         accepted.inc();
-        let acceptor = tls.load_full();
+        let front = front.load_full();
         let conn = Arc::new(ClientConn::new(
             peer,
-            acceptor.is_some(),
+            front.tls.is_some(),
             active.clone(),
             slot,
         ));
         let shared2 = Arc::clone(&shared);
         shared
             .tasks
-            .spawn(connection::serve(stream, acceptor, conn, shared2));
+            .spawn(connection::serve(stream, front, conn, shared2));
     }
 }
 

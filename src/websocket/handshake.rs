@@ -47,12 +47,7 @@ pub enum Rejection {
 
 /// Checks the client's key and version; returns the key.
 pub fn validate(headers: &HeaderMap) -> Result<HeaderValue, Rejection> {
-    let version_ok = headers
-        .get(header::SEC_WEBSOCKET_VERSION)
-        .is_some_and(|v| v.as_bytes().trim_ascii() == b"13");
-    if !version_ok {
-        return Err(Rejection::BadVersion);
-    }
+    validate_version(headers)?;
     let key = headers
         .get(header::SEC_WEBSOCKET_KEY)
         .ok_or(Rejection::BadKey)?;
@@ -60,6 +55,26 @@ pub fn validate(headers: &HeaderMap) -> Result<HeaderValue, Rejection> {
         Ok(nonce) if nonce.len() == 16 => Ok(key.clone()),
         _ => Err(Rejection::BadKey),
     }
+}
+
+/// Checks the client's `Sec-WebSocket-Version`: 13 is the only one there is. A WebSocket over HTTP/2
+/// (RFC 8441 §5) has no key to check, only this.
+pub fn validate_version(headers: &HeaderMap) -> Result<(), Rejection> {
+    let version_ok = headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_some_and(|v| v.as_bytes().trim_ascii() == b"13");
+    if version_ok {
+        Ok(())
+    } else {
+        Err(Rejection::BadVersion)
+    }
+}
+
+/// A fresh `Sec-WebSocket-Key`: 16 random bytes in base64 (§4.1), for a handshake wsgate starts itself
+/// (toward a backend, for an HTTP/2 client that sends none).
+pub fn new_key() -> HeaderValue {
+    let nonce: [u8; 16] = std::array::from_fn(|_| fastrand::u8(..));
+    HeaderValue::from_str(&BASE64.encode(nonce)).expect("base64 is a valid header value")
 }
 
 #[cfg(test)]
@@ -97,5 +112,18 @@ mod tests {
             HeaderValue::from_static("12"),
         );
         assert_eq!(validate(&h), Err(Rejection::BadVersion));
+    }
+
+    #[test]
+    fn fresh_keys_are_valid_and_differ() {
+        let (a, b) = (new_key(), new_key());
+        assert_ne!(a, b);
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
+        h.insert(header::SEC_WEBSOCKET_KEY, a);
+        assert!(validate(&h).is_ok());
     }
 }

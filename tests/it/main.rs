@@ -13,6 +13,7 @@ mod tunnel_support;
 mod answers;
 mod balancing;
 mod config_errors;
+mod h2;
 mod hostile;
 mod http_proxy;
 mod layers;

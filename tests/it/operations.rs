@@ -97,8 +97,11 @@ async fn metrics_count_known_traffic_exactly() {
     tokio::time::sleep_until(opened + idle_end - TICK).await;
     let ended = eventually("three tunnels have ended", || {
         let text = gateway.metrics_text();
-        text.contains("wsgate_ws_closes_total{reason=\"idle_timeout\",route=\"main\"} 2")
-            && text.contains("wsgate_ws_closes_total{reason=\"client_close\",route=\"main\"} 1")
+        text.contains(
+            "wsgate_ws_closes_total{protocol=\"h1\",reason=\"idle_timeout\",route=\"main\"} 2",
+        ) && text.contains(
+            "wsgate_ws_closes_total{protocol=\"h1\",reason=\"client_close\",route=\"main\"} 1",
+        )
     })
     .await;
     assert_at("the idle tunnels' end", ended - opened, idle_end);
@@ -109,19 +112,19 @@ async fn metrics_count_known_traffic_exactly() {
         sample(&metrics, series).unwrap_or_else(|| panic!("no sample {series} in\n{metrics}"))
     };
     assert_eq!(
-        value("wsgate_ws_upgrades_total{result=\"ok\",route=\"main\"}"),
+        value("wsgate_ws_upgrades_total{protocol=\"h1\",result=\"ok\",route=\"main\"}"),
         3.0
     );
     assert_eq!(
-        value("wsgate_ws_upgrades_total{result=\"rejected\",route=\"main\"}"),
+        value("wsgate_ws_upgrades_total{protocol=\"h1\",result=\"rejected\",route=\"main\"}"),
         1.0
     );
     assert_eq!(
-        value("wsgate_ws_closes_total{reason=\"idle_timeout\",route=\"main\"}"),
+        value("wsgate_ws_closes_total{protocol=\"h1\",reason=\"idle_timeout\",route=\"main\"}"),
         2.0
     );
     assert_eq!(
-        value("wsgate_ws_closes_total{reason=\"client_close\",route=\"main\"}"),
+        value("wsgate_ws_closes_total{protocol=\"h1\",reason=\"client_close\",route=\"main\"}"),
         1.0
     );
     // Client to backend: 5 masked text frames (6 + 100 bytes) and a masked Close with a code (6 + 2).

@@ -408,5 +408,5 @@ pub async fn wait_metric(gateway: &Gateway, line: &str) {
 
 /// The `wsgate_ws_closes_total` line for `reason` on the test route.
 pub fn closes(reason: &str, count: u64) -> String {
-    format!("wsgate_ws_closes_total{{reason=\"{reason}\",route=\"main\"}} {count}")
+    format!("wsgate_ws_closes_total{{protocol=\"h1\",reason=\"{reason}\",route=\"main\"}} {count}")
 }
