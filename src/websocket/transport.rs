@@ -1,4 +1,5 @@
-//! The streams a tunnel relays between: a raw `TcpStream`, or any async stream (a TLS session).
+//! The streams a tunnel relays between: a raw `TcpStream`, or any async stream (a TLS session, an HTTP/2
+//! stream).
 //!
 //! A raw socket tells when it is readable without being read, so a tunnel borrows a read buffer only once
 //! data is there. A TLS stream cannot: its readiness depends on records rustls has buffered, so for it the
@@ -20,6 +21,9 @@ pub trait Transport: Send + Unpin {
     fn poll_write(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>>;
     /// Pushes out anything the stream buffered itself (TLS records).
     fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    /// Ends the stream in order, once the tunnel is over: a TLS session's `close_notify` (RFC 8446 §6.1),
+    /// an HTTP/2 stream's END_STREAM. A raw socket needs nothing beyond the close that dropping it does.
+    fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
 }
 
 impl Transport for TcpStream {
@@ -40,6 +44,10 @@ impl Transport for TcpStream {
     }
 
     fn poll_flush(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Poll::Ready(Ok(()))
     }
 }
@@ -64,5 +72,9 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin> Transport for Buffered<S> {
 
     fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
     }
 }

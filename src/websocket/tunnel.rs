@@ -1,7 +1,7 @@
 //! The frame-aware splice between a client and a backend after a successful upgrade (docs/ARCHITECTURE.md, "The tunnel").
 //!
-//! One task drives both directions over the two streams (raw `TcpStream`s, or a TLS session on the client
-//! side: see `transport.rs`): it waits for readiness, borrows a buffer,
+//! One task drives both directions over the two streams (raw `TcpStream`s, or a TLS session or HTTP/2
+//! stream on the client side: see `transport.rs`): it waits for readiness, borrows a buffer,
 //! reads, lets the direction's [`Scanner`] walk the frames in place, writes the result, and gives the buffer
 //! back. A direction reads nothing more until its last chunk is written, so a slow reader slows its writer
 //! and memory stays bounded. wsgate's own frames (keepalive pings, Close) go in only at frame boundaries.
@@ -119,6 +119,7 @@ pub fn run<C: Transport, B: Transport, X: TunnelContext>(
         queued: false,
         token,
         shutdown_at: None,
+        closed: (false, false),
         context,
     };
     if client_ping.is_some() {
@@ -133,6 +134,12 @@ pub fn run<C: Transport, B: Transport, X: TunnelContext>(
         let mut sleep = std::pin::pin!(tokio::time::sleep_until(first_deadline));
         let mut cancelled = std::pin::pin!(shutdown.cancelled_owned());
         poll_fn(|cx| tunnel.poll(cx, sleep.as_mut(), cancelled.as_mut())).await;
+        // Both streams end in order where they can (`Transport::poll_shutdown`), within the close
+        // timeout: a peer that reads nothing does not hold the tunnel. The timer is the tunnel's own.
+        sleep
+            .as_mut()
+            .reset(Instant::now() + tunnel.context.settings().close_timeout);
+        poll_fn(|cx| tunnel.poll_close(cx, sleep.as_mut())).await;
         tunnel.flush_traffic();
         let outcome = TunnelOutcome {
             reason: tunnel.ending.map_or(EndReason::ClientGone, |e| e.reason),
@@ -555,10 +562,25 @@ struct Tunnel<C, B, X> {
     token: [u8; 8],
     /// When this tunnel closes because the gateway shuts down.
     shutdown_at: Option<Instant>,
+    /// The streams that have been ended in order (`poll_close`): client, backend.
+    closed: (bool, bool),
     context: X,
 }
 
 impl<C: Transport, B: Transport, X: TunnelContext> Tunnel<C, B, X> {
+    /// Ends both streams in order (a failure counts as ended: there is nothing more to do for that
+    /// stream), or gives up when `sleep` fires.
+    fn poll_close(&mut self, cx: &mut Context<'_>, sleep: Pin<&mut Sleep>) -> Poll<()> {
+        let (client, backend) = &mut self.closed;
+        *client = *client || self.client.poll_shutdown(cx).is_ready();
+        *backend = *backend || self.backend.poll_shutdown(cx).is_ready();
+        if (*client && *backend) || sleep.poll(cx).is_ready() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+
     fn poll(
         &mut self,
         cx: &mut Context<'_>,

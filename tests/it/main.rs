@@ -14,6 +14,7 @@ mod answers;
 mod balancing;
 mod config_errors;
 mod h2;
+mod h2_hostile;
 mod hostile;
 mod http_proxy;
 mod layers;

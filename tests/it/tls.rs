@@ -339,3 +339,63 @@ async fn tls_connections_wsgate_closes_end_with_close_notify() {
         .expect("close_notify at shutdown");
     within("shutdown", shutdown).await.expect("shutdown task");
 }
+
+/// A `wss://` tunnel ends its TLS session with `close_notify` too: after the WebSocket closing handshake
+/// (the client's Close answered by the backend), and when wsgate closes the tunnel itself at shutdown.
+#[tokio::test]
+async fn tls_tunnels_end_with_close_notify() {
+    let pki = Pki::new();
+    let (cert, key, _) = pki.leaf("site", &["site.test"]);
+    let backend = TestBackend::start("b1").await;
+    let text = tls_config(backend.addr, &[(&cert, &key)]) + "\n[timeouts]\nclose_spread = \"0s\"\n";
+    let (gateway, addr) = gateway(&text).await;
+
+    // Both ends of the closing handshake are relayed, then the session is closed in order. The client
+    // reads on past its Close, as a browser does, to see how the connection ends.
+    let mut tls = tls_connect(&pki, addr, "site.test").await;
+    raw_write(&mut tls, upgrade_request(addr, "/ws", "").as_bytes()).await;
+    let response = read_response(&mut tls).await;
+    assert_eq!(response.status, 101);
+    let mut close = vec![0x88, 0x82, 1, 2, 3, 4];
+    close.extend([0x03 ^ 1, 0xe8 ^ 2]);
+    raw_write(&mut tls, &close).await;
+    let rest = read_to_clean_end(&mut tls)
+        .await
+        .expect("close_notify after the closing handshake");
+    assert_eq!(rest, [0x88, 0x02, 0x03, 0xe8], "the backend's Close answer");
+
+    // At shutdown: wsgate's Close 1001, then close_notify.
+    let tcp = tcp_connect(addr).await;
+    let name = rustls::pki_types::ServerName::try_from("site.test").expect("name");
+    let tls = within("TLS", pki.connector().connect(name, tcp))
+        .await
+        .expect("TLS");
+    let request = format!("wss://site.test:{}/ws", addr.port())
+        .into_client_request()
+        .expect("request");
+    let (mut ws, _) = within("handshake", tokio_tungstenite::client_async(request, tls))
+        .await
+        .expect("handshake");
+    within("send", ws.send(Message::text("hi")))
+        .await
+        .expect("send");
+    assert_eq!(next_message(&mut ws).await, Message::text("hi"));
+    let shutdown = tokio::spawn(gateway.shutdown());
+    // tungstenite answers the Close; the stream then ends, cleanly only with close_notify.
+    let mut tls = {
+        let close = loop {
+            match within("Close", futures_util::StreamExt::next(&mut ws)).await {
+                Some(Ok(Message::Close(frame))) => break frame,
+                Some(Ok(_)) => continue,
+                other => panic!("expected Close, got {other:?}"),
+            }
+        };
+        assert_eq!(close.map(|f| u16::from(f.code)), Some(1001));
+        let _ = within("flush", ws.flush()).await;
+        ws.into_inner()
+    };
+    read_to_clean_end(&mut tls)
+        .await
+        .expect("close_notify after wsgate's own Close");
+    within("shutdown", shutdown).await.expect("shutdown task");
+}
