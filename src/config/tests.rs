@@ -155,3 +155,80 @@ fn given_values_replace_the_defaults() {
     let b = &p.backends[0];
     assert_eq!((b.weight, b.drain, b.id.as_str()), (5, true, "a"));
 }
+
+#[test]
+fn http2_defaults_and_values() {
+    let c = parse(MINIMAL);
+    assert_eq!(c.http2, Http2Settings::default());
+    assert_eq!(c.http2.max_concurrent_streams, 100);
+    assert_eq!(c.http2.stream_window, 64 * 1024);
+    // Room for every stream's window: a stalled stream never takes another's share.
+    assert_eq!(c.http2.connection_window(), 100 * 64 * 1024);
+    let l = &c.listeners[0].http;
+    assert_eq!(l.alpn, [Alpn::H2, Alpn::Http11], "h2 preferred");
+    assert!(!l.h2c, "h2c only when asked");
+    assert!(l.websocket_over_h2, "RFC 8441 on by default");
+
+    let c = parse(&format!(
+        "[http2]\nmax_concurrent_streams = 10\nstream_window = \"1MiB\"\n{}",
+        MINIMAL.replace(
+            "listen = \"127.0.0.1:8080\"\n",
+            "listen = \"127.0.0.1:8080\"\nh2c = true\nwebsocket_over_h2 = false\n"
+        )
+    ));
+    assert_eq!(c.http2.max_concurrent_streams, 10);
+    assert_eq!(c.http2.stream_window, 1 << 20);
+    assert_eq!(c.http2.connection_window(), 10 << 20);
+    assert!(c.listeners[0].http.h2c);
+    assert!(!c.listeners[0].http.websocket_over_h2);
+    // The sum never passes HTTP/2's largest window.
+    let big = Http2Settings {
+        max_concurrent_streams: 10_000,
+        stream_window: 16 << 20,
+    };
+    assert_eq!(big.connection_window(), (1 << 31) - 1);
+}
+
+#[test]
+fn http_version_errors_name_the_key() {
+    let errors = |text: &str| match Config::from_toml(text, "t.toml") {
+        Ok(_) => panic!("accepted:\n{text}"),
+        Err(errors) => errors.to_string(),
+    };
+    let plain_alpn = MINIMAL.replace(
+        "listen = \"127.0.0.1:8080\"\n",
+        "listen = \"127.0.0.1:8080\"\nalpn = [\"h2\"]\n",
+    );
+    assert!(
+        errors(&plain_alpn).contains("t.toml:5: listener[0].alpn: ALPN is for TLS listeners"),
+        "{}",
+        errors(&plain_alpn)
+    );
+    let tls = "tls = { certs = [ { cert = \"c.pem\", key = \"k.pem\" } ] }\n";
+    let bad_id = MINIMAL.replace(
+        "listen = \"127.0.0.1:8080\"\n",
+        &format!("listen = \"127.0.0.1:8080\"\n{tls}alpn = [\"h2\", \"spdy/3\", \"h2\"]\n"),
+    );
+    let text = errors(&bad_id);
+    assert!(
+        text.contains("listener[0].alpn[1]: `spdy/3` is not a protocol"),
+        "{text}"
+    );
+    assert!(text.contains("listener[0].alpn[2]: listed twice"), "{text}");
+    let empty = MINIMAL.replace(
+        "listen = \"127.0.0.1:8080\"\n",
+        &format!("listen = \"127.0.0.1:8080\"\n{tls}alpn = []\n"),
+    );
+    assert!(errors(&empty).contains("listener[0].alpn: name at least one"));
+    let tls_h2c = MINIMAL.replace(
+        "listen = \"127.0.0.1:8080\"\n",
+        &format!("listen = \"127.0.0.1:8080\"\n{tls}h2c = true\n"),
+    );
+    assert!(errors(&tls_h2c).contains("t.toml:6: listener[0].h2c: h2c is HTTP/2 without TLS"));
+    let streams = format!("[http2]\nmax_concurrent_streams = 0\n{MINIMAL}");
+    assert!(errors(&streams).contains("t.toml:2: http2.max_concurrent_streams: must be between 1"));
+    let window = format!("[http2]\nstream_window = \"1KiB\"\n{MINIMAL}");
+    assert!(errors(&window).contains("t.toml:2: http2.stream_window: must be between 16KiB"));
+    let unknown = format!("[http2]\nconnection_window = \"1MiB\"\n{MINIMAL}");
+    assert!(errors(&unknown).contains("t.toml:2: http2: unknown field `connection_window`"));
+}

@@ -399,3 +399,70 @@ async fn tls_tunnels_end_with_close_notify() {
         .expect("close_notify after wsgate's own Close");
     within("shutdown", shutdown).await.expect("shutdown task");
 }
+
+/// A TLS client offering `alpn`, trusting the test CA.
+async fn tls_connect_alpn(pki: &Pki, addr: SocketAddr, alpn: &[&[u8]]) -> TlsStream<TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.ca_der.clone()).expect("CA into store");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|id| id.to_vec()).collect();
+    let tcp = tcp_connect(addr).await;
+    let name = ServerName::try_from("site.test").expect("name");
+    within(
+        "TLS handshake",
+        TlsConnector::from(Arc::new(config)).connect(name, tcp),
+    )
+    .await
+    .expect("TLS handshake")
+}
+
+/// ALPN picks HTTP/2 on a TLS listener (by default it offers `h2` first): requests and WebSockets over
+/// HTTP/2 work over TLS; a listener limited to `http/1.1` does not offer `h2`.
+#[tokio::test]
+async fn alpn_h2_serves_requests_and_websockets_over_http2() {
+    use crate::h2::*;
+    let pki = Pki::new();
+    let (cert, key, _) = pki.leaf("site", &["site.test"]);
+    let backend = TestBackend::start("b1").await;
+    let text = tls_config(backend.addr, &[(&cert, &key)]) + "\n[timeouts]\nclose_spread = \"0s\"\n";
+    let (gateway, addr) = gateway(&text).await;
+
+    let tls = tls_connect_alpn(&pki, addr, &[b"h2", b"http/1.1"]).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut sender, _conn) = h2_handshake(tls).await;
+    let get = http::Request::get("https://site.test/x")
+        .body(empty())
+        .expect("request");
+    let (status, _, body) = h2_send(&mut sender, get).await;
+    assert_eq!((status.as_u16(), &body[..]), (200, &b"hello from b1"[..]));
+    let seen = backend.seen().pop().expect("seen");
+    assert_eq!(seen.headers["x-forwarded-proto"], "https");
+
+    let (_, mut ws) = h2_websocket(&mut sender, extended_connect("https", "/ws", &[]))
+        .await
+        .expect("WebSocket over HTTP/2 over TLS");
+    within("send", ws.send(Message::text("over h2")))
+        .await
+        .expect("send");
+    assert_eq!(next_message(&mut ws).await, Message::text("over h2"));
+    let metrics = gateway.metrics_text();
+    assert!(
+        metrics
+            .contains("wsgate_ws_upgrades_total{protocol=\"h2\",result=\"ok\",route=\"main\"} 1"),
+        "{metrics}"
+    );
+    drop(ws);
+    gateway.shutdown().await;
+
+    // Without `h2` in the listener's ALPN, a client offering it gets HTTP/1.1.
+    let text = text.replace("tls = {", "alpn = [\"http/1.1\"]\ntls = {");
+    let (gateway, addr) = crate::common::gateway(&text).await;
+    let tls = tls_connect_alpn(&pki, addr, &[b"h2", b"http/1.1"]).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    gateway.shutdown().await;
+}
