@@ -275,6 +275,8 @@ impl Gateway {
             }
         }
         drop(listeners);
+        // Last, so that clients moving to new connections meet the new listeners' settings.
+        self.shared.reloaded.notify_waiters();
         let state = self.shared.state.load();
         self.shared.upstream.retain(|addr| {
             state

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -50,6 +51,9 @@ pub struct Shared {
     pub tasks: TaskTracker,
     /// When the running config was loaded.
     pub loaded_at: Mutex<SystemTime>,
+    /// Notified after every successful reload: HTTP/2 connections send GOAWAY then, so that clients
+    /// move to new connections with the new settings while open streams finish.
+    pub reloaded: Notify,
     /// Listeners bound and not shutting down (for `/readyz`).
     pub ready: AtomicBool,
     /// Cancelled when a part the gateway cannot run without has died (a listener's accept loop): the
@@ -68,6 +72,7 @@ impl Shared {
             shutdown: CancellationToken::new(),
             tasks,
             loaded_at: Mutex::new(SystemTime::now()),
+            reloaded: Notify::new(),
             ready: AtomicBool::new(false),
             fatal: CancellationToken::new(),
         }

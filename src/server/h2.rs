@@ -11,7 +11,7 @@
 //! Timers: HTTP/1.1's header and keep-alive timers (`client_io.rs`) are off once a connection speaks
 //! HTTP/2, and the send timeout stays on. The connection's own idle timer closes it with a GOAWAY after
 //! `timeouts.http_idle` without an open stream; a shutdown sends GOAWAY at once and lets open streams
-//! finish (tunnels get their Close 1001 like any other).
+//! finish (tunnels get their Close 1001 like any other), and so does a reload (the tunnels go on).
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -100,6 +100,13 @@ pub async fn serve_h2<I>(
         }
         _ = shared.shutdown.cancelled() => {
             // GOAWAY: no new streams; open ones finish (tunnels close on their own shutdown schedule).
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+        () = shared.reloaded.notified() => {
+            // GOAWAY too: the client opens its next streams on a new connection, with the new config's
+            // listener and HTTP/2 settings; open streams (tunnels too) go on here until they end.
+            tracing::debug!(peer = %conn.peer, "config reloaded; HTTP/2 connection draining");
             connection.as_mut().graceful_shutdown();
             connection.await
         }

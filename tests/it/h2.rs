@@ -492,3 +492,42 @@ async fn an_idle_h2_connection_is_closed_after_http_idle() {
     assert_at("idle close", start.elapsed(), Duration::from_secs(5));
     gateway.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_reload_sends_goaway_and_open_tunnels_go_on() {
+    let backend = TestBackend::start("a").await;
+    let text = h2c_config(&[backend.addr], "");
+    let (gateway, addr) = gateway(&text).await;
+    let (mut sender, conn) = h2c_connect(addr).await;
+    let (_, mut ws) = h2_websocket(&mut sender, extended_connect("http", "/", &[]))
+        .await
+        .expect("WebSocket");
+
+    let config = wsgate::Config::from_toml(&text, "test.toml").expect("config");
+    within("reload", gateway.reload(config))
+        .await
+        .expect("reload");
+    // GOAWAY: the client's stack refuses new streams on this connection (requests sent before it
+    // arrived are still answered)...
+    within("GOAWAY seen", async {
+        while sender.send_request(get("/")).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    // ...while the open tunnel goes on.
+    within("send", ws.send(Message::text("after reload")))
+        .await
+        .expect("send");
+    assert_eq!(next_message(&mut ws).await, Message::text("after reload"));
+    // A new connection is served.
+    let (mut fresh, _fresh_conn) = h2c_connect(addr).await;
+    assert_eq!(h2_send(&mut fresh, get("/")).await.0, StatusCode::OK);
+    // Once its last stream ends, the old connection closes cleanly.
+    drop(ws);
+    within("old connection closed", conn)
+        .await
+        .expect("task")
+        .expect("a clean end");
+    gateway.shutdown().await;
+}
