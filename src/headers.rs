@@ -64,9 +64,10 @@ pub enum BadRequest {
     /// after the head), so any body would let wsgate's view of the stream and the backend's drift apart.
     #[error("an upgrade request may not carry a body")]
     UpgradeWithBody,
-    /// An HTTP/2 request whose `Host` names another authority than its `:authority` (RFC 9113 §8.3.1):
-    /// wsgate would route by one while the backend reads the other.
-    #[error("Host differs from :authority")]
+    /// An HTTP/2 request whose `Host` names another authority than its `:authority`, or whose
+    /// `:authority` carries userinfo (RFC 9113 §8.3.1): wsgate would route by one name while the backend
+    /// reads another.
+    #[error("Host differs from :authority, or :authority has userinfo")]
     AuthorityMismatch,
     /// An extended CONNECT (RFC 8441 §4) without the pseudo-headers a WebSocket needs.
     #[error("extended CONNECT needs {0}")]
@@ -78,6 +79,11 @@ pub enum BadRequest {
 /// (RFC 9113 §8.2.3). The request target is made origin-form where it is sent.
 pub fn h2_to_h1(parts: &mut http::request::Parts) -> Result<(), BadRequest> {
     if let Some(authority) = parts.uri.authority() {
+        // No userinfo in `:authority` (RFC 9113 §8.3.1): `user@host` would route by one name while a
+        // backend might read another.
+        if authority.as_str().contains('@') {
+            return Err(BadRequest::AuthorityMismatch);
+        }
         match parts.headers.get(header::HOST) {
             Some(host)
                 if !host
@@ -235,6 +241,8 @@ mod tests {
         assert_eq!(h2_to_h1(&mut agrees), Ok(()));
         let mut differs = h2_parts("https://chat.example.com/", &[("host", "evil.example.com")]);
         assert_eq!(h2_to_h1(&mut differs), Err(BadRequest::AuthorityMismatch));
+        let mut userinfo = h2_parts("https://evil.example@chat.example.com/", &[]);
+        assert_eq!(h2_to_h1(&mut userinfo), Err(BadRequest::AuthorityMismatch));
         // Without :authority the Host field (if any) is the authority, as over HTTP/1.1.
         let mut host_only = h2_parts("/path", &[("host", "a.example")]);
         h2_to_h1(&mut host_only).unwrap();
