@@ -12,6 +12,7 @@ mod tunnel_support;
 
 mod answers;
 mod balancing;
+mod browser;
 mod config_errors;
 mod h2;
 mod h2_hostile;

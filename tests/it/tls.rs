@@ -15,14 +15,14 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use wsgate::{Config, Gateway};
 
-struct Pki {
+pub(crate) struct Pki {
     dir: PathBuf,
     ca: rcgen::Issuer<'static, rcgen::KeyPair>,
     ca_der: CertificateDer<'static>,
 }
 
 impl Pki {
-    fn new() -> Pki {
+    pub(crate) fn new() -> Pki {
         let dir = std::env::temp_dir().join(format!(
             "wsgate-tls-{}-{}",
             std::process::id(),
@@ -45,7 +45,11 @@ impl Pki {
     }
 
     /// Writes a leaf certificate for `names` signed by the CA; returns (cert path, key path, DER).
-    fn leaf(&self, file: &str, names: &[&str]) -> (PathBuf, PathBuf, CertificateDer<'static>) {
+    pub(crate) fn leaf(
+        &self,
+        file: &str,
+        names: &[&str],
+    ) -> (PathBuf, PathBuf, CertificateDer<'static>) {
         let key = rcgen::KeyPair::generate().expect("leaf key");
         let params =
             rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
@@ -78,7 +82,7 @@ impl Drop for Pki {
     }
 }
 
-fn tls_config(backend: SocketAddr, certs: &[(&Path, &Path)]) -> String {
+pub(crate) fn tls_config(backend: SocketAddr, certs: &[(&Path, &Path)]) -> String {
     let certs: Vec<String> = certs
         .iter()
         .map(|(c, k)| {
