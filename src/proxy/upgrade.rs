@@ -8,7 +8,6 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Response, StatusCode};
-use tokio::net::TcpStream;
 
 use super::attempt::Attempts;
 use super::http::origin_form;
@@ -22,7 +21,7 @@ use crate::headers::{add_forwarded, strip_hop_by_hop};
 use crate::http1::backend;
 use crate::router::Route;
 use crate::state::Shared;
-use crate::upstream;
+use crate::upstream::{self, BackendStream};
 use crate::websocket::{accept_key, accepts, validate};
 
 /// Validates an upgrade request routed to `route`, picks a backend and performs the backend side of the
@@ -127,7 +126,7 @@ struct BackendRequest<'a> {
 /// 101.
 struct Switched {
     headers: HeaderMap,
-    stream: TcpStream,
+    stream: BackendStream,
     early: Bytes,
 }
 
@@ -165,9 +164,11 @@ async fn connect_and_send(
             Ok(guard) => guard,
             Err(error) => return passed_over.ok_or((error, last_tried)),
         };
-        let addr = &guard.backend().addr;
+        let backend = guard.backend();
+        let addr = &backend.addr;
         last_tried = Some(addr.clone());
-        let stream = match upstream::connect(addr, config.timeouts.connect).await {
+        let connected = upstream::connect(addr, backend.tls.as_ref(), config.timeouts.connect);
+        let stream = match connected.await {
             Ok(stream) => stream,
             Err(error) => match attempts.unreachable(&guard, &error) {
                 Ok(()) => continue,
@@ -212,7 +213,7 @@ async fn connect_and_send(
 }
 
 async fn send_upgrade(
-    mut stream: TcpStream,
+    mut stream: BackendStream,
     request: &BackendRequest<'_>,
 ) -> Result<BackendAnswer, ProxyError> {
     backend::send_request(&mut stream, &request.target, request.headers).await?;
