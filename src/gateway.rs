@@ -15,11 +15,12 @@ use std::time::SystemTime;
 use tokio_rustls::TlsAcceptor;
 
 use crate::balancer::BackendStatus;
-use crate::config::{Config, ConfigErrors, ListenerConfig};
+use crate::config::{Config, ConfigError, ConfigErrors, ListenerConfig};
 use crate::metrics::Metrics;
 use crate::server::ListenerHandle;
 use crate::state::{Shared, State};
 use crate::tls::{self, TlsError};
+use crate::upstream::TlsClients;
 use crate::{admin, health_checks};
 
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +40,9 @@ pub enum StartError {
     },
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// A CA or client certificate file of a backend `tls` table cannot be used.
+    #[error("{0}")]
+    BackendTls(ConfigErrors),
 }
 
 /// Why a reload was refused; the running config stays in place.
@@ -63,6 +67,7 @@ impl Gateway {
     /// Binds every listener of `config` (and the admin listener) and starts serving.
     pub async fn start(config: Config) -> Result<Gateway, StartError> {
         let acceptors = load_tls(&config)?;
+        let backend_tls = TlsClients::load(&config, None).map_err(StartError::BackendTls)?;
         let metrics = Metrics::new();
         metrics.config_reloads.with_label_values(&["ok"]).inc_by(0);
         metrics
@@ -70,7 +75,7 @@ impl Gateway {
             .with_label_values(&["error"])
             .inc_by(0);
         metrics.config_last_reload_success.set(unix_now());
-        let shared = Arc::new(Shared::new(config, metrics));
+        let shared = Arc::new(Shared::new(config, backend_tls, metrics));
         match Self::serve(&shared, acceptors).await {
             Ok((listeners, admin)) => {
                 shared.ready.store(true, Ordering::Relaxed);
@@ -211,6 +216,8 @@ impl Gateway {
             tracing::warn!("the number of workers changes only on restart");
         }
         let acceptors = load_tls(&config).map_err(StartError::from)?;
+        let backend_tls =
+            TlsClients::load(&config, Some(&old.backend_tls)).map_err(StartError::BackendTls)?;
         // Bind what is new before changing anything, so a failed bind leaves the old setup whole.
         let mut fresh = HashMap::new();
         {
@@ -245,7 +252,7 @@ impl Gateway {
             }
         }
         let max_connections = config.limits.max_connections;
-        let state = State::new(config, Some(&old));
+        let state = State::new(config, Some(&old), backend_tls);
         self.shared.state.store(Arc::new(state));
         *self
             .shared
@@ -278,11 +285,12 @@ impl Gateway {
         // Last, so that clients moving to new connections meet the new listeners' settings.
         self.shared.reloaded.notify_waiters();
         let state = self.shared.state.load();
-        self.shared.upstream.retain(|addr| {
-            state
-                .pools
-                .iter()
-                .any(|p| p.backends.iter().any(|b| b.addr == addr))
+        self.shared.upstream.retain(|addr, tls| {
+            state.pools.iter().any(|p| {
+                p.backends
+                    .iter()
+                    .any(|b| b.addr == addr && b.tls.as_ref().map(|t| t.id()) == tls)
+            })
         });
         Ok(())
     }
@@ -296,7 +304,7 @@ impl Gateway {
         // Closed first, so no backend connection is pooled from now on (`Upstream::checkin`); then the
         // idle pooled ones are closed: their tasks are tracked too.
         self.shared.tasks.close();
-        self.shared.upstream.retain(|_| false);
+        self.shared.upstream.retain(|_, _| false);
         if tokio::time::timeout(drain, self.shared.tasks.wait())
             .await
             .is_err()
@@ -357,6 +365,14 @@ pub fn check_certificates(config: &Config) -> Vec<TlsError> {
         .filter_map(|l| l.tls.as_ref())
         .filter_map(|tls| tls::acceptor(tls, &[]).err())
         .collect()
+}
+
+/// Loads the CA and client certificate files of every backend `tls` table of `config`, as
+/// `Gateway::start` would: the problems with each, as `file:line: key: message`, for `wsgate check`.
+pub fn check_backend_tls(config: &Config) -> Vec<ConfigError> {
+    TlsClients::load(config, None)
+        .err()
+        .map_or_else(Vec::new, |errors| errors.0)
 }
 
 /// Loads the certificates of every TLS listener, in listener order.

@@ -40,7 +40,9 @@ mod websocket;
 
 pub use balancer::BackendStatus;
 pub use config::{Config, ConfigError, ConfigErrors};
-pub use gateway::{Gateway, Monitor, ReloadError, StartError, check_certificates};
+pub use gateway::{
+    Gateway, Monitor, ReloadError, StartError, check_backend_tls, check_certificates,
+};
 pub use tls::TlsError;
 
 /// wsgate's internals that its benchmarks and fuzz targets (`benches/`, `fuzz/`) drive directly: the
@@ -53,5 +55,6 @@ pub mod internals {
     pub use crate::http1::request::{First, parse as parse_first_request};
     pub use crate::http1::{MAX_CHUNK_LINE, MAX_HEAD, MAX_HEADERS, MAX_RELAYED_BODY};
     pub use crate::state::State;
+    pub use crate::upstream::TlsClients;
     pub use crate::websocket::{BUFFER_SIZE, frame, scanner};
 }

@@ -70,11 +70,17 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config: path } => match Config::from_file(&path) {
             Ok(config) => {
-                // Certificates are part of a config: a missing or mismatched one is an error here too.
-                let tls_errors: Vec<String> = wsgate::check_certificates(&config)
+                // Certificates are part of a config: a missing or mismatched one is an error here too,
+                // a listener's or one of a backend `tls` table.
+                let mut tls_errors: Vec<String> = wsgate::check_certificates(&config)
                     .iter()
                     .map(|e| e.to_string())
                     .collect();
+                tls_errors.extend(
+                    wsgate::check_backend_tls(&config)
+                        .iter()
+                        .map(|e| e.to_string()),
+                );
                 if tls_errors.is_empty() {
                     println!("{}: ok", path.display());
                     ExitCode::SUCCESS

@@ -80,7 +80,10 @@ mod tests {
 
     fn router(text: &str) -> Router {
         let config = Config::from_toml(text, "test.toml").expect("valid config");
-        Router::build(&config, &Pools::build(&config, None))
+        Router::build(
+            &config,
+            &Pools::build(&config, None, &crate::upstream::TlsClients::default()),
+        )
     }
 
     const CONFIG: &str = r#"

@@ -15,7 +15,7 @@ use crate::balancer::Pools;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::router::Router;
-use crate::upstream::Upstream;
+use crate::upstream::{TlsClients, Upstream};
 use crate::websocket::BufferPool;
 
 /// One config generation: what new connections are routed by. Live tunnels keep the `Arc` of the route
@@ -24,16 +24,21 @@ pub struct State {
     pub config: Arc<Config>,
     pub router: Router,
     pub pools: Pools,
+    /// The TLS clients toward backends, kept for the next generation to reuse the unchanged ones.
+    pub backend_tls: TlsClients,
 }
 
 impl State {
-    pub fn new(config: Config, previous: Option<&State>) -> State {
-        let pools = Pools::build(&config, previous.map(|p| &p.pools));
+    /// `backend_tls`: loaded from `config` (`TlsClients::load`), before anything else changes, since
+    /// loading its files may fail and building the state must not.
+    pub fn new(config: Config, previous: Option<&State>, backend_tls: TlsClients) -> State {
+        let pools = Pools::build(&config, previous.map(|p| &p.pools), &backend_tls);
         let router = Router::build(&config, &pools);
         State {
             config: Arc::new(config),
             router,
             pools,
+            backend_tls,
         }
     }
 }
@@ -62,10 +67,10 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(config: Config, metrics: Metrics) -> Shared {
+    pub fn new(config: Config, backend_tls: TlsClients, metrics: Metrics) -> Shared {
         let tasks = TaskTracker::new();
         Shared {
-            state: ArcSwap::from_pointee(State::new(config, None)),
+            state: ArcSwap::from_pointee(State::new(config, None, backend_tls)),
             metrics,
             buffers: BufferPool::default(),
             upstream: Arc::new(Upstream::new(tasks.clone())),

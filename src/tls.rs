@@ -4,6 +4,9 @@
 //!
 //! Certificates are read at start and again on every reload; a listener keeps its socket across reloads
 //! and only its [`TlsAcceptor`] is swapped.
+//!
+//! The loading (`read_certificates`, `load_certified_key`) also serves TLS toward backends
+//! (`upstream/tls_client.rs`): trusted roots, and wsgate's own client certificate.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -60,15 +63,8 @@ fn load_one(
     key_path: &Path,
     provider: &CryptoProvider,
 ) -> Result<NamedCert, TlsError> {
-    let cert_pem =
-        std::fs::read(cert_path).map_err(|e| error(cert_path, format!("cannot read: {e}")))?;
-    let chain: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut cert_pem.as_slice())
-        .collect::<Result<_, _>>()
-        .map_err(|e| error(cert_path, format!("not a PEM certificate chain: {e}")))?;
-    let Some(leaf) = chain.first() else {
-        return Err(error(cert_path, "no certificate in the file"));
-    };
-    let names = inspect(cert_path, leaf)?;
+    let chain = read_certificates(cert_path)?;
+    let names = inspect(cert_path, &chain[0])?;
     let key_pem =
         std::fs::read(key_path).map_err(|e| error(key_path, format!("cannot read: {e}")))?;
     let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut key_pem.as_slice())
@@ -92,6 +88,28 @@ fn load_one(
         names,
         key: Arc::new(certified),
     })
+}
+
+/// Every certificate of a PEM file, in order (a chain, or trusted roots); at least one.
+pub fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = std::fs::read(path).map_err(|e| error(path, format!("cannot read: {e}")))?;
+    let certs: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut pem.as_slice())
+        .collect::<Result<_, _>>()
+        .map_err(|e| error(path, format!("not a PEM certificate chain: {e}")))?;
+    if certs.is_empty() {
+        return Err(error(path, "no certificate in the file"));
+    }
+    Ok(certs)
+}
+
+/// A certificate chain and its key, loaded and checked as a listener's are: for wsgate's own client
+/// certificate toward backends (mutual TLS).
+pub fn load_certified_key(
+    cert_path: &Path,
+    key_path: &Path,
+    provider: &CryptoProvider,
+) -> Result<Arc<CertifiedKey>, TlsError> {
+    load_one(cert_path, key_path, provider).map(|named| named.key)
 }
 
 /// Reads the names of a certificate and warns when it has expired or is not valid yet.

@@ -1,8 +1,16 @@
-//! Keep-alive HTTP/1.1 connections to backends, pooled per backend address.
+//! Connections to backends: the connect (TCP, then TLS for a TLS backend: `tls_client.rs`), the stream
+//! both give (`stream.rs`), and keep-alive HTTP/1.1 connections, pooled per backend address and TLS
+//! client.
 //!
 //! wsgate keeps its own small pool (rather than a generic client) so that a request whose backend cannot be
 //! reached is still whole and can go to the next backend, and so that a pooled connection the backend
 //! closed meanwhile hands the unsent request back for a retry.
+
+mod stream;
+mod tls_client;
+
+pub use stream::BackendStream;
+pub use tls_client::{BackendTls, ClientId, TlsClients};
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -21,15 +29,25 @@ use tokio_util::task::TaskTracker;
 use crate::body::BoxError;
 use crate::config::split_host_port;
 
-/// Idle connections kept per backend; more are closed.
+/// Idle connections kept per backend address and TLS client; more are closed.
 const MAX_IDLE_PER_BACKEND: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
+    /// The TCP connect and the TLS handshake (for a TLS backend) did not both finish in time.
     #[error("connect to {addr} timed out")]
     Timeout { addr: String },
     #[error("connect to {addr}: {source}")]
     Io {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TLS handshake failed: the backend's certificate was refused (rustls says which check failed,
+    /// e.g. "invalid peer certificate: UnknownIssuer"), the backend refused wsgate's, or it does not
+    /// speak TLS.
+    #[error("TLS handshake with {addr}: {source}")]
+    Tls {
         addr: String,
         #[source]
         source: std::io::Error,
@@ -42,30 +60,74 @@ pub enum ConnectError {
     },
 }
 
-/// Opens a TCP connection to a backend (`host:port`), bounded by `timeout`, with Nagle off.
-pub async fn connect(addr: &str, timeout: Duration) -> Result<TcpStream, ConnectError> {
+/// Connects to a backend (`host:port`) with Nagle off, and for a TLS backend (`tls`) performs the TLS
+/// handshake; `timeout` bounds the two together.
+pub async fn connect(
+    addr: &str,
+    tls: Option<&BackendTls>,
+    timeout: Duration,
+) -> Result<BackendStream, ConnectError> {
     let target = split_host_port(addr).ok_or_else(|| ConnectError::Io {
         addr: addr.to_string(),
         source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not host:port"),
     })?;
-    let stream = tokio::time::timeout(timeout, TcpStream::connect(target))
+    let connecting = async {
+        let stream = TcpStream::connect(target)
+            .await
+            .map_err(|source| ConnectError::Io {
+                addr: addr.to_string(),
+                source,
+            })?;
+        // Small frames (pings, chat messages) must not wait for Nagle's algorithm.
+        let _ = stream.set_nodelay(true);
+        match tls {
+            None => Ok(BackendStream::Plain(stream)),
+            Some(tls) => match tls.handshake(stream).await {
+                Ok(stream) => Ok(BackendStream::tls(stream)),
+                Err(source) => Err(ConnectError::Tls {
+                    addr: addr.to_string(),
+                    source,
+                }),
+            },
+        }
+    };
+    tokio::time::timeout(timeout, connecting)
         .await
         .map_err(|_| ConnectError::Timeout {
             addr: addr.to_string(),
         })?
-        .map_err(|source| ConnectError::Io {
-            addr: addr.to_string(),
-            source,
-        })?;
-    // Small frames (pings, chat messages) must not wait for Nagle's algorithm.
-    let _ = stream.set_nodelay(true);
-    Ok(stream)
 }
 
 type Sender = SendRequest<Incoming>;
 
+/// Where a pooled connection goes: a backend address, reached plainly or with one TLS client.
+/// Connections are shared only between backends reached the same way (two pools may name one address,
+/// one plainly and one over TLS, or with different TLS settings).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolKey {
+    pub addr: String,
+    pub tls: Option<ClientId>,
+}
+
+impl PoolKey {
+    pub fn new(addr: &str, tls: Option<&BackendTls>) -> PoolKey {
+        PoolKey {
+            addr: addr.to_string(),
+            tls: tls.map(BackendTls::id),
+        }
+    }
+}
+
+/// An idle connection, and the TLS client it was made with.
+struct Idle {
+    tls: Option<ClientId>,
+    sender: Sender,
+}
+
 pub struct Upstream {
-    idle: Mutex<HashMap<String, Vec<Sender>>>,
+    /// By address first, so a checkout looks up a borrowed `&str`; the few TLS clients an address may
+    /// be reached with share its list.
+    idle: Mutex<HashMap<String, Vec<Idle>>>,
     /// The gateway's task tracker: each backend connection's task is tracked, so shutdown waits for the
     /// ones still carrying a response (idle ones are dropped first, see `retain`).
     tasks: TaskTracker,
@@ -79,13 +141,15 @@ impl Upstream {
         }
     }
 
-    /// A sender ready for one request to `addr`: a pooled connection if one is alive, else a new one.
+    /// A sender ready for one request to `addr` (over TLS with `tls`): a pooled connection made the same
+    /// way if one is alive, else a new one.
     pub async fn checkout(
         &self,
         addr: &str,
+        tls: Option<&BackendTls>,
         connect_timeout: Duration,
     ) -> Result<Sender, ConnectError> {
-        while let Some(mut sender) = self.pop(addr) {
+        while let Some(mut sender) = self.pop(addr, tls.map(BackendTls::id)) {
             if sender.is_closed() {
                 continue;
             }
@@ -94,7 +158,7 @@ impl Upstream {
                 return Ok(sender);
             }
         }
-        let stream = connect(addr, connect_timeout).await?;
+        let stream = connect(addr, tls, connect_timeout).await?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|source| ConnectError::Handshake {
@@ -109,13 +173,16 @@ impl Upstream {
         Ok(sender)
     }
 
-    fn pop(&self, addr: &str) -> Option<Sender> {
+    fn pop(&self, addr: &str, tls: Option<ClientId>) -> Option<Sender> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        idle.get_mut(addr).and_then(Vec::pop)
+        let list = idle.get_mut(addr)?;
+        // The most recently used first; with one way of reaching the address, the last entry.
+        let at = list.iter().rposition(|i| i.tls == tls)?;
+        Some(list.remove(at).sender)
     }
 
     /// Returns a connection whose last response has been read completely.
-    pub fn checkin(&self, addr: &str, sender: Sender) {
+    pub fn checkin(&self, key: &PoolKey, sender: Sender) {
         if sender.is_closed() {
             return;
         }
@@ -127,25 +194,32 @@ impl Upstream {
         if self.tasks.is_closed() {
             return;
         }
-        let list = idle.entry(addr.to_string()).or_default();
-        if list.len() < MAX_IDLE_PER_BACKEND {
-            list.push(sender);
+        let list = idle.entry(key.addr.clone()).or_default();
+        if list.iter().filter(|i| i.tls == key.tls).count() < MAX_IDLE_PER_BACKEND {
+            list.push(Idle {
+                tls: key.tls,
+                sender,
+            });
         }
     }
 
-    /// Closes idle connections to backends not in `keep` (after a reload removed them).
-    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
+    /// Closes idle connections `keep` (given the address and the TLS client) refuses: those to backends
+    /// a reload removed, or made with a TLS client it replaced.
+    pub fn retain(&self, keep: impl Fn(&str, Option<ClientId>) -> bool) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        idle.retain(|addr, _| keep(addr));
+        idle.retain(|addr, list| {
+            list.retain(|i| keep(addr, i.tls));
+            !list.is_empty()
+        });
     }
 }
 
 /// A backend's response body on its way to the client. When it has been read to the end, its connection
-/// goes back to the pool of `addr`; `held` (the backend's live-connection guard) is kept until the body is
-/// done or dropped.
+/// goes back to the pool under `key`; `held` (the backend's live-connection guard) is kept until the body
+/// is done or dropped.
 pub struct UpstreamBody<H> {
     inner: Incoming,
-    reuse: Option<(Arc<Upstream>, String, Sender)>,
+    reuse: Option<(Arc<Upstream>, PoolKey, Sender)>,
     _held: H,
 }
 
@@ -153,20 +227,20 @@ impl<H> UpstreamBody<H> {
     pub fn new(
         inner: Incoming,
         upstream: Arc<Upstream>,
-        addr: String,
+        key: PoolKey,
         sender: Sender,
         held: H,
     ) -> UpstreamBody<H> {
         UpstreamBody {
             inner,
-            reuse: Some((upstream, addr, sender)),
+            reuse: Some((upstream, key, sender)),
             _held: held,
         }
     }
 
     fn finish(&mut self) {
-        if let Some((upstream, addr, sender)) = self.reuse.take() {
-            upstream.checkin(&addr, sender);
+        if let Some((upstream, key, sender)) = self.reuse.take() {
+            upstream.checkin(&key, sender);
         }
     }
 }

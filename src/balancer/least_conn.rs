@@ -44,7 +44,9 @@ mod tests {
                 id: addr.to_string(),
                 weight,
                 drain: false,
+                tls: None,
             },
+            None,
         ))
     }
 

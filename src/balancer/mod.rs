@@ -23,9 +23,10 @@ use http::header::HeaderValue;
 pub use affinity::Affinity;
 
 use crate::config::{BackendConfig, Config, HealthCheck, Policy, PoolConfig, StickyKey};
+use crate::upstream::{BackendTls, TlsClients};
 
-/// One backend server. Shared by every pool generation that lists it (same id and address), so that its
-/// live count and health survive a reload.
+/// One backend server. Shared by every pool generation that lists it (same id and address, reached the
+/// same way), so that its live count and health survive a reload.
 #[derive(Debug)]
 pub struct Backend {
     /// `host:port` as written in the config.
@@ -33,6 +34,8 @@ pub struct Backend {
     /// Stable identity (the address unless the config names one).
     pub id: String,
     pub pool: String,
+    /// TLS toward it (its own `tls` table or its pool's); `None`: plain TCP.
+    pub tls: Option<BackendTls>,
     /// The value of a sticky cookie naming this backend (a hash of the id: no address in it).
     token: String,
     id_hash: u64,
@@ -62,11 +65,12 @@ fn now_millis() -> u64 {
 }
 
 impl Backend {
-    fn new(pool: &str, config: &BackendConfig) -> Backend {
+    fn new(pool: &str, config: &BackendConfig, tls: Option<BackendTls>) -> Backend {
         Backend {
             addr: config.addr.clone(),
             id: config.id.clone(),
             pool: pool.to_string(),
+            tls,
             token: sticky::cookie_token(&config.id),
             id_hash: sticky::id_hash(&config.id),
             weight: AtomicU32::new(config.weight.max(1)),
@@ -308,25 +312,44 @@ pub struct BackendStatus {
 pub struct Pools(BTreeMap<String, Arc<Pool>>);
 
 impl Pools {
-    /// Builds the pools of `config`, reusing the backends of `previous` whose pool, id and address stay
-    /// the same (their weight and drain flag follow the new config).
-    pub fn build(config: &Config, previous: Option<&Pools>) -> Pools {
+    /// Builds the pools of `config`, with the TLS clients loaded from it, reusing the backends of
+    /// `previous` whose pool, id, address and TLS (table and files) stay the same (their weight and drain
+    /// flag follow the new config).
+    pub fn build(config: &Config, previous: Option<&Pools>, tls: &TlsClients) -> Pools {
         let pools = config
             .pools
             .iter()
-            .map(|(name, pool)| (name.clone(), Arc::new(Self::pool(name, pool, previous))))
+            .map(|(name, pool)| {
+                (
+                    name.clone(),
+                    Arc::new(Self::pool(name, pool, previous, tls)),
+                )
+            })
             .collect();
         Pools(pools)
     }
 
-    fn pool(name: &str, config: &PoolConfig, previous: Option<&Pools>) -> Pool {
+    fn pool(
+        name: &str,
+        config: &PoolConfig,
+        previous: Option<&Pools>,
+        clients: &TlsClients,
+    ) -> Pool {
         let old = previous.and_then(|p| p.get(name));
         let backends = config
             .backends
             .iter()
             .map(|b| {
-                let kept =
-                    old.and_then(|p| p.backends.iter().find(|o| o.id == b.id && o.addr == b.addr));
+                let tls = config.tls_of(b).map(|table| {
+                    clients
+                        .backend(table, &b.addr)
+                        .expect("TLS clients are loaded from the config the pools are built from")
+                });
+                let kept = old.and_then(|p| {
+                    p.backends
+                        .iter()
+                        .find(|o| o.id == b.id && o.addr == b.addr && o.tls == tls)
+                });
                 match kept {
                     Some(backend) => {
                         backend.draining.store(b.drain, Ordering::Relaxed);
@@ -337,7 +360,7 @@ impl Pools {
                         }
                         Arc::clone(backend)
                     }
-                    None => Arc::new(Backend::new(name, b)),
+                    None => Arc::new(Backend::new(name, b, tls)),
                 }
             })
             .collect();
@@ -411,7 +434,7 @@ mod tests {
     "#;
 
     fn pool(text: &str) -> Arc<Pool> {
-        let pools = Pools::build(&config(text), None);
+        let pools = Pools::build(&config(text), None, &TlsClients::default());
         Arc::clone(pools.get("p").expect("pool p"))
     }
 
@@ -501,7 +524,9 @@ mod tests {
                 id: "127.0.0.1:1".into(),
                 weight: 1,
                 drain: false,
+                tls: None,
             },
+            None,
         );
         assert!(b.record_failure(1, Duration::from_millis(30)));
         assert!(b.is_ejected());
@@ -529,13 +554,13 @@ mod tests {
 
     #[test]
     fn reload_keeps_backends_by_id_and_address_and_follows_drain_and_weight() {
-        let before = Pools::build(&config(STICKY), None);
+        let before = Pools::build(&config(STICKY), None, &TlsClients::default());
         let guard = before.get("p").expect("p").backends[0].acquire();
         let text = STICKY.replace(
             "{ addr = \"127.0.0.1:1\" }",
             "{ addr = \"127.0.0.1:1\", drain = true, weight = 5 }",
         );
-        let after = Pools::build(&config(&text), Some(&before));
+        let after = Pools::build(&config(&text), Some(&before), &TlsClients::default());
         let kept = &after.get("p").expect("p").backends[0];
         assert!(Arc::ptr_eq(kept, guard.backend()));
         assert_eq!(kept.active(), 1);

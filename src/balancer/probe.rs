@@ -18,6 +18,7 @@ use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
 
+use super::Backend;
 use crate::config::HealthCheck;
 use crate::upstream::{self, ConnectError};
 use crate::websocket::accepts;
@@ -38,15 +39,17 @@ pub enum ProbeError {
     BadAccept,
 }
 
-/// One probe of `addr`, bounded by `check.timeout` as a whole.
-pub async fn probe(addr: &str, check: &HealthCheck) -> Result<(), ProbeError> {
-    tokio::time::timeout(check.timeout, probe_inner(addr, check))
+/// One probe of `backend` (over TLS for a TLS backend, as its traffic goes), bounded by `check.timeout`
+/// as a whole.
+pub async fn probe(backend: &Backend, check: &HealthCheck) -> Result<(), ProbeError> {
+    tokio::time::timeout(check.timeout, probe_inner(backend, check))
         .await
         .map_err(|_| ProbeError::Timeout(check.timeout))?
 }
 
-async fn probe_inner(addr: &str, check: &HealthCheck) -> Result<(), ProbeError> {
-    let stream = upstream::connect(addr, check.timeout).await?;
+async fn probe_inner(backend: &Backend, check: &HealthCheck) -> Result<(), ProbeError> {
+    let addr = backend.addr.as_str();
+    let stream = upstream::connect(addr, backend.tls.as_ref(), check.timeout).await?;
     let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     // The connection is driven beside the exchange, inside the probe, not as a task of its own: the
     // probe's timeout bounds both and nothing outlives it. It ends when the exchange drops its sender, or

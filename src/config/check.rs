@@ -3,13 +3,15 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use rustls::pki_types::ServerName;
 use toml::Spanned;
 
 use super::file::{
-    FileBackend, FileConfig, FileHealth, FilePool, FileRoute, FileSticky, FileWebSocket, Text,
+    FileBackend, FileBackendTls, FileConfig, FileHealth, FilePool, FileRoute, FileSticky,
+    FileWebSocket, Text,
 };
 use super::model::*;
 use super::{cidr, units};
@@ -566,6 +568,10 @@ impl Checker<'_> {
             &format!("{key}.fail_timeout"),
             PoolConfig::DEFAULT_FAIL_TIMEOUT,
         );
+        let tls = pool
+            .tls
+            .as_ref()
+            .map(|tls| self.backend_tls(tls, &format!("{key}.tls")));
         if pool.backends.get_ref().is_empty() {
             self.error(
                 pool.backends.span().start.max(start),
@@ -589,7 +595,7 @@ impl Checker<'_> {
                         "the same backend is listed twice",
                     );
                 }
-                let backend = self.backend(b, &key)?;
+                let backend = self.backend(b, &key, tls.as_ref())?;
                 if !ids.insert(backend.id.clone()) {
                     let at = b.id.as_ref().unwrap_or(&b.addr).span().start;
                     self.error(
@@ -609,8 +615,77 @@ impl Checker<'_> {
             health,
             max_fails,
             fail_timeout,
+            tls,
             backends,
         }
+    }
+
+    /// A pool's or a backend's `tls` table.
+    fn backend_tls(&mut self, tls: &Spanned<FileBackendTls>, key: &str) -> BackendTlsConfig {
+        let table_line = self.line_of(tls.span().start);
+        let t = tls.get_ref();
+        let server_name = t.server_name.as_ref().and_then(|name| {
+            let text = name.get_ref().trim();
+            let problem = if text.is_empty() {
+                "must not be empty (leave it out to use the host of each backend's address)"
+                    .to_string()
+            } else if ServerName::try_from(text).is_err() {
+                format!("`{text}` is neither a DNS name nor an IP address")
+            } else {
+                return Some(text.to_string());
+            };
+            self.error(name.span().start, format!("{key}.server_name"), problem);
+            None
+        });
+        let verify = t.verify.as_ref().is_none_or(|v| *v.get_ref());
+        let mut ca = Vec::new();
+        if let Some(paths) = &t.ca {
+            let at = paths.span().start;
+            if paths.get_ref().0.is_empty() {
+                self.error(at, format!("{key}.ca"), "give at least one PEM file");
+            }
+            if !verify {
+                self.error(at, format!("{key}.ca"), "only used with verify = true");
+            }
+            for path in &paths.get_ref().0 {
+                ca.push(self.file_path_at(path, at, &format!("{key}.ca")));
+            }
+        }
+        let client_cert = t.client_cert.as_ref().map(|files| {
+            let files = files.get_ref();
+            CertFiles {
+                cert: self.file_path(&files.cert, &format!("{key}.client_cert.cert")),
+                key: self.file_path(&files.key, &format!("{key}.client_cert.key")),
+            }
+        });
+        let line = |value: Option<usize>| value.map_or(table_line, |at| self.line_of(at));
+        BackendTlsConfig {
+            server_name,
+            ca,
+            verify,
+            client_cert,
+            origin: TlsOrigin {
+                file: self.file.to_string(),
+                key: key.to_string(),
+                line: table_line,
+                ca_line: line(t.ca.as_ref().map(|c| c.span().start)),
+                client_cert_line: line(t.client_cert.as_ref().map(|c| c.span().start)),
+            },
+        }
+    }
+
+    /// A file named in the config, resolved against the config file's folder.
+    fn file_path(&mut self, path: &Text, key: &str) -> PathBuf {
+        self.file_path_at(path.get_ref(), path.span().start, key)
+    }
+
+    /// `file_path` for a path whose value is at `at`.
+    fn file_path_at(&mut self, path: &str, at: usize, key: &str) -> PathBuf {
+        let path = path.trim();
+        if path.is_empty() {
+            self.error(at, key, "empty path");
+        }
+        self.base.join(path)
     }
 
     /// Exactly one key source; `None` (after reporting) when the table is not usable.
@@ -745,7 +820,13 @@ impl Checker<'_> {
         }
     }
 
-    fn backend(&mut self, b: &FileBackend, key: &str) -> Option<BackendConfig> {
+    /// `pool_tls`: the pool's `tls` table, which the backend uses unless it has its own.
+    fn backend(
+        &mut self,
+        b: &FileBackend,
+        key: &str,
+        pool_tls: Option<&BackendTlsConfig>,
+    ) -> Option<BackendConfig> {
         let weight = match &b.weight {
             None => 1,
             Some(w) if (1..=1000).contains(w.get_ref()) => *w.get_ref() as u32,
@@ -773,13 +854,31 @@ impl Checker<'_> {
                 text.to_string()
             }
         };
+        let tls = b
+            .tls
+            .as_ref()
+            .map(|tls| self.backend_tls(tls, &format!("{key}.tls")));
         match split_host_port(addr) {
-            Some(_) => Some(BackendConfig {
-                addr: addr.to_string(),
-                id,
-                weight,
-                drain: b.drain,
-            }),
+            Some((host, _)) => {
+                // Without a server_name the host is the name the certificate must carry.
+                if let Some(used) = tls.as_ref().or(pool_tls)
+                    && used.server_name.is_none()
+                    && ServerName::try_from(host).is_err()
+                {
+                    self.error(
+                        b.addr.span().start,
+                        format!("{key}.addr"),
+                        format!("`{host}` cannot name a TLS server: give tls.server_name"),
+                    );
+                }
+                Some(BackendConfig {
+                    addr: addr.to_string(),
+                    id,
+                    weight,
+                    drain: b.drain,
+                    tls,
+                })
+            }
             None => {
                 self.error(
                     b.addr.span().start,

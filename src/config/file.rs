@@ -119,7 +119,51 @@ pub struct FilePool {
     pub health: Option<Spanned<FileHealth>>,
     pub max_fails: Option<Spanned<i64>>,
     pub fail_timeout: Option<Text>,
+    pub tls: Option<Spanned<FileBackendTls>>,
     pub backends: Spanned<Vec<FileBackend>>,
+}
+
+/// TLS toward backends, for a whole pool or one backend (which then ignores its pool's table).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileBackendTls {
+    pub server_name: Option<Text>,
+    pub ca: Option<Spanned<Paths>>,
+    pub verify: Option<Spanned<bool>>,
+    pub client_cert: Option<Spanned<FileCert>>,
+}
+
+/// One path or a list of them: `ca = "ca.pem"` or `ca = ["a.pem", "b.pem"]`.
+#[derive(Debug)]
+pub struct Paths(pub Vec<String>);
+
+impl<'de> Deserialize<'de> for Paths {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Paths, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Paths;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a path or a list of paths")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, path: &str) -> Result<Paths, E> {
+                Ok(Paths(vec![path.to_string()]))
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Paths, A::Error> {
+                let mut paths = Vec::new();
+                while let Some(path) = seq.next_element::<String>()? {
+                    paths.push(path);
+                }
+                Ok(Paths(paths))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 /// Where a sticky pool finds a request's key: exactly one of the sources.
@@ -152,4 +196,5 @@ pub struct FileBackend {
     pub weight: Option<Spanned<i64>>,
     #[serde(default)]
     pub drain: bool,
+    pub tls: Option<Spanned<FileBackendTls>>,
 }

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::cidr;
@@ -67,7 +67,7 @@ pub struct Config {
 /// settings in [`WebSocketSettings`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct Timeouts {
-    /// TCP connect to a backend.
+    /// TCP connect to a backend, and for a TLS backend its TLS handshake: one bound for both.
     pub connect: Duration,
     /// From sending the upgrade request to a backend until its full answer head has arrived.
     pub handshake: Duration,
@@ -322,12 +322,20 @@ pub struct PoolConfig {
     pub max_fails: u32,
     /// How long an ejected backend gets no new connections.
     pub fail_timeout: Duration,
+    /// TLS toward the pool's backends; `None`: plain TCP (a backend's own table replaces it).
+    pub tls: Option<BackendTlsConfig>,
     pub backends: Vec<BackendConfig>,
 }
 
 impl PoolConfig {
     pub const DEFAULT_MAX_FAILS: u32 = 3;
     pub const DEFAULT_FAIL_TIMEOUT: Duration = Duration::from_secs(10);
+
+    /// How wsgate speaks TLS to `backend` of this pool: its own `tls` table, else the pool's; `None` is
+    /// plain TCP.
+    pub fn tls_of<'a>(&'a self, backend: &'a BackendConfig) -> Option<&'a BackendTlsConfig> {
+        backend.tls.as_ref().or(self.tls.as_ref())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -340,4 +348,114 @@ pub struct BackendConfig {
     pub weight: u32,
     /// A draining backend takes no new connections; its live ones finish.
     pub drain: bool,
+    /// This backend's own `tls` table, used instead of its pool's (see `PoolConfig::tls_of`).
+    pub tls: Option<BackendTlsConfig>,
+}
+
+/// TLS toward backends: one pool's or one backend's `tls` table. Its files are loaded when a config
+/// generation is built (`upstream::TlsClients`), so a reload re-reads them.
+///
+/// Two tables that say the same thing are equal wherever they are written (`origin` is left out of
+/// `==` and of the hash): they share one client configuration, and with it its TLS session cache.
+#[derive(Debug, Clone)]
+pub struct BackendTlsConfig {
+    /// The name the backend's certificate must be valid for, also sent as SNI; `None`: the host of the
+    /// backend's address (see `server_name`).
+    pub server_name: Option<String>,
+    /// PEM files of the roots to trust (paths resolved against the config file's folder); empty: the
+    /// Mozilla roots of the `webpki-roots` crate.
+    pub ca: Vec<PathBuf>,
+    /// `false` accepts any certificate (the handshake's signatures are still checked): for test setups
+    /// only, and logged at every load.
+    pub verify: bool,
+    /// wsgate's own certificate and key, for backends that require mutual TLS.
+    pub client_cert: Option<CertFiles>,
+    pub origin: TlsOrigin,
+}
+
+impl BackendTlsConfig {
+    /// The name a backend at `addr` must prove: `server_name`, else the host of `addr` (an IP address
+    /// is then checked against the certificate's IP addresses).
+    pub fn server_name<'a>(&'a self, addr: &'a str) -> &'a str {
+        match &self.server_name {
+            Some(name) => name,
+            None => super::split_host_port(addr).map_or(addr, |(host, _)| host),
+        }
+    }
+
+    fn identity(&self) -> TlsIdentity<'_> {
+        TlsIdentity {
+            server_name: self.server_name.as_deref(),
+            ca: &self.ca,
+            verify: self.verify,
+            client_cert: self.client_cert.as_ref().map(|c| (&*c.cert, &*c.key)),
+        }
+    }
+}
+
+/// What a backend `tls` table says, without where it says it.
+#[derive(PartialEq, Eq, Hash)]
+struct TlsIdentity<'a> {
+    server_name: Option<&'a str>,
+    ca: &'a [PathBuf],
+    verify: bool,
+    client_cert: Option<(&'a Path, &'a Path)>,
+}
+
+impl PartialEq for BackendTlsConfig {
+    fn eq(&self, other: &Self) -> bool {
+        self.identity() == other.identity()
+    }
+}
+
+impl Eq for BackendTlsConfig {}
+
+impl std::hash::Hash for BackendTlsConfig {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.identity().hash(state);
+    }
+}
+
+/// Where a backend `tls` table is written, so a problem with one of its files, found only when they are
+/// loaded (at start, on reload, by `wsgate check`), is reported like the file's other mistakes.
+#[derive(Debug, Clone, Default)]
+pub struct TlsOrigin {
+    pub file: String,
+    /// The table's key, e.g. `pool.chat.tls` or `pool.chat.backends[1].tls`.
+    pub key: String,
+    /// The line of the table, and of its `ca` and `client_cert` values (the table's when not given).
+    pub line: usize,
+    pub ca_line: usize,
+    pub client_cert_line: usize,
+}
+
+impl TlsOrigin {
+    /// A problem with the table as a whole.
+    pub fn table_error(&self, message: impl fmt::Display) -> ConfigError {
+        ConfigError {
+            file: self.file.clone(),
+            line: self.line,
+            key: self.key.clone(),
+            message: message.to_string(),
+        }
+    }
+
+    /// A problem with the `ca` files.
+    pub fn ca_error(&self, message: impl fmt::Display) -> ConfigError {
+        self.error(self.ca_line, "ca", message)
+    }
+
+    /// A problem with the `client_cert` files.
+    pub fn client_cert_error(&self, message: impl fmt::Display) -> ConfigError {
+        self.error(self.client_cert_line, "client_cert", message)
+    }
+
+    fn error(&self, line: usize, field: &str, message: impl fmt::Display) -> ConfigError {
+        ConfigError {
+            file: self.file.clone(),
+            line,
+            key: format!("{}.{field}", self.key),
+            message: message.to_string(),
+        }
+    }
 }

@@ -1,6 +1,8 @@
-//! The pool part of the config: policies, sticky key sources, health checks, passive health, backend ids.
+//! The pool part of the config: policies, sticky key sources, health checks, passive health, backend ids,
+//! TLS toward backends.
 
 use super::*;
+use std::path::Path;
 use std::time::Duration;
 
 const HEAD: &str = r#"[[listener]]
@@ -230,4 +232,143 @@ impl PoolConfig {
             Policy::LeastConn => panic!("not a sticky pool"),
         }
     }
+}
+
+#[test]
+fn a_pool_tls_table_and_a_backend_of_its_own() {
+    let p = pool(
+        r#"tls = { server_name = "chat.internal", ca = "certs/ca.pem", client_cert = { cert = "me.pem", key = "me.key" } }
+backends = [ { addr = "10.0.0.1:443" },
+  { addr = "10.0.0.2:443", tls = { verify = false } } ]"#,
+    );
+    let tls = p.tls.as_ref().expect("the pool's table");
+    assert_eq!(tls.server_name.as_deref(), Some("chat.internal"));
+    assert_eq!(tls.ca, [Path::new(".").join("certs/ca.pem")]);
+    assert!(tls.verify);
+    let client = tls.client_cert.as_ref().expect("client_cert");
+    assert_eq!(
+        (client.cert.as_path(), client.key.as_path()),
+        (Path::new("./me.pem"), Path::new("./me.key"))
+    );
+    assert_eq!(
+        (tls.origin.key.as_str(), tls.origin.line),
+        ("pool.p.tls", FIRST)
+    );
+    // The first backend uses the pool's table; the second its own, whole: nothing of the pool's is merged.
+    assert_eq!(p.tls_of(&p.backends[0]), Some(tls));
+    let own = p.tls_of(&p.backends[1]).expect("its own table");
+    assert!(!own.verify && own.ca.is_empty() && own.client_cert.is_none());
+    assert_eq!(own.server_name, None);
+    assert_eq!(own.origin.key, "pool.p.backends[1].tls");
+    assert_eq!(own.origin.line, FIRST + 2);
+}
+
+#[test]
+fn without_a_tls_table_backends_are_plain() {
+    let p = pool(r#"backends = [ { addr = "10.0.0.1:80" } ]"#);
+    assert_eq!(p.tls, None);
+    assert_eq!(p.tls_of(&p.backends[0]), None);
+}
+
+#[test]
+fn an_empty_tls_table_trusts_the_default_roots_and_names_each_backend_by_its_host() {
+    let p = pool(
+        r#"tls = {}
+backends = [ { addr = "10.0.0.1:443" }, { addr = "[::1]:8443" }, { addr = "api.internal:9443" } ]"#,
+    );
+    let tls = p.tls.as_ref().expect("tls");
+    assert!(tls.verify && tls.ca.is_empty() && tls.client_cert.is_none());
+    let names: Vec<&str> = p
+        .backends
+        .iter()
+        .map(|b| tls.server_name(&b.addr))
+        .collect();
+    assert_eq!(names, ["10.0.0.1", "::1", "api.internal"]);
+    let named = pool(
+        r#"tls = { server_name = "svc.internal" }
+backends = [ { addr = "10.0.0.1:443" } ]"#,
+    );
+    let tls = named.tls.as_ref().expect("tls");
+    assert_eq!(tls.server_name("10.0.0.1:443"), "svc.internal");
+}
+
+#[test]
+fn ca_takes_one_file_or_a_list() {
+    let one = pool("tls = { ca = \"a.pem\" }\nbackends = [ { addr = \"h:1\" } ]");
+    assert_eq!(one.tls.expect("tls").ca, [Path::new("./a.pem")]);
+    let two = pool("tls = { ca = [\"a.pem\", \"b.pem\"] }\nbackends = [ { addr = \"h:1\" } ]");
+    assert_eq!(
+        two.tls.expect("tls").ca,
+        [Path::new("./a.pem"), Path::new("./b.pem")]
+    );
+}
+
+#[test]
+fn tables_that_say_the_same_are_equal_wherever_they_are_written() {
+    let p = pool(
+        r#"tls = { ca = "ca.pem" }
+backends = [ { addr = "h:1", tls = { ca = "ca.pem" } }, { addr = "h:2", tls = { ca = "other.pem" } } ]"#,
+    );
+    let pool_table = p.tls.as_ref().expect("tls");
+    assert_eq!(p.tls_of(&p.backends[0]), Some(pool_table));
+    assert_ne!(p.tls_of(&p.backends[1]), Some(pool_table));
+}
+
+#[test]
+fn tls_values_are_checked() {
+    let bad = |tls: &str| error(&format!("tls = {tls}\nbackends = [ {{ addr = \"h:1\" }} ]"));
+    assert_eq!(
+        bad("{ server_name = \" \" }"),
+        format!(
+            "{FIRST}: pool.p.tls.server_name: must not be empty (leave it out to use the host of each \
+             backend's address)"
+        )
+    );
+    assert!(
+        bad("{ server_name = \"a b\" }")
+            .contains("pool.p.tls.server_name: `a b` is neither a DNS name nor an IP address")
+    );
+    assert_eq!(
+        bad("{ verify = false, ca = \"ca.pem\" }"),
+        format!("{FIRST}: pool.p.tls.ca: only used with verify = true")
+    );
+    assert!(bad("{ ca = [] }").contains("pool.p.tls.ca: give at least one PEM file"));
+    assert!(bad("{ ca = \"\" }").contains("pool.p.tls.ca: empty path"));
+    assert!(
+        bad("{ client_cert = { cert = \"c.pem\", key = \" \" } }")
+            .contains("pool.p.tls.client_cert.key: empty path")
+    );
+    let e = bad("{ cafile = \"ca.pem\" }");
+    assert!(
+        e.starts_with(&format!("{FIRST}: pool.p.tls: unknown field `cafile`")),
+        "{e}"
+    );
+    assert!(bad("{ ca = 1 }").contains("a path or a list of paths"));
+    assert!(bad("{ client_cert = { cert = \"c.pem\" } }").contains("missing field `key`"));
+    let e =
+        error("backends = [ { addr = \"h:1\" },\n  { addr = \"h:2\", tls = { verfy = false } } ]");
+    assert!(
+        e.starts_with(&format!(
+            "{}: pool.p.backends[1].tls: unknown field `verfy`",
+            FIRST + 1
+        )),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_tls_backend_needs_a_host_that_can_name_a_server() {
+    // `a..b` is a host wsgate can connect to but no certificate can be checked against.
+    let e = error("tls = {}\nbackends = [ { addr = \"a..b:443\" } ]");
+    assert_eq!(
+        e,
+        format!(
+            "{}: pool.p.backends[0].addr: `a..b` cannot name a TLS server: give tls.server_name",
+            FIRST + 1
+        )
+    );
+    let p = pool("tls = { server_name = \"b.internal\" }\nbackends = [ { addr = \"a..b:443\" } ]");
+    assert_eq!(p.tls.expect("tls").server_name("a..b:443"), "b.internal");
+    // A plain backend does not need one.
+    pool("backends = [ { addr = \"a..b:80\" } ]");
 }

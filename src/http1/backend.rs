@@ -12,8 +12,7 @@
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{StatusCode, Uri};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::{MAX_CHUNK_LINE, MAX_HEAD, MAX_HEADERS, MAX_RELAYED_BODY};
 
@@ -37,9 +36,10 @@ pub struct Answer {
     pub rest: Vec<u8>,
 }
 
-/// Writes a GET request head for `target` with `headers`.
-pub async fn send_request(
-    stream: &mut TcpStream,
+/// Writes a GET request head for `target` with `headers`, and flushes it (a TLS session may hold what
+/// it was given until then).
+pub async fn send_request<S: AsyncWrite + Unpin>(
+    stream: &mut S,
     target: &Uri,
     headers: &HeaderMap,
 ) -> Result<(), BackendHttpError> {
@@ -60,6 +60,7 @@ pub async fn send_request(
     }
     head.extend_from_slice(b"\r\n");
     stream.write_all(&head).await?;
+    stream.flush().await?;
     Ok(())
 }
 
@@ -68,7 +69,7 @@ pub async fn send_request(
 /// What is held never exceeds `MAX_HEAD` bytes: reads are cut to the room left, and the head is parsed
 /// only once its blank line has arrived (searched for in the new bytes alone), so a backend that trickles
 /// a large head byte by byte costs linear time, not quadratic.
-pub async fn read_answer(stream: &mut TcpStream) -> Result<Answer, BackendHttpError> {
+pub async fn read_answer<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Answer, BackendHttpError> {
     let mut buf: Vec<u8> = Vec::with_capacity(1024);
     let mut searched = 0;
     loop {
@@ -135,8 +136,8 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(StatusCode, HeaderMap, usize)>, 
 
 /// Reads the body of a refusal (`answer` is not a 101), whole. The framing headers are removed from
 /// `answer.headers`: the client's connection frames the relayed body itself.
-pub async fn read_body(
-    stream: &mut TcpStream,
+pub async fn read_body<S: AsyncRead + Unpin>(
+    stream: &mut S,
     answer: &mut Answer,
 ) -> Result<Bytes, BackendHttpError> {
     let mut decoder = BodyDecoder::new(answer.status, &mut answer.headers)?;

@@ -20,7 +20,7 @@ use crate::headers::{add_forwarded, strip_hop_by_hop};
 use crate::metrics::status_class;
 use crate::router::Route;
 use crate::state::Shared;
-use crate::upstream::UpstreamBody;
+use crate::upstream::{PoolKey, UpstreamBody};
 
 pub async fn forward(
     req: Request<Incoming>,
@@ -93,7 +93,7 @@ async fn proxy(
         last_tried = Some(backend.addr.clone());
         let mut sender = match shared
             .upstream
-            .checkout(&backend.addr, config.timeouts.connect)
+            .checkout(&backend.addr, backend.tls.as_ref(), config.timeouts.connect)
             .await
         {
             Ok(sender) => {
@@ -116,8 +116,8 @@ async fn proxy(
                     parts.headers.append(http::header::SET_COOKIE, cookie);
                 }
                 let upstream = Arc::clone(&shared.upstream);
-                let body =
-                    UpstreamBody::new(incoming, upstream, backend.addr.clone(), sender, guard);
+                let key = PoolKey::new(&backend.addr, backend.tls.as_ref());
+                let body = UpstreamBody::new(incoming, upstream, key, sender, guard);
                 return (Ok(Response::from_parts(parts, body.boxed())), last_tried);
             }
             Ok(Err(mut error)) => match error.take_message() {

@@ -6,13 +6,13 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_util::FutureExt;
-use tokio::net::TcpStream;
 
 use super::tunnel_metrics::RouteTunnel;
 use crate::balancer::BackendGuard;
 use crate::conn::ClientConn;
 use crate::router::Route;
 use crate::state::Shared;
+use crate::upstream::BackendStream;
 use crate::websocket::Transport;
 use crate::websocket::tunnel::{self, TunnelParams};
 
@@ -20,7 +20,7 @@ use crate::websocket::tunnel::{self, TunnelParams};
 pub struct Splice {
     route: Arc<Route>,
     guard: BackendGuard,
-    backend: TcpStream,
+    backend: BackendStream,
     backend_early: Bytes,
     allowed_rsv: u8,
 }
@@ -31,7 +31,7 @@ impl Splice {
     pub fn new(
         route: Arc<Route>,
         guard: BackendGuard,
-        backend: TcpStream,
+        backend: BackendStream,
         backend_early: Bytes,
         allowed_rsv: u8,
     ) -> Splice {

@@ -6,9 +6,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Response, StatusCode};
-use tokio::net::TcpStream;
+use tokio::io::AsyncWriteExt;
 
 use super::attempt::Attempts;
 use super::http::origin_form;
@@ -22,7 +23,7 @@ use crate::headers::{add_forwarded, strip_hop_by_hop};
 use crate::http1::backend;
 use crate::router::Route;
 use crate::state::Shared;
-use crate::upstream;
+use crate::upstream::{self, BackendStream};
 use crate::websocket::{accept_key, accepts, new_key, validate, validate_version};
 
 /// Validates an upgrade request routed to `route`, picks a backend and performs the backend side of the
@@ -142,7 +143,7 @@ struct BackendRequest<'a> {
 /// 101.
 struct Switched {
     headers: HeaderMap,
-    stream: TcpStream,
+    stream: BackendStream,
     early: Bytes,
 }
 
@@ -180,9 +181,11 @@ async fn connect_and_send(
             Ok(guard) => guard,
             Err(error) => return passed_over.ok_or((error, last_tried)),
         };
-        let addr = &guard.backend().addr;
+        let backend = guard.backend();
+        let addr = &backend.addr;
         last_tried = Some(addr.clone());
-        let stream = match upstream::connect(addr, config.timeouts.connect).await {
+        let connected = upstream::connect(addr, backend.tls.as_ref(), config.timeouts.connect);
+        let stream = match connected.await {
             Ok(stream) => stream,
             Err(error) => match attempts.unreachable(&guard, &error) {
                 Ok(()) => continue,
@@ -227,13 +230,17 @@ async fn connect_and_send(
 }
 
 async fn send_upgrade(
-    mut stream: TcpStream,
+    mut stream: BackendStream,
     request: &BackendRequest<'_>,
 ) -> Result<BackendAnswer, ProxyError> {
     backend::send_request(&mut stream, &request.target, request.headers).await?;
     let mut answer = backend::read_answer(&mut stream).await?;
     if answer.status != StatusCode::SWITCHING_PROTOCOLS {
         let body = backend::read_body(&mut stream, &mut answer).await?;
+        // The connection ends here (it is not pooled): a TLS backend gets its `close_notify`. One
+        // attempt that cannot wait (a refusal's answer must not), which a fresh socket always has room
+        // for; a plain socket is closed by the drop.
+        let _ = stream.shutdown().now_or_never();
         let mut response = Response::new(body::full(body));
         *response.status_mut() = answer.status;
         *response.headers_mut() = answer.headers;

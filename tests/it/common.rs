@@ -99,15 +99,9 @@ impl TestBackend {
                     return;
                 };
                 let _ = stream.set_nodelay(true);
-                let (name, seen) = (name2.clone(), Arc::clone(&seen2));
+                let served = serve_test_backend(stream, name2.clone(), Arc::clone(&seen2));
                 tokio::spawn(async move {
-                    let service = service_fn(move |req| {
-                        backend_service(req, name.clone(), Arc::clone(&seen))
-                    });
-                    let _ = http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .with_upgrades()
-                        .await;
+                    let _ = served.await;
                 });
             }
         });
@@ -133,6 +127,24 @@ impl Drop for TestBackend {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// Serves one connection as a `TestBackend` does (over a TLS session too): `name` in its answers, each
+/// request recorded in `seen`. An error is how the connection ended badly (over TLS: without a
+/// `close_notify` from the peer, among others).
+pub async fn serve_test_backend<S>(
+    stream: S,
+    name: String,
+    seen: Arc<Mutex<Vec<Seen>>>,
+) -> hyper::Result<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req| backend_service(req, name.clone(), Arc::clone(&seen)));
+    http1::Builder::new()
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades()
+        .await
 }
 
 type TestBody = BoxBody<Bytes, hyper::Error>;

@@ -380,3 +380,59 @@ fn a_value_of_the_wrong_type_names_its_key() {
     );
     assert_one_error(&text, 11, "pool.p.backends[0].weight", "expected");
 }
+
+#[test]
+fn backend_tls_keys_are_checked() {
+    let text = BASE.replace(
+        "{ addr = \"127.0.0.1:9000\" }",
+        "{ addr = \"127.0.0.1:9000\", tls = { server_name = \"\" } }",
+    );
+    assert_one_error(
+        &text,
+        11,
+        "pool.p.backends[0].tls.server_name",
+        "must not be empty",
+    );
+    let text = BASE.replace(
+        "[pool.p]\n",
+        "[pool.p]\ntls = { ca = \"ca.pem\", verfy = true }\n",
+    );
+    assert_one_error(&text, 11, "pool.p.tls", "unknown field `verfy`");
+    let text = BASE.replace(
+        "[pool.p]\n",
+        "[pool.p]\ntls = { verify = false, ca = \"ca.pem\" }\n",
+    );
+    assert_one_error(&text, 11, "pool.p.tls.ca", "only used with verify = true");
+}
+
+#[test]
+fn backend_tls_files_are_checked_with_file_line_and_key() {
+    // Relative to the config file's folder, like listener certificates.
+    let text = BASE.replace(
+        "[pool.p]\n",
+        "[pool.p]\ntls = { ca = \"no-such-dir/ca.pem\" }\n",
+    );
+    let file = TempFile::new("backend-tls.toml", &text);
+    let folder = file.0.parent().expect("a folder");
+    let expected = format!(
+        "{}:11: pool.p.tls.ca: {}: cannot read",
+        file.0.display(),
+        folder.join("no-such-dir/ca.pem").display()
+    );
+    let config = Config::from_file(&file.0).expect("the file itself checks out");
+    let errors = wsgate::check_backend_tls(&config);
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].to_string().starts_with(&expected),
+        "{}",
+        errors[0]
+    );
+
+    let output = wsgate_check(&file.0);
+    assert!(!output.status.success(), "a missing CA file accepted");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&expected),
+        "missing {expected:?} in:\n{stderr}"
+    );
+}

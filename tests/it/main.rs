@@ -11,6 +11,7 @@ mod common;
 mod tunnel_support;
 
 mod answers;
+mod backend_tls;
 mod balancing;
 mod browser;
 mod config_errors;
