@@ -312,6 +312,8 @@ impl Checker<'_> {
     }
 
     fn http2(&mut self, h: &file::FileHttp2) -> Http2Settings {
+        /// The most one HTTP/2 connection may be sent ahead of wsgate: its connection window.
+        const MAX_HTTP2_CONNECTION_WINDOW: u64 = 256 << 20;
         let defaults = Http2Settings::default();
         let max_concurrent_streams = match &h.max_concurrent_streams {
             None => defaults.max_concurrent_streams,
@@ -343,6 +345,24 @@ impl Checker<'_> {
                 }
             },
         };
+        // What one connection may hold of its client's data is every stream's window: keep it sane.
+        let most = u64::from(max_concurrent_streams) * u64::from(stream_window);
+        if most > MAX_HTTP2_CONNECTION_WINDOW
+            && let Some(at) = h
+                .stream_window
+                .as_ref()
+                .map(|t| t.span().start)
+                .or(h.max_concurrent_streams.as_ref().map(|n| n.span().start))
+        {
+            self.error(
+                at,
+                "http2",
+                format!(
+                    "max_concurrent_streams × stream_window is {} MiB, over the 256 MiB one connection may hold",
+                    most >> 20
+                ),
+            );
+        }
         Http2Settings {
             max_concurrent_streams,
             stream_window,

@@ -181,7 +181,7 @@ fn http2_defaults_and_values() {
     assert_eq!(c.http2.connection_window(), 10 << 20);
     assert!(c.listeners[0].http.h2c);
     assert!(!c.listeners[0].http.websocket_over_h2);
-    // The sum never passes HTTP/2's largest window.
+    // The sum never passes HTTP/2's largest window (the checker keeps it far below).
     let big = Http2Settings {
         max_concurrent_streams: 10_000,
         stream_window: 16 << 20,
@@ -229,6 +229,14 @@ fn http_version_errors_name_the_key() {
     assert!(errors(&streams).contains("t.toml:2: http2.max_concurrent_streams: must be between 1"));
     let window = format!("[http2]\nstream_window = \"1KiB\"\n{MINIMAL}");
     assert!(errors(&window).contains("t.toml:2: http2.stream_window: must be between 16KiB"));
+    let product =
+        format!("[http2]\nmax_concurrent_streams = 1000\nstream_window = \"1MiB\"\n{MINIMAL}");
+    assert!(
+        errors(&product)
+            .contains("t.toml:3: http2: max_concurrent_streams × stream_window is 1000 MiB"),
+        "{}",
+        errors(&product)
+    );
     let unknown = format!("[http2]\nconnection_window = \"1MiB\"\n{MINIMAL}");
     assert!(errors(&unknown).contains("t.toml:2: http2: unknown field `connection_window`"));
 }

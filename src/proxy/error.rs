@@ -47,6 +47,10 @@ pub enum ProxyError {
     Handshake(#[from] BackendHttpError),
     #[error("backend answered 101 with a wrong Sec-WebSocket-Accept")]
     BadAccept,
+    /// A backend answered a WebSocket over HTTP/2 with this success status instead of switching
+    /// protocols, which the client could only take for an open tunnel.
+    #[error("backend answered the upgrade with {0} instead of switching protocols")]
+    NotSwitched(StatusCode),
 }
 
 impl ProxyError {
@@ -63,7 +67,8 @@ impl ProxyError {
             ProxyError::Unreachable
             | ProxyError::Http(_)
             | ProxyError::Handshake(_)
-            | ProxyError::BadAccept => StatusCode::BAD_GATEWAY,
+            | ProxyError::BadAccept
+            | ProxyError::NotSwitched(_) => StatusCode::BAD_GATEWAY,
         }
     }
 
@@ -78,9 +83,10 @@ impl ProxyError {
             ProxyError::NoBackend => "no_backend",
             ProxyError::Unreachable => "backend_unreachable",
             ProxyError::Timeout(_) => "backend_timeout",
-            ProxyError::Http(_) | ProxyError::Handshake(_) | ProxyError::BadAccept => {
-                "backend_error"
-            }
+            ProxyError::Http(_)
+            | ProxyError::Handshake(_)
+            | ProxyError::BadAccept
+            | ProxyError::NotSwitched(_) => "backend_error",
         }
     }
 
@@ -141,9 +147,10 @@ impl ProxyError {
             ProxyError::NoBackend => "no backend available\n",
             ProxyError::Unreachable => "backend unreachable\n",
             ProxyError::Timeout(_) => "backend did not answer in time\n",
-            ProxyError::Http(_) | ProxyError::Handshake(_) | ProxyError::BadAccept => {
-                "backend error\n"
-            }
+            ProxyError::Http(_)
+            | ProxyError::Handshake(_)
+            | ProxyError::BadAccept
+            | ProxyError::NotSwitched(_) => "backend error\n",
         };
         body::text(self.status(), text)
     }
@@ -175,6 +182,7 @@ mod tests {
             ProxyError::Timeout(Duration::from_secs(1)),
             ProxyError::Handshake(BackendHttpError::Closed),
             ProxyError::BadAccept,
+            ProxyError::NotSwitched(StatusCode::OK),
         ]
     }
 

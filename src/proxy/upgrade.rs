@@ -91,6 +91,12 @@ pub async fn handshake(
     match outcome {
         Outcome::Refused(backend, mut response) => {
             let status = response.status();
+            // Over HTTP/2 any 2xx answer to a CONNECT opens the tunnel (RFC 9113 §8.5): relayed, a
+            // backend's page would look like an open WebSocket that closes at once. It is what it is
+            // over HTTP/1.1 too, a failed upgrade, and gets the answer for one.
+            if conn.is_h2() && (status.is_success() || status.is_informational()) {
+                return refuse(ProxyError::NotSwitched(status), Some(&backend));
+            }
             count(if status.is_client_error() {
                 "rejected"
             } else {

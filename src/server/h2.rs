@@ -14,15 +14,11 @@
 //! finish (tunnels get their Close 1001 like any other), and so does a reload (the tunnels go on).
 
 use std::convert::Infallible;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
-use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::rt::Executor;
 use hyper::server::conn::http2;
@@ -30,10 +26,9 @@ use hyper::service::service_fn;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::Notify;
 use tokio_util::task::TaskTracker;
 
-use crate::body::{BoxError, ProxyBody};
+use super::h2_streams::{OpenStream, StreamBody, Streams};
 use crate::config::Config;
 use crate::conn::ClientConn;
 use crate::proxy::{self, Answer, Splice};
@@ -52,7 +47,8 @@ const MAX_LOCAL_RESETS: usize = 256;
 const MAX_SEND_BUFFER: usize = 64 << 10;
 
 /// Serves HTTP/2 on `io` until the connection closes. `websockets`: advertise
-/// SETTINGS_ENABLE_CONNECT_PROTOCOL and take WebSockets over HTTP/2.
+/// SETTINGS_ENABLE_CONNECT_PROTOCOL and take WebSockets over HTTP/2. `config` is the generation the
+/// connection was accepted under.
 pub async fn serve_h2<I>(
     io: I,
     conn: Arc<ClientConn>,
@@ -63,8 +59,9 @@ pub async fn serve_h2<I>(
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     conn.set_h2();
-    // Past the HTTP/1.1 stages: `client_io.rs` keeps only its send timeout.
-    conn.phase.busy();
+    // `client_io.rs`'s header timer, running since the accept, stays on until the first request: a
+    // client that says nothing (or only HTTP/2's preface and settings) is closed by it, as over
+    // HTTP/1.1. The first request moves the connection past it for good (`handle`).
     let settings = &config.http2;
     let mut builder = http2::Builder::new(Tracked(shared.tasks.clone()));
     builder
@@ -79,36 +76,57 @@ pub async fn serve_h2<I>(
     if websockets {
         builder.enable_connect_protocol();
     }
-    let streams = Arc::new(OpenStreams::default());
+    let streams = Streams::new();
     let service = {
         let (conn, shared, streams) =
             (Arc::clone(&conn), Arc::clone(&shared), Arc::clone(&streams));
         service_fn(move |req| {
-            let stream = OpenStream::new(Arc::clone(&streams));
-            handle(req, Arc::clone(&conn), Arc::clone(&shared), stream)
+            handle(
+                req,
+                Arc::clone(&conn),
+                Arc::clone(&shared),
+                Arc::clone(&streams),
+            )
         })
     };
     let connection = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(connection);
-    let idle = config.timeouts.http_idle;
-    let result = tokio::select! {
-        result = connection.as_mut() => result,
-        () = streams.idle_for(idle) => {
-            tracing::debug!(peer = %conn.peer, "HTTP/2 connection idle; closing");
-            connection.as_mut().graceful_shutdown();
-            connection.await
-        }
-        _ = shared.shutdown.cancelled() => {
-            // GOAWAY: no new streams; open ones finish (tunnels close on their own shutdown schedule).
-            connection.as_mut().graceful_shutdown();
-            connection.await
-        }
-        () = shared.reloaded.notified() => {
-            // GOAWAY too: the client opens its next streams on a new connection, with the new config's
-            // listener and HTTP/2 settings; open streams (tunnels too) go on here until they end.
-            tracing::debug!(peer = %conn.peer, "config reloaded; HTTP/2 connection draining");
-            connection.as_mut().graceful_shutdown();
-            connection.await
+    let watchdog = streams.release_stalled(config.timeouts.send);
+    tokio::pin!(watchdog);
+    let timeouts = &config.timeouts;
+    let mut draining = false;
+    let result = loop {
+        tokio::select! {
+            result = connection.as_mut() => break result,
+            // Runs for the connection's life (it never returns): releases the backends of responses
+            // whose client stopped taking them (`h2_streams.rs`).
+            () = watchdog.as_mut() => {}
+            () = streams.idle_for(timeouts.http_idle), if !draining => {
+                tracing::debug!(peer = %conn.peer, "HTTP/2 connection idle; closing");
+                connection.as_mut().graceful_shutdown();
+                draining = true;
+            }
+            _ = shared.shutdown.cancelled(), if !draining => {
+                // GOAWAY: no new streams; open ones finish (tunnels close on their own shutdown
+                // schedule).
+                connection.as_mut().graceful_shutdown();
+                draining = true;
+            }
+            () = reloaded_since(&shared, config), if !draining => {
+                // GOAWAY too: the client opens its next streams on a new connection, with the new
+                // config's listener and HTTP/2 settings; open streams (tunnels too) go on here.
+                tracing::debug!(peer = %conn.peer, "config reloaded; HTTP/2 connection draining");
+                connection.as_mut().graceful_shutdown();
+                draining = true;
+            }
+            // After GOAWAY hyper waits for the client to answer its ping and for every stream to end,
+            // the client's own included. Once none of wsgate's is left, the client gets the header
+            // timeout to close, then the connection is dropped: a client that never answers, or a
+            // stream that never ends on its side, does not hold it.
+            () = streams.idle_for(timeouts.header), if draining => {
+                tracing::debug!(peer = %conn.peer, "HTTP/2 connection did not close after GOAWAY; dropped");
+                return;
+            }
         }
     };
     if let Err(error) = result {
@@ -116,19 +134,31 @@ pub async fn serve_h2<I>(
     }
 }
 
+/// Resolves once the config has been reloaded since `config` was current: at once if it already was
+/// (a reload while this connection's TLS handshake or preface was still arriving), else at the next.
+async fn reloaded_since(shared: &Shared, config: &Config) {
+    let reloaded = shared.reloaded.notified();
+    tokio::pin!(reloaded);
+    // Registered before the current generation is looked at, so a reload in between is not missed.
+    reloaded.as_mut().enable();
+    if std::ptr::eq(&*shared.state.load().config, config) {
+        reloaded.await;
+    }
+}
+
 async fn handle(
     mut req: Request<Incoming>,
     conn: Arc<ClientConn>,
     shared: Arc<Shared>,
-    stream: OpenStream,
+    streams: Arc<Streams>,
 ) -> Result<Response<StreamBody>, Infallible> {
+    let stream = streams.open();
+    // Past the header timer for good (`serve_h2`); `client_io.rs` keeps only its send timeout.
+    conn.phase.busy();
     // Only a CONNECT's answer upgrades; for any other request this is an upgrade that never comes.
     let client_upgrade = hyper::upgrade::on(&mut req);
     let response = match proxy::handle_h2(req, &conn, &shared).await {
-        Answer::Response(response) => response.map(|inner| StreamBody {
-            inner,
-            _stream: Some(stream),
-        }),
+        Answer::Response(response) => response.map(|body| streams.body(body, Some(stream))),
         Answer::Switching(response, splice) => {
             let timeout = shared.state.load().config.timeouts.handshake;
             let takeover = take_over(
@@ -140,10 +170,7 @@ async fn handle(
                 Arc::clone(&shared),
             );
             shared.tasks.spawn(takeover);
-            response.map(|inner| StreamBody {
-                inner,
-                _stream: None,
-            })
+            response.map(|body| streams.body(body, None))
         }
     };
     Ok(response)
@@ -168,8 +195,8 @@ async fn take_over(
         Err(_) => return,
     };
     // An HTTP/2 stream cannot tell when it is readable without being read: the tunnel borrows its
-    // buffer for a read attempt, like a TLS session's (`websocket::transport`). Nothing came before the
-    // 200: a client sends frames only after it.
+    // buffer for a read attempt, like a TLS session's (`websocket::transport`). What the client sent
+    // early is still in the stream, for the tunnel's first read.
     let client = Buffered(TokioIo::new(upgraded));
     let tunnel = splice.run(client, Bytes::new(), conn, Arc::clone(&shared));
     // A task of its own, sized for the tunnel alone (as `connection::start_tunnel` does).
@@ -191,114 +218,5 @@ where
 {
     fn execute(&self, future: F) {
         self.0.spawn(future);
-    }
-}
-
-/// The streams open on one connection, for its idle timer.
-#[derive(Default)]
-struct OpenStreams {
-    count: AtomicUsize,
-    changed: Notify,
-}
-
-impl OpenStreams {
-    /// Resolves once no stream has been open for `idle`.
-    async fn idle_for(&self, idle: Duration) {
-        loop {
-            let changed = self.changed.notified();
-            tokio::pin!(changed);
-            // Registered before the count is read, so a stream closing in between is not missed.
-            changed.as_mut().enable();
-            if self.count.load(Ordering::Acquire) == 0 {
-                tokio::select! {
-                    () = tokio::time::sleep(idle) => return,
-                    () = changed => {}
-                }
-            } else {
-                changed.await;
-            }
-        }
-    }
-}
-
-/// One open stream, counted from its request until its response body is sent (or its tunnel ends).
-struct OpenStream(Arc<OpenStreams>);
-
-impl OpenStream {
-    fn new(streams: Arc<OpenStreams>) -> OpenStream {
-        streams.count.fetch_add(1, Ordering::AcqRel);
-        streams.changed.notify_waiters();
-        OpenStream(streams)
-    }
-}
-
-impl Drop for OpenStream {
-    fn drop(&mut self) {
-        self.0.count.fetch_sub(1, Ordering::AcqRel);
-        self.0.changed.notify_waiters();
-    }
-}
-
-/// A response body that holds its stream open until it is sent (or abandoned).
-struct StreamBody {
-    inner: ProxyBody,
-    _stream: Option<OpenStream>,
-}
-
-impl Body for StreamBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    // Paused time: the idle timer is decided by the clock jumping ahead.
-    #[tokio::test(start_paused = true)]
-    async fn a_connection_is_idle_only_without_open_streams() {
-        let streams = Arc::new(OpenStreams::default());
-        let idle = Duration::from_secs(60);
-        let open = OpenStream::new(Arc::clone(&streams));
-        let waited = tokio::time::timeout(idle * 3, streams.idle_for(idle)).await;
-        assert!(waited.is_err(), "idle while a stream is open");
-        let start = tokio::time::Instant::now();
-        drop(open);
-        tokio::time::timeout(idle * 3, streams.idle_for(idle))
-            .await
-            .expect("idle once the stream closed");
-        assert_eq!(start.elapsed(), idle);
-        // A stream opened during the wait restarts it once it closes.
-        let start = tokio::time::Instant::now();
-        let reopen = {
-            let streams = Arc::clone(&streams);
-            async move {
-                tokio::time::sleep(idle / 2).await;
-                let open = OpenStream::new(streams);
-                tokio::time::sleep(idle).await;
-                drop(open);
-            }
-        };
-        tokio::join!(reopen, async {
-            tokio::time::timeout(idle * 5, streams.idle_for(idle))
-                .await
-                .expect("idle after the second stream");
-        });
-        assert_eq!(start.elapsed(), idle / 2 + idle + idle);
     }
 }

@@ -8,6 +8,7 @@ mod client_io;
 mod connection;
 mod h1;
 mod h2;
+mod h2_streams;
 mod listener;
 
 pub use listener::ListenerHandle;

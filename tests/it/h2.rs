@@ -290,6 +290,7 @@ async fn websockets_over_h2_run_through_the_tunnel() {
         .await
         .expect("send");
     assert_eq!(next_message(&mut second).await, Message::text("still here"));
+    drop(second);
     gateway.shutdown().await;
 }
 
@@ -406,6 +407,7 @@ backends = [ {{ addr = "{}", drain = true }} ]
     ] {
         assert!(metrics.contains(line), "{line}\n{metrics}");
     }
+    drop(ws);
     gateway.shutdown().await;
 }
 
@@ -474,7 +476,13 @@ async fn shutdown_sends_goaway_and_closes_h2_tunnels_with_1001() {
         .await
         .expect("task")
         .expect("a clean end, not an error");
+    let started = std::time::Instant::now();
     within("shutdown", shutdown).await.expect("shutdown");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "shutdown waited for the drain: {:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -529,5 +537,30 @@ async fn a_reload_sends_goaway_and_open_tunnels_go_on() {
         .await
         .expect("task")
         .expect("a clean end");
+    gateway.shutdown().await;
+}
+
+/// A backend that answers a WebSocket path with a page (2xx) has refused the upgrade: over HTTP/1.1 the
+/// client sees the page and fails its handshake; over HTTP/2 a 2xx would open the tunnel, so the client
+/// gets 502, and a browser its failed WebSocket either way.
+#[tokio::test]
+async fn a_backend_page_on_a_websocket_path_is_a_502_over_h2() {
+    let page = http_backend(|_req| async { http::Response::new(backend_body("a page\n")) }).await;
+    let (gateway, addr) = gateway(&h2c_config(&[page.addr], "")).await;
+    let (mut sender, _conn) = h2c_connect(addr).await;
+    let refused = h2_websocket(&mut sender, extended_connect("http", "/ws", &[]))
+        .await
+        .err()
+        .map(|(status, _)| status);
+    assert_eq!(refused, Some(StatusCode::BAD_GATEWAY));
+    let over_h1 = raw_exchange(addr, upgrade_request(addr, "/ws", "").as_bytes()).await;
+    assert_eq!(over_h1.status, 200, "HTTP/1.1 relays the page");
+    let metrics = gateway.metrics_text();
+    assert!(
+        metrics.contains(
+            "wsgate_ws_upgrades_total{protocol=\"h2\",result=\"backend_error\",route=\"main\"} 1"
+        ),
+        "{metrics}"
+    );
     gateway.shutdown().await;
 }

@@ -277,6 +277,138 @@ backends = [ {{ addr = "{}" }} ]
         "wsgate_ws_closes_total{protocol=\"h2\",reason=\"client_stalled\",route=\"main\"} 1",
     )
     .await;
+    // hyper's stream for the tunnel is still stuck behind the closed window; it does not hold the
+    // connection, nor the shutdown: after GOAWAY, with no stream of wsgate's left, the connection is
+    // dropped within the header timeout, long before the drain ends.
+    let start = tokio::time::Instant::now();
+    gateway.shutdown().await;
+    assert!(
+        start.elapsed() <= Duration::from_secs(10) + TICK,
+        "shutdown took {:?}",
+        start.elapsed()
+    );
     drop(ws);
+}
+
+const PING: u8 = 0x6;
+const WINDOW_SIZE_SETTING: u16 = 0x4;
+
+/// Reads until the server closes the connection; returns the frame types seen on the way.
+async fn frames_until_closed(stream: &mut TcpStream) -> Vec<u8> {
+    let mut kinds = Vec::new();
+    let mut data = Vec::new();
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        match within("the server closing", stream.read(&mut buf)).await {
+            Ok(0) | Err(_) => return kinds,
+            Ok(n) => data.extend_from_slice(&buf[..n]),
+        }
+        while data.len() >= 9 {
+            let len = u32::from_be_bytes([0, data[0], data[1], data[2]]) as usize;
+            if data.len() < 9 + len {
+                break;
+            }
+            kinds.push(data[3]);
+            data.drain(..9 + len);
+        }
+    }
+}
+
+/// An h2c client that sends the preface and its settings and then nothing is closed by the header
+/// timeout, as an HTTP/1.1 client that sends no request is; so is one that sends nothing at all.
+#[tokio::test(start_paused = true)]
+async fn a_silent_h2c_client_is_closed_by_the_header_timeout() {
+    let backend = TestBackend::start("a").await;
+    let text = h2c_config(&[backend.addr], "") + "\n[timeouts]\nheader = \"3s\"\n";
+    let (gateway, addr) = gateway(&text).await;
+    let start = tokio::time::Instant::now();
+    let mut silent = raw_h2(addr).await;
+    frames_until_closed(&mut silent).await;
+    assert_at("closed", start.elapsed(), Duration::from_secs(3));
+    gateway.shutdown().await;
+}
+
+/// After its GOAWAY (here for being idle) wsgate waits for the client to close; a client that never
+/// answers (no ping acknowledgement, no close) is dropped `timeouts.header` after wsgate's last stream.
+#[tokio::test(start_paused = true)]
+async fn a_client_that_ignores_goaway_is_dropped() {
+    let backend = TestBackend::start("a").await;
+    let text =
+        h2c_config(&[backend.addr], "") + "\n[timeouts]\nheader = \"3s\"\nhttp_idle = \"5s\"\n";
+    let (gateway, addr) = gateway(&text).await;
+    let mut client = raw_h2(addr).await;
+    within(
+        "request",
+        client.write_all(&frame(HEADERS, END_HEADERS | END_STREAM, 1, &get_block())),
+    )
+    .await
+    .expect("write");
+    let start = tokio::time::Instant::now();
+    let kinds = frames_until_closed(&mut client).await;
+    assert!(kinds.contains(&HEADERS), "the response: {kinds:?}");
+    assert!(kinds.contains(&GOAWAY), "GOAWAY: {kinds:?}");
+    assert!(kinds.contains(&PING), "the shutdown ping: {kinds:?}");
+    // Idle after the response (5 s), then 3 s for the client to close.
+    assert_at("dropped", start.elapsed(), Duration::from_secs(8));
+    let metrics = gateway.metrics_text();
+    assert!(
+        metrics.contains("wsgate_connections_active{listener=\"main\"} 0"),
+        "{metrics}"
+    );
+    gateway.shutdown().await;
+}
+
+/// A client that never opens its stream's window never takes the response, so hyper never asks the
+/// body for more: after `timeouts.send` the backend connection behind it is released.
+#[tokio::test(start_paused = true)]
+async fn a_client_that_keeps_its_window_shut_releases_the_backend() {
+    let (released, mut backend_closed) = tokio::sync::mpsc::unbounded_channel();
+    let backend = RawBackend::start(move |mut stream| {
+        let released = released.clone();
+        async move {
+            let _ = read_head(&mut stream).await;
+            // A large response, as fast as wsgate takes it; then wait for wsgate to let go.
+            let head = "HTTP/1.1 200 OK\r\nContent-Length: 67108864\r\n\r\n";
+            let _ = stream.write_all(head.as_bytes()).await;
+            let chunk = vec![b'x'; 64 << 10];
+            let start = tokio::time::Instant::now();
+            let (mut read_half, mut write_half) = stream.split();
+            loop {
+                tokio::select! {
+                    written = write_half.write_all(&chunk) => if written.is_err() { break },
+                    read = read_half.read_u8() => if read.is_err() { break },
+                }
+            }
+            let _ = released.send(start.elapsed());
+        }
+    })
+    .await;
+    let text = h2c_config(&[backend.addr], "") + "\n[timeouts]\nsend = \"5s\"\n";
+    let (gateway, addr) = gateway(&text).await;
+    let mut client = tcp_connect(addr).await;
+    // SETTINGS_INITIAL_WINDOW_SIZE = 0: not one byte of any response may be sent.
+    let mut window = WINDOW_SIZE_SETTING.to_be_bytes().to_vec();
+    window.extend(0u32.to_be_bytes());
+    let mut hello = PREFACE.to_vec();
+    hello.extend(frame(SETTINGS, 0, 0, &window));
+    hello.extend(frame(HEADERS, END_HEADERS | END_STREAM, 1, &get_block()));
+    within("request", client.write_all(&hello))
+        .await
+        .expect("write");
+    let reading = tokio::spawn(async move {
+        let mut buf = vec![0u8; 1 << 16];
+        while let Ok(n @ 1..) = client.read(&mut buf).await {
+            let _ = n;
+        }
+    });
+    let held = within("the backend released", backend_closed.recv())
+        .await
+        .expect("the backend saw its connection end");
+    // The body waited from its response head on; the watchdog's clock counts whole milliseconds.
+    assert!(
+        held >= Duration::from_secs(5) && held <= Duration::from_secs(5) + 4 * TICK,
+        "released after {held:?}"
+    );
+    reading.abort();
     gateway.shutdown().await;
 }

@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::common::*;
 use futures_util::SinkExt;
@@ -468,5 +469,27 @@ async fn alpn_h2_serves_requests_and_websockets_over_http2() {
     let (gateway, addr) = crate::common::gateway(&text).await;
     let tls = tls_connect_alpn(&pki, addr, &[b"h2", b"http/1.1"]).await;
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    gateway.shutdown().await;
+}
+
+/// A client that picks HTTP/2 by ALPN and then sends nothing (not even the preface) is closed by the
+/// header timeout, as one that sends no HTTP/1.1 request is.
+#[tokio::test(start_paused = true)]
+async fn a_silent_alpn_h2_client_is_closed_by_the_header_timeout() {
+    let pki = Pki::new();
+    let (cert, key, _) = pki.leaf("site", &["site.test"]);
+    let backend = TestBackend::start("b1").await;
+    let text = tls_config(backend.addr, &[(&cert, &key)]) + "\n[timeouts]\nheader = \"3s\"\n";
+    let (gateway, addr) = gateway(&text).await;
+    let start = tokio::time::Instant::now();
+    let mut tls = tls_connect_alpn(&pki, addr, &[b"h2"]).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let mut rest = Vec::new();
+    let _ = within(
+        "closed",
+        tokio::io::AsyncReadExt::read_to_end(&mut tls, &mut rest),
+    )
+    .await;
+    assert_at("closed", start.elapsed(), Duration::from_secs(3));
     gateway.shutdown().await;
 }
