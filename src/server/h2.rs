@@ -8,10 +8,13 @@
 //! CVE-2023-44487) and so is what wsgate queues for a stream the client does not read. A header block
 //! split over CONTINUATION frames counts against the header list limit as it arrives.
 //!
-//! Timers: HTTP/1.1's header and keep-alive timers (`client_io.rs`) are off once a connection speaks
-//! HTTP/2, and the send timeout stays on. The connection's own idle timer closes it with a GOAWAY after
-//! `timeouts.http_idle` without an open stream; a shutdown sends GOAWAY at once and lets open streams
-//! finish (tunnels get their Close 1001 like any other), and so does a reload (the tunnels go on).
+//! Timers: the header timer of `client_io.rs` bounds the connection until its first request; then
+//! HTTP/1.1's timers are off, and the send timeout stays on. The connection's own idle timer closes it
+//! with a GOAWAY after `timeouts.http_idle` without an open stream; a shutdown sends GOAWAY at once and
+//! lets open streams finish (tunnels get their Close 1001 like any other), and so does a reload (the
+//! tunnels go on). After a GOAWAY the client gets `timeouts.header`, once no stream of wsgate's is open,
+//! to close the connection; then it is dropped. Response bodies a client stops taking are released by
+//! `h2_streams.rs`.
 
 use std::convert::Infallible;
 use std::sync::Arc;
