@@ -8,8 +8,6 @@
 
 use std::time::Duration;
 
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Request, StatusCode};
@@ -21,7 +19,7 @@ use tokio::io::AsyncWriteExt;
 use super::Backend;
 use crate::config::HealthCheck;
 use crate::upstream::{self, ConnectError};
-use crate::websocket::accepts;
+use crate::websocket::{accepts, new_key};
 use crate::websocket::frame::{ControlFrame, Role};
 
 /// Why a probe failed.
@@ -83,17 +81,14 @@ async fn exchange(
         HeaderValue::from_static("wsgate-health-check"),
     );
     let key = if check.websocket {
-        let nonce: [u8; 16] = std::array::from_fn(|_| fastrand::u8(..));
-        let key = BASE64.encode(nonce);
+        let key = new_key();
         headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
         headers.insert(
             header::SEC_WEBSOCKET_VERSION,
             HeaderValue::from_static("13"),
         );
-        if let Ok(value) = HeaderValue::from_str(&key) {
-            headers.insert(header::SEC_WEBSOCKET_KEY, value);
-        }
+        headers.insert(header::SEC_WEBSOCKET_KEY, key.clone());
         Some(key)
     } else {
         headers.insert(header::CONNECTION, HeaderValue::from_static("close"));

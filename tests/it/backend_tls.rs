@@ -935,20 +935,7 @@ async fn tls_backends_get_close_notify_after_a_refusal_and_a_tunnels_end() {
     // A backend that switches, then sends its Close when the client's comes: after the closing
     // handshake, wsgate ends the session with the backend with a close_notify.
     let (switching, mut switching_ends) = raw_tls_backend(&leaf, |head| {
-        let key = head
-            .lines()
-            .find_map(|l| {
-                let (name, value) = l.split_once(':')?;
-                name.eq_ignore_ascii_case("sec-websocket-key")
-                    .then(|| value.trim().to_string())
-            })
-            .unwrap_or_default();
-        let mut answer = format!(
-            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Accept: {}\r\n\r\n",
-            accept_key(&key)
-        )
-        .into_bytes();
+        let mut answer = crate::tunnel_support::switching_protocols_for(head).into_bytes();
         answer.extend([0x88, 0x02, 0x03, 0xe8]);
         answer
     })

@@ -81,6 +81,15 @@ async fn goaway(stream: &mut TcpStream) -> Option<u32> {
     }
 }
 
+/// A new connection gets its answer as if nothing had happened.
+async fn others_are_served(addr: SocketAddr) {
+    let (mut sender, _conn) = h2c_connect(addr).await;
+    let get = http::Request::get("http://localhost/")
+        .body(empty())
+        .expect("request");
+    assert_eq!(h2_send(&mut sender, get).await.0, StatusCode::OK);
+}
+
 #[tokio::test]
 async fn a_rapid_reset_flood_gets_goaway_and_spares_the_backend() {
     let backend = TestBackend::start("a").await;
@@ -106,12 +115,7 @@ async fn a_rapid_reset_flood_gets_goaway_and_spares_the_backend() {
         reached < streams as usize / 10,
         "{reached} of {streams} cancelled requests reached the backend"
     );
-    // Others are served as before.
-    let (mut sender, _conn) = h2c_connect(addr).await;
-    let get = http::Request::get("http://localhost/")
-        .body(empty())
-        .expect("request");
-    assert_eq!(h2_send(&mut sender, get).await.0, StatusCode::OK);
+    others_are_served(addr).await;
     gateway.shutdown().await;
 }
 
@@ -155,12 +159,7 @@ async fn a_continuation_flood_is_cut_at_the_header_limit() {
         sent < 8 << 20,
         "{sent} bytes of one header block were taken"
     );
-    // Others are served as before.
-    let (mut sender, _conn) = h2c_connect(addr).await;
-    let get = http::Request::get("http://localhost/")
-        .body(empty())
-        .expect("request");
-    assert_eq!(h2_send(&mut sender, get).await.0, StatusCode::OK);
+    others_are_served(addr).await;
     gateway.shutdown().await;
 }
 

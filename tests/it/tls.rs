@@ -63,7 +63,13 @@ impl Pki {
         (cert_path, key_path, cert.der().clone())
     }
 
+    /// A client trusting this CA and offering ALPN `http/1.1`.
     fn connector(&self) -> TlsConnector {
+        self.connector_offering(&[b"http/1.1"])
+    }
+
+    /// A client trusting this CA and offering `alpn`.
+    fn connector_offering(&self, alpn: &[&[u8]]) -> TlsConnector {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(self.ca_der.clone()).expect("CA into store");
         let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -72,7 +78,7 @@ impl Pki {
             .expect("versions")
             .with_root_certificates(roots)
             .with_no_client_auth();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        config.alpn_protocols = alpn.iter().map(|id| id.to_vec()).collect();
         TlsConnector::from(Arc::new(config))
     }
 }
@@ -405,22 +411,13 @@ async fn tls_tunnels_end_with_close_notify() {
     within("shutdown", shutdown).await.expect("shutdown task");
 }
 
-/// A TLS client offering `alpn`, trusting the test CA.
+/// A TLS connection to `site.test` at `addr`, offering `alpn`.
 async fn tls_connect_alpn(pki: &Pki, addr: SocketAddr, alpn: &[&[u8]]) -> TlsStream<TcpStream> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(pki.ca_der.clone()).expect("CA into store");
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = alpn.iter().map(|id| id.to_vec()).collect();
-    let tcp = tcp_connect(addr).await;
     let name = ServerName::try_from("site.test").expect("name");
+    let tcp = tcp_connect(addr).await;
     within(
         "TLS handshake",
-        TlsConnector::from(Arc::new(config)).connect(name, tcp),
+        pki.connector_offering(alpn).connect(name, tcp),
     )
     .await
     .expect("TLS handshake")

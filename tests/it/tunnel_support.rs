@@ -357,19 +357,7 @@ impl WsBackend {
             .expect("accept");
         stream.set_nodelay(true).expect("TCP_NODELAY");
         let (head, rest) = read_head(&mut stream).await;
-        let key = head
-            .lines()
-            .find_map(|l| {
-                let (name, value) = l.split_once(':')?;
-                name.eq_ignore_ascii_case("sec-websocket-key")
-                    .then(|| value.trim().to_string())
-            })
-            .unwrap_or_else(|| panic!("no key in\n{head}"));
-        let answer = format!(
-            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Accept: {}\r\n\r\n",
-            accept_key(&key)
-        );
+        let answer = switching_protocols_for(&head);
         within("101", stream.write_all(answer.as_bytes()))
             .await
             .expect("write 101");
@@ -380,6 +368,23 @@ impl WsBackend {
             key: [0; 4],
         }
     }
+}
+
+/// A backend's 101 head for the upgrade request `head` (its key answered).
+pub fn switching_protocols_for(head: &str) -> String {
+    let key = head
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("sec-websocket-key")
+                .then(|| value.trim().to_string())
+        })
+        .unwrap_or_else(|| panic!("no key in\n{head}"));
+    format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Accept: {}\r\n\r\n",
+        accept_key(&key)
+    )
 }
 
 /// A raw client and the raw backend end of its tunnel.
