@@ -4,7 +4,7 @@
 For every scenario, each target's median over runs is divided by the
 baseline's (wsgate by default, drawn as 1.0): bars above 1.0 mean the target
 did better than wsgate. The metric is ops/s (or ops per proxy CPU-second with
---metric ops_per_cpu_s); for the idle scenario it is memory efficiency, the
+--metric ops_per_cpu_s); for the idle scenarios it is memory efficiency, the
 inverse of proxy RSS per connection.
 
 Standard library only.
@@ -46,7 +46,7 @@ def load(path):
 
 def value_of(record, scenario, metric):
     """Higher is better for every value returned."""
-    if scenario in ("idle", "idle_tls"):
+    if scenario in ("idle", "idle_tls", "idle_h2"):
         rss = record.get("rss_per_conn_bytes")
         return 1.0 / rss if rss and rss > 0 else None
     v = record.get(metric)

@@ -1,26 +1,38 @@
 //! Client-side helpers: TCP connects from spread loopback source addresses,
-//! WebSocket upgrades (plain, or inside TLS) and single echo round trips, all
-//! under timeouts.
+//! WebSocket upgrades (plain, inside TLS, or over HTTP/2 inside TLS with an
+//! extended CONNECT) and single echo round trips, all under timeouts.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
+use http_body_util::Empty;
+use hyper::client::conn::http2::{self, SendRequest};
+use hyper::ext::Protocol;
+use hyper::upgrade::Upgraded;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpSocket, TcpStream};
+use tokio::task::JoinHandle;
 use tokio::time::timeout;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
 pub type Ws = WebSocketStream<TcpStream>;
 /// A WebSocket inside a TLS session (`wss://`).
 pub type Wss = WebSocketStream<TlsStream<TcpStream>>;
+/// One stream of an HTTP/2 connection, handed over after a 200 to an extended CONNECT.
+pub type H2Io = TokioIo<Upgraded>;
+/// A WebSocket over one stream of an HTTP/2 connection (RFC 8441).
+pub type H2Ws = WebSocketStream<H2Io>;
 
 /// Source addresses 127.0.0.2 ..= 127.0.0.20.
 const SOURCE_IPS: u8 = 19;
@@ -115,6 +127,119 @@ pub async fn wss_connect(
         Ok(r) => r,
         Err(_) => Err(format!(
             "connect+TLS+upgrade {dst}: timed out after {limit:?}"
+        )),
+    }
+}
+
+/// An HTTP/2 connection over TLS: requests go through `sender`; `driver` is
+/// the task running the connection (it ends once every sender and stream is
+/// gone, or when the server closes the connection).
+pub struct H2Conn {
+    pub sender: SendRequest<Empty<Bytes>>,
+    pub driver: JoinHandle<()>,
+    /// Whether the server's SETTINGS allow extended CONNECT
+    /// (SETTINGS_ENABLE_CONNECT_PROTOCOL), as last seen by the driver.
+    pub connect_protocol: Arc<AtomicBool>,
+}
+
+/// TCP connect, TLS handshake offering only `h2` by ALPN (SNI
+/// [`crate::tls::SERVER_NAME`]) and the HTTP/2 handshake, within `limit`.
+/// `tls` must offer `h2` ([`crate::tls::TlsSetup::h2_connector`]); a server
+/// that does not choose it is an error.
+pub async fn h2_connect(
+    dst: SocketAddr,
+    src: IpAddr,
+    tls: TlsConnector,
+    limit: Duration,
+) -> Result<H2Conn, String> {
+    let fut = async {
+        let stream = tcp_connect(dst, src)
+            .await
+            .map_err(|e| format!("connect {dst}: {e}"))?;
+        let stream = tls
+            .connect(crate::tls::server_name(), stream)
+            .await
+            .map_err(|e| format!("TLS handshake {dst}: {e}"))?;
+        let alpn = stream.get_ref().1.alpn_protocol();
+        if alpn != Some(b"h2") {
+            return Err(format!(
+                "{dst} did not choose h2 by ALPN (chose {:?})",
+                alpn.map(String::from_utf8_lossy)
+            ));
+        }
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("HTTP/2 handshake {dst}: {e}"))?;
+        let connect_protocol = Arc::new(AtomicBool::new(false));
+        let seen = Arc::clone(&connect_protocol);
+        let driver = tokio::spawn(async move {
+            tokio::pin!(conn);
+            let _ = std::future::poll_fn(|cx| {
+                let r = conn.as_mut().poll(cx);
+                seen.store(
+                    conn.is_extended_connect_protocol_enabled(),
+                    Ordering::Relaxed,
+                );
+                r
+            })
+            .await;
+        });
+        Ok::<_, String>(H2Conn {
+            sender,
+            driver,
+            connect_protocol,
+        })
+    };
+    match timeout(limit, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(format!(
+            "connect+TLS+HTTP/2 handshake {dst}: timed out after {limit:?}"
+        )),
+    }
+}
+
+/// A WebSocket on a new stream of `sender`'s connection: an extended CONNECT
+/// (`:protocol websocket`, RFC 8441 §4) to `https://localhost:PORT/bench`,
+/// answered 200, within `limit`.
+pub async fn h2_websocket(
+    sender: &mut SendRequest<Empty<Bytes>>,
+    port: u16,
+    cfg: WebSocketConfig,
+    limit: Duration,
+) -> Result<H2Ws, String> {
+    let fut = async {
+        sender
+            .ready()
+            .await
+            .map_err(|e| format!("HTTP/2 connection: {e}"))?;
+        let mut request = Request::builder()
+            .method(Method::CONNECT)
+            .uri(format!("https://{}:{port}/bench", crate::tls::SERVER_NAME))
+            .header("sec-websocket-version", "13")
+            .body(Empty::new())
+            .map_err(|e| format!("request: {e}"))?;
+        request
+            .extensions_mut()
+            .insert(Protocol::from_static("websocket"));
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| format!("extended CONNECT: {e}"))?;
+        if response.status() != StatusCode::OK {
+            return Err(format!("extended CONNECT answered {}", response.status()));
+        }
+        let upgraded = hyper::upgrade::on(response)
+            .await
+            .map_err(|e| format!("stream after the 200: {e}"))?;
+        Ok::<_, String>(
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Client, Some(cfg)).await,
+        )
+    };
+    match timeout(limit, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(format!(
+            "extended CONNECT on port {port}: timed out after {limit:?}"
         )),
     }
 }

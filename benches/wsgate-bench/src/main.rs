@@ -35,7 +35,8 @@ struct Args {
     #[command(subcommand)]
     command: Option<Command>,
     /// Scenarios: all, or a comma list of echo64, echo16k, echo1m, handshake, idle, http,
-    /// idle_tls (idle over TLS; not part of all, name it: `all,idle_tls`).
+    /// idle_tls (idle over TLS) and idle_h2 (idle WebSockets over HTTP/2 over TLS); the last
+    /// two are not part of all, name them: `all,idle_tls`.
     #[arg(long, default_value = "all")]
     scenario: String,
     /// Targets, in the order they are interleaved within a run.
@@ -56,6 +57,11 @@ struct Args {
     /// Seconds to hold the idle connections.
     #[arg(long, default_value_t = 20)]
     idle_hold: u64,
+    /// idle_h2: WebSockets (streams) per HTTP/2 connection; --idle-conns is the
+    /// number of WebSockets. At most 100, wsgate's and HAProxy's default limit
+    /// of concurrent streams.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100))]
+    h2_streams: u32,
     /// wsgate binary; when absent the tool runs `cargo build --release --bin wsgate`
     /// and uses target/release/wsgate.
     #[arg(long)]
@@ -372,9 +378,13 @@ async fn measure(
             let hold = Duration::from_secs(args.idle_hold);
             scenarios::idle::run(addr, idle_conns, hold, probe).await
         }
-        Scenario::IdleTls => {
+        Scenario::IdleTls | Scenario::IdleH2 => {
             let hold = Duration::from_secs(args.idle_hold);
             match (target.tls_addr, &target.spec.tls) {
+                (Some(tls_addr), Some(tls)) if sc == Scenario::IdleH2 => {
+                    let streams = args.h2_streams as usize;
+                    scenarios::idle::run_h2(tls_addr, tls, idle_conns, streams, hold, probe).await
+                }
                 (Some(tls_addr), Some(tls)) => {
                     scenarios::idle::run_tls(tls_addr, tls, idle_conns, hold, probe).await
                 }
@@ -391,8 +401,16 @@ async fn measure(
 }
 
 /// Why `target` cannot run `sc`, if it cannot: a TLS scenario needs a TLS
-/// listener, which direct (plain-ws backends) never has.
+/// listener, which direct (plain-ws backends) never has; WebSockets over
+/// HTTP/2 need RFC 8441, which nginx does not implement. (Whether a proxy
+/// that should take them does is asked of it: [`h2_refusal`].)
 fn not_applicable(sc: Scenario, target: &Target) -> Option<String> {
+    if sc.uses_h2() && target.kind() == Kind::Nginx {
+        return Some(
+            "not applicable (nginx does not take WebSockets over HTTP/2: no RFC 8441 extended CONNECT)"
+                .to_string(),
+        );
+    }
     if !sc.uses_tls() || target.tls_addr.is_some() {
         return None;
     }
@@ -400,6 +418,17 @@ fn not_applicable(sc: Scenario, target: &Target) -> Option<String> {
         Kind::Direct => "not applicable (the backends speak plain ws; no TLS)".to_string(),
         k => format!("skipped ({k} could not start with a TLS listener)"),
     })
+}
+
+/// Why `target` cannot run a WebSocket over HTTP/2 on its TLS listener, if it
+/// cannot: one is opened (ALPN `h2`, extended CONNECT, one echo) and closed.
+/// Asked once, of the process running before the idle run restarts it, so
+/// the measured process has served nothing.
+async fn h2_refusal(target: &Target) -> Option<String> {
+    let (Some(addr), Some(tls)) = (target.tls_addr, &target.spec.tls) else {
+        return Some("no TLS listener".into());
+    };
+    scenarios::idle::probe_h2(addr, tls).await.err()
 }
 
 async fn run(args: Args) -> Result<(), String> {
@@ -527,6 +556,7 @@ async fn run(args: Args) -> Result<(), String> {
                 Kind::Direct => None,
                 _ => tls.clone(),
             },
+            h2: scenario_list.iter().any(|s| s.uses_h2()),
         };
         let mut started = Target::start(spec.clone()).await;
         if let (Err(e), Some(_)) = (&started, &spec.tls) {
@@ -580,6 +610,8 @@ async fn run(args: Args) -> Result<(), String> {
 
     let mut records: Vec<Record> = Vec::new();
     let mut not_run: Vec<String> = Vec::new();
+    // Targets that did not take a WebSocket over HTTP/2 when asked.
+    let mut h2_refused: Vec<Kind> = Vec::new();
     for &sc in &scenario_list {
         for run in 1..=args.runs {
             for target in running.iter_mut() {
@@ -588,6 +620,22 @@ async fn run(args: Args) -> Result<(), String> {
                         eprintln!("[{sc}] {}: {why}", target.kind());
                         not_run.push(format!("{}: {sc} {why}", target.kind()));
                     }
+                    continue;
+                }
+                if sc.uses_h2()
+                    && run == 1
+                    && target.check_alive().is_none()
+                    && let Some(why) = h2_refusal(target).await
+                {
+                    let why = format!(
+                        "skipped ({} does not take a WebSocket over HTTP/2: {why})",
+                        target.kind()
+                    );
+                    eprintln!("[{sc}] {}: {why}", target.kind());
+                    not_run.push(format!("{}: {sc} {why}", target.kind()));
+                    h2_refused.push(target.kind());
+                }
+                if sc.uses_h2() && h2_refused.contains(&target.kind()) {
                     continue;
                 }
                 let down = target.check_alive();
@@ -685,6 +733,25 @@ mod tests {
             vec![Scenario::Idle, Scenario::Http]
         );
         assert!(parse_list("nope", &Kind::ALL, Kind::parse).is_err());
+    }
+
+    #[test]
+    fn idle_h2_is_named_not_part_of_all_and_streams_are_bounded() {
+        let p = |s| parse_list(s, &Scenario::ALL, Scenario::parse).unwrap();
+        assert!(!p("all").contains(&Scenario::IdleH2));
+        assert_eq!(
+            p("idle_tls,idle_h2"),
+            vec![Scenario::IdleTls, Scenario::IdleH2]
+        );
+        assert!(Scenario::IdleH2.is_idle() && Scenario::IdleH2.uses_tls());
+        assert!(Scenario::IdleH2.uses_h2() && !Scenario::IdleTls.uses_h2());
+        let a = Args::try_parse_from(["wsgate-bench", "--scenario", "idle_h2"]).unwrap();
+        assert_eq!(a.h2_streams, 100);
+        let a = Args::try_parse_from(["wsgate-bench", "--h2-streams", "1"]).unwrap();
+        assert_eq!(a.h2_streams, 1);
+        for bad in ["0", "101"] {
+            assert!(Args::try_parse_from(["wsgate-bench", "--h2-streams", bad]).is_err());
+        }
     }
 
     #[test]

@@ -31,6 +31,15 @@ pub struct Record {
     pub rss_before_bytes: Option<u64>,
     pub rss_after_bytes: Option<u64>,
     pub rss_after_close_bytes: Option<u64>,
+    /// `idle_h2`: WebSockets asked for per HTTP/2 connection (`--h2-streams`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub h2_streams: Option<u64>,
+    /// `idle_h2`: HTTP/2 connections that carried the held WebSockets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub h2_conns: Option<u64>,
+    /// `idle_h2`: proxy RSS growth per HTTP/2 connection, its streams included.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rss_per_h2_conn_bytes: Option<f64>,
     pub first_error: Option<String>,
     pub note: Option<String>,
     pub unix_time: u64,
@@ -71,6 +80,9 @@ impl Record {
             rss_before_bytes: o.rss_before_bytes,
             rss_after_bytes: o.rss_after_bytes,
             rss_after_close_bytes: o.rss_after_close_bytes,
+            h2_streams: o.h2_streams,
+            h2_conns: o.h2_conns,
+            rss_per_h2_conn_bytes: o.rss_per_h2_conn_bytes,
             first_error: o.first_error,
             note: o.note,
             unix_time: std::time::SystemTime::now()
@@ -137,6 +149,7 @@ fn fmt_ratio(a: Option<f64>, b: Option<f64>) -> String {
 }
 
 struct Summary {
+    rss_per_h2_conn: Option<f64>,
     ops_per_s: Option<f64>,
     p99_us: Option<f64>,
     ops_per_cpu_s: Option<f64>,
@@ -148,6 +161,7 @@ struct Summary {
 fn summarize(rs: &[&Record]) -> Summary {
     let opt = |f: &dyn Fn(&Record) -> Option<f64>| median(rs.iter().filter_map(|r| f(r)).collect());
     Summary {
+        rss_per_h2_conn: opt(&|r| r.rss_per_h2_conn_bytes),
         ops_per_s: opt(&|r| Some(r.ops_per_s)),
         p99_us: opt(&|r| r.p99_us.map(|v| v as f64)),
         ops_per_cpu_s: opt(&|r| r.ops_per_cpu_s),
@@ -157,9 +171,19 @@ fn summarize(rs: &[&Record]) -> Summary {
     }
 }
 
+/// `idle_h2 S=100` for idle_h2's records (S: WebSockets per HTTP/2
+/// connection), the scenario's name otherwise.
+fn label(sc: &str, rs: &[&Record]) -> String {
+    match rs.iter().find_map(|r| r.h2_streams) {
+        Some(s) => format!("{sc} S={s}"),
+        None => sc.to_string(),
+    }
+}
+
 /// Markdown: per scenario, medians over runs per target, and wsgate's ratio
-/// to each other target (ops/s and ops per CPU-second; for idle and
-/// idle_tls, memory).
+/// to each other target (ops/s and ops per CPU-second; for the idle
+/// scenarios, memory). For idle_h2, a line per target with the RSS per HTTP/2
+/// connection follows the table.
 pub fn markdown(records: &[Record], scenarios: &[&str], targets: &[&str]) -> String {
     let mut by: BTreeMap<(&str, &str), Vec<&Record>> = BTreeMap::new();
     for r in records {
@@ -173,6 +197,7 @@ pub fn markdown(records: &[Record], scenarios: &[&str], targets: &[&str]) -> Str
          | scenario | target | runs | ops/s | p99 µs | ops per proxy CPU-s | RSS/conn B | errors | wsgate ÷ target ops/s | wsgate ÷ target ops/CPU-s |\n\
          |---|---|---|---|---|---|---|---|---|---|\n"
     );
+    let mut per_h2_conn: Vec<String> = Vec::new();
     for sc in scenarios {
         let ws = by.get(&(*sc, "wsgate")).map(|v| summarize(v));
         for t in targets {
@@ -180,6 +205,19 @@ pub fn markdown(records: &[Record], scenarios: &[&str], targets: &[&str]) -> Str
                 continue;
             };
             let m = summarize(rs);
+            let name = label(sc, rs);
+            if let Some(per_conn) = m.rss_per_h2_conn {
+                let conns = median(
+                    rs.iter()
+                        .filter_map(|r| r.h2_conns.map(|c| c as f64))
+                        .collect(),
+                );
+                per_h2_conn.push(format!(
+                    "- {name}, {t}: {} B of RSS per HTTP/2 connection ({} connections)",
+                    fmt_num(Some(per_conn)),
+                    conns.map_or("–".into(), |c| format!("{c:.0}")),
+                ));
+            }
             let (r_ops, r_cpu) = match &ws {
                 Some(w) if *t != "wsgate" => {
                     if Scenario::is_idle_name(sc) {
@@ -202,7 +240,7 @@ pub fn markdown(records: &[Record], scenarios: &[&str], targets: &[&str]) -> Str
                 _ => ("–".into(), "–".into()),
             };
             s.push_str(&format!(
-                "| {sc} | {t} | {} | {} | {} | {} | {} | {} | {r_ops} | {r_cpu} |\n",
+                "| {name} | {t} | {} | {} | {} | {} | {} | {} | {r_ops} | {r_cpu} |\n",
                 m.runs,
                 fmt_num(m.ops_per_s),
                 fmt_num(m.p99_us),
@@ -217,10 +255,17 @@ pub fn markdown(records: &[Record], scenarios: &[&str], targets: &[&str]) -> Str
         }
     }
     s.push_str(
-        "\nRatios above 1 favour wsgate, except idle's and idle_tls's `RSS` (wsgate's proxy \
+        "\nRatios above 1 favour wsgate, except the idle scenarios' `RSS` (wsgate's proxy \
          memory per connection ÷ the target's: below 1 favours wsgate). Their ops/s is the \
-         rate of opening connections (for idle_tls with a full TLS handshake each).\n",
+         rate of opening connections (for idle_tls with a full TLS handshake each; for \
+         idle_h2 of opening WebSockets, S per HTTP/2 connection, whose RSS/conn is per \
+         WebSocket).\n",
     );
+    if !per_h2_conn.is_empty() {
+        s.push('\n');
+        s.push_str(&per_h2_conn.join("\n"));
+        s.push('\n');
+    }
     s
 }
 
@@ -267,5 +312,40 @@ mod tests {
         let rs = vec![idle("wsgate", 16_000.0), idle("nginx", 40_000.0)];
         let md = markdown(&rs, &["idle_tls"], &["wsgate", "nginx"]);
         assert!(md.contains("RSS 0.40×"), "{md}");
+    }
+
+    #[test]
+    fn idle_h2_shows_streams_and_memory_per_connection() {
+        let idle = |target: &str, rss: f64| {
+            let o = Outcome {
+                ops: 300,
+                duration_s: 1.0,
+                rss_per_conn_bytes: Some(rss),
+                h2_streams: Some(100),
+                h2_conns: Some(3),
+                rss_per_h2_conn_bytes: Some(rss * 100.0),
+                ..Default::default()
+            };
+            Record::new(target, "idle_h2", 1, 1, o)
+        };
+        let rs = vec![idle("wsgate", 5_000.0), idle("haproxy", 10_000.0)];
+        let md = markdown(&rs, &["idle_h2"], &["wsgate", "haproxy"]);
+        assert!(md.contains("| idle_h2 S=100 | haproxy |"), "{md}");
+        assert!(md.contains("RSS 0.50×"), "{md}");
+        assert!(
+            md.contains(
+                "- idle_h2 S=100, wsgate: 500000 B of RSS per HTTP/2 connection (3 connections)"
+            ),
+            "{md}"
+        );
+        // Older records without the HTTP/2 fields still read.
+        let line = serde_json::to_string(&rs[0]).unwrap();
+        let old: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let mut old = old.as_object().unwrap().clone();
+        old.remove("h2_streams");
+        old.remove("h2_conns");
+        old.remove("rss_per_h2_conn_bytes");
+        let back: Record = serde_json::from_value(serde_json::Value::Object(old)).unwrap();
+        assert_eq!(back.h2_streams, None);
     }
 }

@@ -1,6 +1,7 @@
-//! TLS for the `idle_tls` scenario: a self-signed certificate made at start
-//! (rcgen, ECDSA P-256, for [`SERVER_NAME`]) written to the temp dir in the
-//! forms the proxies want, and a client config that trusts only it.
+//! TLS for the `idle_tls` and `idle_h2` scenarios: a self-signed certificate
+//! made at start (rcgen, ECDSA P-256, for [`SERVER_NAME`]) written to the temp
+//! dir in the forms the proxies want, and client configs that trust only it
+//! (one offering `http/1.1` by ALPN, one offering `h2`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -21,7 +22,10 @@ pub struct TlsSetup {
     pub bundle: PathBuf,
     /// Trusts the certificate and nothing else; no session resumption, so
     /// every connection makes a full handshake, as distinct clients would.
+    /// Offers `http/1.1` by ALPN.
     pub client: Arc<rustls::ClientConfig>,
+    /// As `client`, but offers only `h2` by ALPN (`idle_h2`).
+    pub client_h2: Arc<rustls::ClientConfig>,
 }
 
 impl TlsSetup {
@@ -56,18 +60,26 @@ impl TlsSetup {
             .map_err(|e| format!("client config: {e}"))?
             .with_root_certificates(roots)
             .with_no_client_auth();
-        client.alpn_protocols = vec![b"http/1.1".to_vec()];
         client.resumption = rustls::client::Resumption::disabled();
+        let mut client_h2 = client.clone();
+        client.alpn_protocols = vec![b"http/1.1".to_vec()];
+        client_h2.alpn_protocols = vec![b"h2".to_vec()];
         Ok(TlsSetup {
             cert: cert_path,
             key: key_path,
             bundle,
             client: Arc::new(client),
+            client_h2: Arc::new(client_h2),
         })
     }
 
     pub fn connector(&self) -> tokio_rustls::TlsConnector {
         tokio_rustls::TlsConnector::from(self.client.clone())
+    }
+
+    /// A connector offering only `h2` by ALPN.
+    pub fn h2_connector(&self) -> tokio_rustls::TlsConnector {
+        tokio_rustls::TlsConnector::from(self.client_h2.clone())
     }
 }
 
@@ -88,6 +100,8 @@ mod tests {
         let bundle = std::fs::read_to_string(&t.bundle).unwrap();
         assert!(cert.contains("BEGIN CERTIFICATE") && key.contains("PRIVATE KEY"));
         assert_eq!(bundle, format!("{cert}{key}"));
+        assert_eq!(t.client.alpn_protocols, [b"http/1.1".to_vec()]);
+        assert_eq!(t.client_h2.alpn_protocols, [b"h2".to_vec()]);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

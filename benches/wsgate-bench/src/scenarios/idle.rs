@@ -5,11 +5,14 @@
 //! connect + TLS handshake + upgrade).
 //!
 //! [`run`] does it over plain `ws://`, [`run_tls`] over `wss://` (the proxy
-//! terminates TLS and talks plain ws to the backends); both are [`held`] with
-//! another connect function.
+//! terminates TLS and talks plain ws to the backends), [`run_h2`] as
+//! WebSockets over HTTP/2 over TLS (RFC 8441 extended CONNECT, several streams
+//! per connection; ops are WebSockets, the latency that of the extended
+//! CONNECTs); all are [`held`] with another opening phase.
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -19,7 +22,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::WebSocketStream;
 
 use super::{Outcome, Tally};
-use crate::client;
+use crate::client::{self, H2Conn};
 use crate::procstat::Probe;
 use crate::tls::TlsSetup;
 
@@ -28,16 +31,38 @@ const ECHO_LIMIT: Duration = Duration::from_secs(10);
 const CLOSE_LIMIT: Duration = Duration::from_secs(3);
 /// Longest the opening phase may take as a whole.
 const OPEN_PHASE_LIMIT: Duration = Duration::from_secs(180);
+/// WebSockets being opened at once (for `idle_h2`, over as many HTTP/2
+/// connections as that takes).
 const PARALLEL: usize = 200;
 const SETTLE: Duration = Duration::from_secs(1);
+
+/// One opened WebSocket and how long its opening took (µs), or why it failed.
+type Opened<S> = Result<(WebSocketStream<S>, u64), String>;
+
+/// What carries the WebSockets besides their own sockets: nothing for `ws://`
+/// and `wss://` (one connection each), the HTTP/2 connections for `idle_h2`.
+trait Carriers {
+    /// Connections carrying the WebSockets, when they are not one each.
+    fn count(&self) -> Option<u64>;
+    /// Closes them once their WebSockets are closed (bounded in time).
+    async fn close(self);
+}
+
+impl Carriers for () {
+    fn count(&self) -> Option<u64> {
+        None
+    }
+
+    async fn close(self) {}
+}
 
 /// Idle connections over plain `ws://` to `addr`.
 pub async fn run(addr: SocketAddr, conns: usize, hold: Duration, probe: Probe) -> Outcome {
     let cfg = client::ws_config(4096);
-    held(conns, hold, probe, move || {
+    let open = open_each(conns, move || {
         client::ws_connect(addr, client::next_source(), cfg, CONNECT_LIMIT)
-    })
-    .await
+    });
+    held(conns, hold, probe, open).await
 }
 
 /// Idle connections over `wss://` to `addr`, a TLS listener with `tls`'s certificate.
@@ -50,7 +75,7 @@ pub async fn run_tls(
 ) -> Outcome {
     let cfg = client::ws_config(4096);
     let connector = tls.connector();
-    held(conns, hold, probe, move || {
+    let open = open_each(conns, move || {
         client::wss_connect(
             addr,
             client::next_source(),
@@ -58,31 +83,157 @@ pub async fn run_tls(
             cfg,
             CONNECT_LIMIT,
         )
-    })
-    .await
+    });
+    held(conns, hold, probe, open).await
 }
 
-/// The measurement itself; `connect` opens one WebSocket connection (bounded
-/// by its own timeout) each time it is called.
-async fn held<S, C, F>(conns: usize, hold: Duration, probe: Probe, connect: C) -> Outcome
+/// `tunnels` idle WebSockets over HTTP/2 over TLS to `addr` (ALPN `h2`),
+/// `streams` per connection (the last connection takes the remainder).
+pub async fn run_h2(
+    addr: SocketAddr,
+    tls: &TlsSetup,
+    tunnels: usize,
+    streams: usize,
+    hold: Duration,
+    probe: Probe,
+) -> Outcome {
+    let streams = streams.max(1);
+    let connector = tls.h2_connector();
+    let open = async move {
+        let deadline = Instant::now() + OPEN_PHASE_LIMIT;
+        let conns = tunnels.div_ceil(streams);
+        let per_conn: Vec<(Option<H2Conn>, Vec<Opened<_>>)> = stream::iter(0..conns)
+            .map(|i| {
+                let n = streams.min(tunnels - i * streams);
+                open_h2_conn(addr, connector.clone(), n, deadline)
+            })
+            .buffer_unordered((PARALLEL / streams).max(1))
+            .collect()
+            .await;
+        let mut carriers = H2Carriers(Vec::with_capacity(conns));
+        let mut opened = Vec::with_capacity(tunnels);
+        for (conn, ws) in per_conn {
+            carriers.0.extend(conn);
+            opened.extend(ws);
+        }
+        (opened, carriers)
+    };
+    let mut out = held(tunnels, hold, probe, open).await;
+    out.h2_streams = Some(streams as u64);
+    out
+}
+
+/// Whether `addr` takes a WebSocket over HTTP/2 (ALPN `h2`, then an extended
+/// CONNECT answered 200 that echoes); the error says why not.
+pub async fn probe_h2(addr: SocketAddr, tls: &TlsSetup) -> Result<(), String> {
+    let conn = client::h2_connect(
+        addr,
+        client::next_source(),
+        tls.h2_connector(),
+        CONNECT_LIMIT,
+    )
+    .await?;
+    let mut sender = conn.sender.clone();
+    let result = async {
+        let opened = client::h2_websocket(
+            &mut sender,
+            addr.port(),
+            client::ws_config(4096),
+            CONNECT_LIMIT,
+        )
+        .await;
+        let mut ws = match opened {
+            Ok(ws) => ws,
+            // A server's SETTINGS come before any answer.
+            Err(e) if !conn.connect_protocol.load(Ordering::Relaxed) => {
+                return Err(format!(
+                    "{e}; its SETTINGS do not enable extended CONNECT (RFC 8441)"
+                ));
+            }
+            Err(e) => return Err(e),
+        };
+        client::echo_once(&mut ws, &Bytes::from_static(b"probe"), ECHO_LIMIT).await?;
+        let _ = client::close(ws, CLOSE_LIMIT).await;
+        Ok(())
+    }
+    .await;
+    drop(sender);
+    H2Carriers(vec![conn]).close().await;
+    result
+}
+
+/// One HTTP/2 connection with `n` WebSockets opened on it at once; when the
+/// connection cannot be made, `n` errors.
+async fn open_h2_conn(
+    addr: SocketAddr,
+    tls: tokio_rustls::TlsConnector,
+    n: usize,
+    deadline: Instant,
+) -> (Option<H2Conn>, Vec<Opened<client::H2Io>>) {
+    if Instant::now() > deadline {
+        let e = format!("opening took over {OPEN_PHASE_LIMIT:?}; gave up");
+        return (None, failed(&e, n));
+    }
+    let conn = match client::h2_connect(addr, client::next_source(), tls, CONNECT_LIMIT).await {
+        Ok(c) => c,
+        Err(e) => return (None, failed(&e, n)),
+    };
+    let cfg = client::ws_config(4096);
+    let sender = &conn.sender;
+    let opened: Vec<Opened<client::H2Io>> = stream::iter(0..n)
+        .map(|_| {
+            let mut sender = sender.clone();
+            async move {
+                let t0 = Instant::now();
+                let ws = client::h2_websocket(&mut sender, addr.port(), cfg, CONNECT_LIMIT).await?;
+                Ok((ws, t0.elapsed().as_micros() as u64))
+            }
+        })
+        .buffer_unordered(n.max(1))
+        .collect()
+        .await;
+    (Some(conn), opened)
+}
+
+/// `n` WebSockets that could not be opened for the same reason.
+fn failed<S>(e: &str, n: usize) -> Vec<Opened<S>> {
+    (0..n).map(|_| Err(e.to_string())).collect()
+}
+
+/// The HTTP/2 connections of `idle_h2`.
+struct H2Carriers(Vec<H2Conn>);
+
+impl Carriers for H2Carriers {
+    fn count(&self) -> Option<u64> {
+        Some(self.0.len() as u64)
+    }
+
+    /// Drops every sender: with its streams closed, a connection then ends
+    /// (GOAWAY, close_notify); drivers still running after [`CLOSE_LIMIT`] are
+    /// aborted, which drops their sockets.
+    async fn close(self) {
+        let drivers: Vec<_> = self.0.into_iter().map(|c| c.driver).collect();
+        let deadline = tokio::time::Instant::now() + CLOSE_LIMIT;
+        for mut d in drivers {
+            if tokio::time::timeout_at(deadline, &mut d).await.is_err() {
+                d.abort();
+            }
+        }
+    }
+}
+
+/// Opens `conns` connections, [`PARALLEL`] at a time, each by one call of
+/// `connect` (bounded by its own timeout), within [`OPEN_PHASE_LIMIT`].
+async fn open_each<S, C, F>(conns: usize, connect: C) -> (Vec<Opened<S>>, ())
 where
-    S: AsyncRead + AsyncWrite + Unpin,
     C: Fn() -> F,
     F: Future<Output = Result<WebSocketStream<S>, String>>,
 {
-    let mut out = Outcome {
-        connections: conns as u64,
-        ..Default::default()
-    };
-    let rss_before = probe.rss();
     let connect = &connect;
-
-    let cpu0 = probe.cpu_s();
-    let start = Instant::now();
-    let open_deadline = start + OPEN_PHASE_LIMIT;
-    let results: Vec<Result<(WebSocketStream<S>, u64), String>> = stream::iter(0..conns)
+    let deadline = Instant::now() + OPEN_PHASE_LIMIT;
+    let opened = stream::iter(0..conns)
         .map(|_| async move {
-            if Instant::now() > open_deadline {
+            if Instant::now() > deadline {
                 return Err(format!("opening took over {OPEN_PHASE_LIMIT:?}; gave up"));
             }
             let t0 = Instant::now();
@@ -92,6 +243,27 @@ where
         .buffer_unordered(PARALLEL)
         .collect()
         .await;
+    (opened, ())
+}
+
+/// The measurement itself; `open` is the opening phase: it opens the
+/// WebSockets (each bounded by its own timeout, the whole within
+/// [`OPEN_PHASE_LIMIT`]) and hands them over with what carries them.
+async fn held<S, G, F>(conns: usize, hold: Duration, probe: Probe, open: F) -> Outcome
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    G: Carriers,
+    F: Future<Output = (Vec<Opened<S>>, G)>,
+{
+    let mut out = Outcome {
+        connections: conns as u64,
+        ..Default::default()
+    };
+    let rss_before = probe.rss();
+
+    let cpu0 = probe.cpu_s();
+    let start = Instant::now();
+    let (results, carriers) = open.await;
     let open_time = start.elapsed();
     let cpu1 = probe.cpu_s();
 
@@ -146,6 +318,8 @@ where
         .buffer_unordered(PARALLEL * 2)
         .for_each(|_| async {})
         .await;
+    let carrier_count = carriers.count();
+    carriers.close().await;
     // Memory the proxy keeps once the connections are gone (leaks, allocator
     // retention): reported, not part of the per-connection figure.
     tokio::time::sleep(SETTLE).await;
@@ -163,7 +337,11 @@ where
         && opened > 0
     {
         out.rss_per_conn_bytes = Some((a as f64 - b as f64) / opened as f64);
+        out.rss_per_h2_conn_bytes = carrier_count
+            .filter(|&c| c > 0)
+            .map(|c| (a as f64 - b as f64) / c as f64);
     }
+    out.h2_conns = carrier_count;
     out.note = Some(format!("echo_failures_after_hold={echo_failures}"));
     out
 }

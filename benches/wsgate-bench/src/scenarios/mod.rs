@@ -20,6 +20,9 @@ pub enum Scenario {
     Http,
     /// `idle` over TLS; not part of `all` (see [`Scenario::OPT_IN`]).
     IdleTls,
+    /// `idle` as WebSockets over HTTP/2 over TLS (RFC 8441), several per
+    /// connection; not part of `all`.
+    IdleH2,
 }
 
 impl Scenario {
@@ -32,10 +35,11 @@ impl Scenario {
         Scenario::Http,
     ];
 
-    /// Scenarios run only when named: `idle_tls` needs a TLS listener on every
-    /// proxy and has no `direct` figure, so the default suite (`all`, whose
-    /// results BENCHMARKS.md and chart.py compare) stays as it was.
-    pub const OPT_IN: [Scenario; 1] = [Scenario::IdleTls];
+    /// Scenarios run only when named: `idle_tls` and `idle_h2` need a TLS
+    /// listener on every proxy and have no `direct` figure (`idle_h2` has no
+    /// nginx one either), so the default suite (`all`, whose results
+    /// BENCHMARKS.md and chart.py compare) stays as it was.
+    pub const OPT_IN: [Scenario; 2] = [Scenario::IdleTls, Scenario::IdleH2];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -46,6 +50,7 @@ impl Scenario {
             Scenario::Idle => "idle",
             Scenario::Http => "http",
             Scenario::IdleTls => "idle_tls",
+            Scenario::IdleH2 => "idle_h2",
         }
     }
 
@@ -59,12 +64,17 @@ impl Scenario {
     /// Idle connections held from a freshly started proxy, measured in memory
     /// per connection.
     pub fn is_idle(self) -> bool {
-        matches!(self, Scenario::Idle | Scenario::IdleTls)
+        matches!(self, Scenario::Idle | Scenario::IdleTls | Scenario::IdleH2)
     }
 
     /// Clients connect to the proxy's TLS listener.
     pub fn uses_tls(self) -> bool {
-        self == Scenario::IdleTls
+        matches!(self, Scenario::IdleTls | Scenario::IdleH2)
+    }
+
+    /// Clients speak HTTP/2 (ALPN `h2`) on the proxy's TLS listener.
+    pub fn uses_h2(self) -> bool {
+        self == Scenario::IdleH2
     }
 
     /// Whether a scenario named `name` (as in a record) is an idle one.
@@ -78,6 +88,7 @@ impl Scenario {
             Scenario::Echo64 | Scenario::Echo16k | Scenario::Echo1m => "msg",
             Scenario::Handshake => "handshake",
             Scenario::Idle | Scenario::IdleTls => "conn",
+            Scenario::IdleH2 => "tunnel",
             Scenario::Http => "req",
         }
     }
@@ -110,6 +121,12 @@ pub struct Outcome {
     pub rss_after_bytes: Option<u64>,
     pub rss_after_close_bytes: Option<u64>,
     pub rss_per_conn_bytes: Option<f64>,
+    /// `idle_h2`: WebSockets asked for per HTTP/2 connection.
+    pub h2_streams: Option<u64>,
+    /// `idle_h2`: HTTP/2 connections that carried the held WebSockets.
+    pub h2_conns: Option<u64>,
+    /// `idle_h2`: RSS growth per HTTP/2 connection (all its streams included).
+    pub rss_per_h2_conn_bytes: Option<f64>,
     /// The first error seen, for the progress line.
     pub first_error: Option<String>,
     pub note: Option<String>,
