@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::rt::Executor;
@@ -202,11 +203,10 @@ async fn take_over(
     // early is still in the stream, for the tunnel's first read.
     let client = Buffered(TokioIo::new(upgraded));
     let tunnel = splice.run(client, Bytes::new(), conn, Arc::clone(&shared));
-    // A task of its own, sized for the tunnel alone (as `connection::start_tunnel` does).
-    shared.tasks.spawn(async move {
-        tunnel.await;
-        drop(stream);
-    });
+    // A task of its own, sized for the tunnel alone (as `connection::start_tunnel` does). `map`, not an
+    // `async` block awaiting the tunnel: that would hold the tunnel future twice (a captured copy beside
+    // the one it awaits).
+    shared.tasks.spawn(tunnel.map(move |()| drop(stream)));
 }
 
 /// hyper's executor for a connection's streams (each request is a task of its own): the gateway's
