@@ -19,8 +19,8 @@ use tokio::io::AsyncWriteExt;
 use super::Backend;
 use crate::config::HealthCheck;
 use crate::upstream::{self, ConnectError};
-use crate::websocket::{accepts, new_key};
 use crate::websocket::frame::{ControlFrame, Role};
+use crate::websocket::{accepts, new_key};
 
 /// Why a probe failed.
 #[derive(Debug, thiserror::Error)]
