@@ -46,7 +46,7 @@ def load(path):
 
 def value_of(record, scenario, metric):
     """Higher is better for every value returned."""
-    if scenario in ("idle", "idle_tls", "idle_h2"):
+    if scenario in ("idle", "idle_tls", "idle_h2", "idle_tls_backend"):
         rss = record.get("rss_per_conn_bytes")
         return 1.0 / rss if rss and rss > 0 else None
     v = record.get(metric)

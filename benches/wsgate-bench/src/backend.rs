@@ -2,7 +2,7 @@
 //! echoes every text/binary message of a WebSocket upgraded on it.
 //!
 //! HTTP is served by hyper; an upgrade request is answered with 101 here and
-//! the raw `TcpStream` (taken back with `Upgraded::downcast`) is handed to
+//! the raw stream (taken back with `Upgraded::downcast`) is handed to
 //! tungstenite, so the echo path has no extra adapter layer.
 //!
 //! The soak (`soak/`) starts them with [`Options`]: a fixed port, a greeting
@@ -11,6 +11,10 @@
 //! once, as a crashed server would. [`start`] (the benchmark's backends) has
 //! none of that and takes the same code path as before: no kill watch is
 //! polled per message.
+//!
+//! [`start_tls`] starts one that speaks TLS (`idle_tls_backend`): each
+//! connection is accepted by rustls first, then served as above over the TLS
+//! stream.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -28,7 +32,8 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
@@ -55,6 +60,8 @@ pub struct Options {
     /// Connections watch for [`Backend::kill`]. Off for the benchmark, whose
     /// echo loop then polls nothing else.
     pub killable: bool,
+    /// TLS in front of everything (a rustls acceptor with this config).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// How [`Backend::kill`] drops the live connections.
@@ -146,6 +153,15 @@ pub async fn start() -> std::io::Result<Backend> {
     start_with(Options::default()).await
 }
 
+/// Binds 127.0.0.1:0 and serves over TLS with `tls` until dropped.
+pub async fn start_tls(tls: Arc<rustls::ServerConfig>) -> std::io::Result<Backend> {
+    start_with(Options {
+        tls: Some(tls),
+        ..Options::default()
+    })
+    .await
+}
+
 /// Binds 127.0.0.1:`opts.port` and serves until dropped or killed.
 pub async fn start_with(opts: Options) -> std::io::Result<Backend> {
     // A deep backlog: the idle scenario opens hundreds of connections at once.
@@ -163,6 +179,7 @@ pub async fn start_with(opts: Options) -> std::io::Result<Backend> {
         greeting: opts.greeting.map(Arc::from),
         kill: opts.killable.then_some(kill_rx),
     };
+    let acceptor = opts.tls.map(tokio_rustls::TlsAcceptor::from);
     let accept_task = tokio::spawn(async move {
         loop {
             let stream = match listener.accept().await {
@@ -176,7 +193,21 @@ pub async fn start_with(opts: Options) -> std::io::Result<Backend> {
             };
             let _ = stream.set_nodelay(true);
             let live = live2.clone();
-            tokio::spawn(serve_conn(stream, live, conn_opts.clone()));
+            match &acceptor {
+                None => {
+                    tokio::spawn(serve_conn(stream, live, conn_opts.clone()));
+                }
+                Some(acceptor) => {
+                    let accept = acceptor.accept(stream);
+                    let conn_opts = conn_opts.clone();
+                    tokio::spawn(async move {
+                        // A failed or stalled TLS handshake just ends the connection.
+                        if let Ok(Ok(tls)) = timeout(UPGRADE_LIMIT, accept).await {
+                            serve_conn(tls, live, conn_opts).await;
+                        }
+                    });
+                }
+            }
         }
     });
     Ok(Backend {
@@ -194,11 +225,15 @@ struct ConnOpts {
     kill: Option<watch::Receiver<Option<Kill>>>,
 }
 
-async fn serve_conn(stream: TcpStream, live: Arc<AtomicUsize>, opts: ConnOpts) {
+/// Serves one connection: a `TcpStream`, or a TLS stream over one.
+async fn serve_conn<I>(stream: I, live: Arc<AtomicUsize>, opts: ConnOpts)
+where
+    I: AsyncRead + AsyncWrite + AsRawFd + Unpin + Send + 'static,
+{
     let _guard = LiveGuard::new(&live);
     let fd = stream.as_raw_fd();
     let mut kill = opts.kill.clone();
-    let svc = service_fn(move |req| handle(req, live.clone(), opts.clone()));
+    let svc = service_fn(move |req| handle::<I>(req, live.clone(), opts.clone()));
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(120))
@@ -236,11 +271,14 @@ fn is_ws_upgrade(req: &Request<Incoming>) -> bool {
     has_token(UPGRADE, "websocket") && has_token(CONNECTION, "upgrade")
 }
 
-async fn handle(
+async fn handle<I>(
     mut req: Request<Incoming>,
     live: Arc<AtomicUsize>,
     opts: ConnOpts,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> Result<Response<Full<Bytes>>, Infallible>
+where
+    I: AsyncRead + AsyncWrite + AsRawFd + Unpin + Send + 'static,
+{
     if !is_ws_upgrade(&req) {
         let mut resp = Response::new(Full::new(Bytes::from_static(HTTP_BODY)));
         resp.headers_mut()
@@ -261,7 +299,7 @@ async fn handle(
             Ok(Ok(u)) => u,
             _ => return,
         };
-        match upgraded.downcast::<TokioIo<TcpStream>>() {
+        match upgraded.downcast::<TokioIo<I>>() {
             Ok(parts) => {
                 let mut ws = WebSocketStream::from_partially_read(
                     parts.io.into_inner(),
@@ -318,7 +356,7 @@ async fn handle(
 /// Sends the greeting, if any; false when the client is already gone.
 async fn greet<S>(ws: &mut WebSocketStream<S>, greeting: Option<&str>) -> bool
 where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
 {
     match greeting {
         None => true,
@@ -336,7 +374,7 @@ async fn echo_until_killed<S>(
     rx: &mut watch::Receiver<Option<Kill>>,
 ) -> Option<Kill>
 where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
 {
     let kill = killed(rx);
     tokio::pin!(kill);
@@ -363,7 +401,7 @@ where
 
 async fn echo<S>(mut ws: WebSocketStream<S>)
 where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
 {
     loop {
         let msg = match timeout(WS_IDLE_LIMIT, ws.next()).await {

@@ -84,11 +84,23 @@ pub async fn ws_connect(
     cfg: WebSocketConfig,
     limit: Duration,
 ) -> Result<Ws, String> {
+    ws_connect_path(dst, src, "/bench", cfg, limit).await
+}
+
+/// As [`ws_connect`], to `ws://ADDR{path}` (`idle_tls_backend` asks for the
+/// path the proxies route to their TLS backends).
+pub async fn ws_connect_path(
+    dst: SocketAddr,
+    src: IpAddr,
+    path: &str,
+    cfg: WebSocketConfig,
+    limit: Duration,
+) -> Result<Ws, String> {
     let fut = async {
         let stream = tcp_connect(dst, src)
             .await
             .map_err(|e| format!("connect {dst}: {e}"))?;
-        let url = format!("ws://{dst}/bench");
+        let url = format!("ws://{dst}{path}");
         let (ws, _resp) = tokio_tungstenite::client_async_with_config(url, stream, Some(cfg))
             .await
             .map_err(|e| format!("upgrade {dst}: {e}"))?;

@@ -21,7 +21,7 @@ use clap::{Parser, Subcommand};
 use crate::backend::Backend;
 use crate::report::{Record, Sink};
 use crate::scenarios::{Outcome, Scenario};
-use crate::targets::{Kind, Spec, Target};
+use crate::targets::{Kind, Spec, Target, TlsBackends};
 use crate::tls::TlsSetup;
 
 #[derive(Parser, Debug)]
@@ -35,8 +35,9 @@ struct Args {
     #[command(subcommand)]
     command: Option<Command>,
     /// Scenarios: all, or a comma list of echo64, echo16k, echo1m, handshake, idle, http,
-    /// idle_tls (idle over TLS) and idle_h2 (idle WebSockets over HTTP/2 over TLS); the last
-    /// two are not part of all, name them: `all,idle_tls`.
+    /// idle_tls (idle over TLS), idle_h2 (idle WebSockets over HTTP/2 over TLS) and
+    /// idle_tls_backend (idle ws:// to TLS backends); the last three are not part of all,
+    /// name them: `all,idle_tls`.
     #[arg(long, default_value = "all")]
     scenario: String,
     /// Targets, in the order they are interleaved within a run.
@@ -396,6 +397,10 @@ async fn measure(
                 }
             }
         }
+        Scenario::IdleTlsBackend => {
+            let hold = Duration::from_secs(args.idle_hold);
+            scenarios::idle::run_tls_backend(addr, idle_conns, hold, probe).await
+        }
         Scenario::Http => scenarios::http::run(addr, 50, d, probe, wrk).await,
     }
 }
@@ -410,6 +415,19 @@ fn not_applicable(sc: Scenario, target: &Target) -> Option<String> {
             "not applicable (nginx does not take WebSockets over HTTP/2: no RFC 8441 extended CONNECT)"
                 .to_string(),
         );
+    }
+    if sc.uses_tls_backend() {
+        return match target.kind() {
+            Kind::Direct => Some(
+                "not applicable (direct has no proxy to hold a TLS session toward a backend)"
+                    .into(),
+            ),
+            _ if target.spec.tls_backends.is_none() => Some(format!(
+                "skipped ({} could not start with TLS backends)",
+                target.kind()
+            )),
+            _ => None,
+        };
     }
     if !sc.uses_tls() || target.tls_addr.is_some() {
         return None;
@@ -488,7 +506,10 @@ async fn run(args: Args) -> Result<(), String> {
 
     // A self-signed certificate, only when a scenario needs TLS, so that
     // plain-only runs start the proxies exactly as before.
-    let tls = if scenario_list.iter().any(|s| s.uses_tls()) {
+    let tls = if scenario_list
+        .iter()
+        .any(|s| s.uses_tls() || s.uses_tls_backend())
+    {
         let t = TlsSetup::generate(&tmp.path.join("tls"))
             .map_err(|e| format!("TLS certificate: {e}"))?;
         eprintln!(
@@ -509,7 +530,27 @@ async fn run(args: Args) -> Result<(), String> {
         .map_err(|e| format!("backend: {e}"))?;
     eprintln!("echo backends on {} and {}", b1.addr, b2.addr);
     let backend_addrs = [b1.addr, b2.addr];
-    let backends = [b1, b2];
+    let mut backends = vec![b1, b2];
+    // Two more behind TLS, only when a scenario talks TLS to the backends, so
+    // that other runs start the proxies exactly as before.
+    let tls_backends = match &tls {
+        Some(t) if scenario_list.iter().any(|s| s.uses_tls_backend()) => {
+            let t1 = backend::start_tls(t.server.clone())
+                .await
+                .map_err(|e| format!("TLS backend: {e}"))?;
+            let t2 = backend::start_tls(t.server.clone())
+                .await
+                .map_err(|e| format!("TLS backend: {e}"))?;
+            eprintln!("TLS echo backends on {} and {}", t1.addr, t2.addr);
+            let tb = TlsBackends {
+                addrs: [t1.addr, t2.addr],
+                ca: t.cert.clone(),
+            };
+            backends.extend([t1, t2]);
+            Some(tb)
+        }
+        _ => None,
+    };
 
     // Start every available target once; they stay up for the whole run.
     let mut running: Vec<Target> = Vec::new();
@@ -554,11 +595,25 @@ async fn run(args: Args) -> Result<(), String> {
             },
             tls: match kind {
                 Kind::Direct => None,
+                _ if !scenario_list.iter().any(|s| s.uses_tls()) => None,
                 _ => tls.clone(),
             },
             h2: scenario_list.iter().any(|s| s.uses_h2()),
+            tls_backends: match kind {
+                Kind::Direct => None,
+                _ => tls_backends.clone(),
+            },
         };
         let mut started = Target::start(spec.clone()).await;
+        let mut spec = spec;
+        if let (Err(e), Some(_)) = (&started, &spec.tls_backends) {
+            // Keep the other scenarios: try again without the TLS backends.
+            skipped.push(format!(
+                "{kind}: no route to TLS backends, idle_tls_backend skipped: {e}"
+            ));
+            spec.tls_backends = None;
+            started = Target::start(spec.clone()).await;
+        }
         if let (Err(e), Some(_)) = (&started, &spec.tls) {
             // Keep the plain scenarios: try again without the TLS listener.
             skipped.push(format!(
@@ -752,6 +807,19 @@ mod tests {
         for bad in ["0", "101"] {
             assert!(Args::try_parse_from(["wsgate-bench", "--h2-streams", bad]).is_err());
         }
+    }
+
+    #[test]
+    fn idle_tls_backend_is_named_not_part_of_all() {
+        let p = |s| parse_list(s, &Scenario::ALL, Scenario::parse).unwrap();
+        assert!(!p("all").contains(&Scenario::IdleTlsBackend));
+        assert_eq!(
+            p("idle,idle_tls_backend"),
+            vec![Scenario::Idle, Scenario::IdleTlsBackend]
+        );
+        let s = Scenario::IdleTlsBackend;
+        assert!(s.is_idle() && s.uses_tls_backend() && !s.uses_tls() && !s.uses_h2());
+        assert!(!Scenario::IdleTls.uses_tls_backend());
     }
 
     #[test]

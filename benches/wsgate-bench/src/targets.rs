@@ -66,6 +66,21 @@ pub struct Spec {
     /// listeners offer `h2` first by default; nginx is left as it is (it does
     /// not take WebSockets over HTTP/2).
     pub h2: bool,
+    /// When set, the proxy also routes [`TLS_BACKEND_PATH`] to these TLS echo
+    /// backends, verifying their certificate (`idle_tls_backend`).
+    pub tls_backends: Option<TlsBackends>,
+}
+
+/// The path the proxies route to their TLS backends; everything else goes to
+/// the plain ones.
+pub const TLS_BACKEND_PATH: &str = "/tls-backend";
+
+/// TLS echo backends and what a proxy needs to verify them: the CA file (the
+/// bench's self-signed certificate) and the name in it, [`tls::SERVER_NAME`].
+#[derive(Clone, Debug)]
+pub struct TlsBackends {
+    pub addrs: [SocketAddr; 2],
+    pub ca: PathBuf,
 }
 
 /// A running target. For direct, `addr` is the first backend and there is no process.
@@ -326,11 +341,37 @@ websocket = {{ ping_interval = "0s", idle_timeout = "3600s", max_message_size = 
 [pool.echo]
 policy = "least_conn"
 backends = [ {{ addr = "{b1}" }}, {{ addr = "{b2}" }} ]
-"#,
+{tls_pool}"#,
         threads = spec.threads,
         addr = listen.addr,
         b1 = spec.backends[0],
         b2 = spec.backends[1],
+        tls_pool = wsgate_tls_pool(spec),
+    )
+}
+
+/// The route and pool to the TLS backends, when the spec has them.
+fn wsgate_tls_pool(spec: &Spec) -> String {
+    let Some(t) = &spec.tls_backends else {
+        return String::new();
+    };
+    format!(
+        r#"
+[[route]]
+name = "tls-backend"
+path_prefix = "{TLS_BACKEND_PATH}"
+pool = "echo_tls"
+websocket = {{ ping_interval = "0s", idle_timeout = "3600s", max_message_size = "64MiB" }}
+
+[pool.echo_tls]
+policy = "least_conn"
+backends = [ {{ addr = "{b1}" }}, {{ addr = "{b2}" }} ]
+tls = {{ ca = {ca}, server_name = "{name}" }}
+"#,
+        b1 = t.addrs[0],
+        b2 = t.addrs[1],
+        ca = quoted(&t.ca),
+        name = tls::SERVER_NAME,
     )
 }
 
@@ -350,6 +391,25 @@ pub fn nginx_config(spec: &Spec, listen: impl Into<Listen>, dir: &Path) -> Strin
             "\n        listen {a} ssl backlog=4096;\n        ssl_certificate {};\n        ssl_certificate_key {};",
             quoted(&t.cert),
             quoted(&t.key)
+        ),
+    };
+    let (tls_upstream, tls_location) = match &spec.tls_backends {
+        None => (String::new(), String::new()),
+        Some(t) => (
+            format!(
+                "\n    upstream echo_tls {{\n        least_conn;\n        server {};\n        server {};\n    }}\n",
+                t.addrs[0], t.addrs[1]
+            ),
+            format!(
+                "\n        location {TLS_BACKEND_PATH} {{\n            proxy_pass https://echo_tls;\n\
+                 {NGINX_WS_PROXY}\
+                 \x20           proxy_ssl_verify on;\n\
+                 \x20           proxy_ssl_trusted_certificate {};\n\
+                 \x20           proxy_ssl_name {};\n\
+                 \x20           proxy_ssl_server_name on;\n        }}",
+                quoted(&t.ca),
+                tls::SERVER_NAME
+            ),
         ),
     };
     format!(
@@ -386,20 +446,12 @@ http {{
         server {b2};
         keepalive 64;
     }}
-
+{tls_upstream}
     server {{
         listen {addr} backlog=4096;{tls_listen}
         location / {{
             proxy_pass http://echo;
-            proxy_http_version 1.1;
-            proxy_set_header Upgrade $http_upgrade;
-            proxy_set_header Connection $connection_upgrade;
-            proxy_set_header Host $host;
-            proxy_read_timeout 3600s;
-            proxy_send_timeout 3600s;
-            proxy_buffer_size 16k;
-            proxy_busy_buffers_size 16k;
-        }}
+{NGINX_WS_PROXY}        }}{tls_location}
     }}
 }}
 "#,
@@ -410,6 +462,17 @@ http {{
         b2 = spec.backends[1],
     )
 }
+
+/// What every nginx `location` proxying WebSockets says after `proxy_pass`.
+const NGINX_WS_PROXY: &str = "            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection $connection_upgrade;
+            proxy_set_header Host $host;
+            proxy_read_timeout 3600s;
+            proxy_send_timeout 3600s;
+            proxy_buffer_size 16k;
+            proxy_busy_buffers_size 16k;
+";
 
 /// HAProxy wants about 2 fds per connection and refuses to start when
 /// `maxconn` needs more than RLIMIT_NOFILE allows: 40000, or what fits.
@@ -426,6 +489,26 @@ pub fn haproxy_config(spec: &Spec, listen: impl Into<Listen>) -> String {
             quoted(&t.bundle),
             if spec.h2 { "h2,http/1.1" } else { "http/1.1" }
         ),
+    };
+    let (tls_use, tls_backend) = match &spec.tls_backends {
+        None => (String::new(), String::new()),
+        Some(t) => {
+            let server = |name: &str, a: SocketAddr| {
+                format!(
+                    "    server {name} {a} ssl verify required ca-file {} sni str({n}) verifyhost {n}\n",
+                    quoted(&t.ca),
+                    n = tls::SERVER_NAME
+                )
+            };
+            (
+                format!("\n    use_backend echo_tls if {{ path_beg {TLS_BACKEND_PATH} }}"),
+                format!(
+                    "\nbackend echo_tls\n    balance leastconn\n{}{}",
+                    server("t1", t.addrs[0]),
+                    server("t2", t.addrs[1])
+                ),
+            )
+        }
     };
     format!(
         r#"# generated by wsgate-bench
@@ -445,14 +528,14 @@ defaults
     http-reuse safe
 
 frontend bench
-    bind {addr}{tls_bind}
+    bind {addr}{tls_bind}{tls_use}
     default_backend echo
 
 backend echo
     balance leastconn
     server b1 {b1}
     server b2 {b2}
-"#,
+{tls_backend}"#,
         threads = spec.threads,
         addr = listen.addr,
         maxconn = haproxy_maxconn(spec.nofile_hard),
@@ -601,6 +684,7 @@ mod tests {
             env: Vec::new(),
             tls: None,
             h2: false,
+            tls_backends: None,
         }
     }
 
@@ -652,5 +736,47 @@ mod tests {
         assert!(h.contains("bundle.pem\" alpn h2,http/1.1"), "{h}");
         assert!(!haproxy_config(&with, plain).contains("alpn"));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn tls_backends_get_a_route_and_a_verified_pool_only_when_asked() {
+        let addr: SocketAddr = "127.0.0.1:9999".parse().unwrap();
+        let mut with = spec(Kind::Wsgate);
+        with.tls_backends = Some(TlsBackends {
+            addrs: [
+                "127.0.0.1:2001".parse().unwrap(),
+                "127.0.0.1:2002".parse().unwrap(),
+            ],
+            ca: PathBuf::from("tls/cert.pem"),
+        });
+        let w = wsgate_config(&with, addr);
+        assert!(
+            w.contains("path_prefix = \"/tls-backend\"\npool = \"echo_tls\""),
+            "{w}"
+        );
+        assert!(
+            w.contains("tls = { ca = \"tls/cert.pem\", server_name = \"localhost\" }"),
+            "{w}"
+        );
+        assert!(w.contains("127.0.0.1:2002"), "{w}");
+        for k in [Kind::Wsgate, Kind::Nginx, Kind::Haproxy] {
+            let s = spec(k);
+            assert!(!wsgate_config(&s, addr).contains("tls"));
+            assert!(!nginx_config(&s, addr, Path::new("nginx")).contains("ssl"));
+            assert!(!haproxy_config(&s, addr).contains("ssl"));
+        }
+        let n = nginx_config(&with, addr, Path::new("nginx"));
+        assert!(n.contains("location /tls-backend {\n            proxy_pass https://echo_tls;\n            proxy_http_version 1.1;"), "{n}");
+        assert!(n.contains("            proxy_ssl_verify on;\n"), "{n}");
+        assert!(n.contains("server 127.0.0.1:2001;"), "{n}");
+        let h = haproxy_config(&with, addr);
+        assert!(
+            h.contains("use_backend echo_tls if { path_beg /tls-backend }"),
+            "{h}"
+        );
+        assert!(
+            h.contains("server t2 127.0.0.1:2002 ssl verify required ca-file \"tls/cert.pem\" sni str(localhost) verifyhost localhost\n"),
+            "{h}"
+        );
     }
 }

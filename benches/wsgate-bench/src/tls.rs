@@ -1,7 +1,9 @@
-//! TLS for the `idle_tls` and `idle_h2` scenarios: a self-signed certificate
-//! made at start (rcgen, ECDSA P-256, for [`SERVER_NAME`]) written to the temp
-//! dir in the forms the proxies want, and client configs that trust only it
-//! (one offering `http/1.1` by ALPN, one offering `h2`).
+//! TLS for the `idle_tls`, `idle_h2` and `idle_tls_backend` scenarios: a
+//! self-signed certificate made at start (rcgen, ECDSA P-256, for
+//! [`SERVER_NAME`]) written to the temp dir in the forms the proxies want,
+//! client configs that trust only it (one offering `http/1.1` by ALPN, one
+//! offering `h2`), and a server config with it for the TLS echo backends
+//! (whose CA file, for the proxies, is the certificate itself).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -26,6 +28,9 @@ pub struct TlsSetup {
     pub client: Arc<rustls::ClientConfig>,
     /// As `client`, but offers only `h2` by ALPN (`idle_h2`).
     pub client_h2: Arc<rustls::ClientConfig>,
+    /// The TLS echo backends' side (`idle_tls_backend`): the certificate and
+    /// key, ALPN `http/1.1`.
+    pub server: Arc<rustls::ServerConfig>,
 }
 
 impl TlsSetup {
@@ -55,6 +60,14 @@ impl TlsSetup {
             .add(cert.der().clone())
             .map_err(|e| format!("root store: {e}"))?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let key_der = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+        let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("server config: {e}"))?
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.der().clone()], key_der)
+            .map_err(|e| format!("server config: {e}"))?;
+        server.alpn_protocols = vec![b"http/1.1".to_vec()];
         let mut client = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| format!("client config: {e}"))?
@@ -70,6 +83,7 @@ impl TlsSetup {
             bundle,
             client: Arc::new(client),
             client_h2: Arc::new(client_h2),
+            server: Arc::new(server),
         })
     }
 
@@ -102,6 +116,7 @@ mod tests {
         assert_eq!(bundle, format!("{cert}{key}"));
         assert_eq!(t.client.alpn_protocols, [b"http/1.1".to_vec()]);
         assert_eq!(t.client_h2.alpn_protocols, [b"h2".to_vec()]);
+        assert_eq!(t.server.alpn_protocols, [b"http/1.1".to_vec()]);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

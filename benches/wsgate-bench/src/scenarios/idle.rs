@@ -5,7 +5,9 @@
 //! connect + TLS handshake + upgrade).
 //!
 //! [`run`] does it over plain `ws://`, [`run_tls`] over `wss://` (the proxy
-//! terminates TLS and talks plain ws to the backends), [`run_h2`] as
+//! terminates TLS and talks plain ws to the backends), [`run_tls_backend`]
+//! over plain `ws://` to the proxy's route to its TLS backends (the proxy
+//! holds a TLS session toward a backend per tunnel), [`run_h2`] as
 //! WebSockets over HTTP/2 over TLS (RFC 8441 extended CONNECT, several streams
 //! per connection; ops are WebSockets, the latency that of the extended
 //! CONNECTs); all are [`held`] with another opening phase.
@@ -61,6 +63,27 @@ pub async fn run(addr: SocketAddr, conns: usize, hold: Duration, probe: Probe) -
     let cfg = client::ws_config(4096);
     let open = open_each(conns, move || {
         client::ws_connect(addr, client::next_source(), cfg, CONNECT_LIMIT)
+    });
+    held(conns, hold, probe, open).await
+}
+
+/// Idle connections over plain `ws://` to `addr`, on the path the proxy routes
+/// to its TLS backends ([`crate::targets::TLS_BACKEND_PATH`]).
+pub async fn run_tls_backend(
+    addr: SocketAddr,
+    conns: usize,
+    hold: Duration,
+    probe: Probe,
+) -> Outcome {
+    let cfg = client::ws_config(4096);
+    let open = open_each(conns, move || {
+        client::ws_connect_path(
+            addr,
+            client::next_source(),
+            crate::targets::TLS_BACKEND_PATH,
+            cfg,
+            CONNECT_LIMIT,
+        )
     });
     held(conns, hold, probe, open).await
 }

@@ -23,6 +23,9 @@ pub enum Scenario {
     /// `idle` as WebSockets over HTTP/2 over TLS (RFC 8441), several per
     /// connection; not part of `all`.
     IdleH2,
+    /// `idle` over plain `ws://` to the proxy, which talks TLS to the backends;
+    /// not part of `all`.
+    IdleTlsBackend,
 }
 
 impl Scenario {
@@ -36,10 +39,15 @@ impl Scenario {
     ];
 
     /// Scenarios run only when named: `idle_tls` and `idle_h2` need a TLS
-    /// listener on every proxy and have no `direct` figure (`idle_h2` has no
-    /// nginx one either), so the default suite (`all`, whose results
-    /// BENCHMARKS.md and chart.py compare) stays as it was.
-    pub const OPT_IN: [Scenario; 2] = [Scenario::IdleTls, Scenario::IdleH2];
+    /// listener on every proxy, `idle_tls_backend` TLS backends and a second
+    /// pool, and none has a `direct` figure (`idle_h2` has no nginx one
+    /// either), so the default suite (`all`, whose results BENCHMARKS.md and
+    /// chart.py compare) stays as it was.
+    pub const OPT_IN: [Scenario; 3] = [
+        Scenario::IdleTls,
+        Scenario::IdleH2,
+        Scenario::IdleTlsBackend,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -51,6 +59,7 @@ impl Scenario {
             Scenario::Http => "http",
             Scenario::IdleTls => "idle_tls",
             Scenario::IdleH2 => "idle_h2",
+            Scenario::IdleTlsBackend => "idle_tls_backend",
         }
     }
 
@@ -64,12 +73,21 @@ impl Scenario {
     /// Idle connections held from a freshly started proxy, measured in memory
     /// per connection.
     pub fn is_idle(self) -> bool {
-        matches!(self, Scenario::Idle | Scenario::IdleTls | Scenario::IdleH2)
+        matches!(
+            self,
+            Scenario::Idle | Scenario::IdleTls | Scenario::IdleH2 | Scenario::IdleTlsBackend
+        )
     }
 
     /// Clients connect to the proxy's TLS listener.
     pub fn uses_tls(self) -> bool {
         matches!(self, Scenario::IdleTls | Scenario::IdleH2)
+    }
+
+    /// The proxy talks TLS to the backends (the TLS echo backends, reached
+    /// through a pool of their own).
+    pub fn uses_tls_backend(self) -> bool {
+        self == Scenario::IdleTlsBackend
     }
 
     /// Clients speak HTTP/2 (ALPN `h2`) on the proxy's TLS listener.
@@ -87,7 +105,7 @@ impl Scenario {
         match self {
             Scenario::Echo64 | Scenario::Echo16k | Scenario::Echo1m => "msg",
             Scenario::Handshake => "handshake",
-            Scenario::Idle | Scenario::IdleTls => "conn",
+            Scenario::Idle | Scenario::IdleTls | Scenario::IdleTlsBackend => "conn",
             Scenario::IdleH2 => "tunnel",
             Scenario::Http => "req",
         }

@@ -29,6 +29,7 @@ fn options(i: usize, port: u16) -> backend::Options {
         port,
         greeting: Some(format!("backend={i}")),
         killable: true,
+        tls: None,
     }
 }
 
