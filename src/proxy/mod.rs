@@ -109,9 +109,9 @@ async fn handle_extended_connect(
     upgrade::handshake(parts, route, &state.config, conn, shared).await
 }
 
-/// Checks an extended CONNECT's pseudo-headers and makes its head an HTTP/1.1 GET: `Host` from
-/// `:authority`, origin-form path. The WebSocket headers (`Upgrade`, `Connection`, a key) are the
-/// handshake's to add.
+/// Checks an extended CONNECT's pseudo-headers and makes its head an HTTP/1.1 GET, `Host` from
+/// `:authority` (the target is made origin-form where it is sent). The WebSocket headers (`Upgrade`,
+/// `Connection`, a key) are the handshake's to add.
 fn extended_connect(parts: &mut ::http::request::Parts) -> Result<(), ProxyError> {
     let websocket = parts
         .extensions
