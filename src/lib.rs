@@ -18,7 +18,7 @@
 //!   connection's record).
 //! - At the bottom, knowing nothing above them: `websocket` (handshake rules, frames, scanner, the tunnel),
 //!   `http1` (the HTTP/1.1 wsgate writes and parses by hand), `balancer`, `upstream` (backend connections),
-//!   `router`, `tls`, `metrics`, `headers`, `body`, `config`.
+//!   `router`, `tls`, `metrics`, `headers`, `body`, `config`, `origin` (a route's `Origin` allow-list).
 
 mod admin;
 mod balancer;
@@ -30,6 +30,7 @@ mod headers;
 mod health_checks;
 mod http1;
 mod metrics;
+mod origin;
 mod proxy;
 mod router;
 mod server;
@@ -54,6 +55,7 @@ pub mod internals {
     pub use crate::http1::backend::{BackendHttpError, BodyDecoder, parse_head};
     pub use crate::http1::request::{First, parse as parse_first_request};
     pub use crate::http1::{MAX_CHUNK_LINE, MAX_HEAD, MAX_HEADERS, MAX_RELAYED_BODY};
+    pub use crate::origin::{OriginList, OriginPattern, OriginPatternError, OriginRefusal};
     pub use crate::state::State;
     pub use crate::upstream::TlsClients;
     pub use crate::websocket::{BUFFER_SIZE, frame, scanner};

@@ -301,6 +301,94 @@ pub fn config() -> Vec<(String, String)> {
         .collect()
 }
 
+/// Seeds for the origin target (layout in `origin_target.rs`): (name, input).
+pub fn origin() -> Vec<(String, Vec<u8>)> {
+    let input = |flags: u8, patterns: &[&str], value: &[u8]| {
+        let mut out = vec![flags];
+        for p in patterns {
+            out.extend_from_slice(p.as_bytes());
+            out.push(b'\n');
+        }
+        out.extend_from_slice(value);
+        out
+    };
+    let usual = [
+        "https://app.example.com",
+        "https://*.example.com",
+        "http://localhost:8080",
+    ];
+    let seeds = [
+        ("exact", input(0, &usual, b"https://app.example.com")),
+        ("upper", input(0, &usual, b"HTTPS://APP.EXAMPLE.COM:443")),
+        (
+            "wildcard-deep",
+            input(0, &usual, b"https://a.b.example.com"),
+        ),
+        ("wildcard-apex", input(0, &usual, b"https://example.com")),
+        (
+            "wildcard-glued",
+            input(0, &usual, b"https://badexample.com"),
+        ),
+        ("port", input(0, &usual, b"http://localhost:8081")),
+        (
+            "trailing-dot",
+            input(0, &usual, b"https://app.example.com."),
+        ),
+        ("null", input(0, &usual, b"null")),
+        ("path", input(0, &usual, b"https://app.example.com/")),
+        ("userinfo", input(0, &usual, b"https://u@app.example.com")),
+        ("list", input(0, &usual, b"https://a.com https://b.com")),
+        (
+            "non-ascii",
+            input(0, &usual, b"https://b\xc3\xbccher.example"),
+        ),
+        ("missing", input(0b010, &usual, b"")),
+        ("missing-allowed", input(0b011, &usual, b"https://a.com")),
+        ("repeated", input(0b110, &usual, b"https://app.example.com")),
+        (
+            "ip",
+            input(
+                0,
+                &[
+                    "http://[::1]:8080",
+                    "https://127.0.0.1",
+                    "wss://[::ffff:1.2.3.4]",
+                ],
+                b" http://[0:0::1]:8080\t",
+            ),
+        ),
+        (
+            "bad-patterns",
+            input(
+                0,
+                &[
+                    "*",
+                    "null",
+                    "https://a..com",
+                    "https://*example.com",
+                    "https://a.com:0",
+                    "https://a.com/",
+                    "https://bücher.example",
+                    "HTTPS://A.COM.:443",
+                ],
+                b"https://a.com",
+            ),
+        ),
+        (
+            "other-scheme",
+            input(
+                0,
+                &["chrome-extension://abcdefgh", "foo+bar://x.y:1"],
+                b"FOO+BAR://X.Y:00001",
+            ),
+        ),
+    ];
+    seeds
+        .into_iter()
+        .map(|(name, bytes)| (name.to_string(), bytes))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -319,6 +407,9 @@ mod tests {
         }
         for (_, text) in config() {
             crate::config_target::run(text.as_bytes());
+        }
+        for (_, bytes) in origin() {
+            crate::origin_target::run(&bytes);
         }
     }
 
@@ -339,6 +430,9 @@ mod tests {
         }
         for (name, text) in config() {
             write("config", &name, text.as_bytes());
+        }
+        for (name, bytes) in origin() {
+            write("origin", &name, &bytes);
         }
     }
 }
