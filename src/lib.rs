@@ -18,7 +18,8 @@
 //!   connection's record).
 //! - At the bottom, knowing nothing above them: `websocket` (handshake rules, frames, scanner, the tunnel),
 //!   `http1` (the HTTP/1.1 wsgate writes and parses by hand), `balancer`, `upstream` (backend connections),
-//!   `router`, `tls`, `metrics`, `headers`, `body`, `config`.
+//!   `router`, `tls`, `metrics`, `headers`, `body`, `config`, `proxy_protocol` (the PROXY protocol header
+//!   a load balancer puts before a connection, read and written).
 
 mod admin;
 mod balancer;
@@ -31,6 +32,7 @@ mod health_checks;
 mod http1;
 mod metrics;
 mod proxy;
+mod proxy_protocol;
 mod router;
 mod server;
 mod state;
@@ -57,4 +59,9 @@ pub mod internals {
     pub use crate::state::State;
     pub use crate::upstream::TlsClients;
     pub use crate::websocket::{BUFFER_SIZE, frame, scanner};
+
+    /// The PROXY protocol codec (`parse`, `encode`, the limits), for the `proxy_header` fuzz target.
+    pub mod proxy_protocol {
+        pub use crate::proxy_protocol::*;
+    }
 }

@@ -26,6 +26,7 @@ const LAYERS: &[&[&str]] = &[
         "headers",
         "body",
         "config",
+        "proxy_protocol",
     ],
 ];
 
