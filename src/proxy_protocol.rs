@@ -3,8 +3,8 @@
 //! (`parse`, `read_header`), and writing the header a pool sends to its backends (`encode`).
 //!
 //! The wire formats are the `proxy-header` crate's. This module adds what a server needs around it and what
-//! the crate leaves out: a verdict as early as the bytes allow (a client speaking HTTP or TLS directly is
-//! told apart at its first byte), a bound on the header's size, the LOCAL and DGRAM rules, a check of the
+//! the crate leaves out: a verdict as early as the bytes allow (a client speaking TLS or HTTP directly is
+//! told apart at its first byte, at its second or third for POST, PUT, PATCH and HTTP/2's PRI), a bound on the header's size, the LOCAL and DGRAM rules, a check of the
 //! TLVs' framing, and a socket reader that takes exactly the header's bytes and nothing after them. Each
 //! place where the crate's own answer is not taken as it is says why (see also the tests named
 //! `crate_quirk_*`).
@@ -147,7 +147,7 @@ pub fn parse(buf: &[u8], versions: Versions) -> Parsed {
         None => return Parsed::Incomplete,
         Some(b'P') => (Version::V1, V1_SIGNATURE),
         Some(b'\r') => (Version::V2, V2_SIGNATURE),
-        // HTTP methods, a TLS record (0x16), an HTTP/2 preface: told apart at the first byte.
+        // A TLS record (0x16), an HTTP method not starting with P, SSH: told apart at the first byte.
         Some(_) => return Parsed::Invalid(ProxyHeaderError::Missing),
     };
     let seen = buf.len().min(signature.len());
