@@ -18,7 +18,9 @@
 //!   connection's record).
 //! - At the bottom, knowing nothing above them: `websocket` (handshake rules, frames, scanner, the tunnel),
 //!   `http1` (the HTTP/1.1 wsgate writes and parses by hand), `balancer`, `upstream` (backend connections),
-//!   `router`, `tls`, `metrics`, `headers`, `body`, `config`, `origin` (a route's `Origin` allow-list).
+//!   `router`, `tls`, `metrics`, `headers`, `body`, `config`, `origin` (a route's `Origin` allow-list),
+//!   `proxy_protocol` (the PROXY protocol header a load balancer puts before a connection, read and
+//!   written).
 
 mod admin;
 mod balancer;
@@ -32,6 +34,7 @@ mod http1;
 mod metrics;
 mod origin;
 mod proxy;
+mod proxy_protocol;
 mod router;
 mod server;
 mod state;
@@ -59,4 +62,9 @@ pub mod internals {
     pub use crate::state::State;
     pub use crate::upstream::TlsClients;
     pub use crate::websocket::{BUFFER_SIZE, frame, scanner};
+
+    /// The PROXY protocol codec (`parse`, `encode`, the limits), for the `proxy_header` fuzz target.
+    pub mod proxy_protocol {
+        pub use crate::proxy_protocol::*;
+    }
 }

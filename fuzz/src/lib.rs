@@ -7,6 +7,7 @@ pub mod config_target;
 pub mod http_target;
 pub mod known;
 pub mod origin_target;
+pub mod proxy_header_target;
 pub mod reference;
 pub mod scanner_target;
 pub mod seeds;

@@ -382,6 +382,85 @@ pub fn origin() -> Vec<(String, Vec<u8>)> {
                 b"FOO+BAR://X.Y:00001",
             ),
         ),
+/// Seeds for the `proxy_header` target: (name, bytes at the start of a connection). Headers of each
+/// kind, most followed by what a client sends next, and the near misses around them.
+pub fn proxy_header() -> Vec<(String, Vec<u8>)> {
+    let v2 = |command: u8, family: u8, block: &[u8]| {
+        let mut out = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+        out.extend_from_slice(&[command, family]);
+        out.extend_from_slice(&(block.len() as u16).to_be_bytes());
+        out.extend_from_slice(block);
+        out
+    };
+    let inet = [192, 0, 2, 7, 198, 51, 100, 1, 0xc8, 0x22, 0x01, 0xbb];
+    let mut inet6 = vec![0x20, 0x01, 0x0d, 0xb8];
+    inet6.resize(15, 0);
+    inet6.push(7);
+    inet6.resize(31, 0);
+    inet6.push(1);
+    inet6.extend_from_slice(&[0xc8, 0x22, 0x01, 0xbb]);
+    let mut unix = b"/run/lb.sock".to_vec();
+    unix.resize(216, 0);
+    // AWS NLB's VPC endpoint TLV, an authority, a unique ID, SSL with a version, a NOOP.
+    let tlvs: &[u8] = b"\xea\x00\x17\x01vpce-0123456789abcdef0\
+        \x02\x00\x10chat.example.com\x05\x00\x04abcd\
+        \x20\x00\x0f\x01\x00\x00\x00\x00\x21\x00\x07TLSv1.3\x04\x00\x02\x00\x00";
+    let request: &[u8] = b"GET /chat HTTP/1.1\r\nHost: example.com\r\n\r\n";
+    let hello: &[u8] = b"\x16\x03\x01\x00\xc8\x01\x00\x00\xc4\x03\x03";
+    let cat = |parts: &[&[u8]]| parts.concat();
+    let seeds: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "v1-tcp4",
+            cat(&[b"PROXY TCP4 192.0.2.7 198.51.100.1 51234 443\r\n", request]),
+        ),
+        (
+            "v1-tcp6",
+            cat(&[b"PROXY TCP6 2001:db8::7 2001:db8::1 51234 443\r\n", hello]),
+        ),
+        (
+            "v1-tcp6-mapped",
+            b"PROXY TCP6 ::ffff:192.0.2.7 ::1 1 2\r\n".to_vec(),
+        ),
+        (
+            "v1-longest",
+            b"PROXY TCP6 ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff 65535 65535\r\n".to_vec(),
+        ),
+        ("v1-unknown", cat(&[b"PROXY UNKNOWN\r\n", request])),
+        (
+            "v1-unknown-addresses",
+            b"PROXY UNKNOWN 192.0.2.7 198.51.100.1 51234 443\r\n".to_vec(),
+        ),
+        (
+            "v1-too-long",
+            cat(&[b"PROXY UNKNOWN ", &[b'x'; 120], b"\r\n"]),
+        ),
+        (
+            "v1-missing-fields",
+            b"PROXY TCP4 192.0.2.7\r\nGET / HTTP/1.1\r\n".to_vec(),
+        ),
+        (
+            "v1-plus-port",
+            b"PROXY TCP4 192.0.2.7 198.51.100.1 +80 443\r\n".to_vec(),
+        ),
+        ("v1-cut", b"PROXY TCP4 192.0.2.7 198.5".to_vec()),
+        ("v2-inet", cat(&[&v2(0x21, 0x11, &inet), request])),
+        ("v2-inet6", cat(&[&v2(0x21, 0x21, &inet6), hello])),
+        ("v2-inet-tlvs", v2(0x21, 0x11, &cat(&[&inet, tlvs]))),
+        ("v2-inet6-tlvs", v2(0x21, 0x21, &cat(&[&inet6, tlvs]))),
+        ("v2-local", cat(&[&v2(0x20, 0x00, &[]), request])),
+        ("v2-local-inet", v2(0x20, 0x11, &inet)),
+        ("v2-unspec", v2(0x21, 0x00, &[])),
+        ("v2-unix", v2(0x21, 0x31, &cat(&[&unix, tlvs]))),
+        ("v2-dgram", v2(0x21, 0x12, &inet)),
+        ("v2-short-length", v2(0x21, 0x11, &inet[..4])),
+        ("v2-cut-tlv", v2(0x21, 0x11, &cat(&[&inet, b"\x04\x00\x09\x00"]))),
+        (
+            "v2-oversized",
+            b"\r\n\r\n\0\r\nQUIT\n\x21\x11\xff\xff".to_vec(),
+        ),
+        ("http", request.to_vec()),
+        ("tls", hello.to_vec()),
+        ("h2-preface", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec()),
     ];
     seeds
         .into_iter()
@@ -410,6 +489,36 @@ mod tests {
         }
         for (_, bytes) in origin() {
             crate::origin_target::run(&bytes);
+        for (name, bytes) in proxy_header() {
+            crate::proxy_header_target::run(&bytes);
+            assert!(
+                bytes.len() < 4096,
+                "{name}: over libFuzzer's default max_len"
+            );
+        }
+    }
+
+    /// Each PROXY header seed is what its name says (a seed that went wrong would start the corpus off
+    /// somewhere else).
+    #[test]
+    fn proxy_header_seeds_are_what_they_are_named() {
+        use wsgate::internals::proxy_protocol::{Parsed, Versions, parse};
+        for (name, bytes) in proxy_header() {
+            let verdict = match parse(&bytes, Versions::Any) {
+                Parsed::Complete { .. } => "complete",
+                Parsed::Incomplete => "incomplete",
+                Parsed::Invalid(error) => error.label(),
+            };
+            let expected = match name.as_str() {
+                "v1-too-long" | "v1-missing-fields" | "v1-plus-port" | "v2-short-length"
+                | "v2-cut-tlv" => "malformed",
+                "v1-cut" => "incomplete",
+                "v2-dgram" => "datagram",
+                "v2-oversized" => "oversized",
+                "http" | "tls" | "h2-preface" => "missing",
+                _ => "complete",
+            };
+            assert_eq!(verdict, expected, "{name}");
         }
     }
 
@@ -433,6 +542,8 @@ mod tests {
         }
         for (name, bytes) in origin() {
             write("origin", &name, &bytes);
+        for (name, bytes) in proxy_header() {
+            write("proxy_header", &name, &bytes);
         }
     }
 }

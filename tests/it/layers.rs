@@ -27,6 +27,7 @@ const LAYERS: &[&[&str]] = &[
         "body",
         "config",
         "origin",
+        "proxy_protocol",
     ],
 ];
 
