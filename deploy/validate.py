@@ -65,7 +65,8 @@ METRICS = {
                                    {"protocol": PROTOCOLS}),
     "wsgate_http_request_duration_seconds": ("histogram", {"route"}, {}),
     "wsgate_ws_upgrades_total": ("counter", {"route", "result", "protocol"},
-                                 {"result": {"ok", "rejected", "backend_error", "no_backend"},
+                                 {"result": {"ok", "rejected", "limited", "backend_error",
+                                             "no_backend"},
                                   "protocol": PROTOCOLS}),
     "wsgate_ws_handshake_duration_seconds": ("histogram", {"route"}, {}),
     "wsgate_ws_tunnels_active": ("gauge", {"route", "backend", "protocol"}, {"protocol": PROTOCOLS}),
@@ -79,6 +80,12 @@ METRICS = {
     "wsgate_backend_connections_active": ("gauge", {"pool", "backend"}, {}),
     "wsgate_config_reloads_total": ("counter", {"result"}, {"result": {"ok", "error"}}),
     "wsgate_config_last_reload_success_timestamp_seconds": ("gauge", set(), {}),
+    "wsgate_admission_rejections_total": ("counter", {"listener", "route", "reason"}, {}),
+    "wsgate_admission_tracked_clients": ("gauge", {"scope", "name"},
+                                         {"scope": {"listener", "route"}}),
+    "wsgate_admission_handshakes_queued": ("gauge", {"listener"}, {}),
+    "wsgate_admission_limit": ("gauge", {"scope", "name", "limit"},
+                               {"scope": {"listener", "route"}}),
 }
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 # Labels Prometheus attaches to every scraped series: job and instance always, the rest

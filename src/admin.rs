@@ -12,10 +12,14 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use prometheus::core::Collector;
 use serde_json::json;
 use tokio::net::TcpListener;
 
+use crate::admission::ScopeKind;
 use crate::body::{self, ProxyBody};
+use crate::config::{Config, Rate};
+use crate::proxy_protocol::Versions;
 use crate::state::Shared;
 
 /// How long an admin connection may last (one request: keep-alive is off).
@@ -139,5 +143,99 @@ fn status(shared: &Shared) -> serde_json::Value {
         "read_buffers_in_use": shared.buffers.lent(),
         "routes": routes,
         "pools": pools,
+        "admission": admission_status(shared, &state.config),
     })
+}
+
+/// Admission control as it stands: each listener's and route's limits in force, the clients it tracks,
+/// the handshakes queued at a listener's gate, and the refusals so far by reason (a listener's are its
+/// connections refused; a route's, its upgrades refused on every listener).
+fn admission_status(shared: &Shared, config: &Config) -> serde_json::Value {
+    let rejections = rejections(shared);
+    let scopes = shared.scopes.all();
+    let scope = |kind: ScopeKind, name: &str| {
+        scopes
+            .iter()
+            .find(|(k, n, _)| *k == kind && n == name)
+            .map(|(_, _, scope)| Arc::clone(scope))
+    };
+    let by_reason = |matches: &dyn Fn(&str, &str) -> bool| {
+        let mut reasons = serde_json::Map::new();
+        for ((listener, route, reason), count) in &rejections {
+            if matches(listener, route) {
+                let total = reasons.get(reason).and_then(|v| v.as_u64()).unwrap_or(0);
+                reasons.insert(reason.clone(), json!(total + count));
+            }
+        }
+        reasons
+    };
+    let rate = |rate: &Rate| json!({ "per_second": rate.per_second, "burst": rate.burst });
+    let listeners: Vec<_> = config
+        .listeners
+        .iter()
+        .map(|l| {
+            let a = &l.admission;
+            let scope = scope(ScopeKind::Listener, &l.name);
+            json!({
+                "name": l.name,
+                "proxy_protocol": a.proxy_protocol.as_ref().map(|p| match p.versions {
+                    Versions::V1 => "v1",
+                    Versions::V2 => "v2",
+                    Versions::Any => "any",
+                }),
+                "proxy_protocol_from": a.proxy_protocol.as_ref()
+                    .map(|p| p.from.iter().map(ToString::to_string).collect::<Vec<_>>()),
+                "trusted_proxies": a.trusted_proxies.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "max_connections_per_ip": a.max_connections_per_ip,
+                "handshake_rate": a.handshake_rate.as_ref().map(|g| {
+                    let mut gate = rate(&g.rate);
+                    gate["max_wait_ms"] = json!(g.max_wait.as_millis() as u64);
+                    gate
+                }),
+                "tracked_clients": scope.as_ref().map_or(0, |s| s.clients.tracked()),
+                "handshakes_queued": scope.as_ref().map_or(0, |s| s.gate.queued()),
+                "rejections": by_reason(&|listener, route| listener == l.name && route.is_empty()),
+            })
+        })
+        .collect();
+    let routes: Vec<_> = config
+        .routes
+        .iter()
+        .map(|r| {
+            let a = &r.admission;
+            let scope = scope(ScopeKind::Route, &r.name);
+            json!({
+                "name": r.name,
+                "allowed_origins": a.origins.as_ref()
+                    .map(|o| o.patterns().iter().map(ToString::to_string).collect::<Vec<_>>()),
+                "allow_missing_origin": a.origins.as_ref().map(|o| o.allow_missing()),
+                "max_tunnels_per_ip": a.max_tunnels_per_ip,
+                "handshake_rate_per_ip": a.handshake_rate_per_ip.as_ref().map(rate),
+                "tracked_clients": scope.as_ref().map_or(0, |s| s.clients.tracked()),
+                "rejections": by_reason(&|_, route| route == r.name),
+            })
+        })
+        .collect();
+    json!({ "listeners": listeners, "routes": routes })
+}
+
+/// `wsgate_admission_rejections_total` as it stands: by (listener, route, reason).
+fn rejections(shared: &Shared) -> Vec<((String, String, String), u64)> {
+    let families = shared.metrics.admission_rejections.collect();
+    let mut out = Vec::new();
+    for family in &families {
+        for metric in family.get_metric() {
+            let label = |name: &str| {
+                metric
+                    .get_label()
+                    .iter()
+                    .find(|l| l.name() == name)
+                    .map(|l| l.value().to_string())
+                    .unwrap_or_default()
+            };
+            let count = metric.get_counter().get_value() as u64;
+            out.push(((label("listener"), label("route"), label("reason")), count));
+        }
+    }
+    out
 }

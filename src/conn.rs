@@ -1,6 +1,7 @@
-//! The record of one accepted client connection (`ClientConn`): who it is, where it is between requests
-//! (`Phase`), and its place under the listener's connection limit (`ConnLimit`). Shared by the server
-//! layer, which reads and times the socket, and the proxy layer, which serves its requests.
+//! The record of one accepted client connection (`ClientConn`): who it is, which listener it came on
+//! (`Listener`), where it is between requests (`Phase`), and its place under the listener's connection
+//! limit (`ConnLimit`). Shared by the server layer, which reads and times the socket, and the proxy layer,
+//! which serves its requests.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,32 +12,67 @@ use futures_util::task::AtomicWaker;
 use prometheus::IntGauge;
 use tokio::sync::Notify;
 
+use crate::admission::{Counted, Scope};
+use crate::config::ListenerAdmission;
+
+/// The listener a connection came in on, as configured when the connection was accepted (a reload makes a
+/// new one; the scope stays).
+pub struct Listener {
+    pub name: String,
+    pub admission: ListenerAdmission,
+    /// Per-client connection counts and the handshake gate, kept across reloads.
+    pub scope: Arc<Scope>,
+}
+
 /// One accepted client connection, shared by its HTTP requests and, after an upgrade, by its tunnel.
 /// Dropping the last reference marks the connection closed in the metrics and frees its place under the
-/// listener's limit.
+/// listener's limits.
 pub struct ClientConn {
+    /// The client's address: the TCP peer's, or the one its PROXY protocol header gave.
     pub peer: SocketAddr,
+    /// The address the client connected to (a PROXY header's destination, else the socket's own): what
+    /// a PROXY header toward a backend names as destination.
+    pub local: SocketAddr,
     pub tls: bool,
+    pub listener: Arc<Listener>,
     /// Set once the connection speaks HTTP/2 (ALPN or h2c), before its first request is served.
     h2: AtomicBool,
     /// Inline, not an `Arc` of its own: one allocation less for every connection (an idle tunnel's too).
     pub phase: Phase,
     active: IntGauge,
     _slot: ConnSlot,
+    /// The client's place under `max_connections_per_ip`, if the listener has one.
+    _per_client: Option<Counted>,
+}
+
+/// What a connection was given when it was admitted: its places under the listener's limits and the
+/// gauge counting it.
+pub struct Admitted {
+    pub slot: ConnSlot,
+    pub per_client: Option<Counted>,
+    /// The listener's open-connections gauge, counted up by `ClientConn::new` and down on drop.
+    pub active: IntGauge,
 }
 
 impl ClientConn {
-    /// The record of a connection just accepted; `active` is the listener's open-connections gauge,
-    /// counted up here and down on drop.
-    pub fn new(peer: SocketAddr, tls: bool, active: IntGauge, slot: ConnSlot) -> ClientConn {
-        active.inc();
+    /// The record of a connection just admitted.
+    pub fn new(
+        (peer, local): (SocketAddr, SocketAddr),
+        tls: bool,
+        listener: Arc<Listener>,
+        admitted: Admitted,
+    ) -> ClientConn {
+        admitted.active.inc();
         ClientConn {
             peer,
+            local,
             tls,
+            listener,
             h2: AtomicBool::new(false),
             phase: Phase::default(),
-            active,
-            _slot: slot,
+            active: admitted.active,
+            _slot: admitted.slot,
+            _per_client: admitted.per_client,
         }
     }
 }

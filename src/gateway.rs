@@ -14,6 +14,7 @@ use std::time::SystemTime;
 
 use tokio_rustls::TlsAcceptor;
 
+use crate::admission::ScopeKind;
 use crate::balancer::BackendStatus;
 use crate::config::{Config, ConfigError, ConfigErrors, ListenerConfig};
 use crate::metrics::Metrics;
@@ -229,16 +230,14 @@ impl Gateway {
                 .map(|(name, l)| (name.clone(), l.config.listen))
                 .collect();
             for (listener, tls) in config.listeners.iter().zip(acceptors) {
-                let http = listener.http.clone();
                 if current.get(&listener.name) == Some(&listener.listen) {
-                    fresh.insert(listener.name.clone(), (None, tls, http));
+                    fresh.insert(listener.name.clone(), (None, tls, listener.clone()));
                 } else {
                     let max = config.limits.max_connections;
                     let handle = bind(listener, tls.clone(), max, &self.shared).await;
                     match handle {
-                        Ok(handle) => {
-                            fresh.insert(listener.name.clone(), (Some(handle), tls, http))
-                        }
+                        Ok(handle) => fresh
+                            .insert(listener.name.clone(), (Some(handle), tls, listener.clone())),
                         Err(error) => {
                             for (handle, _, _) in fresh.into_values() {
                                 if let Some(handle) = handle {
@@ -252,7 +251,12 @@ impl Gateway {
             }
         }
         let max_connections = config.limits.max_connections;
-        let state = State::new(config, Some(&old), backend_tls);
+        let max_tracked = config.limits.max_tracked_clients;
+        self.shared.scopes.retain(|kind, name| match kind {
+            ScopeKind::Listener => config.listeners.iter().any(|l| l.name == name),
+            ScopeKind::Route => config.routes.iter().any(|r| r.name == name),
+        });
+        let state = State::new(config, Some(&old), backend_tls, &self.shared.scopes);
         self.shared.state.store(Arc::new(state));
         *self
             .shared
@@ -268,20 +272,24 @@ impl Gateway {
             }
             keep
         });
-        for (name, (handle, tls, http)) in fresh {
+        for (name, (handle, tls, config)) in fresh {
             match handle {
                 Some(handle) => {
                     listeners.insert(name, handle);
                 }
                 None => {
                     if let Some(kept) = listeners.get(&name) {
-                        kept.set_front(tls, http);
+                        kept.set_front(tls, &config, &self.shared);
                         kept.set_max_connections(max_connections);
                     }
                 }
             }
         }
         drop(listeners);
+        // Listeners bound by this reload took their scopes before the new limits were stored.
+        for (_, _, scope) in self.shared.scopes.all() {
+            scope.clients.set_max_tracked(max_tracked);
+        }
         // Last, so that clients moving to new connections meet the new listeners' settings.
         self.shared.reloaded.notify_waiters();
         let state = self.shared.state.load();

@@ -18,11 +18,13 @@
 //!   connection's record).
 //! - At the bottom, knowing nothing above them: `websocket` (handshake rules, frames, scanner, the tunnel),
 //!   `http1` (the HTTP/1.1 wsgate writes and parses by hand), `balancer`, `upstream` (backend connections),
-//!   `router`, `tls`, `metrics`, `headers`, `body`, `config`, `origin` (a route's `Origin` allow-list),
+//!   `router`, `tls`, `metrics`, `headers`, `body`, `config`, `admission` (who a client is, per-client
+//!   counts and rate buckets, the handshake gate), `origin` (a route's `Origin` allow-list),
 //!   `proxy_protocol` (the PROXY protocol header a load balancer puts before a connection, read and
 //!   written).
 
 mod admin;
+mod admission;
 mod balancer;
 mod body;
 mod config;
@@ -54,6 +56,7 @@ pub use tls::TlsError;
 /// the supported API.
 #[doc(hidden)]
 pub mod internals {
+    pub use crate::admission::Scopes;
     pub use crate::headers::{BadRequest, check_request, has_token};
     pub use crate::http1::backend::{BackendHttpError, BodyDecoder, parse_head};
     pub use crate::http1::request::{First, parse as parse_first_request};

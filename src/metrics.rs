@@ -3,8 +3,8 @@
 //! fixed sets (status class, result, reason, direction, the client's protocol), never from client input.
 
 use prometheus::{
-    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -25,6 +25,10 @@ pub struct Metrics {
     pub backend_connections_active: IntGaugeVec,
     pub config_reloads: IntCounterVec,
     pub config_last_reload_success: Gauge,
+    pub admission_rejections: IntCounterVec,
+    pub admission_tracked_clients: IntGaugeVec,
+    pub admission_queued: IntGaugeVec,
+    pub admission_limit: GaugeVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -71,6 +75,13 @@ impl Metrics {
                 .register(Box::new(h.clone()))
                 .expect("metric registered once");
             h
+        };
+        let float_gauge = |name: &str, help: &str, labels: &[&str]| {
+            let g = GaugeVec::new(Opts::new(name, help), labels).expect("static metric definition");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("metric registered once");
+            g
         };
         let last_reload = Gauge::new(
             "wsgate_config_last_reload_success_timestamp_seconds",
@@ -168,6 +179,26 @@ impl Metrics {
                 &["result"],
             ),
             config_last_reload_success: last_reload,
+            admission_rejections: counter(
+                "wsgate_admission_rejections_total",
+                "Connections and upgrades refused by admission control, by reason (route empty for connections)",
+                &["listener", "route", "reason"],
+            ),
+            admission_tracked_clients: gauge(
+                "wsgate_admission_tracked_clients",
+                "Clients with per-client state (counts, rate buckets) in a listener's or route's table",
+                &["scope", "name"],
+            ),
+            admission_queued: gauge(
+                "wsgate_admission_handshakes_queued",
+                "WebSocket handshakes waiting their turn at a listener's handshake gate",
+                &["listener"],
+            ),
+            admission_limit: float_gauge(
+                "wsgate_admission_limit",
+                "Admission limits in force, by listener or route and limit",
+                &["scope", "name", "limit"],
+            ),
             registry,
         }
     }

@@ -111,16 +111,16 @@ pub enum ProxyHeaderError {
 }
 
 impl ProxyHeaderError {
-    /// The error as a snake_case metric label.
+    /// The error as a snake_case metric label (the `reason` of a refused connection).
     pub fn label(&self) -> &'static str {
         match self {
-            ProxyHeaderError::Missing => "missing",
-            ProxyHeaderError::Malformed => "malformed",
-            ProxyHeaderError::Oversized => "oversized",
-            ProxyHeaderError::WrongVersion => "wrong_version",
-            ProxyHeaderError::Datagram => "datagram",
-            ProxyHeaderError::Closed => "closed",
-            ProxyHeaderError::Io(_) => "io",
+            ProxyHeaderError::Missing => "proxy_missing",
+            ProxyHeaderError::Malformed => "proxy_malformed",
+            ProxyHeaderError::Oversized => "proxy_oversized",
+            ProxyHeaderError::WrongVersion => "proxy_wrong_version",
+            ProxyHeaderError::Datagram => "proxy_datagram",
+            ProxyHeaderError::Closed => "proxy_closed",
+            ProxyHeaderError::Io(_) => "proxy_io",
         }
     }
 }
@@ -404,6 +404,20 @@ pub fn encode(version: Version, source: SocketAddr, destination: SocketAddr) -> 
     // buffer. None of them can arise here (one family, a stream, no TLVs, a Vec).
     written.expect("a stream header of one address family, without TLVs, always encodes");
     out
+}
+
+/// The header of a connection wsgate makes on its own behalf (a health check): v1 `PROXY UNKNOWN`, v2
+/// LOCAL with no addresses. A backend that requires the protocol takes it, and uses the connection's own
+/// addresses.
+pub fn encode_local(version: Version) -> Vec<u8> {
+    match version {
+        Version::V1 => b"PROXY UNKNOWN\r\n".to_vec(),
+        Version::V2 => {
+            let mut out = V2_SIGNATURE.to_vec();
+            out.extend([V2_LOCAL, 0x00, 0x00, 0x00]);
+            out
+        }
+    }
 }
 
 fn mapped(address: std::net::SocketAddrV4) -> SocketAddr {
@@ -837,6 +851,21 @@ mod tests {
             parse(&header, Versions::Any),
             complete(Some("192.0.2.7:51234"), MAX_HEADER)
         );
+    }
+
+    #[test]
+    fn a_local_header_parses_as_one_without_a_client() {
+        for (version, versions) in [(Version::V1, Versions::V1), (Version::V2, Versions::V2)] {
+            let header = encode_local(version);
+            assert_eq!(
+                parse(&header, versions),
+                Parsed::Complete {
+                    source: None,
+                    len: header.len()
+                },
+                "{version:?}"
+            );
+        }
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use crate::admission::{Scope, ScopeKind, Scopes};
 use crate::balancer::{Pool, Pools};
 use crate::config::{Config, RouteConfig};
 
@@ -11,6 +12,8 @@ use crate::config::{Config, RouteConfig};
 pub struct Route {
     pub config: RouteConfig,
     pub pool: Arc<Pool>,
+    /// The route's per-client tunnel counts and handshake buckets, kept across reloads by name.
+    pub scope: Arc<Scope>,
 }
 
 #[derive(Debug, Default)]
@@ -20,15 +23,17 @@ pub struct Router {
 }
 
 impl Router {
-    pub fn build(config: &Config, pools: &Pools) -> Router {
+    pub fn build(config: &Config, pools: &Pools, scopes: &Scopes) -> Router {
         let mut routes: Vec<Arc<Route>> = config
             .routes
             .iter()
             .filter_map(|r| {
                 let pool = pools.get(&r.pool)?;
+                let max_tracked = config.limits.max_tracked_clients;
                 Some(Arc::new(Route {
                     config: r.clone(),
                     pool: Arc::clone(pool),
+                    scope: scopes.get(ScopeKind::Route, &r.name, max_tracked),
                 }))
             })
             .collect();
@@ -83,6 +88,7 @@ mod tests {
         Router::build(
             &config,
             &Pools::build(&config, None, &crate::upstream::TlsClients::default()),
+            &Scopes::default(),
         )
     }
 

@@ -13,6 +13,7 @@ pub use stream::BackendStream;
 pub use tls_client::{BackendTls, ClientId, TlsClients};
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
@@ -23,6 +24,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_util::task::TaskTracker;
 
@@ -60,19 +62,20 @@ pub enum ConnectError {
     },
 }
 
-/// Connects to a backend (`host:port`) with Nagle off, and for a TLS backend (`tls`) performs the TLS
-/// handshake; `timeout` bounds the two together.
+/// Connects to a backend (`host:port`) with Nagle off, sends `preamble` (a PROXY protocol header, or
+/// nothing), and for a TLS backend (`tls`) performs the TLS handshake; `timeout` bounds it all.
 pub async fn connect(
     addr: &str,
     tls: Option<&BackendTls>,
     timeout: Duration,
+    preamble: &[u8],
 ) -> Result<BackendStream, ConnectError> {
     let target = split_host_port(addr).ok_or_else(|| ConnectError::Io {
         addr: addr.to_string(),
         source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not host:port"),
     })?;
     let connecting = async {
-        let stream = TcpStream::connect(target)
+        let mut stream = TcpStream::connect(target)
             .await
             .map_err(|source| ConnectError::Io {
                 addr: addr.to_string(),
@@ -80,6 +83,16 @@ pub async fn connect(
             })?;
         // Small frames (pings, chat messages) must not wait for Nagle's algorithm.
         let _ = stream.set_nodelay(true);
+        if !preamble.is_empty() {
+            // The PROXY header goes before anything else, TLS included: the backend reads it first.
+            stream
+                .write_all(preamble)
+                .await
+                .map_err(|source| ConnectError::Io {
+                    addr: addr.to_string(),
+                    source,
+                })?;
+        }
         match tls {
             None => Ok(BackendStream::Plain(stream)),
             Some(tls) => match tls.handshake(stream).await {
@@ -107,20 +120,25 @@ type Sender = SendRequest<Incoming>;
 pub struct PoolKey {
     pub addr: String,
     pub tls: Option<ClientId>,
+    /// The client a connection was opened for, when it began with a PROXY header naming that client:
+    /// such a connection serves no one else.
+    pub client: Option<SocketAddr>,
 }
 
 impl PoolKey {
-    pub fn new(addr: &str, tls: Option<&BackendTls>) -> PoolKey {
+    pub fn new(addr: &str, tls: Option<&BackendTls>, client: Option<SocketAddr>) -> PoolKey {
         PoolKey {
             addr: addr.to_string(),
             tls: tls.map(BackendTls::id),
+            client,
         }
     }
 }
 
-/// An idle connection, and the TLS client it was made with.
+/// An idle connection, and how it was made (TLS client, PROXY header's client).
 struct Idle {
     tls: Option<ClientId>,
+    client: Option<SocketAddr>,
     sender: Sender,
 }
 
@@ -141,15 +159,17 @@ impl Upstream {
         }
     }
 
-    /// A sender ready for one request to `addr` (over TLS with `tls`): a pooled connection made the same
-    /// way if one is alive, else a new one.
+    /// A sender ready for one request to `key.addr` (over TLS with `tls`, beginning with `preamble` for
+    /// `key.client`): a pooled connection made the same way if one is alive, else a new one.
     pub async fn checkout(
         &self,
-        addr: &str,
+        key: &PoolKey,
         tls: Option<&BackendTls>,
+        preamble: &[u8],
         connect_timeout: Duration,
     ) -> Result<Sender, ConnectError> {
-        while let Some(mut sender) = self.pop(addr, tls.map(BackendTls::id)) {
+        let addr = key.addr.as_str();
+        while let Some(mut sender) = self.pop(key) {
             if sender.is_closed() {
                 continue;
             }
@@ -158,7 +178,7 @@ impl Upstream {
                 return Ok(sender);
             }
         }
-        let stream = connect(addr, tls, connect_timeout).await?;
+        let stream = connect(addr, tls, connect_timeout, preamble).await?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|source| ConnectError::Handshake {
@@ -173,11 +193,13 @@ impl Upstream {
         Ok(sender)
     }
 
-    fn pop(&self, addr: &str, tls: Option<ClientId>) -> Option<Sender> {
+    fn pop(&self, key: &PoolKey) -> Option<Sender> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let list = idle.get_mut(addr)?;
+        let list = idle.get_mut(key.addr.as_str())?;
         // The most recently used first; with one way of reaching the address, the last entry.
-        let at = list.iter().rposition(|i| i.tls == tls)?;
+        let at = list
+            .iter()
+            .rposition(|i| i.tls == key.tls && i.client == key.client)?;
         Some(list.remove(at).sender)
     }
 
@@ -195,9 +217,12 @@ impl Upstream {
             return;
         }
         let list = idle.entry(key.addr.clone()).or_default();
+        // Connections made for one client each (PROXY protocol) count against the same bound: the
+        // address's idle connections stay few however many clients it serves.
         if list.iter().filter(|i| i.tls == key.tls).count() < MAX_IDLE_PER_BACKEND {
             list.push(Idle {
                 tls: key.tls,
+                client: key.client,
                 sender,
             });
         }

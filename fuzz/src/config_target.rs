@@ -143,14 +143,15 @@ fn check_accepted(config: Config) {
     let Ok(tls) = TlsClients::load(&config, None) else {
         return;
     };
-    let first = State::new(config.clone(), None, tls);
+    let scopes = wsgate::internals::Scopes::default();
+    let first = State::new(config.clone(), None, tls, &scopes);
     assert_eq!(
         first.router.routes().len(),
         routes,
         "a route was dropped by the router"
     );
     let tls = TlsClients::load(&config, Some(&first.backend_tls)).expect("loaded once already");
-    let second = State::new(config, Some(&first), tls);
+    let second = State::new(config, Some(&first), tls, &scopes);
     assert_eq!(second.router.routes().len(), routes);
     for (old, new) in first.pools.iter().zip(second.pools.iter()) {
         assert_eq!(old.backends.len(), new.backends.len());

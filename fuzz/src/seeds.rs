@@ -382,6 +382,13 @@ pub fn origin() -> Vec<(String, Vec<u8>)> {
                 b"FOO+BAR://X.Y:00001",
             ),
         ),
+    ];
+    seeds
+        .into_iter()
+        .map(|(name, bytes)| (name.to_string(), bytes))
+        .collect()
+}
+
 /// Seeds for the `proxy_header` target: (name, bytes at the start of a connection). Headers of each
 /// kind, most followed by what a client sends next, and the near misses around them.
 pub fn proxy_header() -> Vec<(String, Vec<u8>)> {
@@ -489,6 +496,7 @@ mod tests {
         }
         for (_, bytes) in origin() {
             crate::origin_target::run(&bytes);
+        }
         for (name, bytes) in proxy_header() {
             crate::proxy_header_target::run(&bytes);
             assert!(
@@ -511,11 +519,11 @@ mod tests {
             };
             let expected = match name.as_str() {
                 "v1-too-long" | "v1-missing-fields" | "v1-plus-port" | "v2-short-length"
-                | "v2-cut-tlv" => "malformed",
+                | "v2-cut-tlv" => "proxy_malformed",
                 "v1-cut" => "incomplete",
-                "v2-dgram" => "datagram",
-                "v2-oversized" => "oversized",
-                "http" | "tls" | "h2-preface" => "missing",
+                "v2-dgram" => "proxy_datagram",
+                "v2-oversized" => "proxy_oversized",
+                "http" | "tls" | "h2-preface" => "proxy_missing",
                 _ => "complete",
             };
             assert_eq!(verdict, expected, "{name}");
@@ -542,6 +550,7 @@ mod tests {
         }
         for (name, bytes) in origin() {
             write("origin", &name, &bytes);
+        }
         for (name, bytes) in proxy_header() {
             write("proxy_header", &name, &bytes);
         }

@@ -1,19 +1,17 @@
 //! The request side of sticky balancing: which key a request carries (a cookie, a header, a query parameter
 //! or the client's IP) and the `Set-Cookie` that pins a client to its backend.
 //!
-//! The client IP is the TCP peer's, unless the peer is one of the configured trusted proxies: then
-//! `X-Forwarded-For` is walked from its right end, each entry believed only while the hop that added it is
-//! trusted, and the first address not trusted is the client (an attacker can prepend anything, but cannot
-//! forge what our own proxies appended).
+//! The client IP is read as admission control reads it (`admission::client_ip`), with the pool's own
+//! trusted proxies.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderValue};
 use http::uri::Uri;
 
 use super::sticky;
+use crate::admission::client_ip;
 use crate::config::StickyKey;
-use crate::config::cidr::Cidr;
 
 /// What a request brings to the choice of its backend.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -100,47 +98,6 @@ fn query_value<'u>(uri: &'u Uri, name: &str) -> Option<&'u str> {
         .filter(|v| !v.is_empty())
 }
 
-/// The client's IP: the peer's, or the one trusted proxies reported in `X-Forwarded-For`.
-pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[Cidr]) -> IpAddr {
-    let is_trusted = |ip: IpAddr| trusted.iter().any(|net| net.contains(ip));
-    let mut client = peer;
-    if !is_trusted(client) {
-        return client;
-    }
-    // The last header line holds the entries added last; within a line, the rightmost entry is the newest.
-    let lines: Vec<&str> = headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect();
-    for entry in lines.iter().rev().flat_map(|line| line.rsplit(',')) {
-        if !is_trusted(client) {
-            break;
-        }
-        match parse_forwarded_ip(entry) {
-            Some(ip) => client = ip,
-            // Garbage from a trusted hop: keep the last address we could believe.
-            None => break,
-        }
-    }
-    client
-}
-
-/// An `X-Forwarded-For` entry: an IP, possibly with a port (`1.2.3.4:5678`, `[::1]:5678`).
-fn parse_forwarded_ip(entry: &str) -> Option<IpAddr> {
-    let entry = entry.trim();
-    entry
-        .parse::<IpAddr>()
-        .ok()
-        .or_else(|| entry.parse::<SocketAddr>().ok().map(|s| s.ip()))
-        .or_else(|| {
-            entry
-                .strip_prefix('[')
-                .and_then(|e| e.strip_suffix(']'))
-                .and_then(|e| e.parse().ok())
-        })
-}
-
 /// `Set-Cookie` pinning a client to the backend with cookie value `token`.
 pub fn set_cookie(name: &str, token: &str, tls: bool) -> Option<HeaderValue> {
     let secure = if tls { "; Secure" } else { "" };
@@ -169,10 +126,6 @@ mod tests {
         text.parse().expect("ip")
     }
 
-    fn nets(list: &[&str]) -> Vec<Cidr> {
-        list.iter().map(|n| n.parse().expect("net")).collect()
-    }
-
     #[test]
     fn cookie_is_found_among_others() {
         let h = headers(&[("cookie", "a=1; wsg=abc ; b=2"), ("cookie", "wsg=later")]);
@@ -190,37 +143,6 @@ mod tests {
         let uri: Uri = "/ws?room=&x".parse().expect("uri");
         assert_eq!(query_value(&uri, "room"), None);
         assert_eq!(query_value(&"/ws".parse().expect("uri"), "room"), None);
-    }
-
-    #[test]
-    fn forwarded_for_is_ignored_from_untrusted_peers() {
-        let h = headers(&[("x-forwarded-for", "203.0.113.9")]);
-        let trusted = nets(&["10.0.0.0/8"]);
-        assert_eq!(client_ip(ip("192.0.2.1"), &h, &trusted), ip("192.0.2.1"));
-        assert_eq!(client_ip(ip("10.1.1.1"), &h, &[]), ip("10.1.1.1"));
-    }
-
-    #[test]
-    fn forwarded_for_is_walked_while_hops_are_trusted() {
-        let trusted = nets(&["10.0.0.0/8", "127.0.0.1/32"]);
-        // The client forged 1.1.1.1; our proxy 10.0.0.5 appended the real client 203.0.113.9.
-        let h = headers(&[("x-forwarded-for", "1.1.1.1, 203.0.113.9, 10.0.0.5")]);
-        assert_eq!(client_ip(ip("127.0.0.1"), &h, &trusted), ip("203.0.113.9"));
-        // Split over two header lines.
-        let h = headers(&[
-            ("x-forwarded-for", "1.1.1.1, 203.0.113.9"),
-            ("x-forwarded-for", "10.0.0.5"),
-        ]);
-        assert_eq!(client_ip(ip("127.0.0.1"), &h, &trusted), ip("203.0.113.9"));
-        // Only trusted hops: the leftmost is the best we know.
-        let h = headers(&[("x-forwarded-for", "10.9.9.9")]);
-        assert_eq!(client_ip(ip("127.0.0.1"), &h, &trusted), ip("10.9.9.9"));
-        // Garbage stops the walk at the last believable address.
-        let h = headers(&[("x-forwarded-for", "203.0.113.9, nonsense")]);
-        assert_eq!(client_ip(ip("127.0.0.1"), &h, &trusted), ip("127.0.0.1"));
-        // Ports and brackets.
-        let h = headers(&[("x-forwarded-for", "[2001:db8::1]:443")]);
-        assert_eq!(client_ip(ip("127.0.0.1"), &h, &trusted), ip("2001:db8::1"));
     }
 
     #[test]

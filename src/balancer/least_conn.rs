@@ -47,6 +47,7 @@ mod tests {
                 tls: None,
             },
             None,
+            None,
         ))
     }
 

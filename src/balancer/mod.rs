@@ -22,7 +22,9 @@ use http::header::HeaderValue;
 
 pub use affinity::Affinity;
 
-use crate::config::{BackendConfig, Config, HealthCheck, Policy, PoolConfig, StickyKey};
+use crate::config::{
+    BackendConfig, Config, HealthCheck, Policy, PoolConfig, ProxyProtocolOut, StickyKey,
+};
 use crate::upstream::{BackendTls, TlsClients};
 
 /// One backend server. Shared by every pool generation that lists it (same id and address, reached the
@@ -36,6 +38,8 @@ pub struct Backend {
     pub pool: String,
     /// TLS toward it (its own `tls` table or its pool's); `None`: plain TCP.
     pub tls: Option<BackendTls>,
+    /// The PROXY protocol header its connections begin with (its pool's `proxy_protocol`).
+    pub proxy_protocol: Option<ProxyProtocolOut>,
     /// The value of a sticky cookie naming this backend (a hash of the id: no address in it).
     token: String,
     id_hash: u64,
@@ -65,12 +69,18 @@ fn now_millis() -> u64 {
 }
 
 impl Backend {
-    fn new(pool: &str, config: &BackendConfig, tls: Option<BackendTls>) -> Backend {
+    fn new(
+        pool: &str,
+        config: &BackendConfig,
+        tls: Option<BackendTls>,
+        proxy_protocol: Option<ProxyProtocolOut>,
+    ) -> Backend {
         Backend {
             addr: config.addr.clone(),
             id: config.id.clone(),
             pool: pool.to_string(),
             tls,
+            proxy_protocol,
             token: sticky::cookie_token(&config.id),
             id_hash: sticky::id_hash(&config.id),
             weight: AtomicU32::new(config.weight.max(1)),
@@ -346,9 +356,12 @@ impl Pools {
                         .expect("TLS clients are loaded from the config the pools are built from")
                 });
                 let kept = old.and_then(|p| {
-                    p.backends
-                        .iter()
-                        .find(|o| o.id == b.id && o.addr == b.addr && o.tls == tls)
+                    p.backends.iter().find(|o| {
+                        o.id == b.id
+                            && o.addr == b.addr
+                            && o.tls == tls
+                            && o.proxy_protocol == config.proxy_protocol
+                    })
                 });
                 match kept {
                     Some(backend) => {
@@ -360,7 +373,7 @@ impl Pools {
                         }
                         Arc::clone(backend)
                     }
-                    None => Arc::new(Backend::new(name, b, tls)),
+                    None => Arc::new(Backend::new(name, b, tls, config.proxy_protocol)),
                 }
             })
             .collect();
@@ -526,6 +539,7 @@ mod tests {
                 drain: false,
                 tls: None,
             },
+            None,
             None,
         );
         assert!(b.record_failure(1, Duration::from_millis(30)));

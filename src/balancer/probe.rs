@@ -18,6 +18,7 @@ use tokio::io::AsyncWriteExt;
 
 use super::Backend;
 use crate::config::HealthCheck;
+use crate::proxy_protocol;
 use crate::upstream::{self, ConnectError};
 use crate::websocket::frame::{ControlFrame, Role};
 use crate::websocket::{accepts, new_key};
@@ -47,7 +48,14 @@ pub async fn probe(backend: &Backend, check: &HealthCheck) -> Result<(), ProbeEr
 
 async fn probe_inner(backend: &Backend, check: &HealthCheck) -> Result<(), ProbeError> {
     let addr = backend.addr.as_str();
-    let stream = upstream::connect(addr, backend.tls.as_ref(), check.timeout).await?;
+    // A backend that requires the PROXY protocol refuses a connection without the header: a check says
+    // it comes from wsgate itself (LOCAL), with no client's address in it.
+    let preamble = backend
+        .proxy_protocol
+        .filter(|p| p.health)
+        .map(|p| proxy_protocol::encode_local(p.version))
+        .unwrap_or_default();
+    let stream = upstream::connect(addr, backend.tls.as_ref(), check.timeout, &preamble).await?;
     let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     // The connection is driven beside the exchange, inside the probe, not as a task of its own: the
     // probe's timeout bounds both and nothing outlives it. It ends when the exchange drops its sender, or

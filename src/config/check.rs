@@ -74,7 +74,7 @@ impl Config {
 }
 
 /// Walks the parsed file, collecting every problem.
-struct Checker<'a> {
+pub(super) struct Checker<'a> {
     file: &'a str,
     text: &'a str,
     /// The config file's folder: relative paths in the file are relative to it.
@@ -92,7 +92,7 @@ impl Checker<'_> {
             + 1
     }
 
-    fn error(&mut self, at: usize, key: impl Into<String>, message: impl Into<String>) {
+    pub(super) fn error(&mut self, at: usize, key: impl Into<String>, message: impl Into<String>) {
         self.errors.push(ConfigError {
             file: self.file.to_string(),
             line: self.line_of(at),
@@ -162,12 +162,14 @@ impl Checker<'_> {
                 .as_ref()
                 .map(|tls| self.tls(tls, &format!("{key}.tls")));
             let http = self.listener_http(l, &key);
+            let admission = self.listener_admission(l, &key);
             if let Some(listen) = self.socket_addr(&l.listen, &format!("{key}.listen")) {
                 listeners.push(ListenerConfig {
                     name: l.name.get_ref().clone(),
                     listen,
                     tls,
                     http,
+                    admission,
                 });
             }
         }
@@ -401,9 +403,13 @@ impl Checker<'_> {
                 defaults.max_connections
             }
         };
+        let (max_tracked_clients, ipv6_prefix) =
+            self.tracking(&l.max_tracked_clients, &l.ipv6_prefix);
         Limits {
             max_header_size,
             max_connections,
+            max_tracked_clients,
+            ipv6_prefix,
         }
     }
 
@@ -453,12 +459,14 @@ impl Checker<'_> {
             );
         }
         let websocket = self.websocket(&r.websocket, &format!("{key}.websocket"), send_timeout);
+        let admission = self.route_admission(r, &key);
         Some(RouteConfig {
             name: r.name.get_ref().clone(),
             host,
             path_prefix,
             pool: r.pool.get_ref().clone(),
             websocket,
+            admission,
         })
     }
 
@@ -630,12 +638,14 @@ impl Checker<'_> {
                 Some(backend)
             })
             .collect();
+        let proxy_protocol = self.pool_proxy_protocol(pool, key);
         PoolConfig {
             policy,
             health,
             max_fails,
             fail_timeout,
             tls,
+            proxy_protocol,
             backends,
         }
     }

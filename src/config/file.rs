@@ -54,6 +54,8 @@ pub struct FileTimeouts {
 pub struct FileLimits {
     pub max_header_size: Option<Text>,
     pub max_connections: Option<Spanned<i64>>,
+    pub max_tracked_clients: Option<Spanned<i64>>,
+    pub ipv6_prefix: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -72,6 +74,20 @@ pub struct FileListener {
     pub alpn: Option<Spanned<Vec<Text>>>,
     pub h2c: Option<Spanned<bool>>,
     pub websocket_over_h2: Option<bool>,
+    pub proxy_protocol: Option<Text>,
+    pub proxy_protocol_from: Option<Spanned<Vec<Text>>>,
+    pub trusted_proxies: Option<Spanned<Vec<Text>>>,
+    pub max_connections_per_ip: Option<Spanned<i64>>,
+    pub handshake_rate: Option<Spanned<FileRate>>,
+}
+
+/// A rate limit: `{ rate = 100, burst = 200 }` (per second), with `max_wait` for a listener's queue.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRate {
+    pub rate: Spanned<f64>,
+    pub burst: Option<Spanned<i64>>,
+    pub max_wait: Option<Text>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -96,6 +112,10 @@ pub struct FileRoute {
     pub pool: Text,
     #[serde(default)]
     pub websocket: FileWebSocket,
+    pub allowed_origins: Option<Spanned<Vec<Text>>>,
+    pub allow_missing_origin: Option<Spanned<bool>>,
+    pub max_tunnels_per_ip: Option<Spanned<i64>>,
+    pub handshake_rate_per_ip: Option<Spanned<FileRate>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -120,6 +140,8 @@ pub struct FilePool {
     pub max_fails: Option<Spanned<i64>>,
     pub fail_timeout: Option<Text>,
     pub tls: Option<Spanned<FileBackendTls>>,
+    pub proxy_protocol: Option<Text>,
+    pub proxy_protocol_health: Option<Spanned<bool>>,
     pub backends: Spanned<Vec<FileBackend>>,
 }
 

@@ -4,6 +4,7 @@
 //! `model.rs`. Every problem is reported as `file:line: key: message`, and all of them are collected, so
 //! `wsgate check` can list them at once.
 
+mod admission;
 mod check;
 pub mod cidr;
 mod file;
@@ -14,6 +15,8 @@ pub mod units;
 pub use check::split_host_port;
 pub use model::*;
 
+#[cfg(test)]
+mod admission_tests;
 #[cfg(test)]
 mod pool_tests;
 #[cfg(test)]

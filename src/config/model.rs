@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::cidr;
+use crate::origin::OriginList;
+use crate::proxy_protocol::{Version, Versions};
 
 /// One problem in a config file, with where it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,6 +114,10 @@ pub struct Limits {
     pub max_header_size: usize,
     /// Most client connections open at once per listener; further accepts wait.
     pub max_connections: usize,
+    /// Most clients whose rate buckets one listener or route remembers (`admission::ClientTable`).
+    pub max_tracked_clients: usize,
+    /// IPv6 clients are counted and rate-limited per network of this many leading bits.
+    pub ipv6_prefix: u8,
 }
 
 impl Default for Limits {
@@ -119,8 +125,65 @@ impl Default for Limits {
         Limits {
             max_header_size: 64 << 10,
             max_connections: 100_000,
+            max_tracked_clients: 100_000,
+            ipv6_prefix: 64,
         }
     }
+}
+
+/// A rate limit: `per_second` events sustained, `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rate {
+    pub per_second: f64,
+    pub burst: u32,
+}
+
+/// A listener's admission control (README, "Protecting backends"); everything off by default.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ListenerAdmission {
+    /// Connections begin with a PROXY protocol header carrying the client's address.
+    pub proxy_protocol: Option<ProxyProtocolIn>,
+    /// Peers whose `X-Forwarded-For` is believed for the client's address in per-client limits.
+    pub trusted_proxies: Vec<cidr::Cidr>,
+    /// Most connections one client holds open on this listener; more are closed at once.
+    pub max_connections_per_ip: Option<u32>,
+    /// WebSocket handshakes this listener lets through to the backends, all clients together; the excess
+    /// waits its turn for at most `max_wait`, then gets 503.
+    pub handshake_rate: Option<HandshakeRate>,
+}
+
+/// The PROXY protocol header a listener reads first on every connection.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProxyProtocolIn {
+    pub versions: Versions,
+    /// Only these peers may send one: a connection from elsewhere is closed.
+    pub from: Vec<cidr::Cidr>,
+}
+
+/// A listener's handshake gate.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HandshakeRate {
+    pub rate: Rate,
+    pub max_wait: Duration,
+}
+
+/// A route's admission control; everything off by default.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RouteAdmission {
+    /// Upgrades must come from these origins (cross-site WebSocket hijacking); `None` checks nothing.
+    pub origins: Option<OriginList>,
+    /// Most tunnels one client holds open on this route; more get 429.
+    pub max_tunnels_per_ip: Option<u32>,
+    /// WebSocket handshakes one client may make on this route; more get 429.
+    pub handshake_rate_per_ip: Option<Rate>,
+}
+
+/// The PROXY protocol header a pool sends to its backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProxyProtocolOut {
+    pub version: Version,
+    /// Health checks send one too (with no client address in it), for backends that require it.
+    pub health: bool,
 }
 
 /// Per-connection limits of HTTP/2 client connections (docs/ARCHITECTURE.md, "HTTP/2"). The header list
@@ -160,6 +223,7 @@ pub struct ListenerConfig {
     /// TLS termination; `None` for plain TCP.
     pub tls: Option<TlsConfig>,
     pub http: ListenerHttp,
+    pub admission: ListenerAdmission,
 }
 
 /// Which HTTP versions a listener speaks.
@@ -223,6 +287,7 @@ pub struct RouteConfig {
     pub path_prefix: String,
     pub pool: String,
     pub websocket: WebSocketSettings,
+    pub admission: RouteAdmission,
 }
 
 /// Per-route settings of upgraded connections (docs/ARCHITECTURE.md, "The tunnel").
@@ -324,6 +389,8 @@ pub struct PoolConfig {
     pub fail_timeout: Duration,
     /// TLS toward the pool's backends; `None`: plain TCP (a backend's own table replaces it).
     pub tls: Option<BackendTlsConfig>,
+    /// A PROXY protocol header sent first on every backend connection.
+    pub proxy_protocol: Option<ProxyProtocolOut>,
     pub backends: Vec<BackendConfig>,
 }
 

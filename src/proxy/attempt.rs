@@ -17,6 +17,8 @@
 use std::sync::Arc;
 
 use crate::balancer::{Affinity, Backend, BackendGuard, Pool};
+use crate::conn::ClientConn;
+use crate::proxy_protocol;
 use crate::upstream::ConnectError;
 
 use super::ProxyError;
@@ -87,4 +89,13 @@ impl<'a> Attempts<'a> {
     pub fn faulted(&self, guard: &BackendGuard) {
         self.pool.connect_failed(guard.backend());
     }
+}
+
+/// The PROXY protocol header `backend`'s connections for `conn` begin with: empty unless its pool sends
+/// one (`proxy_protocol`), else naming the client's address (the one wsgate believes: a PROXY header's
+/// from its own load balancer included) and the address the client connected to.
+pub fn preamble(backend: &Backend, conn: &ClientConn) -> Vec<u8> {
+    backend.proxy_protocol.map_or_else(Vec::new, |p| {
+        proxy_protocol::encode(p.version, conn.peer, conn.local)
+    })
 }

@@ -12,7 +12,12 @@ use crate::body::{self, ProxyBody};
 use crate::conn::ClientConn;
 use crate::headers::BadRequest;
 use crate::http1::backend::BackendHttpError;
+use crate::origin::OriginRefusal;
 use crate::websocket::Rejection;
+
+/// What a client over its tunnel limit is told to wait: a tunnel's end cannot be foreseen, and a client
+/// retrying at once would only be refused again.
+const TUNNEL_LIMIT_RETRY_AFTER: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -51,6 +56,19 @@ pub enum ProxyError {
     /// protocols, which the client could only take for an open tunnel.
     #[error("backend answered the upgrade with {0} instead of switching protocols")]
     NotSwitched(StatusCode),
+    /// An upgrade whose `Origin` the route's `allowed_origins` does not take.
+    #[error("origin refused: {0}")]
+    Origin(OriginRefusal),
+    /// The client is over its handshake rate on the route; a token is back after this long.
+    #[error("handshake rate exceeded; retry in {0:?}")]
+    RateLimited(Duration),
+    /// The client holds as many tunnels on the route as `max_tunnels_per_ip` allows.
+    #[error("too many tunnels from this client")]
+    TooManyTunnels,
+    /// The listener's handshake gate would make this upgrade wait longer than its queue allows: load
+    /// shed, no one's fault. The queue is short enough to join again after this long.
+    #[error("handshake queue full; retry in {0:?}")]
+    Overloaded(Duration),
 }
 
 impl ProxyError {
@@ -62,7 +80,11 @@ impl ProxyError {
             ProxyError::UnsupportedProtocol => StatusCode::NOT_IMPLEMENTED,
             ProxyError::BadUpgrade(Rejection::BadKey) => StatusCode::BAD_REQUEST,
             ProxyError::BadUpgrade(Rejection::BadVersion) => StatusCode::UPGRADE_REQUIRED,
-            ProxyError::NoBackend => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::NoBackend | ProxyError::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Origin(_) => StatusCode::FORBIDDEN,
+            ProxyError::RateLimited(_) | ProxyError::TooManyTunnels => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             ProxyError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Unreachable
             | ProxyError::Http(_)
@@ -81,6 +103,10 @@ impl ProxyError {
             ProxyError::UnsupportedProtocol => "unsupported_protocol",
             ProxyError::BadUpgrade(_) => "bad_upgrade",
             ProxyError::NoBackend => "no_backend",
+            ProxyError::Origin(_) => "origin_refused",
+            ProxyError::RateLimited(_) | ProxyError::TooManyTunnels | ProxyError::Overloaded(_) => {
+                "limited"
+            }
             ProxyError::Unreachable => "backend_unreachable",
             ProxyError::Timeout(_) => "backend_timeout",
             ProxyError::Http(_)
@@ -93,6 +119,9 @@ impl ProxyError {
     /// The `result` label of `wsgate_ws_upgrades_total` for an upgrade that ended in this error.
     pub fn upgrade_result(&self) -> &'static str {
         match self {
+            ProxyError::RateLimited(_) | ProxyError::TooManyTunnels | ProxyError::Overloaded(_) => {
+                "limited"
+            }
             _ if self.is_client_fault() => "rejected",
             ProxyError::NoBackend => "no_backend",
             _ => "backend_error",
@@ -108,7 +137,26 @@ impl ProxyError {
                 | ProxyError::NoRoute
                 | ProxyError::UnsupportedProtocol
                 | ProxyError::BadUpgrade(_)
+                | ProxyError::Origin(_)
+                | ProxyError::RateLimited(_)
+                | ProxyError::TooManyTunnels
         )
+    }
+
+    /// Load shed by wsgate's own admission control: neither the client's fault nor a backend's.
+    fn is_shed(&self) -> bool {
+        matches!(self, ProxyError::Overloaded(_))
+    }
+
+    /// The `reason` label of `wsgate_admission_rejections_total` (admission control's refusals only).
+    pub fn admission_reason(&self) -> &'static str {
+        match self {
+            ProxyError::Origin(refusal) => refusal.label(),
+            ProxyError::RateLimited(_) => "handshake_rate_per_ip",
+            ProxyError::TooManyTunnels => "tunnels_per_ip",
+            ProxyError::Overloaded(_) => "handshake_queue",
+            _ => "other",
+        }
     }
 
     /// Logs the error with the request's client (address and protocol), route (empty before routing) and the backend last tried
@@ -119,7 +167,7 @@ impl ProxyError {
         let (status, error) = (self.status().as_u16(), self.label());
         let (client, protocol) = (conn.peer, conn.protocol());
         let backend = backend.unwrap_or("-");
-        if self.is_client_fault() {
+        if self.is_client_fault() || self.is_shed() {
             tracing::info!(target: "wsgate::access", %client, protocol, route, status, error, detail = %self, "request refused");
         } else {
             tracing::warn!(%client, protocol, route, backend, status, error, detail = %self, "request failed");
@@ -145,6 +193,13 @@ impl ProxyError {
                 return response;
             }
             ProxyError::NoBackend => "no backend available\n",
+            ProxyError::Origin(_) => "origin not allowed\n",
+            ProxyError::RateLimited(retry) | ProxyError::Overloaded(retry) => {
+                return retry_after(self.status(), *retry);
+            }
+            ProxyError::TooManyTunnels => {
+                return retry_after(self.status(), TUNNEL_LIMIT_RETRY_AFTER);
+            }
             ProxyError::Unreachable => "backend unreachable\n",
             ProxyError::Timeout(_) => "backend did not answer in time\n",
             ProxyError::Http(_)
@@ -154,6 +209,22 @@ impl ProxyError {
         };
         body::text(self.status(), text)
     }
+}
+
+/// A refusal that tells the client when to come back (`Retry-After` in whole seconds, rounded up: a
+/// client that comes back on time must find room).
+fn retry_after(status: StatusCode, after: Duration) -> Response<ProxyBody> {
+    let text = if status == StatusCode::TOO_MANY_REQUESTS {
+        "too many requests\n"
+    } else {
+        "overloaded, retry later\n"
+    };
+    let mut response = body::text(status, text);
+    let seconds = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+    response
 }
 
 /// 400 with the reason, and `Connection: close`.
@@ -183,6 +254,10 @@ mod tests {
             ProxyError::Handshake(BackendHttpError::Closed),
             ProxyError::BadAccept,
             ProxyError::NotSwitched(StatusCode::OK),
+            ProxyError::Origin(OriginRefusal::Missing),
+            ProxyError::RateLimited(Duration::from_millis(1500)),
+            ProxyError::TooManyTunnels,
+            ProxyError::Overloaded(Duration::from_millis(10)),
         ]
     }
 
@@ -216,5 +291,23 @@ mod tests {
         assert_eq!(ProxyError::NoBackend.upgrade_result(), "no_backend");
         assert_eq!(ProxyError::Unreachable.upgrade_result(), "backend_error");
         assert_eq!(ProxyError::NoRoute.upgrade_result(), "rejected");
+        // Admission control: 403 for an origin, 429 for a client over its limits, 503 for load shed,
+        // each saying when to come back (rounded up, at least a second).
+        assert_eq!(ProxyError::Origin(OriginRefusal::Missing).status(), 403);
+        let rate = ProxyError::RateLimited(Duration::from_millis(1500)).response();
+        assert_eq!(rate.status(), 429);
+        assert_eq!(rate.headers()[header::RETRY_AFTER], "2");
+        assert_eq!(
+            ProxyError::TooManyTunnels.response().headers()[header::RETRY_AFTER],
+            "5"
+        );
+        let shed = ProxyError::Overloaded(Duration::from_millis(10)).response();
+        assert_eq!(shed.status(), 503);
+        assert_eq!(shed.headers()[header::RETRY_AFTER], "1");
+        assert_eq!(ProxyError::TooManyTunnels.upgrade_result(), "limited");
+        assert_eq!(
+            ProxyError::Origin(OriginRefusal::Missing).upgrade_result(),
+            "rejected"
+        );
     }
 }

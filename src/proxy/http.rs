@@ -12,7 +12,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use super::ProxyError;
-use super::attempt::Attempts;
+use super::attempt::{Attempts, preamble};
 use crate::body::ProxyBody;
 use crate::config::Config;
 use crate::conn::ClientConn;
@@ -91,11 +91,17 @@ async fn proxy(
         };
         let backend = Arc::clone(guard.backend());
         last_tried = Some(backend.addr.clone());
-        let mut sender = match shared
-            .upstream
-            .checkout(&backend.addr, backend.tls.as_ref(), config.timeouts.connect)
-            .await
-        {
+        // A connection that begins with a PROXY header names one client: it is pooled for that client
+        // connection alone.
+        let client = backend.proxy_protocol.map(|_| conn.peer);
+        let key = PoolKey::new(&backend.addr, backend.tls.as_ref(), client);
+        let preamble = preamble(&backend, conn);
+        let connect_timeout = config.timeouts.connect;
+        let checkout =
+            shared
+                .upstream
+                .checkout(&key, backend.tls.as_ref(), &preamble, connect_timeout);
+        let mut sender = match checkout.await {
             Ok(sender) => {
                 attempts.answered(&guard);
                 sender
@@ -116,7 +122,6 @@ async fn proxy(
                     parts.headers.append(http::header::SET_COOKIE, cookie);
                 }
                 let upstream = Arc::clone(&shared.upstream);
-                let key = PoolKey::new(&backend.addr, backend.tls.as_ref());
                 let body = UpstreamBody::new(incoming, upstream, key, sender, guard);
                 return (Ok(Response::from_parts(parts, body.boxed())), last_tried);
             }

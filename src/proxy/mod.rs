@@ -4,6 +4,7 @@
 //! back is an `Answer` for the server layer to send: a response, or a 101 with the `Splice` that joins
 //! the client to the backend once the server layer has taken the client connection over (`splice.rs`).
 
+mod admission;
 mod attempt;
 mod error;
 mod http;

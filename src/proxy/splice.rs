@@ -8,6 +8,7 @@ use bytes::Bytes;
 use futures_util::FutureExt;
 
 use super::tunnel_metrics::RouteTunnel;
+use crate::admission::Counted;
 use crate::balancer::BackendGuard;
 use crate::conn::ClientConn;
 use crate::router::Route;
@@ -20,17 +21,20 @@ use crate::websocket::tunnel::{self, TunnelParams};
 pub struct Splice {
     route: Arc<Route>,
     guard: BackendGuard,
+    /// The client's place under the route's `max_tunnels_per_ip`, held as long as the tunnel lives.
+    place: Option<Counted>,
     backend: BackendStream,
     backend_early: Bytes,
     allowed_rsv: u8,
 }
 
 impl Splice {
-    /// `backend_early`: what the backend sent behind its 101. `allowed_rsv`: the RSV bits frames may
-    /// carry (an extension was negotiated).
+    /// `held`: the backend's guard and the client's place on the route. `backend_early`: what the
+    /// backend sent behind its 101. `allowed_rsv`: the RSV bits frames may carry (an extension was
+    /// negotiated).
     pub fn new(
         route: Arc<Route>,
-        guard: BackendGuard,
+        (guard, place): (BackendGuard, Option<Counted>),
         backend: BackendStream,
         backend_early: Bytes,
         allowed_rsv: u8,
@@ -38,6 +42,7 @@ impl Splice {
         Splice {
             route,
             guard,
+            place,
             backend,
             backend_early,
             allowed_rsv,
@@ -59,7 +64,7 @@ impl Splice {
         let params = TunnelParams {
             allowed_rsv: self.allowed_rsv,
             shutdown: shared.shutdown.clone(),
-            context: RouteTunnel::new(self.route, self.guard, conn, shared),
+            context: RouteTunnel::new(self.route, (self.guard, self.place), conn, shared),
         };
         let backend_early = detach(self.backend_early);
         tunnel::run(client, detach(early), self.backend, backend_early, params)

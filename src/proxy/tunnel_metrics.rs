@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::admission::Counted;
 use crate::balancer::BackendGuard;
 use crate::config::WebSocketSettings;
 use crate::conn::ClientConn;
@@ -20,6 +21,8 @@ use crate::websocket::tunnel::{Traffic, TunnelContext, TunnelOutcome};
 pub struct RouteTunnel {
     route: Arc<Route>,
     guard: BackendGuard,
+    /// The client's place under the route's `max_tunnels_per_ip`, given back when the tunnel ends.
+    _place: Option<Counted>,
     conn: Arc<ClientConn>,
     shared: Arc<Shared>,
 }
@@ -27,13 +30,14 @@ pub struct RouteTunnel {
 impl RouteTunnel {
     pub fn new(
         route: Arc<Route>,
-        guard: BackendGuard,
+        (guard, place): (BackendGuard, Option<Counted>),
         conn: Arc<ClientConn>,
         shared: Arc<Shared>,
     ) -> RouteTunnel {
         let tunnel = RouteTunnel {
             route,
             guard,
+            _place: place,
             conn,
             shared,
         };

@@ -11,7 +11,8 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::{Response, StatusCode};
 use tokio::io::AsyncWriteExt;
 
-use super::attempt::Attempts;
+use super::admission::admit_upgrade;
+use super::attempt::{Attempts, preamble};
 use super::http::origin_form;
 use super::splice::Splice;
 use super::{Answer, ProxyError};
@@ -64,6 +65,11 @@ pub async fn handshake(
         Ok(key) => key,
         Err(rejection) => return refuse(rejection.into(), None),
     };
+    // Admission before anything is done for the request: a refused upgrade costs no backend anything.
+    let place = match admit_upgrade(&parts.headers, &route, config, conn, shared).await {
+        Ok(place) => place,
+        Err(error) => return refuse(error, None),
+    };
     // The sticky key is read before the headers are rewritten (X-Forwarded-For must be the client's).
     let affinity = route
         .pool
@@ -84,7 +90,7 @@ pub async fn handshake(
         headers: &parts.headers,
         key: &key,
     };
-    let outcome = match connect_and_send(&route, &affinity, config, &request).await {
+    let outcome = match connect_and_send(&route, &affinity, config, conn, &request).await {
         Ok(outcome) => outcome,
         Err((error, backend)) => return refuse(error, backend.as_deref()),
     };
@@ -132,7 +138,13 @@ pub async fn handshake(
             {
                 response.headers_mut().append(header::SET_COOKIE, cookie);
             }
-            let splice = Splice::new(route, guard, switched.stream, switched.early, allowed_rsv);
+            let splice = Splice::new(
+                route,
+                (guard, place),
+                switched.stream,
+                switched.early,
+                allowed_rsv,
+            );
             Answer::Switching(response, splice)
         }
     }
@@ -175,6 +187,7 @@ async fn connect_and_send(
     route: &Route,
     affinity: &Affinity,
     config: &Config,
+    conn: &ClientConn,
     request: &BackendRequest<'_>,
 ) -> Result<Outcome, (ProxyError, Option<String>)> {
     let pool = &route.pool;
@@ -190,7 +203,9 @@ async fn connect_and_send(
         let backend = guard.backend();
         let addr = &backend.addr;
         last_tried = Some(addr.clone());
-        let connected = upstream::connect(addr, backend.tls.as_ref(), config.timeouts.connect);
+        let preamble = preamble(backend, conn);
+        let connect_timeout = config.timeouts.connect;
+        let connected = upstream::connect(addr, backend.tls.as_ref(), connect_timeout, &preamble);
         let stream = match connected.await {
             Ok(stream) => stream,
             Err(error) => match attempts.unreachable(&guard, &error) {

@@ -11,6 +11,7 @@
 //! else (other requests, malformed heads, bodies, refusals' follow-ups) goes to hyper with the bytes
 //! already read replayed in front of the stream, so HTTP behaviour, error answers included, stays hyper's.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +19,7 @@ use bytes::Bytes;
 use http::Response;
 use http::header;
 use http_body_util::BodyExt;
+use prometheus::IntGauge;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
@@ -26,14 +28,16 @@ use tokio_rustls::server::TlsStream;
 use super::client_io::{ClientIo, Replay};
 use super::h1::serve_http;
 use super::h2::serve_h2;
+use crate::admission::ClientKey;
 use crate::body::ProxyBody;
 use crate::config::{Alpn, Config, ListenerHttp};
-use crate::conn::ClientConn;
+use crate::conn::{Admitted, ClientConn, ConnSlot, Listener};
 use crate::headers::has_token;
 use crate::http1::request::{First, parse};
 use crate::http1::response::encode;
 use crate::http1::{FIRST_READ, client_head_limit};
 use crate::proxy::{self, Answer, Splice};
+use crate::proxy_protocol;
 use crate::state::Shared;
 use crate::websocket::{Buffered, Transport};
 
@@ -42,20 +46,89 @@ pub struct Front {
     /// The listener's certificates and ALPN ids; `None` for a plain listener.
     pub tls: Option<TlsAcceptor>,
     pub http: ListenerHttp,
+    /// The listener as its connections see it: name, admission settings and state.
+    pub listener: Arc<Listener>,
 }
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4): how an h2c client with prior knowledge begins.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// Serves an accepted connection until it closes or is upgraded, as its listener's `front` says.
-pub async fn serve(
+/// Admits a connection just accepted (its place under the listener's `max_connections` taken, with the
+/// gauge that counts it), then serves it. First the listener's own admission: the PROXY protocol header
+/// if the listener reads one (only from the load balancers it names), which gives the client's address,
+/// then the client's place under `max_connections_per_ip`. A connection refused here is closed at once,
+/// before any byte is answered, and counted.
+pub async fn admit(
+    stream: TcpStream,
+    tcp_peer: SocketAddr,
+    front: Arc<Front>,
+    (slot, active): (ConnSlot, IntGauge),
+    shared: Arc<Shared>,
+) {
+    let config = Arc::clone(&shared.state.load().config);
+    let listener = &front.listener;
+    let refuse = |reason: &str| {
+        tracing::debug!(listener = %listener.name, peer = %tcp_peer, reason, "connection refused");
+        shared
+            .metrics
+            .admission_rejections
+            .with_label_values(&[&listener.name, "", reason])
+            .inc();
+    };
+    let local = stream.local_addr().unwrap_or(tcp_peer);
+    let (peer, local) = match &listener.admission.proxy_protocol {
+        None => (tcp_peer, local),
+        Some(proxy) => {
+            if !proxy.from.iter().any(|net| net.contains(tcp_peer.ip())) {
+                return refuse("proxy_untrusted");
+            }
+            let header = proxy_protocol::read_header(&stream, proxy.versions);
+            match tokio::time::timeout(config.timeouts.header, header).await {
+                Ok(Ok(Some(source))) => (source, local),
+                // LOCAL (the balancer's own health check) or UNKNOWN: the peer is who it is.
+                Ok(Ok(None)) => (tcp_peer, local),
+                Ok(Err(error)) => {
+                    tracing::debug!(listener = %listener.name, peer = %tcp_peer, %error, "bad PROXY protocol header");
+                    return refuse(error.label());
+                }
+                Err(_) => return refuse("proxy_header_timeout"),
+            }
+        }
+    };
+    let per_client = match listener.admission.max_connections_per_ip {
+        None => None,
+        Some(max) => {
+            let key = ClientKey::new(peer.ip(), config.limits.ipv6_prefix);
+            match listener.scope.clients.acquire(key, max) {
+                Some(place) => Some(place),
+                None => return refuse("connections_per_ip"),
+            }
+        }
+    };
+    let admitted = Admitted {
+        slot,
+        per_client,
+        active,
+    };
+    let tls = front.tls.is_some();
+    let conn = Arc::new(ClientConn::new(
+        (peer, local),
+        tls,
+        Arc::clone(listener),
+        admitted,
+    ));
+    serve(stream, front, conn, shared, config).await;
+}
+
+/// Serves an admitted connection until it closes or is upgraded, as its listener's `front` says.
+async fn serve(
     stream: TcpStream,
     front: Arc<Front>,
     conn: Arc<ClientConn>,
     shared: Arc<Shared>,
+    config: Arc<Config>,
 ) {
     let _ = stream.set_nodelay(true);
-    let config = Arc::clone(&shared.state.load().config);
     let io = ClientIo::new(
         stream,
         Arc::clone(&conn),

@@ -12,8 +12,9 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use super::connection::{self, Front};
-use crate::config::{ListenerConfig, ListenerHttp};
-use crate::conn::{ClientConn, ConnLimit};
+use crate::admission::ScopeKind;
+use crate::config::ListenerConfig;
+use crate::conn::{ConnLimit, Listener};
 use crate::state::Shared;
 
 /// A bound listener. Dropping the handle does not stop it; `stop` does (on reload or shutdown).
@@ -44,10 +45,7 @@ impl ListenerHandle {
         let handle = ListenerHandle {
             config: config.clone(),
             addr,
-            front: Arc::new(ArcSwap::from_pointee(Front {
-                tls,
-                http: config.http.clone(),
-            })),
+            front: Arc::new(ArcSwap::from_pointee(front(tls, config, shared))),
             limit: Arc::new(ConnLimit::new(max_connections)),
             stop: shared.shutdown.child_token(),
         };
@@ -69,14 +67,31 @@ impl ListenerHandle {
         self.limit.set_max(max);
     }
 
-    /// Uses new certificates and HTTP settings for connections accepted from now on.
-    pub fn set_front(&self, tls: Option<TlsAcceptor>, http: ListenerHttp) {
-        self.front.store(Arc::new(Front { tls, http }));
+    /// Uses new certificates, HTTP and admission settings for connections accepted from now on.
+    pub fn set_front(&self, tls: Option<TlsAcceptor>, config: &ListenerConfig, shared: &Shared) {
+        self.front.store(Arc::new(front(tls, config, shared)));
     }
 
     /// Closes the listening socket; connections already accepted go on.
     pub fn stop(&self) {
         self.stop.cancel();
+    }
+}
+
+/// How listener `config` serves its connections, its admission state taken from `shared` (the same across
+/// reloads).
+fn front(tls: Option<TlsAcceptor>, config: &ListenerConfig, shared: &Shared) -> Front {
+    let max_tracked = shared.state.load().config.limits.max_tracked_clients;
+    Front {
+        tls,
+        http: config.http.clone(),
+        listener: Arc::new(Listener {
+            name: config.name.clone(),
+            admission: config.admission.clone(),
+            scope: shared
+                .scopes
+                .get(ScopeKind::Listener, &config.name, max_tracked),
+        }),
     }
 }
 
@@ -150,16 +165,14 @@ async fn accept_loop(
         };
         accepted.inc();
         let front = front.load_full();
-        let conn = Arc::new(ClientConn::new(
-            peer,
-            front.tls.is_some(),
-            active.clone(),
-            slot,
-        ));
         let shared2 = Arc::clone(&shared);
-        shared
-            .tasks
-            .spawn(connection::serve(stream, front, conn, shared2));
+        shared.tasks.spawn(connection::admit(
+            stream,
+            peer,
+            front,
+            (slot, active.clone()),
+            shared2,
+        ));
     }
 }
 

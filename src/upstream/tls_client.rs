@@ -475,7 +475,7 @@ mod tests {
         let clients = TlsClients::load(config, None).expect("loads");
         let tls = backend_tls(config, &clients);
         let addr = &config.pools["p"].backends[0].addr;
-        match connect(addr, Some(&tls), Duration::from_secs(10)).await {
+        match connect(addr, Some(&tls), Duration::from_secs(10), &[]).await {
             Ok(_) => panic!("the handshake was accepted"),
             Err(error) => error,
         }

@@ -18,6 +18,7 @@ const LAYERS: &[&[&str]] = &[
     &[
         "websocket",
         "http1",
+        "admission",
         "balancer",
         "upstream",
         "router",

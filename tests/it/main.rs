@@ -10,6 +10,7 @@
 mod common;
 mod tunnel_support;
 
+mod admission;
 mod answers;
 mod backend_tls;
 mod balancing;
@@ -21,6 +22,7 @@ mod hostile;
 mod http_proxy;
 mod layers;
 mod operations;
+mod proxy_protocol;
 mod tls;
 mod tunnel;
 mod websocket_proxy;

@@ -64,7 +64,7 @@ impl Pki {
     }
 
     /// A client trusting this CA and offering ALPN `http/1.1`.
-    fn connector(&self) -> TlsConnector {
+    pub(crate) fn connector(&self) -> TlsConnector {
         self.connector_offering(&[b"http/1.1"])
     }
 
