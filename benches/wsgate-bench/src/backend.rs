@@ -15,13 +15,17 @@
 //! [`start_tls`] starts one that speaks TLS (`idle_tls_backend`): each
 //! connection is accepted by rustls first, then served as above over the TLS
 //! stream.
+//!
+//! The `storm` scenario's backends ([`start_logged`]) note the moment of every
+//! 101 they answer in an [`UpgradeLog`], to show how a reconnect storm reaches
+//! them; the other backends log nothing.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
@@ -62,6 +66,31 @@ pub struct Options {
     pub killable: bool,
     /// TLS in front of everything (a rustls acceptor with this config).
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Every 101 answered is noted here (`storm`).
+    pub upgrade_log: Option<Arc<UpgradeLog>>,
+}
+
+/// When a backend answered its upgrades with 101, shared by the backends of
+/// one storm.
+#[derive(Debug, Default)]
+pub struct UpgradeLog {
+    times: Mutex<Vec<Instant>>,
+}
+
+impl UpgradeLog {
+    fn note(&self, at: Instant) {
+        self.times
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(at);
+    }
+
+    /// The moments noted so far, sorted; the log is empty afterwards.
+    pub fn take(&self) -> Vec<Instant> {
+        let mut v = std::mem::take(&mut *self.times.lock().unwrap_or_else(|p| p.into_inner()));
+        v.sort_unstable();
+        v
+    }
 }
 
 /// How [`Backend::kill`] drops the live connections.
@@ -162,6 +191,15 @@ pub async fn start_tls(tls: Arc<rustls::ServerConfig>) -> std::io::Result<Backen
     .await
 }
 
+/// Binds 127.0.0.1:0 and serves until dropped, noting every 101 in `log`.
+pub async fn start_logged(log: Arc<UpgradeLog>) -> std::io::Result<Backend> {
+    start_with(Options {
+        upgrade_log: Some(log),
+        ..Options::default()
+    })
+    .await
+}
+
 /// Binds 127.0.0.1:`opts.port` and serves until dropped or killed.
 pub async fn start_with(opts: Options) -> std::io::Result<Backend> {
     // A deep backlog: the idle scenario opens hundreds of connections at once.
@@ -178,6 +216,7 @@ pub async fn start_with(opts: Options) -> std::io::Result<Backend> {
     let conn_opts = ConnOpts {
         greeting: opts.greeting.map(Arc::from),
         kill: opts.killable.then_some(kill_rx),
+        upgrade_log: opts.upgrade_log,
     };
     let acceptor = opts.tls.map(tokio_rustls::TlsAcceptor::from);
     let accept_task = tokio::spawn(async move {
@@ -223,6 +262,7 @@ pub async fn start_with(opts: Options) -> std::io::Result<Backend> {
 struct ConnOpts {
     greeting: Option<Arc<str>>,
     kill: Option<watch::Receiver<Option<Kill>>>,
+    upgrade_log: Option<Arc<UpgradeLog>>,
 }
 
 /// Serves one connection: a `TcpStream`, or a TLS stream over one.
@@ -293,6 +333,7 @@ where
     let accept = derive_accept_key(key.as_bytes());
     let on_upgrade = hyper::upgrade::on(&mut req);
     let guard = LiveGuard::new(&live);
+    let upgrade_log = opts.upgrade_log.clone();
     tokio::spawn(async move {
         let _guard = guard;
         let upgraded = match timeout(UPGRADE_LIMIT, on_upgrade).await {
@@ -349,6 +390,9 @@ where
     h.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
     if let Ok(v) = HeaderValue::from_str(&accept) {
         h.insert(SEC_WEBSOCKET_ACCEPT, v);
+    }
+    if let Some(log) = &upgrade_log {
+        log.note(Instant::now());
     }
     Ok(resp)
 }

@@ -112,6 +112,81 @@ pub async fn ws_connect_path(
     }
 }
 
+/// Why [`ws_connect_origin`] got no WebSocket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnectError {
+    /// The server answered the upgrade with this status instead of 101, and
+    /// the `Retry-After` it gave (whole seconds), if any.
+    Refused {
+        status: u16,
+        retry_after: Option<Duration>,
+    },
+    /// Anything else: connect refused or reset, a malformed answer, a timeout.
+    Failed(String),
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConnectError::Refused {
+                status,
+                retry_after,
+            } => write!(f, "upgrade answered {status} (Retry-After {retry_after:?})"),
+            ConnectError::Failed(e) => f.write_str(e),
+        }
+    }
+}
+
+/// A `Retry-After` in whole seconds (the HTTP-date form is not used by wsgate).
+pub fn parse_retry_after(v: &str) -> Option<Duration> {
+    v.trim().parse::<u64>().ok().map(Duration::from_secs)
+}
+
+/// As [`ws_connect`], optionally with an `Origin` header, telling a refusal
+/// (a status other than 101, with its `Retry-After`) from other failures.
+pub async fn ws_connect_origin(
+    dst: SocketAddr,
+    src: IpAddr,
+    origin: Option<&'static str>,
+    cfg: WebSocketConfig,
+    limit: Duration,
+) -> Result<Ws, ConnectError> {
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::http::HeaderValue;
+    let fut = async {
+        let stream = tcp_connect(dst, src)
+            .await
+            .map_err(|e| ConnectError::Failed(format!("connect {dst}: {e}")))?;
+        let mut request = format!("ws://{dst}/bench")
+            .into_client_request()
+            .map_err(|e| ConnectError::Failed(format!("request: {e}")))?;
+        if let Some(origin) = origin {
+            request
+                .headers_mut()
+                .insert("origin", HeaderValue::from_static(origin));
+        }
+        match tokio_tungstenite::client_async_with_config(request, stream, Some(cfg)).await {
+            Ok((ws, _resp)) => Ok(ws),
+            Err(WsError::Http(resp)) => Err(ConnectError::Refused {
+                status: resp.status().as_u16(),
+                retry_after: resp
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(parse_retry_after),
+            }),
+            Err(e) => Err(ConnectError::Failed(format!("upgrade {dst}: {e}"))),
+        }
+    };
+    match timeout(limit, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(ConnectError::Failed(format!(
+            "connect+upgrade {dst}: timed out after {limit:?}"
+        ))),
+    }
+}
+
 /// TCP connect, TLS handshake (SNI [`crate::tls::SERVER_NAME`]) and WebSocket
 /// upgrade inside it, to `wss://localhost:PORT/bench`, within `limit` as a whole.
 pub async fn wss_connect(
@@ -315,5 +390,18 @@ where
     match timeout(limit, fut).await {
         Ok(r) => r,
         Err(_) => Err(format!("close timed out after {limit:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_is_whole_seconds() {
+        assert_eq!(parse_retry_after("3"), Some(Duration::from_secs(3)));
+        assert_eq!(parse_retry_after(" 1 "), Some(Duration::from_secs(1)));
+        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
+        assert_eq!(parse_retry_after("-1"), None);
     }
 }

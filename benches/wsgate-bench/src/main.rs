@@ -35,9 +35,10 @@ struct Args {
     #[command(subcommand)]
     command: Option<Command>,
     /// Scenarios: all, or a comma list of echo64, echo16k, echo1m, handshake, idle, http,
-    /// idle_tls (idle over TLS), idle_h2 (idle WebSockets over HTTP/2 over TLS) and
-    /// idle_tls_backend (idle ws:// to TLS backends); the last three are not part of all,
-    /// name them: `all,idle_tls`.
+    /// idle_tls (idle over TLS), idle_h2 (idle WebSockets over HTTP/2 over TLS),
+    /// idle_tls_backend (idle ws:// to TLS backends) and storm (a reconnect storm with and
+    /// without wsgate's handshake gate, and what admission control costs a handshake;
+    /// wsgate only); the last four are not part of all, name them: `all,idle_tls`.
     #[arg(long, default_value = "all")]
     scenario: String,
     /// Targets, in the order they are interleaved within a run.
@@ -93,6 +94,37 @@ struct Args {
     /// Tokio worker threads for the load generator and echo backends.
     #[arg(long, default_value_t = 2)]
     client_threads: usize,
+    /// storm: clients that connect at once (each holds a client and a backend
+    /// socket in this process, two in wsgate).
+    #[arg(long, default_value_t = 5000)]
+    storm_clients: usize,
+    /// storm: the gate's rate, handshakes per second (`handshake_rate.rate`).
+    #[arg(long, default_value_t = 1000.0)]
+    storm_rate: f64,
+    /// storm: the gate's burst (`handshake_rate.burst`).
+    #[arg(long, default_value_t = 200)]
+    storm_burst: u32,
+    /// storm: seconds a handshake may wait at the gate before 503 (`handshake_rate.max_wait`,
+    /// 0.001–60).
+    #[arg(long, default_value_t = 5.0)]
+    storm_max_wait: f64,
+    /// storm: seconds until a storm gives up on the clients still out.
+    #[arg(long, default_value_t = 120)]
+    storm_timeout: u64,
+    /// storm: retries per client at most (after a 503/429, once its Retry-After has passed).
+    #[arg(long, default_value_t = 20)]
+    storm_retries: u32,
+    /// storm: random jitter added to every pause before a retry, 0 to this many ms.
+    #[arg(long, default_value_t = 250)]
+    storm_jitter_ms: u64,
+    /// storm: seconds a client waits for its 101 before it hangs up and tries again
+    /// [default: --storm-max-wait + 10, so that no client gives up while queued].
+    #[arg(long)]
+    storm_attempt_timeout: Option<f64>,
+    /// storm: which parts to run, `storm` (the reconnect storm with and without the gate)
+    /// and `cost` (handshakes with admission limits never hit against none).
+    #[arg(long, default_value = "storm,cost")]
+    storm_parts: String,
 }
 
 #[derive(Subcommand, Debug)]
@@ -402,7 +434,71 @@ async fn measure(
             scenarios::idle::run_tls_backend(addr, idle_conns, hold, probe).await
         }
         Scenario::Http => scenarios::http::run(addr, 50, d, probe, wrk).await,
+        // Run apart, with wsgate processes of its own (`run_storm`).
+        Scenario::Storm => {
+            let mut o = Outcome::default();
+            o.note_error("storm is not measured on a shared target".into());
+            o
+        }
     }
+}
+
+/// The storm's plan from the flags; `fd_room` is how many clients this
+/// process has descriptors for (each holds a client and a backend socket).
+fn storm_plan(args: &Args, fd_room: usize) -> Result<scenarios::storm::Plan, String> {
+    if args.storm_clients == 0 {
+        return Err("--storm-clients must be at least 1".into());
+    }
+    if args.storm_clients > fd_room {
+        return Err(format!(
+            "--storm-clients {} needs ~{} descriptors in this process (a client and a backend \
+             socket each) and as many in wsgate; RLIMIT_NOFILE allows {fd_room} clients",
+            args.storm_clients,
+            2 * args.storm_clients
+        ));
+    }
+    // wsgate takes a rate in (0, 1e6] and a wait of at most 60 s.
+    if !(args.storm_rate > 0.0 && args.storm_rate <= 1e6) {
+        return Err("--storm-rate must be more than 0 and at most 1000000".into());
+    }
+    if !(1..=1_000_000).contains(&args.storm_burst) {
+        return Err("--storm-burst must be between 1 and 1000000".into());
+    }
+    if !(args.storm_max_wait >= 0.001 && args.storm_max_wait <= 60.0) {
+        return Err("--storm-max-wait must be between 0.001 and 60 (seconds)".into());
+    }
+    if args.storm_timeout == 0 {
+        return Err("--storm-timeout must be at least 1".into());
+    }
+    let attempt_timeout = match args.storm_attempt_timeout {
+        None => None,
+        Some(s) if s >= 0.1 && s <= args.storm_timeout as f64 => {
+            Some(Duration::from_millis((s * 1000.0).round() as u64))
+        }
+        Some(_) => {
+            return Err("--storm-attempt-timeout must be between 0.1 and --storm-timeout".into());
+        }
+    };
+    let parts: Vec<&str> = args.storm_parts.split(',').map(str::trim).collect();
+    if parts.is_empty() || parts.iter().any(|p| !["storm", "cost"].contains(p)) {
+        return Err("--storm-parts is a comma list of storm and cost".into());
+    }
+    Ok(scenarios::storm::Plan {
+        clients: args.storm_clients,
+        gate: targets::Gate {
+            rate: args.storm_rate,
+            burst: args.storm_burst,
+            max_wait: Duration::from_millis((args.storm_max_wait * 1000.0).round() as u64),
+        },
+        timeout: Duration::from_secs(args.storm_timeout),
+        retries: args.storm_retries,
+        jitter: Duration::from_millis(args.storm_jitter_ms),
+        attempt_timeout,
+        storm: parts.contains(&"storm"),
+        cost: parts.contains(&"cost"),
+        duration: Duration::from_secs(args.duration.max(1)),
+        runs: args.runs,
+    })
 }
 
 /// Why `target` cannot run `sc`, if it cannot: a TLS scenario needs a TLS
@@ -450,10 +546,16 @@ async fn h2_refusal(target: &Target) -> Option<String> {
 }
 
 async fn run(args: Args) -> Result<(), String> {
-    let scenario_list = parse_list(&args.scenario, &Scenario::ALL, Scenario::parse)?;
+    let mut scenario_list = parse_list(&args.scenario, &Scenario::ALL, Scenario::parse)?;
     let kinds = parse_list(&args.targets, &Kind::ALL, Kind::parse)?;
     if args.threads == 0 || args.runs == 0 {
         return Err("--threads and --runs must be at least 1".into());
+    }
+    // The storm runs after the others, with wsgate processes of its own.
+    let storm_wanted = scenario_list.contains(&Scenario::Storm);
+    scenario_list.retain(|&s| s != Scenario::Storm);
+    if storm_wanted && !kinds.contains(&Kind::Wsgate) {
+        return Err("the storm scenario measures wsgate: add wsgate to --targets".into());
     }
 
     let (soft, hard) = procstat::raise_nofile();
@@ -471,6 +573,11 @@ async fn run(args: Args) -> Result<(), String> {
         None => fd_room.min(IDLE_CAP),
     };
     eprintln!("RLIMIT_NOFILE soft {soft} hard {hard}; idle scenario uses {idle_conns} connections");
+    let storm = if storm_wanted {
+        Some(storm_plan(&args, fd_room)?)
+    } else {
+        None
+    };
 
     let root = workspace_root();
     let out_path = args.out.clone().unwrap_or_else(|| {
@@ -603,6 +710,7 @@ async fn run(args: Args) -> Result<(), String> {
                 Kind::Direct => None,
                 _ => tls_backends.clone(),
             },
+            admission: None,
         };
         let mut started = Target::start(spec.clone()).await;
         let mut spec = spec;
@@ -655,10 +763,11 @@ async fn run(args: Args) -> Result<(), String> {
             secs * n as u64
         })
         .sum();
+    let per_run = per_run + storm.as_ref().map_or(0, |p| p.seconds_per_run());
     eprintln!(
         "{} target(s) × {} scenario(s) × {} run(s): about {} min",
         running.len(),
-        scenario_list.len(),
+        scenario_list.len() + usize::from(storm.is_some()),
         args.runs,
         (per_run * args.runs as u64).div_ceil(60)
     );
@@ -740,12 +849,48 @@ async fn run(args: Args) -> Result<(), String> {
             }
         }
     }
-    // Stop the proxies before printing.
+    // The storm's wsgate processes are its own; it needs the spec (binary,
+    // threads, backends) of the one the other scenarios ran.
+    let wsgate_spec = running
+        .iter()
+        .find(|t| t.kind() == Kind::Wsgate)
+        .map(|t| t.spec.clone());
+    if storm.is_some() {
+        for t in running.iter().filter(|t| t.kind() != Kind::Wsgate) {
+            let why = format!(
+                "{}: storm not applicable (it measures wsgate's handshake gate; {} has no queue of \
+                 handshakes to compare)",
+                t.kind(),
+                t.kind()
+            );
+            eprintln!("[storm] {why}");
+            not_run.push(why);
+        }
+    }
+    // Stop the proxies before the storm and before printing.
     drop(running);
+    match (&storm, wsgate_spec) {
+        (Some(plan), Some(spec)) => {
+            let mut emit = |r: Record| -> Result<(), String> {
+                sink.write(&r)
+                    .map_err(|e| format!("{}: {e}", out_path.display()))?;
+                records.push(r);
+                Ok(())
+            };
+            scenarios::storm::run_all(&spec, plan, &mut emit).await?;
+        }
+        (Some(_), None) => not_run.push("wsgate: storm skipped (wsgate did not start)".into()),
+        (None, _) => {}
+    }
 
     let sc_names: Vec<&str> = scenario_list.iter().map(|s| s.name()).collect();
     let t_names: Vec<&str> = kinds.iter().map(|k| k.name()).collect();
-    println!("{}", report::markdown(&records, &sc_names, &t_names));
+    if !scenario_list.is_empty() {
+        println!("{}", report::markdown(&records, &sc_names, &t_names));
+    }
+    if storm.is_some() {
+        println!("{}", report::storm_markdown(&records));
+    }
     for s in skipped.iter().chain(&not_run) {
         println!("- {s}");
     }
@@ -820,6 +965,82 @@ mod tests {
         let s = Scenario::IdleTlsBackend;
         assert!(s.is_idle() && s.uses_tls_backend() && !s.uses_tls() && !s.uses_h2());
         assert!(!Scenario::IdleTls.uses_tls_backend());
+    }
+
+    #[test]
+    fn storm_is_named_not_part_of_all_and_its_flags_parse() {
+        let p = |s| parse_list(s, &Scenario::ALL, Scenario::parse).unwrap();
+        assert!(!p("all").contains(&Scenario::Storm));
+        assert_eq!(p("storm"), vec![Scenario::Storm]);
+        assert!(!Scenario::Storm.is_idle() && !Scenario::Storm.uses_tls());
+        let a = Args::try_parse_from(["wsgate-bench", "--scenario", "storm"]).unwrap();
+        let plan = storm_plan(&a, 9000).unwrap();
+        assert_eq!(plan.clients, 5000);
+        assert_eq!(plan.gate.rate, 1000.0);
+        assert_eq!(plan.gate.burst, 200);
+        assert_eq!(plan.gate.max_wait, Duration::from_secs(5));
+        assert_eq!(plan.timeout, Duration::from_secs(120));
+        assert_eq!(
+            (plan.retries, plan.jitter),
+            (20, Duration::from_millis(250))
+        );
+        assert_eq!((plan.duration, plan.runs), (Duration::from_secs(10), 2));
+        let a = Args::try_parse_from([
+            "wsgate-bench",
+            "--scenario",
+            "storm",
+            "--storm-clients",
+            "3000",
+            "--storm-rate",
+            "500",
+            "--storm-burst",
+            "50",
+            "--storm-max-wait",
+            "1.5",
+            "--storm-timeout",
+            "60",
+            "--storm-retries",
+            "5",
+            "--storm-jitter-ms",
+            "100",
+            "--duration",
+            "4",
+        ])
+        .unwrap();
+        let plan = storm_plan(&a, 9000).unwrap();
+        assert_eq!(plan.clients, 3000);
+        assert_eq!((plan.gate.rate, plan.gate.burst), (500.0, 50));
+        assert_eq!(plan.gate.max_wait, Duration::from_millis(1500));
+        assert_eq!(plan.timeout, Duration::from_secs(60));
+        assert_eq!((plan.retries, plan.jitter), (5, Duration::from_millis(100)));
+        assert_eq!(plan.duration, Duration::from_secs(4));
+        assert_eq!(plan.attempt_timeout, None);
+        assert_eq!(plan.attempt_limit(), Duration::from_millis(11_500));
+        let a = Args::try_parse_from(["wsgate-bench", "--storm-attempt-timeout", "2"]).unwrap();
+        let plan = storm_plan(&a, 9000).unwrap();
+        assert_eq!(plan.attempt_limit(), Duration::from_secs(2));
+        assert!(plan.storm && plan.cost);
+        let a = Args::try_parse_from(["wsgate-bench", "--storm-parts", "cost"]).unwrap();
+        let plan = storm_plan(&a, 9000).unwrap();
+        assert!(!plan.storm && plan.cost);
+        // More clients than descriptors, and values wsgate would refuse.
+        assert!(storm_plan(&a, 2999).is_err());
+        for (flag, bad) in [
+            ("--storm-rate", "0"),
+            ("--storm-rate", "2000000"),
+            ("--storm-burst", "0"),
+            ("--storm-max-wait", "61"),
+            ("--storm-max-wait", "0"),
+            ("--storm-clients", "0"),
+            ("--storm-timeout", "0"),
+            ("--storm-attempt-timeout", "0"),
+            ("--storm-attempt-timeout", "121"),
+            ("--storm-parts", "storm,nope"),
+            ("--storm-parts", ""),
+        ] {
+            let a = Args::try_parse_from(["wsgate-bench", flag, bad]).unwrap();
+            assert!(storm_plan(&a, 9000).is_err(), "{flag} {bad}");
+        }
     }
 
     #[test]

@@ -98,6 +98,45 @@ pub fn raise_nofile() -> (u64, u64) {
     (lim.rlim_cur, lim.rlim_max)
 }
 
+/// CPU seconds (user + system) used so far by this process, all its threads
+/// (not its children).
+pub fn self_cpu_seconds() -> f64 {
+    // SAFETY: rusage is plain data; getrusage only writes into it.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: ru is a valid, writable rusage.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+        return 0.0;
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(ru.ru_utime) + secs(ru.ru_stime)
+}
+
+/// The kernel's `TcpExt` counters named in `names` (`/proc/net/netstat`, this
+/// network namespace), in that order; 0 for one not found.
+pub fn tcp_ext(names: &[&str]) -> Vec<u64> {
+    let text = fs::read_to_string("/proc/net/netstat").unwrap_or_default();
+    parse_tcp_ext(&text, names)
+}
+
+fn parse_tcp_ext(text: &str, names: &[&str]) -> Vec<u64> {
+    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (Some(head), Some(values)) = (lines.next(), lines.next()) else {
+        return vec![0; names.len()];
+    };
+    let head: Vec<&str> = head.split_whitespace().collect();
+    let values: Vec<&str> = values.split_whitespace().collect();
+    names
+        .iter()
+        .map(|n| {
+            head.iter()
+                .position(|h| h == n)
+                .and_then(|i| values.get(i))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        })
+        .collect()
+}
+
 /// Probe of the proxy under test; `None` for the direct baseline.
 #[derive(Clone, Copy, Debug)]
 pub struct Probe {
@@ -123,5 +162,18 @@ mod tests {
         assert!(tree_pids(me).contains(&me));
         assert!(tree_rss_bytes(me) > 0);
         assert!(tree_cpu_seconds(me) >= 0.0);
+        assert!(self_cpu_seconds() > 0.0);
+    }
+
+    #[test]
+    fn tcp_ext_counters_by_name() {
+        let text = "TcpExt: SyncookiesSent ListenOverflows ListenDrops\n\
+                    TcpExt: 1 22 333\n\
+                    IpExt: InNoRoutes\nIpExt: 0\n";
+        assert_eq!(
+            parse_tcp_ext(text, &["ListenDrops", "ListenOverflows", "Nope"]),
+            vec![333, 22, 0]
+        );
+        assert_eq!(parse_tcp_ext("", &["ListenDrops"]), vec![0]);
     }
 }

@@ -8,6 +8,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::scenarios::storm::StormStats;
 use crate::scenarios::{Outcome, Scenario};
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -40,6 +41,13 @@ pub struct Record {
     /// `idle_h2`: proxy RSS growth per HTTP/2 connection, its streams included.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rss_per_h2_conn_bytes: Option<f64>,
+    /// `storm`, `storm_cost`: the configuration measured (`no_limit` or
+    /// `gate`; `no_limits` or `limits`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variant: Option<String>,
+    /// `storm`: the storm's own figures.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storm: Option<StormStats>,
     pub first_error: Option<String>,
     pub note: Option<String>,
     pub unix_time: u64,
@@ -83,6 +91,8 @@ impl Record {
             h2_streams: o.h2_streams,
             h2_conns: o.h2_conns,
             rss_per_h2_conn_bytes: o.rss_per_h2_conn_bytes,
+            variant: o.variant,
+            storm: o.storm,
             first_error: o.first_error,
             note: o.note,
             unix_time: std::time::SystemTime::now()
@@ -269,6 +279,110 @@ pub fn markdown(records: &[Record], scenarios: &[&str], targets: &[&str]) -> Str
     s
 }
 
+/// The values of `f` over `rs`, each run's, joined by " / ".
+fn per_run(rs: &[&Record], f: &dyn Fn(&Record) -> String) -> String {
+    rs.iter().map(|r| f(r)).collect::<Vec<_>>().join(" / ")
+}
+
+/// Markdown for `storm` and `storm_cost`: per variant, each run's figures
+/// (" / " between runs), and for the cost the medians and their ratio.
+pub fn storm_markdown(records: &[Record]) -> String {
+    let of = |sc: &str, v: &str| -> Vec<&Record> {
+        records
+            .iter()
+            .filter(|r| r.scenario == sc && r.variant.as_deref() == Some(v))
+            .collect()
+    };
+    let mut s = String::new();
+    let storms: Vec<(&str, Vec<&Record>)> = ["no_limit", "gate"]
+        .into_iter()
+        .map(|v| (v, of("storm", v)))
+        .filter(|(_, rs)| !rs.is_empty())
+        .collect();
+    if !storms.is_empty() {
+        let clients = storms[0].1[0].connections;
+        s.push_str(&format!(
+            "### storm: {clients} clients at once, each run's figures (run 1 / run 2 / …)\n\n\
+             | variant | connected | all connected after s | connect p50 / p99 ms | backend 101s: peak 1-s window | max 100-ms bin | median 100-ms bin | 503s | other failures | queue max | wsgate CPU s |\n\
+             |---|---|---|---|---|---|---|---|---|---|---|\n"
+        ));
+        for (v, rs) in &storms {
+            let st = |r: &Record| r.storm.clone().unwrap_or_default();
+            let name = match rs.iter().find_map(|r| r.storm.as_ref()?.gate_rate) {
+                Some(rate) => {
+                    let r0 = st(rs[0]);
+                    format!(
+                        "{v} (rate {rate}/s, burst {}, max_wait {}s)",
+                        r0.gate_burst.unwrap_or(0),
+                        r0.gate_max_wait_s.unwrap_or(0.0)
+                    )
+                }
+                None => v.to_string(),
+            };
+            s.push_str(&format!(
+                "| {name} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                per_run(rs, &|r| format!("{}", st(r).connected)),
+                per_run(rs, &|r| st(r)
+                    .all_connected_s
+                    .map_or("–".into(), |v| format!("{v:.2}"))),
+                per_run(rs, &|r| format!(
+                    "{:.0} / {:.0}",
+                    r.p50_us.unwrap_or(0) as f64 / 1000.0,
+                    r.p99_us.unwrap_or(0) as f64 / 1000.0
+                )),
+                per_run(rs, &|r| format!("{}", st(r).peak_1s)),
+                per_run(rs, &|r| format!("{}", st(r).max_bin)),
+                per_run(rs, &|r| format!("{}", st(r).p50_bin)),
+                per_run(rs, &|r| format!("{}", st(r).refused_503)),
+                per_run(rs, &|r| format!("{}", st(r).failures + st(r).refused_other)),
+                per_run(rs, &|r| st(r)
+                    .max_queued
+                    .map_or("–".into(), |q| q.to_string())),
+                per_run(rs, &|r| fmt_num(r.proxy_cpu_s)),
+            ));
+        }
+        s.push_str(
+            "\nBins are 100 ms of the backends' 101s, counted from the storm's start; the median bin \
+             is taken from the first 101's bin to the last's. \"other failures\" are attempts that \
+             failed without an HTTP answer (refused, reset, timed out) and answers other than 503/429; \
+             clients retried after them.\n",
+        );
+    }
+    let off = of("storm_cost", "no_limits");
+    let on = of("storm_cost", "limits");
+    if !off.is_empty() || !on.is_empty() {
+        s.push_str(
+            "\n### storm_cost: handshakes (20 loops) with admission limits never hit vs none, medians over runs\n\n\
+             | variant | runs | handshakes/s | p99 µs | per wsgate CPU-s | errors |\n|---|---|---|---|---|---|\n",
+        );
+        let mut meds = Vec::new();
+        for (v, rs) in [("no_limits", &off), ("limits", &on)] {
+            if rs.is_empty() {
+                meds.push(None);
+                continue;
+            }
+            let m = summarize(rs);
+            s.push_str(&format!(
+                "| {v} | {} | {} | {} | {} | {} |\n",
+                m.runs,
+                fmt_num(m.ops_per_s),
+                fmt_num(m.p99_us),
+                fmt_num(m.ops_per_cpu_s),
+                m.errors
+            ));
+            meds.push(Some(m));
+        }
+        if let [Some(a), Some(b)] = &meds[..] {
+            s.push_str(&format!(
+                "\nlimits ÷ no_limits: handshakes/s {}, per wsgate CPU-s {}\n",
+                fmt_ratio(b.ops_per_s, a.ops_per_s),
+                fmt_ratio(b.ops_per_cpu_s, a.ops_per_cpu_s)
+            ));
+        }
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -281,6 +395,69 @@ mod tests {
             ..Default::default()
         };
         Record::new(target, "echo64", 1, 1, o)
+    }
+
+    #[test]
+    fn storm_tables_show_each_run_and_the_cost_ratio() {
+        let storm = |variant: &str, peak: u64, rate: Option<f64>| {
+            let o = Outcome {
+                ops: 100,
+                duration_s: 2.0,
+                connections: 100,
+                variant: Some(variant.into()),
+                storm: Some(StormStats {
+                    clients: 100,
+                    connected: 100,
+                    all_connected_s: Some(2.0),
+                    peak_1s: peak,
+                    gate_rate: rate,
+                    gate_burst: rate.map(|_| 20),
+                    gate_max_wait_s: rate.map(|_| 5.0),
+                    ..StormStats::default()
+                }),
+                ..Default::default()
+            };
+            Record::new("wsgate", "storm", 1, 1, o)
+        };
+        let cost = |variant: &str, ops: u64| {
+            let o = Outcome {
+                ops,
+                duration_s: 1.0,
+                proxy_cpu_s: Some(1.0),
+                variant: Some(variant.into()),
+                ..Default::default()
+            };
+            Record::new("wsgate", "storm_cost", 1, 1, o)
+        };
+        let rs = vec![
+            storm("no_limit", 900, None),
+            storm("gate", 120, Some(100.0)),
+            storm("gate", 110, Some(100.0)),
+            cost("no_limits", 1000),
+            cost("limits", 950),
+        ];
+        let md = storm_markdown(&rs);
+        assert!(md.contains("| no_limit | 100 | 2.00 |"), "{md}");
+        assert!(
+            md.contains("| gate (rate 100/s, burst 20, max_wait 5s) | 100 / 100 |"),
+            "{md}"
+        );
+        assert!(md.contains("| 120 / 110 |"), "{md}");
+        assert!(
+            md.contains("handshakes/s 0.95×, per wsgate CPU-s 0.95×"),
+            "{md}"
+        );
+        // The storm's fields survive a round trip through JSON.
+        let line = serde_json::to_string(&rs[1]).unwrap();
+        let back: Record = serde_json::from_str(&line).unwrap();
+        assert_eq!(back.storm, rs[1].storm);
+        assert_eq!(back.variant.as_deref(), Some("gate"));
+        // And records of other scenarios carry neither.
+        assert!(
+            !serde_json::to_string(&rec("wsgate", 1.0))
+                .unwrap()
+                .contains("variant")
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Handshake rate: `loops` concurrent loops of TCP connect → WebSocket
 //! upgrade → one 64-byte echo → close. Latency is connect start to echo
-//! received; an op counts once the close has completed too.
+//! received; an op counts once the close has completed too. `storm` runs the
+//! same loops with an `Origin` header ([`run_with`]).
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -14,6 +15,17 @@ use crate::procstat::Probe;
 const STEP_LIMIT: Duration = Duration::from_secs(5);
 
 pub async fn run(addr: SocketAddr, loops: usize, duration: Duration, probe: Probe) -> Outcome {
+    run_with(addr, loops, duration, probe, None).await
+}
+
+/// As [`run`], each upgrade request with `Origin: origin` when given.
+pub async fn run_with(
+    addr: SocketAddr,
+    loops: usize,
+    duration: Duration,
+    probe: Probe,
+    origin: Option<&'static str>,
+) -> Outcome {
     let mut out = Outcome {
         connections: loops as u64,
         message_bytes: Some(64),
@@ -23,7 +35,7 @@ pub async fn run(addr: SocketAddr, loops: usize, duration: Duration, probe: Prob
     let start = Instant::now();
     let deadline = start + duration;
     let tasks: Vec<_> = (0..loops)
-        .map(|_| tokio::spawn(one_loop(addr, deadline)))
+        .map(|_| tokio::spawn(one_loop(addr, deadline, origin)))
         .collect();
     tokio::time::sleep_until(deadline.into()).await;
     let cpu1 = probe.cpu_s();
@@ -44,13 +56,21 @@ pub async fn run(addr: SocketAddr, loops: usize, duration: Duration, probe: Prob
     out
 }
 
-async fn one_loop(addr: SocketAddr, deadline: Instant) -> Tally {
+async fn one_loop(addr: SocketAddr, deadline: Instant, origin: Option<&'static str>) -> Tally {
     let payload = Bytes::from(vec![0x5Au8; 64]);
     let cfg = client::ws_config(4096);
     let mut tally = Tally::new();
     while Instant::now() < deadline {
         let t0 = Instant::now();
-        let mut ws = match client::ws_connect(addr, client::next_source(), cfg, STEP_LIMIT).await {
+        let connected = match origin {
+            None => client::ws_connect(addr, client::next_source(), cfg, STEP_LIMIT).await,
+            Some(o) => {
+                client::ws_connect_origin(addr, client::next_source(), Some(o), cfg, STEP_LIMIT)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+        };
+        let mut ws = match connected {
             Ok(ws) => ws,
             Err(e) => {
                 tally.error(e);

@@ -5,6 +5,7 @@ pub mod echo;
 pub mod handshake;
 pub mod http;
 pub mod idle;
+pub mod storm;
 
 use std::fmt;
 
@@ -26,6 +27,10 @@ pub enum Scenario {
     /// `idle` over plain `ws://` to the proxy, which talks TLS to the backends;
     /// not part of `all`.
     IdleTlsBackend,
+    /// A reconnect storm through wsgate with and without a listener's
+    /// `handshake_rate`, and the handshake rate with admission limits that
+    /// are never hit against none (`storm.rs`); wsgate only, not part of `all`.
+    Storm,
 }
 
 impl Scenario {
@@ -42,11 +47,13 @@ impl Scenario {
     /// listener on every proxy, `idle_tls_backend` TLS backends and a second
     /// pool, and none has a `direct` figure (`idle_h2` has no nginx one
     /// either), so the default suite (`all`, whose results BENCHMARKS.md and
-    /// chart.py compare) stays as it was.
-    pub const OPT_IN: [Scenario; 3] = [
+    /// chart.py compare) stays as it was. `storm` measures a feature of
+    /// wsgate alone, with wsgate processes of its own.
+    pub const OPT_IN: [Scenario; 4] = [
         Scenario::IdleTls,
         Scenario::IdleH2,
         Scenario::IdleTlsBackend,
+        Scenario::Storm,
     ];
 
     pub fn name(self) -> &'static str {
@@ -60,6 +67,7 @@ impl Scenario {
             Scenario::IdleTls => "idle_tls",
             Scenario::IdleH2 => "idle_h2",
             Scenario::IdleTlsBackend => "idle_tls_backend",
+            Scenario::Storm => "storm",
         }
     }
 
@@ -108,6 +116,7 @@ impl Scenario {
             Scenario::Idle | Scenario::IdleTls | Scenario::IdleTlsBackend => "conn",
             Scenario::IdleH2 => "tunnel",
             Scenario::Http => "req",
+            Scenario::Storm => "client",
         }
     }
 }
@@ -145,6 +154,11 @@ pub struct Outcome {
     pub h2_conns: Option<u64>,
     /// `idle_h2`: RSS growth per HTTP/2 connection (all its streams included).
     pub rss_per_h2_conn_bytes: Option<f64>,
+    /// `storm`: which configuration of the target was measured (`no_limit`,
+    /// `gate`, `no_limits`, `limits`).
+    pub variant: Option<String>,
+    /// `storm`: the reconnect storm's own figures.
+    pub storm: Option<storm::StormStats>,
     /// The first error seen, for the progress line.
     pub first_error: Option<String>,
     pub note: Option<String>,

@@ -30,6 +30,7 @@ fn options(i: usize, port: u16) -> backend::Options {
         greeting: Some(format!("backend={i}")),
         killable: true,
         tls: None,
+        upgrade_log: None,
     }
 }
 

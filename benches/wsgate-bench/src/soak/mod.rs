@@ -17,7 +17,8 @@
 //! and the exit code is 1 when a check failed (2 when the soak could not run).
 
 mod chaos;
-mod gate;
+/// Also used by `storm` (the admin endpoints).
+pub(crate) mod gate;
 mod handshake;
 mod state;
 mod tunnel;
