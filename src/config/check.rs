@@ -14,7 +14,7 @@ use super::file::{
     FileWebSocket, Text,
 };
 use super::model::*;
-use super::{cidr, units};
+use super::units;
 use super::{file, key_path};
 
 impl Config {
@@ -786,19 +786,10 @@ impl Checker<'_> {
             }
             return Some(StickyKey::Query(text.to_string()));
         }
-        let mut trusted_proxies = Vec::new();
-        if let Some(proxies) = &s.trusted_proxies {
-            for (i, net) in proxies.get_ref().iter().enumerate() {
-                match net.get_ref().parse::<cidr::Cidr>() {
-                    Ok(net) => trusted_proxies.push(net),
-                    Err(e) => self.error(
-                        net.span().start,
-                        format!("{key}.trusted_proxies[{i}]"),
-                        e.to_string(),
-                    ),
-                }
-            }
-        }
+        let trusted_proxies = match &s.trusted_proxies {
+            Some(proxies) => self.cidrs(proxies, &format!("{key}.trusted_proxies")),
+            None => Vec::new(),
+        };
         Some(StickyKey::SourceIp { trusted_proxies })
     }
 

@@ -7,6 +7,8 @@
 //! The client is the one trusted proxies say it is (`admission::client_ip`, the listener's
 //! `trusted_proxies`), starting from the connection's peer, which a PROXY protocol header may have given.
 
+use std::time::Duration;
+
 use http::HeaderMap;
 use http::header::ORIGIN;
 
@@ -66,12 +68,14 @@ pub(super) async fn admit_upgrade(
         }
     }
     if let Some(gate) = &listener.handshake_rate {
-        conn.listener
-            .scope
-            .gate
-            .pass(&gate.rate, gate.max_wait)
-            .await
-            .map_err(|retry| refused(ProxyError::Overloaded(retry)))?;
+        let turn = conn.listener.scope.gate.pass(&gate.rate, gate.max_wait);
+        // A shutdown does not wait for the queue (its `max_wait` may be longer than the drain): the
+        // client is told to come back, to another instance.
+        let passed = tokio::select! {
+            passed = turn => passed,
+            () = shared.shutdown.cancelled() => Err(Duration::from_secs(1)),
+        };
+        passed.map_err(|retry| refused(ProxyError::Overloaded(retry)))?;
     }
     Ok(place)
 }

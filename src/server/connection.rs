@@ -83,7 +83,12 @@ pub async fn admit(
                 return refuse("proxy_untrusted");
             }
             let header = proxy_protocol::read_header(&stream, proxy.versions);
-            match tokio::time::timeout(config.timeouts.header, header).await {
+            let header = tokio::select! {
+                header = tokio::time::timeout(config.timeouts.header, header) => header,
+                // Nothing has been read for HTTP yet: nothing to answer on shutdown.
+                () = shared.shutdown.cancelled() => return,
+            };
+            match header {
                 Ok(Ok(Some(source))) => (source, local),
                 // LOCAL (the balancer's own health check) or UNKNOWN: the peer is who it is.
                 Ok(Ok(None)) => (tcp_peer, local),
