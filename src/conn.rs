@@ -30,8 +30,9 @@ pub struct Listener {
 pub struct ClientConn {
     /// The client's address: the TCP peer's, or the one its PROXY protocol header gave.
     pub peer: SocketAddr,
-    /// The address the client connected to (a PROXY header's destination, else the socket's own): what
-    /// a PROXY header toward a backend names as destination.
+    /// wsgate's own address the connection came to (behind a load balancer, the balancer's connection):
+    /// what a PROXY header toward a backend names as destination. A PROXY header's own destination (the
+    /// balancer's address) is not kept.
     pub local: SocketAddr,
     pub tls: bool,
     pub listener: Arc<Listener>,
