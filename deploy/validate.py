@@ -16,14 +16,24 @@ What it checks:
   * alert rules carry a severity and a summary; rule tests refer to existing alerts;
   * the Grafana dashboard's structure (schemaVersion, unique panel ids, gridPos, datasource
     references to its datasource variable);
+  * the wsgate configs' fleet keys: each backend has exactly one of addr / dns, durations
+    parse, drain_spread is a duration or "none", close_spread fits in half of drain,
+    admin.allow holds CIDRs;
   * cross-file facts: routes name existing pools, ports in the config match the container
     ports, probes, Prometheus annotations, Service target ports and EXPOSE; grace periods
-    and stop timeouts exceed the drain timeout; files referenced by rule_files and
-    kustomization.yaml exist.
+    and stop timeouts exceed the drain timeout (in Kubernetes: preStop sleep + drain);
+    admin.token_file is mounted; files referenced by rule_files and kustomization.yaml
+    exist, and kustomization.yaml lists every manifest beside it;
+  * DNS discovery in Kubernetes: a pool's dns name is a headless Service here that does
+    not publish not-ready pods, its port is a container port of the pods it selects, and
+    those pods' preStop sleep outlasts the worst-case drain (DNS cache + resolve_every +
+    remove_after + resolve_every + drain_spread + close_timeout), within their grace
+    period; a drain hook's DRAIN_SPREAD, POOL and BACKEND_PORT match the pool.
 If `promtool` is on PATH it is also used: `check rules`, `test rules`, `check config`, and a
 parse of every dashboard query. Without it those checks are skipped (said so on the output).
 """
 
+import ipaddress
 import json
 import os
 import re
@@ -55,6 +65,7 @@ CLOSE_REASONS = {
     "client_close", "backend_close", "client_gone", "backend_gone", "pong_timeout",
     "idle_timeout", "message_too_big", "protocol_error", "shutdown", "max_lifetime",
     "backend_protocol_error", "backend_pong_timeout", "client_stalled", "backend_stalled",
+    "backend_drain",
 }
 DIRECTIONS = {"client_to_backend", "backend_to_client"}
 PROTOCOLS = {"h1", "h2"}
@@ -88,6 +99,17 @@ METRICS = {
                                {"scope": {"listener", "route"}}),
 }
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
+# wsgate's defaults for the keys the cross-file checks use (src/config/model.rs).
+DEFAULT_DRAIN = "30s"
+DEFAULT_CLOSE_SPREAD = "5s"
+DEFAULT_CLOSE_TIMEOUT = "2s"
+DEFAULT_DRAIN_SPREAD = "60s"
+DEFAULT_RESOLVE_EVERY = "10s"
+DEFAULT_REMOVE_AFTER = "30s"
+# Worst case between a pod's deletion and an answer without it from cluster DNS: the
+# endpoint update (about 1 s) plus CoreDNS's cache of the record (the kubernetes
+# plugin's TTL, 5 s by default).
+CLUSTER_DNS_DELAY = 1 + 5
 # Labels Prometheus attaches to every scraped series: job and instance always, the rest
 # from the relabelling and static labels in deploy/prometheus/prometheus.yml.
 TARGET_LABELS = {"job", "instance", "namespace", "pod", "node", "environment"}
@@ -446,19 +468,50 @@ def check_wsgate_config(where, text):
     for r in cfg.get("route") or []:
         if r.get("pool") not in pools:
             P.add(where, f"route {r.get('name')!r} names unknown pool {r.get('pool')!r}")
+    host_port = r"[A-Za-z0-9.\-]+:\d+|\[[0-9a-fA-F:]+\]:\d+"
     for name, pool in pools.items():
         if not pool.get("backends"):
             P.add(where, f"pool {name!r} has no backends")
         for b in pool.get("backends") or []:
-            if not re.fullmatch(r"[A-Za-z0-9.\-]+:\d+|\[[0-9a-fA-F:]+\]:\d+", str(b.get("addr"))):
-                P.add(where, f"pool {name!r}: backend addr {b.get('addr')!r} is not host:port")
+            if ("addr" in b) == ("dns" in b):
+                P.add(where, f"pool {name!r}: backend {b} needs exactly one of addr and dns")
+                continue
+            key = "addr" if "addr" in b else "dns"
+            if not re.fullmatch(host_port, str(b[key])):
+                P.add(where, f"pool {name!r}: backend {key} {b[key]!r} is not host:port")
+            for k in ("resolve_every", "remove_after"):
+                if k in b and (key != "dns" or duration_or_none(b[k]) is None):
+                    P.add(where, f"pool {name!r}: backend {b[key]!r}: {k} needs a dns entry and a duration")
+        spread = pool.get("drain_spread", DEFAULT_DRAIN_SPREAD)
+        if spread != "none" and duration_or_none(spread) is None:
+            P.add(where, f"pool {name!r}: drain_spread {spread!r} is neither a duration nor \"none\"")
         if pool.get("policy") == "sticky" and not pool.get("sticky"):
             P.add(where, f"pool {name!r}: policy sticky without a sticky key")
     if not cfg.get("listener"):
         P.add(where, "no [[listener]]")
-    if parse_duration(str((cfg.get("timeouts") or {}).get("drain", "30s"))) is None:
+    timeouts = cfg.get("timeouts") or {}
+    drain = duration_or_none(timeouts.get("drain", DEFAULT_DRAIN))
+    close_spread = duration_or_none(timeouts.get("close_spread", DEFAULT_CLOSE_SPREAD))
+    if drain is None:
         P.add(where, "timeouts.drain is not a duration")
+    if close_spread is None:
+        P.add(where, "timeouts.close_spread is not a duration")
+    elif drain is not None and close_spread > drain / 2:
+        P.add(where, f"timeouts.close_spread {timeouts.get('close_spread')} is over half of timeouts.drain "
+                     f"and is cut to {drain / 2:g}s: raise drain or lower close_spread")
+    admin = cfg.get("admin") or {}
+    for cidr in admin.get("allow") or []:
+        try:
+            ipaddress.ip_network(str(cidr), strict=True)
+        except ValueError as e:
+            P.add(where, f"admin.allow: {cidr!r}: {e}")
+    if "token_file" in admin and not str(admin["token_file"]).strip():
+        P.add(where, "admin.token_file is empty")
     return cfg
+
+
+def duration_or_none(value):
+    return parse_duration(str(value)) if isinstance(value, str) else None
 
 
 def port_of(addr):
@@ -466,7 +519,86 @@ def port_of(addr):
 
 
 def drain_seconds(cfg):
-    return parse_duration(str((cfg.get("timeouts") or {}).get("drain", "30s"))) or 30
+    return duration_or_none((cfg.get("timeouts") or {}).get("drain", DEFAULT_DRAIN)) or 30
+
+
+def prestop_sleep(container):
+    """Seconds a container's preStop hook delays its SIGTERM: a sleep action or an exec of
+    `sleep N`; 0 without a hook, None for a hook whose length cannot be told."""
+    hook = (container.get("lifecycle") or {}).get("preStop")
+    if not hook:
+        return 0
+    if "sleep" in hook:
+        return (hook["sleep"] or {}).get("seconds")
+    cmd = (hook.get("exec") or {}).get("command") or []
+    if len(cmd) == 2 and cmd[0].rsplit("/", 1)[-1] == "sleep":
+        return duration_or_none(cmd[1]) if not cmd[1].isdigit() else int(cmd[1])
+    return None
+
+
+def pod_selected(selector, tpl):
+    return bool(selector) and not (selector.items() - (tpl["metadata"].get("labels") or {}).items())
+
+
+def check_dns_backends(cfg, where, services, deployments):
+    """A pool's dns entries against the headless Services and backend Deployments here."""
+    close_timeouts = {}
+    for r in cfg.get("route") or []:
+        ct = duration_or_none((r.get("websocket") or {}).get("close_timeout", DEFAULT_CLOSE_TIMEOUT)) or 2
+        close_timeouts[r.get("pool")] = max(close_timeouts.get(r.get("pool"), 0), ct)
+    for pname, pool in (cfg.get("pool") or {}).items():
+        for b in pool.get("backends") or []:
+            if "dns" not in b or not re.fullmatch(r"[A-Za-z0-9.\-]+:\d+", str(b["dns"])):
+                continue
+            host, port = str(b["dns"]).rsplit(":", 1)
+            labels = host.rstrip(".").split(".")
+            if len(labels) > 2 and labels[2] != "svc":
+                continue  # not a cluster Service name
+            svc = services.get(labels[0])
+            if svc is None:
+                print(f"note: {where}: pool {pname}: dns {b['dns']} names no Service in these manifests; "
+                      "its timing is not checked")
+                continue
+            spath, svc = svc
+            sw = f"{rel(spath)}: Service {labels[0]}"
+            if svc["spec"].get("clusterIP") != "None":
+                P.add(sw, f"must be headless (clusterIP: None) for pool {pname}'s dns discovery: "
+                          "a cluster IP would be one backend")
+            if svc["spec"].get("publishNotReadyAddresses"):
+                P.add(sw, "publishNotReadyAddresses would keep terminating pods in DNS, so wsgate never drains them")
+            dep = next(((p, d) for p, d in deployments
+                        if pod_selected(svc["spec"].get("selector") or {}, d["spec"]["template"])), None)
+            if dep is None:
+                continue
+            dpath, dep = dep
+            dw = f"{rel(dpath)}: Deployment {dep['metadata']['name']}"
+            pod = dep["spec"]["template"]["spec"]
+            if int(port) not in {cp["containerPort"] for c in pod["containers"] for cp in c.get("ports", [])}:
+                P.add(dw, f"pool {pname}'s dns port {port} is not a container port (a headless Service "
+                          "does not map ports: DNS gives the pod's address)")
+            spread = pool.get("drain_spread", DEFAULT_DRAIN_SPREAD)
+            for c in pod["containers"]:
+                env = {e["name"]: e.get("value") for e in c.get("env", []) if "value" in e}
+                for k, want in (("DRAIN_SPREAD", spread), ("POOL", pname), ("BACKEND_PORT", port)):
+                    if k in env and str(env[k]) != str(want):
+                        P.add(dw, f"container {c['name']}: {k}={env[k]!r} but pool {pname!r} has {want!r}")
+            if spread == "none":
+                continue  # the drain waits for the clients: no bound to check
+            every = duration_or_none(b.get("resolve_every", DEFAULT_RESOLVE_EVERY)) or 10
+            after = duration_or_none(b.get("remove_after", DEFAULT_REMOVE_AFTER)) or 30
+            need = (CLUSTER_DNS_DELAY + every + after + every + (duration_or_none(spread) or 0)
+                    + close_timeouts.get(pname, 2))
+            serving = [c for c in pod["containers"]
+                       if int(port) in {cp["containerPort"] for cp in c.get("ports", [])}]
+            sleeps = [prestop_sleep(c) for c in serving or pod["containers"]]
+            sleep = max((s for s in sleeps if s is not None), default=0)
+            if sleep < need:
+                P.add(dw, f"preStop sleep {sleep}s is shorter than pool {pname}'s worst-case drain "
+                          f"{need:g}s ({CLUSTER_DNS_DELAY}s DNS + {every:g}s + {after:g}s + {every:g}s + "
+                          f"drain_spread {spread} + close_timeout): clients would be cut, not moved")
+            grace = pod.get("terminationGracePeriodSeconds", 30)
+            if grace <= sleep:
+                P.add(dw, f"terminationGracePeriodSeconds {grace} must exceed the preStop sleep {sleep}s")
 
 
 def check_kubernetes(docs_by_file):
@@ -474,9 +606,13 @@ def check_kubernetes(docs_by_file):
     by_kind = {}
     for path, d in docs:
         if path.name == "kustomization.yaml":
-            for r in d.get("resources") or []:
+            listed = set(d.get("resources") or [])
+            for r in listed:
                 if not (path.parent / r).exists():
                     P.add(rel(path), f"resource {r!r} does not exist")
+            for other in sorted(path.parent.glob("*.y*ml")):
+                if other.name != path.name and other.name not in listed:
+                    P.add(rel(path), f"resources do not list {other.name}")
             continue
         if not (d.get("apiVersion") and d.get("kind") and (d.get("metadata") or {}).get("name")):
             P.add(rel(path), "document needs apiVersion, kind and metadata.name")
@@ -491,12 +627,30 @@ def check_kubernetes(docs_by_file):
                 if cfg is not None:
                     configs[cm["metadata"]["name"]] = cfg
 
-    for path, dep in by_kind.get("Deployment", []):
+    services = {svc["metadata"]["name"]: (p, svc) for p, svc in by_kind.get("Service", [])}
+    deployments = by_kind.get("Deployment", [])
+    for spath, svc in by_kind.get("Service", []):
+        sel = svc["spec"].get("selector") or {}
+        targets = [d for _, d in deployments if pod_selected(sel, d["spec"]["template"])]
+        if not targets:
+            P.add(rel(spath), f"Service {svc['metadata']['name']} selects the pods of no Deployment here")
+            continue
+        pod = targets[0]["spec"]["template"]["spec"]
+        cports = [p for c in pod["containers"] for p in c.get("ports", [])]
+        for sp in svc["spec"]["ports"]:
+            tp = sp.get("targetPort", sp["port"])
+            if tp not in ({p.get("name") for p in cports} if isinstance(tp, str) else {p["containerPort"] for p in cports}):
+                P.add(rel(spath), f"Service {svc['metadata']['name']} targetPort {tp!r} is not a container port "
+                                  f"of Deployment {targets[0]['metadata']['name']}")
+
+    for path, dep in deployments:
         where = rel(path)
         tpl = dep["spec"]["template"]
         pod = tpl["spec"]
         if dep["spec"]["selector"]["matchLabels"].items() - tpl["metadata"]["labels"].items():
             P.add(where, "selector does not match the pod template labels")
+        if not any(c["name"] == "wsgate" for c in pod["containers"]):
+            continue  # a backend; checked against the pools that discover it (check_dns_backends)
         cm_names = {v["configMap"]["name"]: v["name"] for v in pod.get("volumes", []) if "configMap" in v}
         for cm in cm_names:
             if cm not in configs:
@@ -534,17 +688,25 @@ def check_kubernetes(docs_by_file):
         if admin not in ports.values():
             P.add(where, f"admin port {admin} is not a container port")
         grace = pod.get("terminationGracePeriodSeconds", 30)
-        if grace <= drain_seconds(cfg):
-            P.add(where, f"terminationGracePeriodSeconds {grace} must exceed the drain timeout {drain_seconds(cfg)}s")
-
-        for spath, svc in by_kind.get("Service", []):
-            sel = svc["spec"].get("selector") or {}
-            if sel.items() - tpl["metadata"]["labels"].items():
-                P.add(rel(spath), f"Service {svc['metadata']['name']} selector does not match the Deployment's pods")
-            for sp in svc["spec"]["ports"]:
-                tp = sp.get("targetPort", sp["port"])
-                if (tp not in ports) if isinstance(tp, str) else (tp not in ports.values()):
-                    P.add(rel(spath), f"Service {svc['metadata']['name']} targetPort {tp!r} is not a wsgate container port")
+        sleep = prestop_sleep(gw)
+        if sleep is None:
+            P.add(where, "wsgate's preStop hook should be a sleep (its length counts against the grace period)")
+            sleep = 0
+        if grace <= sleep + drain_seconds(cfg):
+            P.add(where, f"terminationGracePeriodSeconds {grace} must exceed the preStop sleep {sleep}s "
+                         f"plus the drain timeout {drain_seconds(cfg):g}s")
+        token_file = (cfg.get("admin") or {}).get("token_file")
+        if isinstance(token_file, str) and token_file.startswith("/"):
+            d, f = token_file.rsplit("/", 1)
+            vols = {v["name"]: v for v in pod.get("volumes", [])}
+            mount = next((vm for vm in gw.get("volumeMounts", []) if vm["mountPath"].rstrip("/") == d), None)
+            src = (vols.get(mount["name"]) or {}) if mount else {}
+            src = src.get("secret") or src.get("configMap")
+            if src is None:
+                P.add(where, f"admin.token_file {token_file} is not on a Secret volume mounted at {d}")
+            elif src.get("items") and f not in {i["path"] for i in src["items"]}:
+                P.add(where, f"admin.token_file {token_file}: the volume at {d} has no item {f!r}")
+        check_dns_backends(cfg, f"{where} (config {next(iter(cm_names))})", services, deployments)
 
 
 def check_systemd(path, drain):
