@@ -21,7 +21,7 @@
 //!   `router`, `tls`, `metrics`, `headers`, `body`, `config`, `admission` (who a client is, per-client
 //!   counts and rate buckets, the handshake gate), `origin` (a route's `Origin` allow-list),
 //!   `proxy_protocol` (the PROXY protocol header a load balancer puts before a connection, read and
-//!   written).
+//!   written), `resolver` (DNS lookups for service discovery: a name's A and AAAA addresses and TTL).
 
 mod admin;
 mod admission;
@@ -37,6 +37,8 @@ mod metrics;
 mod origin;
 mod proxy;
 mod proxy_protocol;
+// Public: the integration tests drive it against a DNS server of their own.
+pub mod resolver;
 mod router;
 mod server;
 mod state;

@@ -29,6 +29,7 @@ const LAYERS: &[&[&str]] = &[
         "config",
         "origin",
         "proxy_protocol",
+        "resolver",
     ],
 ];
 

@@ -1,13 +1,15 @@
 //! wsgate's integration tests, all in one binary: `common` (real backends, the in-process gateway,
-//! clients) and `tunnel_support` (byte-level WebSocket peers) are shared by the test modules below, which
-//! drive the gateway through the library's public API and over real loopback sockets; `layers` reads
-//! `src/` and checks the module layers (docs/ARCHITECTURE.md).
+//! clients), `dns_server` (a DNS server whose answers the test sets) and `tunnel_support` (byte-level
+//! WebSocket peers) are shared by the test modules below, which drive the gateway through the library's
+//! public API and over real loopback sockets; `layers` reads `src/` and checks the module layers
+//! (docs/ARCHITECTURE.md).
 //!
 //! One binary rather than one per file: the tests and their dependencies are linked once instead of eight
 //! times (one per former `tests/*.rs`), and the shared modules are compiled once instead of in each.
 //! Run one part with a filter, e.g. `cargo test --test it tunnel::`.
 
 mod common;
+mod dns_server;
 mod tunnel_support;
 
 mod admission;
@@ -23,6 +25,7 @@ mod http_proxy;
 mod layers;
 mod operations;
 mod proxy_protocol;
+mod resolver;
 mod tls;
 mod tunnel;
 mod websocket_proxy;
