@@ -27,7 +27,7 @@ What it checks:
   * DNS discovery in Kubernetes: a pool's dns name is a headless Service here that does
     not publish not-ready pods, its port is a container port of the pods it selects, and
     those pods' preStop sleep outlasts the worst-case drain (DNS cache + resolve_every +
-    remove_after + resolve_every + drain_spread + close_timeout), within their grace
+    remove_after + drain_spread + close_timeout), within their grace
     period; a drain hook's DRAIN_SPREAD, POOL and BACKEND_PORT match the pool.
 If `promtool` is on PATH it is also used: `check rules`, `test rules`, `check config`, and a
 parse of every dashboard query. Without it those checks are skipped (said so on the output).
@@ -97,6 +97,11 @@ METRICS = {
     "wsgate_admission_handshakes_queued": ("gauge", {"listener"}, {}),
     "wsgate_admission_limit": ("gauge", {"scope", "name", "limit"},
                                {"scope": {"listener", "route"}}),
+    "wsgate_backend_draining": ("gauge", {"pool", "backend"}, {}),
+    "wsgate_discovery_resolutions_total": ("counter", {"pool", "dns", "result"},
+                                           {"result": {"ok", "empty", "failed"}}),
+    "wsgate_discovery_backends": ("gauge", {"pool", "dns"}, {}),
+    "wsgate_config_generation": ("gauge", set(), {}),
 }
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 # wsgate's defaults for the keys the cross-file checks use (src/config/model.rs).
@@ -586,7 +591,9 @@ def check_dns_backends(cfg, where, services, deployments):
                 continue  # the drain waits for the clients: no bound to check
             every = duration_or_none(b.get("resolve_every", DEFAULT_RESOLVE_EVERY)) or 10
             after = duration_or_none(b.get("remove_after", DEFAULT_REMOVE_AFTER)) or 30
-            need = (CLUSTER_DNS_DELAY + every + after + every + (duration_or_none(spread) or 0)
+            # wsgate times a resolution for the moment a missing record has been missing for
+            # remove_after, so the drain starts then, not at the resolution after.
+            need = (CLUSTER_DNS_DELAY + every + after + (duration_or_none(spread) or 0)
                     + close_timeouts.get(pname, 2))
             serving = [c for c in pod["containers"]
                        if int(port) in {cp["containerPort"] for cp in c.get("ports", [])}]
@@ -594,7 +601,7 @@ def check_dns_backends(cfg, where, services, deployments):
             sleep = max((s for s in sleeps if s is not None), default=0)
             if sleep < need:
                 P.add(dw, f"preStop sleep {sleep}s is shorter than pool {pname}'s worst-case drain "
-                          f"{need:g}s ({CLUSTER_DNS_DELAY}s DNS + {every:g}s + {after:g}s + {every:g}s + "
+                          f"{need:g}s ({CLUSTER_DNS_DELAY}s DNS + {every:g}s + {after:g}s + "
                           f"drain_spread {spread} + close_timeout): clients would be cut, not moved")
             grace = pod.get("terminationGracePeriodSeconds", 30)
             if grace <= sleep:

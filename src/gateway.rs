@@ -12,17 +12,18 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
+use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 
 use crate::admission::ScopeKind;
 use crate::balancer::BackendStatus;
-use crate::config::{Config, ConfigError, ConfigErrors, ListenerConfig};
+use crate::config::{AdminTokens, Config, ConfigError, ConfigErrors, ListenerConfig};
 use crate::metrics::Metrics;
 use crate::server::ListenerHandle;
-use crate::state::{Shared, State};
+use crate::state::{Loaded, ReloadRecord, ReloadRequest, Shared, State};
 use crate::tls::{self, TlsError};
 use crate::upstream::TlsClients;
-use crate::{admin, health_checks};
+use crate::{admin, discovery, health_checks};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -41,9 +42,10 @@ pub enum StartError {
     },
     #[error(transparent)]
     Tls(#[from] TlsError),
-    /// A CA or client certificate file of a backend `tls` table cannot be used.
+    /// A file the config names cannot be used: a CA or client certificate file of a backend `tls`
+    /// table, the admin token file.
     #[error("{0}")]
-    BackendTls(ConfigErrors),
+    Files(ConfigErrors),
 }
 
 /// Why a reload was refused; the running config stays in place.
@@ -59,16 +61,63 @@ pub enum ReloadError {
 
 /// A running gateway.
 pub struct Gateway {
+    inner: Arc<Inner>,
+}
+
+/// The gateway's own part, shared with the task that carries out the admin API's reloads.
+struct Inner {
     shared: Arc<Shared>,
     listeners: Mutex<HashMap<String, ListenerHandle>>,
     admin: Option<SocketAddr>,
+    /// One reload at a time (SIGHUP, the admin API and the library may ask at once).
+    reloading: tokio::sync::Mutex<()>,
+}
+
+/// Where a reload comes from, for `/status`.
+#[derive(Clone, Copy)]
+enum Trigger {
+    Signal,
+    Admin,
+    Api,
+}
+
+impl Trigger {
+    fn label(self) -> &'static str {
+        match self {
+            Trigger::Signal => "signal",
+            Trigger::Admin => "admin",
+            Trigger::Api => "api",
+        }
+    }
+}
+
+/// Loads the files `config` names besides listener certificates: backend TLS files and admin tokens.
+fn load_files(config: &Config, previous: Option<&TlsClients>) -> Result<Loaded, StartError> {
+    let backend_tls = TlsClients::load(config, previous);
+    let admin_tokens = config
+        .admin
+        .as_ref()
+        .and_then(|a| a.token_file.as_ref())
+        .map(AdminTokens::load)
+        .transpose();
+    match (backend_tls, admin_tokens) {
+        (Ok(backend_tls), Ok(admin_tokens)) => Ok(Loaded {
+            backend_tls,
+            admin_tokens,
+        }),
+        (tls, tokens) => {
+            let mut errors = tls.err().map_or_else(Vec::new, |e| e.0);
+            errors.extend(tokens.err());
+            Err(StartError::Files(ConfigErrors(errors)))
+        }
+    }
 }
 
 impl Gateway {
     /// Binds every listener of `config` (and the admin listener) and starts serving.
     pub async fn start(config: Config) -> Result<Gateway, StartError> {
         let acceptors = load_tls(&config)?;
-        let backend_tls = TlsClients::load(&config, None).map_err(StartError::BackendTls)?;
+        let loaded = load_files(&config, None)?;
         let metrics = Metrics::new();
         metrics.config_reloads.with_label_values(&["ok"]).inc_by(0);
         metrics
@@ -76,15 +125,22 @@ impl Gateway {
             .with_label_values(&["error"])
             .inc_by(0);
         metrics.config_last_reload_success.set(unix_now());
-        let shared = Arc::new(Shared::new(config, backend_tls, metrics));
+        let (requests, reload_requests) = mpsc::channel(4);
+        let shared = Arc::new(Shared::new(config, loaded, metrics, requests));
         match Self::serve(&shared, acceptors).await {
             Ok((listeners, admin)) => {
                 shared.ready.store(true, Ordering::Relaxed);
-                Ok(Gateway {
+                let inner = Arc::new(Inner {
                     shared,
                     listeners: Mutex::new(listeners),
                     admin,
-                })
+                    reloading: tokio::sync::Mutex::new(()),
+                });
+                inner
+                    .shared
+                    .tasks
+                    .spawn(serve_reloads(Arc::clone(&inner), reload_requests));
+                Ok(Gateway { inner })
             }
             Err(error) => {
                 // Whatever was started (health checks, listeners already bound) stops with the token.
@@ -100,6 +156,7 @@ impl Gateway {
         acceptors: Vec<Option<TlsAcceptor>>,
     ) -> Result<(HashMap<String, ListenerHandle>, Option<SocketAddr>), StartError> {
         health_checks::start(shared);
+        discovery::start(shared);
         let config = Arc::clone(&shared.state.load().config);
         let mut listeners = HashMap::new();
         for (listener, tls) in config.listeners.iter().zip(acceptors) {
@@ -107,11 +164,14 @@ impl Gateway {
             let handle = bind(listener, tls, max, shared).await?;
             listeners.insert(listener.name.clone(), handle);
         }
-        let admin = match config.admin {
-            Some(addr) => Some(
-                admin::start(addr, Arc::clone(shared))
+        let admin = match &config.admin {
+            Some(admin) => Some(
+                admin::start(admin.listen, Arc::clone(shared))
                     .await
-                    .map_err(|source| StartError::Admin { addr, source })?,
+                    .map_err(|source| StartError::Admin {
+                        addr: admin.listen,
+                        source,
+                    })?,
             ),
             None => None,
         };
@@ -120,7 +180,8 @@ impl Gateway {
 
     /// The bound address of a listener (the real port when the config said port 0).
     pub fn listener_addr(&self, name: &str) -> Option<SocketAddr> {
-        self.listeners
+        self.inner
+            .listeners
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(name)
@@ -130,17 +191,17 @@ impl Gateway {
     /// Resolves if a part the gateway cannot run without has died (a listener's accept loop panicked):
     /// the caller should shut down and exit with an error. Never resolves otherwise.
     pub async fn failed(&self) {
-        self.shared.fatal.cancelled().await;
+        self.inner.shared.fatal.cancelled().await;
     }
 
     /// The bound address of the admin listener.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
-        self.admin
+        self.inner.admin
     }
 
     /// A read-only view of this gateway's metrics and backends that stays usable after `shutdown`.
     pub fn monitor(&self) -> Monitor {
-        Monitor(Arc::clone(&self.shared))
+        Monitor(Arc::clone(&self.inner.shared))
     }
 
     /// Read buffers currently lent to tunnels: zero when every tunnel is idle.
@@ -158,8 +219,44 @@ impl Gateway {
         self.monitor().backends()
     }
 
-    /// Re-reads the file the running config came from and applies it (SIGHUP).
+    /// Re-reads the file the running config came from and applies it, as SIGHUP does.
     pub async fn reload_from_file(&self) -> Result<(), ReloadError> {
+        self.inner.reload_from_file(Trigger::Signal).await
+    }
+
+    /// Applies a new config: new connections follow it at once; live tunnels keep the settings, route and
+    /// backend they started with (a backend the new config leaves out drains: see `Pools::build`);
+    /// listeners are diffed (unchanged ones keep their socket); certificates are re-read. On any error
+    /// nothing changes.
+    pub async fn reload(&self, config: Config) -> Result<(), ReloadError> {
+        self.inner.reload(config, Trigger::Api).await
+    }
+
+    /// Stops accepting, closes every tunnel with 1001 "going away" (spread over `close_spread`), lets
+    /// in-flight requests finish, and waits for all of it, at most the config's drain timeout.
+    pub async fn shutdown(self) {
+        let drain = self.inner.shared.state.load().config.timeouts.drain;
+        self.inner.shared.ready.store(false, Ordering::Relaxed);
+        self.inner.shared.shutdown.cancel();
+        // Closed first, so no backend connection is pooled from now on (`Upstream::checkin`); then the
+        // idle pooled ones are closed: their tasks are tracked too.
+        self.inner.shared.tasks.close();
+        self.inner.shared.upstream.retain(|_, _| false);
+        if tokio::time::timeout(drain, self.inner.shared.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                remaining = self.inner.shared.tasks.len(),
+                "drain timeout reached with connections still open"
+            );
+        }
+    }
+}
+
+impl Inner {
+    /// Re-reads the file the running config came from and applies it.
+    async fn reload_from_file(&self, trigger: Trigger) -> Result<(), ReloadError> {
         let path = self
             .shared
             .state
@@ -169,7 +266,7 @@ impl Gateway {
             .clone()
             .ok_or(ReloadError::NoSource)?;
         let result = match Config::from_file(&path) {
-            Ok(config) => self.reload(config).await,
+            Ok(config) => self.reload(config, trigger).await,
             Err(errors) => Err(errors.into()),
         };
         // `reload` counts and logs everything else; a file that does not check out stops before it.
@@ -180,14 +277,13 @@ impl Gateway {
                 .config_reloads
                 .with_label_values(&["error"])
                 .inc();
+            self.record(trigger, Err(errors.to_string()));
         }
         result
     }
 
-    /// Applies a new config: new connections follow it at once; live tunnels keep the settings, route and
-    /// backend they started with; listeners are diffed (unchanged ones keep their socket); certificates are
-    /// re-read. On any error nothing changes.
-    pub async fn reload(&self, config: Config) -> Result<(), ReloadError> {
+    async fn reload(&self, config: Config, trigger: Trigger) -> Result<(), ReloadError> {
+        let _one_at_a_time = self.reloading.lock().await;
         let result = self.apply(config).await;
         let label = if result.is_ok() { "ok" } else { "error" };
         self.shared
@@ -201,11 +297,24 @@ impl Gateway {
                     .metrics
                     .config_last_reload_success
                     .set(unix_now());
-                tracing::info!("config reloaded");
+                let generation = self.shared.generation.fetch_add(1, Ordering::Relaxed) + 1;
+                tracing::info!(generation, trigger = trigger.label(), "config reloaded");
+                self.record(trigger, Ok(()));
             }
-            Err(error) => tracing::error!(%error, "reload refused; the running config stays"),
+            Err(error) => {
+                tracing::error!(%error, trigger = trigger.label(), "reload refused; the running config stays");
+                self.record(trigger, Err(error.to_string()));
+            }
         }
         result
+    }
+
+    fn record(&self, trigger: Trigger, result: Result<(), String>) {
+        *self
+            .shared
+            .last_reload
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = ReloadRecord::now(trigger.label(), result);
     }
 
     async fn apply(&self, config: Config) -> Result<(), ReloadError> {
@@ -217,8 +326,7 @@ impl Gateway {
             tracing::warn!("the number of workers changes only on restart");
         }
         let acceptors = load_tls(&config).map_err(StartError::from)?;
-        let backend_tls =
-            TlsClients::load(&config, Some(&old.backend_tls)).map_err(StartError::BackendTls)?;
+        let loaded = load_files(&config, Some(&old.backend_tls))?;
         // Bind what is new before changing anything, so a failed bind leaves the old setup whole.
         let mut fresh = HashMap::new();
         {
@@ -256,7 +364,8 @@ impl Gateway {
             ScopeKind::Listener => config.listeners.iter().any(|l| l.name == name),
             ScopeKind::Route => config.routes.iter().any(|r| r.name == name),
         });
-        let state = State::new(config, Some(&old), backend_tls, &self.shared.scopes);
+        let stop = &self.shared.shutdown;
+        let state = State::new(config, Some(&old), loaded, (&self.shared.scopes, stop));
         self.shared.state.store(Arc::new(state));
         *self
             .shared
@@ -292,36 +401,33 @@ impl Gateway {
         }
         // Last, so that clients moving to new connections meet the new listeners' settings.
         self.shared.reloaded.notify_waiters();
+        // Idle pooled connections go with backends removed, draining, or reached with a replaced TLS
+        // client.
         let state = self.shared.state.load();
         self.shared.upstream.retain(|addr, tls| {
             state.pools.iter().any(|p| {
-                p.backends
-                    .iter()
-                    .any(|b| b.addr == addr && b.tls.as_ref().map(|t| t.id()) == tls)
+                p.backends().iter().any(|b| {
+                    b.addr == addr && b.tls.as_ref().map(|t| t.id()) == tls && !b.is_draining()
+                })
             })
         });
         Ok(())
     }
+}
 
-    /// Stops accepting, closes every tunnel with 1001 "going away" (spread over `close_spread`), lets
-    /// in-flight requests finish, and waits for all of it, at most the config's drain timeout.
-    pub async fn shutdown(self) {
-        let drain = self.shared.state.load().config.timeouts.drain;
-        self.shared.ready.store(false, Ordering::Relaxed);
-        self.shared.shutdown.cancel();
-        // Closed first, so no backend connection is pooled from now on (`Upstream::checkin`); then the
-        // idle pooled ones are closed: their tasks are tracked too.
-        self.shared.tasks.close();
-        self.shared.upstream.retain(|_, _| false);
-        if tokio::time::timeout(drain, self.shared.tasks.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                remaining = self.shared.tasks.len(),
-                "drain timeout reached with connections still open"
-            );
-        }
+/// Carries out the admin API's reloads (`POST /reload`), one at a time, until shutdown.
+async fn serve_reloads(inner: Arc<Inner>, mut requests: mpsc::Receiver<ReloadRequest>) {
+    loop {
+        let reply = tokio::select! {
+            reply = requests.recv() => match reply {
+                Some(reply) => reply,
+                None => return,
+            },
+            _ = inner.shared.shutdown.cancelled() => return,
+        };
+        let result = inner.reload_from_file(Trigger::Admin).await;
+        let generation = inner.shared.generation.load(Ordering::Relaxed);
+        let _ = reply.send(result.map(|()| generation).map_err(|e| e.to_string()));
     }
 }
 
@@ -332,6 +438,11 @@ impl Gateway {
 pub struct Monitor(Arc<Shared>);
 
 impl Monitor {
+    /// The config generation: 1 at start, one more at every successful reload.
+    pub fn generation(&self) -> u64 {
+        self.0.generation.load(Ordering::Relaxed)
+    }
+
     /// Read buffers currently lent to tunnels: zero when every tunnel is idle.
     pub fn buffers_in_use(&self) -> usize {
         self.0.buffers.lent()
@@ -378,9 +489,10 @@ pub fn check_certificates(config: &Config) -> Vec<TlsError> {
 /// Loads the CA and client certificate files of every backend `tls` table of `config`, as
 /// `Gateway::start` would: the problems with each, as `file:line: key: message`, for `wsgate check`.
 pub fn check_backend_tls(config: &Config) -> Vec<ConfigError> {
-    TlsClients::load(config, None)
-        .err()
-        .map_or_else(Vec::new, |errors| errors.0)
+    match load_files(config, None) {
+        Err(StartError::Files(errors)) => errors.0,
+        _ => Vec::new(),
+    }
 }
 
 /// Loads the certificates of every TLS listener, in listener order.

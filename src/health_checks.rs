@@ -90,9 +90,10 @@ async fn check_pool(shared: Arc<Shared>, name: String, check: HealthCheck) {
         let Some(pool) = shared.state.load().pools.get(&name).cloned() else {
             return;
         };
-        let probes = pool.backends.iter().map(|b| probe(b, &check));
+        let backends = pool.backends();
+        let probes = backends.iter().map(|b| probe(b, &check));
         let results = futures_util::future::join_all(probes).await;
-        for (backend, result) in pool.backends.iter().zip(results) {
+        for (backend, result) in backends.iter().zip(results) {
             record(&shared, &pool, backend, &check, result);
         }
     }

@@ -10,8 +10,9 @@
 //!
 //! - `gateway`: start, reload, shutdown; starts the listeners, the admin listener and the health checks.
 //! - `server`: listening sockets and client connections (TLS, the first request read by wsgate itself,
-//!   hyper's HTTP/1.1 server after it); `admin` (`/metrics`, `/healthz`, `/readyz`, `/status`);
-//!   `health_checks` (the active checks' tasks).
+//!   hyper's HTTP/1.1 server after it); `admin` (the operator's page, `/metrics`, `/healthz`, `/readyz`,
+//!   `/status`, the write API: drain, undrain, reload); `health_checks` (the active checks' tasks);
+//!   `discovery` (the tasks that resolve the pools' DNS entries).
 //! - `proxy`: one request, whatever transport it came on: routing, HTTP forwarding, the WebSocket upgrade
 //!   and its splice, one backend-attempt loop and one table of wsgate's own answers.
 //! - `state` (the config generation and what every connection shares) and `conn` (one client
@@ -29,6 +30,7 @@ mod balancer;
 mod body;
 mod config;
 mod conn;
+mod discovery;
 mod gateway;
 mod headers;
 mod health_checks;
@@ -59,14 +61,16 @@ pub use tls::TlsError;
 #[doc(hidden)]
 pub mod internals {
     pub use crate::admission::Scopes;
+    pub use crate::config::AdminTokens;
     pub use crate::headers::{BadRequest, check_request, has_token};
     pub use crate::http1::backend::{BackendHttpError, BodyDecoder, parse_head};
     pub use crate::http1::request::{First, parse as parse_first_request};
     pub use crate::http1::{MAX_CHUNK_LINE, MAX_HEAD, MAX_HEADERS, MAX_RELAYED_BODY};
     pub use crate::origin::{OriginList, OriginPattern, OriginPatternError, OriginRefusal};
-    pub use crate::state::State;
+    pub use crate::state::{Loaded, State};
     pub use crate::upstream::TlsClients;
     pub use crate::websocket::{BUFFER_SIZE, frame, scanner};
+    pub use tokio_util::sync::CancellationToken;
 
     /// The PROXY protocol codec (`parse`, `encode`, the limits), for the `proxy_header` fuzz target.
     pub mod proxy_protocol {

@@ -3,8 +3,8 @@
 //! fixed sets (status class, result, reason, direction, the client's protocol), never from client input.
 
 use prometheus::{
-    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -29,6 +29,10 @@ pub struct Metrics {
     pub admission_tracked_clients: IntGaugeVec,
     pub admission_queued: IntGaugeVec,
     pub admission_limit: GaugeVec,
+    pub backend_draining: IntGaugeVec,
+    pub discovery_resolutions: IntCounterVec,
+    pub discovery_backends: IntGaugeVec,
+    pub config_generation: IntGauge,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -90,6 +94,14 @@ impl Metrics {
         .expect("static metric definition");
         registry
             .register(Box::new(last_reload.clone()))
+            .expect("metric registered once");
+        let generation = IntGauge::new(
+            "wsgate_config_generation",
+            "The config generation: 1 at start, one more at every successful reload",
+        )
+        .expect("static metric definition");
+        registry
+            .register(Box::new(generation.clone()))
             .expect("metric registered once");
         #[cfg(target_os = "linux")]
         {
@@ -199,6 +211,22 @@ impl Metrics {
                 "Admission limits in force, by listener or route and limit",
                 &["scope", "name", "limit"],
             ),
+            backend_draining: gauge(
+                "wsgate_backend_draining",
+                "1 while the backend drains (config, admin API, gone from DNS, removed by a reload)",
+                &["pool", "backend"],
+            ),
+            discovery_resolutions: counter(
+                "wsgate_discovery_resolutions_total",
+                "DNS resolutions of discovered backends, by pool, name and result (ok, empty, failed)",
+                &["pool", "dns", "result"],
+            ),
+            discovery_backends: gauge(
+                "wsgate_discovery_backends",
+                "Backends a pool's DNS entry has found (draining ones included)",
+                &["pool", "dns"],
+            ),
+            config_generation: generation,
             registry,
         }
     }

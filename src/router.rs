@@ -87,7 +87,12 @@ mod tests {
         let config = Config::from_toml(text, "test.toml").expect("valid config");
         Router::build(
             &config,
-            &Pools::build(&config, None, &crate::upstream::TlsClients::default()),
+            &Pools::build(
+                &config,
+                None,
+                &crate::upstream::TlsClients::default(),
+                &tokio_util::sync::CancellationToken::new(),
+            ),
             &Scopes::default(),
         )
     }

@@ -2,18 +2,20 @@
 //! what every connection task needs and every reload keeps (`Shared`: metrics, the backend connection
 //! pool, read buffers, the shutdown signal, the task tracker).
 
-use std::sync::atomic::AtomicBool;
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
-use tokio::sync::Notify;
+use prometheus::core::Collector;
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admission::{ScopeKind, Scopes};
-use crate::balancer::Pools;
-use crate::config::Config;
+use crate::balancer::{Backend, Pools};
+use crate::config::{AdminTokens, Config};
 use crate::metrics::Metrics;
 use crate::router::Router;
 use crate::upstream::{TlsClients, Upstream};
@@ -27,27 +29,65 @@ pub struct State {
     pub pools: Pools,
     /// The TLS clients toward backends, kept for the next generation to reuse the unchanged ones.
     pub backend_tls: TlsClients,
+    /// The admin API's bearer tokens (`admin.token_file`); `None`: its write endpoints are off.
+    pub admin_tokens: Option<Arc<AdminTokens>>,
+}
+
+/// What a generation is built from besides its config: the files it names, loaded before anything
+/// changes (loading them may fail; building the state must not).
+pub struct Loaded {
+    pub backend_tls: TlsClients,
+    pub admin_tokens: Option<AdminTokens>,
 }
 
 impl State {
-    /// `backend_tls`: loaded from `config` (`TlsClients::load`), before anything else changes, since
-    /// loading its files may fail and building the state must not.
+    /// `loaded`: the files `config` names (`TlsClients::load`, `AdminTokens::load`). `stop`: the
+    /// gateway's shutdown token, the parent of the backends' drain signals.
     pub fn new(
         config: Config,
         previous: Option<&State>,
-        backend_tls: TlsClients,
-        scopes: &Scopes,
+        loaded: Loaded,
+        (scopes, stop): (&Scopes, &CancellationToken),
     ) -> State {
-        let pools = Pools::build(&config, previous.map(|p| &p.pools), &backend_tls);
+        let backend_tls = loaded.backend_tls;
+        let pools = Pools::build(&config, previous.map(|p| &p.pools), &backend_tls, stop);
         let router = Router::build(&config, &pools, scopes);
         State {
             config: Arc::new(config),
             router,
             pools,
             backend_tls,
+            admin_tokens: loaded.admin_tokens.map(Arc::new),
         }
     }
 }
+
+/// How the last reload went, for `/status`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReloadRecord {
+    pub at_unix: u64,
+    pub ok: bool,
+    pub error: Option<String>,
+    /// `start`, `signal` (SIGHUP), `admin` (`POST /reload`) or `api` (`Gateway::reload`).
+    pub trigger: &'static str,
+}
+
+impl ReloadRecord {
+    pub fn now(trigger: &'static str, result: Result<(), String>) -> ReloadRecord {
+        ReloadRecord {
+            at_unix: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            ok: result.is_ok(),
+            error: result.err(),
+            trigger,
+        }
+    }
+}
+
+/// A request to reload the config file, from the admin API, answered with the new generation or the
+/// reason the reload was refused.
+pub type ReloadRequest = oneshot::Sender<Result<u64, String>>;
 
 /// Everything a connection task needs, shared by all of them.
 pub struct Shared {
@@ -72,25 +112,48 @@ pub struct Shared {
     /// Cancelled when a part the gateway cannot run without has died (a listener's accept loop): the
     /// process must end rather than stay up half-working. See `Gateway::failed`.
     pub fatal: CancellationToken,
+    /// The config generation: 1 at start, one more at every successful reload.
+    pub generation: AtomicU64,
+    pub last_reload: Mutex<ReloadRecord>,
+    /// Reloads asked for through the admin API, carried out by the gateway (which owns the listeners).
+    pub reload_requests: mpsc::Sender<ReloadRequest>,
 }
 
 impl Shared {
-    pub fn new(config: Config, backend_tls: TlsClients, metrics: Metrics) -> Shared {
+    pub fn new(
+        config: Config,
+        loaded: Loaded,
+        metrics: Metrics,
+        reload_requests: mpsc::Sender<ReloadRequest>,
+    ) -> Shared {
         let tasks = TaskTracker::new();
         let scopes = Scopes::default();
+        let shutdown = CancellationToken::new();
+        let state = State::new(config, None, loaded, (&scopes, &shutdown));
         Shared {
-            state: ArcSwap::from_pointee(State::new(config, None, backend_tls, &scopes)),
+            state: ArcSwap::from_pointee(state),
             scopes,
             metrics,
             buffers: BufferPool::default(),
             upstream: Arc::new(Upstream::new(tasks.clone())),
-            shutdown: CancellationToken::new(),
+            shutdown,
             tasks,
             loaded_at: Mutex::new(SystemTime::now()),
             reloaded: Notify::new(),
             ready: AtomicBool::new(false),
             fatal: CancellationToken::new(),
+            generation: AtomicU64::new(1),
+            last_reload: Mutex::new(ReloadRecord::now("start", Ok(()))),
+            reload_requests,
         }
+    }
+
+    /// Closes the idle pooled HTTP connections to `backend`, which drains: those in use close when
+    /// their response is done (`upstream::Reuse`).
+    pub fn close_idle_to(&self, backend: &Backend) {
+        let tls = backend.tls.as_ref().map(|t| t.id());
+        self.upstream
+            .retain(|addr, client| !(addr == backend.addr && client == tls));
     }
 
     /// The Prometheus text exposition, with the per-backend and admission gauges brought up to date
@@ -98,20 +161,66 @@ impl Shared {
     pub fn render_metrics(&self) -> String {
         let state = self.state.load();
         self.admission_gauges(&state.config);
+        let metrics = &self.metrics;
+        metrics
+            .config_generation
+            .set(self.generation.load(Ordering::Relaxed) as i64);
+        // Set afresh at every render, so backends that left (a reload, DNS) leave the metrics too.
+        metrics.backend_up.reset();
+        metrics.backend_connections_active.reset();
+        metrics.backend_draining.reset();
+        let mut current = HashSet::new();
         for pool in state.pools.iter() {
-            for backend in &pool.backends {
+            for backend in pool.backends().iter() {
                 let labels = [pool.name.as_str(), backend.addr.as_str()];
-                self.metrics
+                metrics
                     .backend_up
                     .with_label_values(&labels)
                     .set(i64::from(backend.is_available()));
-                self.metrics
+                metrics
                     .backend_connections_active
                     .with_label_values(&labels)
                     .set(backend.active() as i64);
+                metrics
+                    .backend_draining
+                    .with_label_values(&labels)
+                    .set(i64::from(backend.is_draining()));
+                current.insert(backend.addr.clone());
             }
         }
+        self.prune_tunnel_series(&current);
         self.metrics.render()
+    }
+
+    /// Drops the live-tunnel series of backends that are in no pool any more and hold no tunnel:
+    /// discovered backends come and go with their addresses, and their series must not pile up. A
+    /// series dropped here comes back if a tunnel still starts to such a backend (its upgrade began
+    /// before the backend left).
+    fn prune_tunnel_series(&self, current: &HashSet<String>) {
+        let gauge = &self.metrics.ws_tunnels_active;
+        let mut stale = Vec::new();
+        for family in gauge.collect() {
+            for metric in family.get_metric() {
+                let labels: Vec<(String, String)> = metric
+                    .get_label()
+                    .iter()
+                    .map(|l| (l.name().to_string(), l.value().to_string()))
+                    .collect();
+                let gone = labels
+                    .iter()
+                    .any(|(name, value)| name == "backend" && !current.contains(value));
+                if gone && metric.get_gauge().get_value() == 0.0 {
+                    stale.push(labels);
+                }
+            }
+        }
+        for labels in &stale {
+            let labels: std::collections::HashMap<&str, &str> = labels
+                .iter()
+                .map(|(n, v)| (n.as_str(), v.as_str()))
+                .collect();
+            let _ = gauge.remove(&labels);
+        }
     }
 
     /// The limits in force (reset first, so a limit a reload removed disappears), the clients tracked

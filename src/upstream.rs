@@ -239,16 +239,22 @@ impl Upstream {
     }
 }
 
+/// What a response body holds for its backend says whether the connection may be pooled again once the
+/// response is done (not when the backend drains).
+pub trait Reuse {
+    fn reusable(&self) -> bool;
+}
+
 /// A backend's response body on its way to the client. When it has been read to the end, its connection
 /// goes back to the pool under `key`; `held` (the backend's live-connection guard) is kept until the body
 /// is done or dropped.
-pub struct UpstreamBody<H> {
+pub struct UpstreamBody<H: Reuse> {
     inner: Incoming,
     reuse: Option<(Arc<Upstream>, PoolKey, Sender)>,
-    _held: H,
+    held: H,
 }
 
-impl<H> UpstreamBody<H> {
+impl<H: Reuse> UpstreamBody<H> {
     pub fn new(
         inner: Incoming,
         upstream: Arc<Upstream>,
@@ -259,18 +265,22 @@ impl<H> UpstreamBody<H> {
         UpstreamBody {
             inner,
             reuse: Some((upstream, key, sender)),
-            _held: held,
+            held,
         }
     }
+}
 
+impl<H: Reuse> UpstreamBody<H> {
     fn finish(&mut self) {
-        if let Some((upstream, key, sender)) = self.reuse.take() {
+        if let Some((upstream, key, sender)) = self.reuse.take()
+            && self.held.reusable()
+        {
             upstream.checkin(&key, sender);
         }
     }
 }
 
-impl<H> Drop for UpstreamBody<H> {
+impl<H: Reuse> Drop for UpstreamBody<H> {
     fn drop(&mut self) {
         // hyper never polls a body that is empty from the start (204, 304, HEAD, `Content-Length: 0`):
         // such a response is complete all the same, and its connection reusable.
@@ -280,7 +290,7 @@ impl<H> Drop for UpstreamBody<H> {
     }
 }
 
-impl<H: Unpin> Body for UpstreamBody<H> {
+impl<H: Reuse + Unpin> Body for UpstreamBody<H> {
     type Data = Bytes;
     type Error = BoxError;
 

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use wsgate::Config;
-use wsgate::internals::{State, TlsClients};
+use wsgate::internals::{CancellationToken, Loaded, State, TlsClients};
 
 /// The name errors are reported under.
 pub const FILE: &str = "fuzz.toml";
@@ -73,6 +73,15 @@ fn durations(config: &Config) -> Vec<(String, Duration)> {
     }
     for (name, pool) in &config.pools {
         all.push((format!("pool.{name}.fail_timeout"), pool.fail_timeout));
+        if let Some(spread) = pool.drain_spread {
+            all.push((format!("pool.{name}.drain_spread"), spread));
+        }
+        for (i, d) in pool.discovery.iter().enumerate() {
+            let key = format!("pool.{name}.backends(dns {i})");
+            all.push((format!("{key}.resolve_every"), d.resolve_every));
+            all.push((format!("{key}.resolve_min"), d.resolve_min));
+            all.push((format!("{key}.remove_after"), d.remove_after));
+        }
         if let Some(health) = &pool.health {
             all.push((format!("pool.{name}.health.interval"), health.interval));
             all.push((format!("pool.{name}.health.timeout"), health.timeout));
@@ -122,7 +131,16 @@ fn check_accepted(config: Config) {
         );
     }
     for (name, pool) in &config.pools {
-        assert!(!pool.backends.is_empty(), "pool `{name}` without backends");
+        assert!(
+            !pool.backends.is_empty() || !pool.discovery.is_empty(),
+            "pool `{name}` without backends"
+        );
+        for d in &pool.discovery {
+            // A zero period would make the resolution loop spin; resolve_min bounds how often it asks.
+            assert!(!d.resolve_min.is_zero() || d.resolve_every >= Duration::from_millis(100));
+            assert!(d.resolve_min <= d.resolve_every && d.resolve_every >= Duration::from_millis(100));
+            assert!(d.port != 0 && !d.host.is_empty());
+        }
         if let Some(health) = &pool.health {
             assert!(!health.interval.is_zero() && !health.timeout.is_zero());
         }
@@ -144,22 +162,49 @@ fn check_accepted(config: Config) {
         return;
     };
     let scopes = wsgate::internals::Scopes::default();
-    let first = State::new(config.clone(), None, tls, &scopes);
+    let stop = CancellationToken::new();
+    let loaded = |backend_tls| Loaded {
+        backend_tls,
+        admin_tokens: None,
+    };
+    let first = State::new(config.clone(), None, loaded(tls), (&scopes, &stop));
     assert_eq!(
         first.router.routes().len(),
         routes,
         "a route was dropped by the router"
     );
+    let draining = |state: &State| -> Vec<bool> {
+        state
+            .pools
+            .iter()
+            .flat_map(|p| p.backends().iter().map(|b| b.is_draining()).collect::<Vec<_>>())
+            .collect()
+    };
+    let draining_before = draining(&first);
     let tls = TlsClients::load(&config, Some(&first.backend_tls)).expect("loaded once already");
-    let second = State::new(config, Some(&first), tls, &scopes);
+    let second = State::new(config, Some(&first), loaded(tls), (&scopes, &stop));
     assert_eq!(second.router.routes().len(), routes);
+    assert_eq!(
+        draining(&second),
+        draining_before,
+        "a reload of the same config changed which backends drain"
+    );
     for (old, new) in first.pools.iter().zip(second.pools.iter()) {
-        assert_eq!(old.backends.len(), new.backends.len());
-        for (a, b) in old.backends.iter().zip(&new.backends) {
+        let (old_backends, new_backends) = (old.backends(), new.backends());
+        assert_eq!(old_backends.len(), new_backends.len());
+        for (a, b) in old_backends.iter().zip(new_backends.iter()) {
             assert!(
                 std::sync::Arc::ptr_eq(a, b),
                 "a reload of the same config replaced backend {}",
                 a.addr
+            );
+        }
+        assert_eq!(old.discovery.len(), new.discovery.len());
+        for (a, b) in old.discovery.iter().zip(&new.discovery) {
+            assert!(
+                std::sync::Arc::ptr_eq(a, b),
+                "a reload of the same config replaced the DNS entry {}",
+                a.name
             );
         }
     }

@@ -3,6 +3,7 @@
 //! The targets in `fuzz_targets/` are thin: the checks live here, so that `cargo test` can run the
 //! reference decoder's own tests and a crash can be replayed from a debugger without libFuzzer.
 
+pub mod admin_tokens_target;
 pub mod config_target;
 pub mod http_target;
 pub mod known;

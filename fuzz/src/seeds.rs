@@ -301,6 +301,28 @@ pub fn config() -> Vec<(String, String)> {
         .collect()
 }
 
+/// Seeds for the admin token file target: (name, file text).
+pub fn admin_tokens() -> Vec<(String, String)> {
+    [
+        ("one", "ops:0123456789abcdef0123456789abcdef\n"),
+        (
+            "comments-and-two",
+            "# deploy tooling\ndeploy:zzzzzzzzzzzzzzzzzzzz\n\n  oncall : 0123456789abcdef \n",
+        ),
+        ("same-token-twice", "a:0123456789abcdef\nb:0123456789abcdef\n"),
+        ("short", "ops:short\n"),
+        ("no-colon", "0123456789abcdef0123\n"),
+        ("bad-name", "a b:0123456789abcdef\n"),
+        ("name-twice", "a:0123456789abcdef\na:0123456789abcdeg\n"),
+        ("empty", ""),
+        ("crlf", "ops:0123456789abcdef\r\n"),
+        ("colon-in-token", "ops:0123:456789abcdef\n"),
+    ]
+    .into_iter()
+    .map(|(name, text)| (name.to_string(), text.to_string()))
+    .collect()
+}
+
 /// Seeds for the origin target (layout in `origin_target.rs`): (name, input).
 pub fn origin() -> Vec<(String, Vec<u8>)> {
     let input = |flags: u8, patterns: &[&str], value: &[u8]| {
@@ -497,6 +519,9 @@ mod tests {
         for (_, bytes) in origin() {
             crate::origin_target::run(&bytes);
         }
+        for (_, text) in admin_tokens() {
+            crate::admin_tokens_target::run(text.as_bytes());
+        }
         for (name, bytes) in proxy_header() {
             crate::proxy_header_target::run(&bytes);
             assert!(
@@ -553,6 +578,9 @@ mod tests {
         }
         for (name, bytes) in proxy_header() {
             write("proxy_header", &name, &bytes);
+        }
+        for (name, text) in admin_tokens() {
+            write("admin_tokens", &name, text.as_bytes());
         }
     }
 }

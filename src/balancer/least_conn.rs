@@ -46,8 +46,8 @@ mod tests {
                 drain: false,
                 tls: None,
             },
-            None,
-            None,
+            (None, None),
+            (None, &tokio_util::sync::CancellationToken::new()),
         ))
     }
 

@@ -9,23 +9,30 @@
 //! by the gateway), not ejected by passive failure counting, and not draining.
 
 mod affinity;
+mod discovered;
+mod drain;
 mod least_conn;
 pub mod probe;
 pub mod sticky;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use http::header::HeaderValue;
+use tokio_util::sync::CancellationToken;
 
 pub use affinity::Affinity;
+pub use discovered::{Discovered, Resolution};
+pub use drain::{DrainCause, DrainStatus};
 
 use crate::config::{
     BackendConfig, Config, HealthCheck, Policy, PoolConfig, ProxyProtocolOut, StickyKey,
 };
-use crate::upstream::{BackendTls, TlsClients};
+use crate::upstream::{BackendTls, Reuse, TlsClients};
+use drain::Drain;
 
 /// One backend server. Shared by every pool generation that lists it (same id and address, reached the
 /// same way), so that its live count and health survive a reload.
@@ -43,8 +50,14 @@ pub struct Backend {
     /// The value of a sticky cookie naming this backend (a hash of the id: no address in it).
     token: String,
     id_hash: u64,
+    /// Found in DNS (a `dns` entry), not written in the config.
+    pub discovered: bool,
     weight: AtomicU32,
+    /// Mirrors `drain.is_draining()`, read on every pick without the lock.
     draining: AtomicBool,
+    drain: Mutex<Drain>,
+    /// Live tunnels (a part of `active`).
+    tunnels: AtomicUsize,
     /// Up by the active checks (always up without them).
     healthy: AtomicBool,
     active: AtomicUsize,
@@ -69,13 +82,15 @@ fn now_millis() -> u64 {
 }
 
 impl Backend {
+    /// `drain_spread`: the pool's, for a `drain = true` in `config`. `stop`: the gateway's shutdown
+    /// token, the parent of the backend's drain signal.
     fn new(
         pool: &str,
         config: &BackendConfig,
-        tls: Option<BackendTls>,
-        proxy_protocol: Option<ProxyProtocolOut>,
+        (tls, proxy_protocol): (Option<BackendTls>, Option<ProxyProtocolOut>),
+        (drain_spread, stop): (Option<Duration>, &CancellationToken),
     ) -> Backend {
-        Backend {
+        let backend = Backend {
             addr: config.addr.clone(),
             id: config.id.clone(),
             pool: pool.to_string(),
@@ -83,15 +98,78 @@ impl Backend {
             proxy_protocol,
             token: sticky::cookie_token(&config.id),
             id_hash: sticky::id_hash(&config.id),
+            discovered: false,
             weight: AtomicU32::new(config.weight.max(1)),
-            draining: AtomicBool::new(config.drain),
+            draining: AtomicBool::new(false),
+            drain: Mutex::new(Drain::new(stop)),
+            tunnels: AtomicUsize::new(0),
             healthy: AtomicBool::new(true),
             active: AtomicUsize::new(0),
             fails: AtomicU32::new(0),
             ejected_until: AtomicU64::new(0),
             passes: AtomicU32::new(0),
             failures: AtomicU32::new(0),
-        }
+        };
+        backend.set_cause(DrainCause::Config, config.drain, drain_spread, None);
+        backend
+    }
+
+    fn set_weight(&self, weight: u32) {
+        self.weight.store(weight.max(1), Ordering::Relaxed);
+    }
+
+    fn drain_state(&self) -> std::sync::MutexGuard<'_, Drain> {
+        self.drain.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts (`on`) or ends this cause of a drain; `spread` and `by` (an admin token's name) apply when
+    /// it starts. Returns whether the backend drains now.
+    pub fn set_cause(
+        &self,
+        cause: DrainCause,
+        on: bool,
+        spread: Option<Duration>,
+        by: Option<&str>,
+    ) -> bool {
+        let mut drain = self.drain_state();
+        let draining = if on {
+            drain.add(cause, spread, by);
+            true
+        } else {
+            drain.remove(cause)
+        };
+        self.draining.store(draining, Ordering::Relaxed);
+        draining
+    }
+
+    /// Whether `cause` is one of the reasons it drains.
+    pub fn drained_for(&self, cause: DrainCause) -> bool {
+        self.drain_state().has(cause)
+    }
+
+    /// What its tunnels listen to: cancelled whenever their verdict changes (see `drain.rs`).
+    pub fn drain_signal(&self) -> CancellationToken {
+        self.drain_state().signal()
+    }
+
+    /// When a tunnel to it is to close for its drain, from now; `None`: not at all (not draining, or
+    /// draining with tunnels left to finish).
+    pub fn drain_delay(&self) -> Option<Duration> {
+        self.drain_state().delay()
+    }
+
+    pub fn drain_status(&self) -> Option<DrainStatus> {
+        self.drain_state().status()
+    }
+
+    /// Counts a live tunnel until the returned guard is dropped.
+    pub fn tunnel(self: &Arc<Self>) -> TunnelCount {
+        self.tunnels.fetch_add(1, Ordering::Relaxed);
+        TunnelCount(Arc::clone(self))
+    }
+
+    pub fn tunnels(&self) -> usize {
+        self.tunnels.load(Ordering::Relaxed)
     }
 
     pub fn active(&self) -> usize {
@@ -205,18 +283,63 @@ impl Drop for BackendGuard {
     }
 }
 
+/// A pooled HTTP connection goes back to the pool only while its backend is not draining: a drained
+/// backend's keep-alive connections close once their response is done.
+impl Reuse for BackendGuard {
+    fn reusable(&self) -> bool {
+        !self.0.is_draining()
+    }
+}
+
+/// One live tunnel to a backend (`Backend::tunnel`). Dropping it releases the count.
+#[derive(Debug)]
+pub struct TunnelCount(Arc<Backend>);
+
+impl Drop for TunnelCount {
+    fn drop(&mut self) {
+        self.0.tunnels.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// A named set of backends and the policy that picks among them.
 #[derive(Debug)]
 pub struct Pool {
     pub name: String,
     pub policy: Policy,
-    pub backends: Vec<Arc<Backend>>,
     pub health: Option<HealthCheck>,
+    /// How a drained backend's tunnels close (`PoolConfig::drain_spread`).
+    pub drain_spread: Option<Duration>,
+    /// Its `dns` entries, each with the backends it has found.
+    pub discovery: Vec<Arc<Discovered>>,
+    /// The backends written in the config.
+    written: Vec<Arc<Backend>>,
+    /// Every backend: the written ones, then the discovered ones. Replaced (`refresh`) when discovery
+    /// finds or drops backends, so a pick reads one list without a lock.
+    backends: ArcSwap<Vec<Arc<Backend>>>,
     max_fails: u32,
     fail_timeout: Duration,
 }
 
 impl Pool {
+    /// Every backend of the pool, written and discovered, draining ones included.
+    pub fn backends(&self) -> arc_swap::Guard<Arc<Vec<Arc<Backend>>>> {
+        self.backends.load()
+    }
+
+    /// Rebuilds the list of backends after discovery changed a set.
+    pub fn refresh(&self) {
+        let mut all = self.written.clone();
+        for entry in &self.discovery {
+            all.extend(entry.backends());
+        }
+        self.backends.store(Arc::new(all));
+    }
+
+    /// A backend by id.
+    pub fn backend(&self, id: &str) -> Option<Arc<Backend>> {
+        self.backends().iter().find(|b| b.id == id).cloned()
+    }
+
     /// What a request brings to the choice of its backend (its sticky key, if the pool has one). Call it
     /// before the request's headers are rewritten for the backend.
     pub fn affinity(
@@ -236,8 +359,8 @@ impl Pool {
     /// or when that one is unavailable to the next in hash order; requests without a key, and least_conn
     /// pools, get the backend with the fewest live connections per weight.
     pub fn pick(&self, affinity: &Affinity, tried: &[Arc<Backend>]) -> Option<BackendGuard> {
-        let mut candidates = self
-            .backends
+        let backends = self.backends();
+        let mut candidates = backends
             .iter()
             .filter(|b| b.is_available() && !tried.iter().any(|t| Arc::ptr_eq(t, b)));
         let chosen = match (&self.policy, affinity.key) {
@@ -290,12 +413,12 @@ impl Pool {
 
     /// Whether some backend takes new connections (else requests get 503 at once; readiness uses it).
     pub fn has_available(&self) -> bool {
-        self.backends.iter().any(|b| b.is_available())
+        self.backends().iter().any(|b| b.is_available())
     }
 
     /// How many different backends one request may try before giving up.
     pub fn max_attempts(&self) -> usize {
-        self.backends.len().clamp(1, 3)
+        self.backends().len().clamp(1, 3)
     }
 }
 
@@ -312,9 +435,44 @@ pub struct BackendStatus {
     pub healthy: bool,
     pub ejected: bool,
     pub draining: bool,
+    /// One word for the above: `draining`, `down`, `ejected` or `up`, the first that applies.
+    pub state: &'static str,
     /// Live connections (tunnels and requests in flight).
     #[serde(rename = "active_connections")]
     pub active: usize,
+    /// Live tunnels.
+    pub tunnels: usize,
+    pub discovered: bool,
+    pub drain: Option<DrainStatus>,
+}
+
+impl BackendStatus {
+    pub fn of(pool: &str, b: &Backend) -> BackendStatus {
+        let (healthy, ejected, draining) = (b.is_healthy(), b.is_ejected(), b.is_draining());
+        BackendStatus {
+            pool: pool.to_string(),
+            addr: b.addr.clone(),
+            id: b.id.clone(),
+            weight: b.weight(),
+            available: b.is_available(),
+            healthy,
+            ejected,
+            draining,
+            state: if draining {
+                "draining"
+            } else if !healthy {
+                "down"
+            } else if ejected {
+                "ejected"
+            } else {
+                "up"
+            },
+            active: b.active(),
+            tunnels: b.tunnels(),
+            discovered: b.discovered,
+            drain: b.drain_status(),
+        }
+    }
 }
 
 /// Every pool of one config generation, by name.
@@ -323,30 +481,69 @@ pub struct Pools(BTreeMap<String, Arc<Pool>>);
 
 impl Pools {
     /// Builds the pools of `config`, with the TLS clients loaded from it, reusing the backends of
-    /// `previous` whose pool, id, address and TLS (table and files) stay the same (their weight and drain
-    /// flag follow the new config).
-    pub fn build(config: &Config, previous: Option<&Pools>, tls: &TlsClients) -> Pools {
-        let pools = config
+    /// `previous` whose pool, id, address and way of reaching them (TLS table and files, PROXY header)
+    /// stay the same (their weight and drain flag follow the new config), and its `dns` entries reached
+    /// the same way, with what they have found. A backend of `previous` left out drains (cause
+    /// `Removed`), unless the new config still reaches its address the same way (in another pool, or
+    /// under another id); so does every backend a dropped `dns` entry found (an entry under a renamed
+    /// pool is a new one: its backends are found again). An operator's drain passes to the backend of
+    /// the same pool and id that replaces one. `stop`: the gateway's shutdown token, the parent of every backend's drain signal.
+    pub fn build(
+        config: &Config,
+        previous: Option<&Pools>,
+        tls: &TlsClients,
+        stop: &CancellationToken,
+    ) -> Pools {
+        let pools: BTreeMap<_, _> = config
             .pools
             .iter()
             .map(|(name, pool)| {
-                (
-                    name.clone(),
-                    Arc::new(Self::pool(name, pool, previous, tls)),
-                )
+                let old = previous.and_then(|p| p.get(name)).map(Arc::as_ref);
+                let pool = Self::pool(name, pool, old, tls, stop);
+                (name.clone(), Arc::new(pool))
             })
             .collect();
+        if let Some(previous) = previous {
+            // A server the new config still reaches the same way (its address under a renamed pool,
+            // or under a new id) is not being taken away: its tunnels stay.
+            let served = |gone: &Backend| {
+                pools.values().any(|p| {
+                    p.backends()
+                        .iter()
+                        .any(|b| b.addr == gone.addr && b.tls == gone.tls)
+                })
+            };
+            for old in previous.iter() {
+                let new = pools.get(&old.name);
+                let spread = new.map_or(old.drain_spread, |p| p.drain_spread);
+                for backend in old.written.iter() {
+                    let kept =
+                        new.is_some_and(|p| p.written.iter().any(|b| Arc::ptr_eq(b, backend)));
+                    if !kept && !served(backend) {
+                        backend.set_cause(DrainCause::Removed, true, spread, None);
+                    }
+                }
+                for entry in &old.discovery {
+                    let kept =
+                        new.is_some_and(|p| p.discovery.iter().any(|d| Arc::ptr_eq(d, entry)));
+                    if !kept {
+                        entry.retire(spread);
+                    }
+                }
+            }
+        }
         Pools(pools)
     }
 
     fn pool(
         name: &str,
         config: &PoolConfig,
-        previous: Option<&Pools>,
+        old: Option<&Pool>,
         clients: &TlsClients,
+        stop: &CancellationToken,
     ) -> Pool {
-        let old = previous.and_then(|p| p.get(name));
-        let backends = config
+        let spread = config.drain_spread;
+        let written = config
             .backends
             .iter()
             .map(|b| {
@@ -355,36 +552,74 @@ impl Pools {
                         .backend(table, &b.addr)
                         .expect("TLS clients are loaded from the config the pools are built from")
                 });
-                let kept = old.and_then(|p| {
-                    p.backends.iter().find(|o| {
-                        o.id == b.id
-                            && o.addr == b.addr
-                            && o.tls == tls
-                            && o.proxy_protocol == config.proxy_protocol
-                    })
+                let previous = old.and_then(|p| p.written.iter().find(|o| o.id == b.id));
+                let kept = previous.filter(|o| {
+                    o.addr == b.addr && o.tls == tls && o.proxy_protocol == config.proxy_protocol
                 });
                 match kept {
                     Some(backend) => {
-                        backend.draining.store(b.drain, Ordering::Relaxed);
-                        backend.weight.store(b.weight.max(1), Ordering::Relaxed);
+                        backend.set_cause(DrainCause::Config, b.drain, spread, None);
+                        backend.set_weight(b.weight);
                         if config.health.is_none() {
                             // Without active checks nothing would ever bring it back up.
                             backend.set_healthy(true);
                         }
                         Arc::clone(backend)
                     }
-                    None => Arc::new(Backend::new(name, b, tls, config.proxy_protocol)),
+                    None => {
+                        let backend =
+                            Backend::new(name, b, (tls, config.proxy_protocol), (spread, stop));
+                        if let Some((spread, by)) = previous.and_then(|o| o.drain_state().admin()) {
+                            backend.set_cause(DrainCause::Admin, true, spread, by.as_deref());
+                        }
+                        Arc::new(backend)
+                    }
                 }
             })
             .collect();
-        Pool {
+        let health = config.health.is_some();
+        let discovery = config
+            .discovery
+            .iter()
+            .map(|d| {
+                let tls = d.tls.as_ref().or(config.tls.as_ref()).map(|table| {
+                    clients
+                        .backend(table, &d.name)
+                        .expect("TLS clients are loaded from the config the pools are built from")
+                });
+                let kept = old.and_then(|p| {
+                    p.discovery
+                        .iter()
+                        .find(|o| o.same_target(d, &tls, config.proxy_protocol))
+                });
+                match kept {
+                    Some(entry) => {
+                        entry.update(d, spread, health);
+                        Arc::clone(entry)
+                    }
+                    None => Arc::new(Discovered::new(
+                        name,
+                        d,
+                        (tls, config.proxy_protocol),
+                        (spread, health),
+                        stop,
+                    )),
+                }
+            })
+            .collect();
+        let pool = Pool {
             name: name.to_string(),
             policy: config.policy.clone(),
-            backends,
             health: config.health.clone(),
+            drain_spread: spread,
+            discovery,
+            written,
+            backends: ArcSwap::default(),
             max_fails: config.max_fails,
             fail_timeout: config.fail_timeout,
-        }
+        };
+        pool.refresh();
+        pool
     }
 
     pub fn get(&self, name: &str) -> Option<&Arc<Pool>> {
@@ -407,17 +642,11 @@ impl Pools {
     pub fn status(&self) -> Vec<BackendStatus> {
         self.iter()
             .flat_map(|pool| {
-                pool.backends.iter().map(|b| BackendStatus {
-                    pool: pool.name.clone(),
-                    addr: b.addr.clone(),
-                    id: b.id.clone(),
-                    weight: b.weight(),
-                    available: b.is_available(),
-                    healthy: b.is_healthy(),
-                    ejected: b.is_ejected(),
-                    draining: b.is_draining(),
-                    active: b.active(),
-                })
+                let backends = pool.backends();
+                backends
+                    .iter()
+                    .map(|b| BackendStatus::of(&pool.name, b))
+                    .collect::<Vec<_>>()
             })
             .collect()
     }
@@ -447,7 +676,12 @@ mod tests {
     "#;
 
     fn pool(text: &str) -> Arc<Pool> {
-        let pools = Pools::build(&config(text), None, &TlsClients::default());
+        let pools = Pools::build(
+            &config(text),
+            None,
+            &TlsClients::default(),
+            &CancellationToken::new(),
+        );
         Arc::clone(pools.get("p").expect("pool p"))
     }
 
@@ -473,7 +707,7 @@ mod tests {
     #[test]
     fn a_cookie_naming_an_available_backend_is_followed_and_not_reissued() {
         let p = pool(STICKY);
-        let two = &p.backends[1];
+        let two = &p.backends()[1];
         let a = affinity(&p, Some(two.cookie_token()));
         for _ in 0..20 {
             let guard = p.pick(&a, &[]).expect("a backend");
@@ -486,12 +720,12 @@ mod tests {
     fn no_cookie_gets_least_conn_and_a_cookie() {
         let p = pool(STICKY);
         let a = affinity(&p, None);
-        let _held = [p.backends[0].acquire(), p.backends[2].acquire()];
+        let _held = [p.backends()[0].acquire(), p.backends()[2].acquire()];
         let guard = p.pick(&a, &[]).expect("a backend");
         assert_eq!(guard.backend().id, "two");
         let cookie = p.sticky_cookie(&a, guard.backend(), true).expect("issued");
         let text = cookie.to_str().expect("ascii");
-        assert!(text.starts_with(&format!("wsg={}", p.backends[1].cookie_token())));
+        assert!(text.starts_with(&format!("wsg={}", p.backends()[1].cookie_token())));
         assert!(
             text.contains("HttpOnly") && text.contains("SameSite=Lax") && text.contains("Secure")
         );
@@ -501,7 +735,7 @@ mod tests {
     #[test]
     fn a_cookie_naming_a_down_or_draining_or_unknown_backend_is_replaced() {
         let p = pool(STICKY);
-        let two = Arc::clone(&p.backends[1]);
+        let two = Arc::clone(&p.backends()[1]);
         two.set_healthy(false);
         let a = affinity(&p, Some(two.cookie_token()));
         let guard = p.pick(&a, &[]).expect("a backend");
@@ -519,7 +753,7 @@ mod tests {
     #[test]
     fn passive_failures_eject_until_a_success() {
         let p = pool(STICKY);
-        let b = &p.backends[0];
+        let b = &p.backends()[0];
         p.connect_failed(b);
         assert!(b.is_available(), "one failure is below max_fails = 2");
         p.connect_failed(b);
@@ -539,8 +773,8 @@ mod tests {
                 drain: false,
                 tls: None,
             },
-            None,
-            None,
+            (None, None),
+            (None, &CancellationToken::new()),
         );
         assert!(b.record_failure(1, Duration::from_millis(30)));
         assert!(b.is_ejected());
@@ -553,7 +787,7 @@ mod tests {
     #[test]
     fn rise_and_fall_count_consecutive_checks() {
         let p = pool(STICKY);
-        let b = &p.backends[0];
+        let b = &p.backends()[0];
         assert_eq!(b.record_check(false, 2, 3), None);
         assert_eq!(b.record_check(false, 2, 3), None);
         assert_eq!(b.record_check(true, 2, 3), None, "a pass breaks the streak");
@@ -568,14 +802,15 @@ mod tests {
 
     #[test]
     fn reload_keeps_backends_by_id_and_address_and_follows_drain_and_weight() {
-        let before = Pools::build(&config(STICKY), None, &TlsClients::default());
-        let guard = before.get("p").expect("p").backends[0].acquire();
+        let stop = CancellationToken::new();
+        let before = Pools::build(&config(STICKY), None, &TlsClients::default(), &stop);
+        let guard = before.get("p").expect("p").backends()[0].acquire();
         let text = STICKY.replace(
             "{ addr = \"127.0.0.1:1\" }",
             "{ addr = \"127.0.0.1:1\", drain = true, weight = 5 }",
         );
-        let after = Pools::build(&config(&text), Some(&before), &TlsClients::default());
-        let kept = &after.get("p").expect("p").backends[0];
+        let after = Pools::build(&config(&text), Some(&before), &TlsClients::default(), &stop);
+        let kept = &after.get("p").expect("p").backends()[0];
         assert!(Arc::ptr_eq(kept, guard.backend()));
         assert_eq!(kept.active(), 1);
         assert!(kept.is_draining() && !kept.is_available());

@@ -83,6 +83,14 @@ pub(super) struct Checker<'a> {
 }
 
 impl Checker<'_> {
+    pub(super) fn file_name(&self) -> &str {
+        self.file
+    }
+
+    pub(super) fn line_at(&self, offset: usize) -> usize {
+        self.line_of(offset)
+    }
+
     fn line_of(&self, offset: usize) -> usize {
         let end = offset.min(self.text.len());
         self.text.as_bytes()[..end]
@@ -115,9 +123,8 @@ impl Checker<'_> {
                 None
             }
         });
-        let admin = file
-            .admin
-            .and_then(|a| self.socket_addr(&a.listen, "admin.listen"));
+        let admin = file.admin.as_ref().and_then(|a| self.admin(a));
+        let dns = self.dns(file.dns.as_ref());
         let t = &file.timeouts;
         let timeouts = Timeouts {
             connect: self.timeout(&t.connect, "timeouts.connect", defaults.connect),
@@ -214,6 +221,7 @@ impl Checker<'_> {
             source: None,
             workers,
             admin,
+            dns,
             timeouts,
             limits,
             http2,
@@ -609,35 +617,80 @@ impl Checker<'_> {
         }
         let mut addrs = HashSet::new();
         let mut ids = HashSet::new();
-        let backends = pool
-            .backends
-            .get_ref()
-            .iter()
-            .enumerate()
-            .filter_map(|(i, b)| {
-                let key = format!("{key}.backends[{i}]");
-                if !addrs.insert(b.addr.get_ref().trim().to_string()) {
+        let mut backends = Vec::new();
+        let mut discovery = Vec::new();
+        for (i, b) in pool.backends.get_ref().iter().enumerate() {
+            let key = format!("{key}.backends[{i}]");
+            let (addr, dns) = match (&b.addr, &b.dns) {
+                (Some(addr), None) => (addr, None),
+                (None, Some(dns)) => (dns, Some(dns)),
+                (Some(addr), Some(_)) => {
                     self.error(
-                        b.addr.span().start,
-                        format!("{key}.addr"),
-                        "the same backend is listed twice",
+                        addr.span().start,
+                        &key,
+                        "give either `addr` (one backend) or `dns` (a name whose addresses are the \
+                         backends), not both",
+                    );
+                    continue;
+                }
+                (None, None) => {
+                    self.error(
+                        pool.backends.span().start,
+                        &key,
+                        "each backend needs `addr` (host:port) or `dns` (a name to resolve)",
+                    );
+                    continue;
+                }
+            };
+            if !addrs.insert(addr.get_ref().trim().to_string()) {
+                self.error(
+                    addr.span().start,
+                    format!("{key}.{}", if dns.is_some() { "dns" } else { "addr" }),
+                    "the same backend is listed twice",
+                );
+            }
+            if dns.is_none() {
+                for field in [&b.resolve_every, &b.resolve_min, &b.remove_after]
+                    .into_iter()
+                    .flatten()
+                {
+                    self.error(
+                        field.span().start,
+                        &key,
+                        "resolve_every, resolve_min and remove_after are for `dns` entries",
                     );
                 }
-                let backend = self.backend(b, &key, tls.as_ref())?;
-                if !ids.insert(backend.id.clone()) {
-                    let at = b.id.as_ref().unwrap_or(&b.addr).span().start;
-                    self.error(
-                        at,
-                        format!("{key}.id"),
-                        format!(
-                            "the id `{}` is used by another backend of this pool",
-                            backend.id
-                        ),
-                    );
+            }
+            let weight = self.weight(b, &key);
+            let own_tls = b
+                .tls
+                .as_ref()
+                .map(|tls| self.backend_tls(tls, &format!("{key}.tls")));
+            if let Some(dns) = dns {
+                let used = own_tls.as_ref().or(tls.as_ref()).cloned();
+                self.server_name_of(dns, &key, "dns", used.as_ref());
+                if let Some(entry) = self.discovery(b, dns, &key, (weight, own_tls)) {
+                    discovery.push(entry);
                 }
-                Some(backend)
-            })
-            .collect();
+                continue;
+            }
+            let Some(backend) = self.backend(b, addr, &key, (weight, own_tls), tls.as_ref()) else {
+                continue;
+            };
+            if !ids.insert(backend.id.clone()) {
+                let at = b.id.as_ref().unwrap_or(addr).span().start;
+                self.error(
+                    at,
+                    format!("{key}.id"),
+                    format!(
+                        "the id `{}` is used by another backend of this pool",
+                        backend.id
+                    ),
+                );
+            }
+            backends.push(backend);
+        }
+        let drain_spread = self.drain_spread(&pool.drain_spread, &format!("{key}.drain_spread"));
         let proxy_protocol = self.pool_proxy_protocol(pool, key);
         PoolConfig {
             policy,
@@ -646,7 +699,9 @@ impl Checker<'_> {
             fail_timeout,
             tls,
             proxy_protocol,
+            drain_spread,
             backends,
+            discovery,
         }
     }
 
@@ -705,7 +760,7 @@ impl Checker<'_> {
     }
 
     /// A file named in the config, resolved against the config file's folder.
-    fn file_path(&mut self, path: &Text, key: &str) -> PathBuf {
+    pub(super) fn file_path(&mut self, path: &Text, key: &str) -> PathBuf {
         self.file_path_at(path.get_ref(), path.span().start, key)
     }
 
@@ -841,14 +896,8 @@ impl Checker<'_> {
         }
     }
 
-    /// `pool_tls`: the pool's `tls` table, which the backend uses unless it has its own.
-    fn backend(
-        &mut self,
-        b: &FileBackend,
-        key: &str,
-        pool_tls: Option<&BackendTlsConfig>,
-    ) -> Option<BackendConfig> {
-        let weight = match &b.weight {
+    fn weight(&mut self, b: &FileBackend, key: &str) -> u32 {
+        match &b.weight {
             None => 1,
             Some(w) if (1..=1000).contains(w.get_ref()) => *w.get_ref() as u32,
             Some(w) => {
@@ -859,8 +908,41 @@ impl Checker<'_> {
                 );
                 1
             }
-        };
-        let addr = b.addr.get_ref().trim();
+        }
+    }
+
+    /// Without a server_name the host of `addr` is the name the certificate must carry.
+    fn server_name_of(
+        &mut self,
+        addr: &Text,
+        key: &str,
+        field: &str,
+        tls: Option<&BackendTlsConfig>,
+    ) {
+        if let Some((host, _)) = split_host_port(addr.get_ref().trim())
+            && let Some(used) = tls
+            && used.server_name.is_none()
+            && ServerName::try_from(host).is_err()
+        {
+            self.error(
+                addr.span().start,
+                format!("{key}.{field}"),
+                format!("`{host}` cannot name a TLS server: give tls.server_name"),
+            );
+        }
+    }
+
+    /// A written backend (`addr`). `pool_tls`: the pool's `tls` table, which the backend uses unless it
+    /// has its own (`tls`).
+    fn backend(
+        &mut self,
+        b: &FileBackend,
+        addr_text: &Text,
+        key: &str,
+        (weight, tls): (u32, Option<BackendTlsConfig>),
+        pool_tls: Option<&BackendTlsConfig>,
+    ) -> Option<BackendConfig> {
+        let addr = addr_text.get_ref().trim();
         let id = match &b.id {
             None => addr.to_string(),
             Some(id) => {
@@ -875,40 +957,24 @@ impl Checker<'_> {
                 text.to_string()
             }
         };
-        let tls = b
-            .tls
-            .as_ref()
-            .map(|tls| self.backend_tls(tls, &format!("{key}.tls")));
-        match split_host_port(addr) {
-            Some((host, _)) => {
-                // Without a server_name the host is the name the certificate must carry.
-                if let Some(used) = tls.as_ref().or(pool_tls)
-                    && used.server_name.is_none()
-                    && ServerName::try_from(host).is_err()
-                {
-                    self.error(
-                        b.addr.span().start,
-                        format!("{key}.addr"),
-                        format!("`{host}` cannot name a TLS server: give tls.server_name"),
-                    );
-                }
-                Some(BackendConfig {
-                    addr: addr.to_string(),
-                    id,
-                    weight,
-                    drain: b.drain,
-                    tls,
-                })
-            }
-            None => {
-                self.error(
-                    b.addr.span().start,
-                    format!("{key}.addr"),
-                    format!("`{addr}` is not a backend address: expected host:port, e.g. \"10.0.0.11:9000\""),
-                );
-                None
-            }
+        if split_host_port(addr).is_none() {
+            self.error(
+                addr_text.span().start,
+                format!("{key}.addr"),
+                format!(
+                    "`{addr}` is not a backend address: expected host:port, e.g. \"10.0.0.11:9000\""
+                ),
+            );
+            return None;
         }
+        self.server_name_of(addr_text, key, "addr", tls.as_ref().or(pool_tls));
+        Some(BackendConfig {
+            addr: addr.to_string(),
+            id,
+            weight,
+            drain: b.drain,
+            tls,
+        })
     }
 
     /// A timeout that must be larger than zero.
@@ -927,7 +993,7 @@ impl Checker<'_> {
         }
     }
 
-    fn socket_addr(&mut self, text: &Text, key: &str) -> Option<SocketAddr> {
+    pub(super) fn socket_addr(&mut self, text: &Text, key: &str) -> Option<SocketAddr> {
         match text.get_ref().trim().parse() {
             Ok(addr) => Some(addr),
             Err(_) => {

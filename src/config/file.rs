@@ -16,6 +16,7 @@ pub type Text = Spanned<String>;
 pub struct FileConfig {
     pub workers: Option<Spanned<i64>>,
     pub admin: Option<FileAdmin>,
+    pub dns: Option<FileDns>,
     #[serde(default)]
     pub timeouts: FileTimeouts,
     #[serde(default)]
@@ -34,6 +35,14 @@ pub struct FileConfig {
 #[serde(deny_unknown_fields)]
 pub struct FileAdmin {
     pub listen: Text,
+    pub allow: Option<Spanned<Vec<Text>>>,
+    pub token_file: Option<Text>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileDns {
+    pub servers: Option<Spanned<Vec<Text>>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -142,6 +151,7 @@ pub struct FilePool {
     pub tls: Option<Spanned<FileBackendTls>>,
     pub proxy_protocol: Option<Text>,
     pub proxy_protocol_health: Option<Spanned<bool>>,
+    pub drain_spread: Option<Text>,
     pub backends: Spanned<Vec<FileBackend>>,
 }
 
@@ -213,7 +223,12 @@ pub struct FileHealth {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileBackend {
-    pub addr: Text,
+    /// Exactly one of `addr` and `dns`.
+    pub addr: Option<Text>,
+    pub dns: Option<Text>,
+    pub resolve_every: Option<Text>,
+    pub resolve_min: Option<Text>,
+    pub remove_after: Option<Text>,
     pub id: Option<Text>,
     pub weight: Option<Spanned<i64>>,
     #[serde(default)]

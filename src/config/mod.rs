@@ -8,12 +8,15 @@ mod admission;
 mod check;
 pub mod cidr;
 mod file;
+mod fleet;
 mod key_path;
 mod model;
+mod tokens;
 pub mod units;
 
 pub use check::split_host_port;
 pub use model::*;
+pub use tokens::AdminTokens;
 
 #[cfg(test)]
 mod admission_tests;

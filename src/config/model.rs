@@ -56,7 +56,9 @@ pub struct Config {
     pub source: Option<PathBuf>,
     /// Runtime worker threads; `None` means one per core.
     pub workers: Option<usize>,
-    pub admin: Option<SocketAddr>,
+    pub admin: Option<AdminConfig>,
+    /// How DNS names of discovered backends are resolved.
+    pub dns: DnsConfig,
     pub timeouts: Timeouts,
     pub limits: Limits,
     pub http2: Http2Settings,
@@ -391,12 +393,19 @@ pub struct PoolConfig {
     pub tls: Option<BackendTlsConfig>,
     /// A PROXY protocol header sent first on every backend connection.
     pub proxy_protocol: Option<ProxyProtocolOut>,
+    /// When a backend of this pool drains, its live tunnels are sent Close 1012 at random moments spread
+    /// over this window; `Duration::ZERO` closes them at once; `None` lets them finish on their own.
+    pub drain_spread: Option<Duration>,
+    /// Backends as written (`addr`).
     pub backends: Vec<BackendConfig>,
+    /// Backends found in DNS (`dns`): every address of the name is one.
+    pub discovery: Vec<DiscoveryConfig>,
 }
 
 impl PoolConfig {
     pub const DEFAULT_MAX_FAILS: u32 = 3;
     pub const DEFAULT_FAIL_TIMEOUT: Duration = Duration::from_secs(10);
+    pub const DEFAULT_DRAIN_SPREAD: Duration = Duration::from_secs(60);
 
     /// How wsgate speaks TLS to `backend` of this pool: its own `tls` table, else the pool's; `None` is
     /// plain TCP.
@@ -417,6 +426,70 @@ pub struct BackendConfig {
     pub drain: bool,
     /// This backend's own `tls` table, used instead of its pool's (see `PoolConfig::tls_of`).
     pub tls: Option<BackendTlsConfig>,
+}
+
+/// A backend entry that names a DNS name: every A and AAAA record of it is a backend, whose id and
+/// address are the record's `ip:port`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DiscoveryConfig {
+    /// `host:port` as written.
+    pub name: String,
+    pub host: String,
+    pub port: u16,
+    /// The weight of each backend found.
+    pub weight: u32,
+    /// Every backend found drains (as `drain = true` does for one written backend).
+    pub drain: bool,
+    /// The longest time between two resolutions; a shorter record TTL is followed.
+    pub resolve_every: Duration,
+    /// The shortest time between two resolutions, whatever the TTL.
+    pub resolve_min: Duration,
+    /// How long a record must be missing from the answers before its backend drains.
+    pub remove_after: Duration,
+    /// This entry's own `tls` table, used instead of its pool's; the name checked is the DNS name's host.
+    pub tls: Option<BackendTlsConfig>,
+}
+
+impl DiscoveryConfig {
+    pub const DEFAULT_RESOLVE_EVERY: Duration = Duration::from_secs(10);
+    pub const DEFAULT_RESOLVE_MIN: Duration = Duration::from_secs(1);
+    pub const DEFAULT_REMOVE_AFTER: Duration = Duration::from_secs(30);
+}
+
+/// The admin listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    /// Peers allowed to use it at all; empty: anyone who can reach the address.
+    pub allow: Vec<cidr::Cidr>,
+    /// The file of bearer tokens for the write endpoints (`POST`); `None`: they are off.
+    pub token_file: Option<TokenFile>,
+}
+
+/// Where the admin tokens are, and where the config names the file (for its load errors).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenFile {
+    pub path: PathBuf,
+    pub config_file: String,
+    pub line: usize,
+}
+
+impl TokenFile {
+    pub fn error(&self, message: impl fmt::Display) -> ConfigError {
+        ConfigError {
+            file: self.config_file.clone(),
+            line: self.line,
+            key: "admin.token_file".to_string(),
+            message: message.to_string(),
+        }
+    }
+}
+
+/// DNS resolution for discovered backends.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DnsConfig {
+    /// Nameservers to ask; empty: the system's (`/etc/resolv.conf`).
+    pub servers: Vec<SocketAddr>,
 }
 
 /// TLS toward backends: one pool's or one backend's `tls` table. Its files are loaded when a config

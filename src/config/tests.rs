@@ -143,7 +143,10 @@ fn given_values_replace_the_defaults() {
     );
     let c = parse(&text);
     assert_eq!(c.workers, Some(4));
-    assert_eq!(c.admin, Some("127.0.0.1:9090".parse().unwrap()));
+    assert_eq!(
+        c.admin.map(|a| a.listen),
+        Some("127.0.0.1:9090".parse().unwrap())
+    );
     assert_eq!(c.timeouts.connect, Duration::from_millis(250));
     assert_eq!(c.timeouts.http_idle, secs(120));
     // Those not given keep their defaults.

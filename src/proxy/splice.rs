@@ -63,7 +63,6 @@ impl Splice {
     ) -> impl Future<Output = ()> + Send + 'static {
         let params = TunnelParams {
             allowed_rsv: self.allowed_rsv,
-            shutdown: shared.shutdown.clone(),
             context: RouteTunnel::new(self.route, (self.guard, self.place), conn, shared),
         };
         let backend_early = detach(self.backend_early);

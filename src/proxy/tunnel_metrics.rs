@@ -4,14 +4,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio_util::sync::CancellationToken;
+
 use crate::admission::Counted;
-use crate::balancer::BackendGuard;
+use crate::balancer::{BackendGuard, TunnelCount};
 use crate::config::WebSocketSettings;
 use crate::conn::ClientConn;
 use crate::router::Route;
 use crate::state::Shared;
-use crate::websocket::BufferPool;
 use crate::websocket::tunnel::{Traffic, TunnelContext, TunnelOutcome};
+use crate::websocket::{BufferPool, EndReason};
 
 /// A live tunnel as the gateway sees it: its route (settings, metrics), the backend it holds, the client
 /// connection it came on. Counted in `wsgate_ws_tunnels_active` from creation to drop.
@@ -21,6 +23,8 @@ use crate::websocket::tunnel::{Traffic, TunnelContext, TunnelOutcome};
 pub struct RouteTunnel {
     route: Arc<Route>,
     guard: BackendGuard,
+    /// The tunnel counted in its backend's live tunnels.
+    _tunnel: TunnelCount,
     /// The client's place under the route's `max_tunnels_per_ip`, given back when the tunnel ends.
     _place: Option<Counted>,
     conn: Arc<ClientConn>,
@@ -36,6 +40,7 @@ impl RouteTunnel {
     ) -> RouteTunnel {
         let tunnel = RouteTunnel {
             route,
+            _tunnel: guard.backend().tunnel(),
             guard,
             _place: place,
             conn,
@@ -112,11 +117,23 @@ impl TunnelContext for RouteTunnel {
         }
     }
 
-    /// A uniformly random moment within the close spread in force (never past the drain deadline).
-    fn shutdown_delay(&self) -> Duration {
-        let timeouts = &self.shared.state.load().config.timeouts;
-        let spread = timeouts.close_spread.min(timeouts.drain / 2);
-        spread.mul_f64(fastrand::f64())
+    /// The backend's drain signal: a child of the shutdown token, so it hears both.
+    fn stop_signal(&self) -> CancellationToken {
+        self.guard.backend().drain_signal()
+    }
+
+    /// Shutdown first: a uniformly random moment within the close spread in force (never past the
+    /// drain deadline). Else the backend's drain, at its moment within the pool's drain spread.
+    fn stop(&self) -> Option<(EndReason, Duration)> {
+        if self.shared.shutdown.is_cancelled() {
+            let timeouts = &self.shared.state.load().config.timeouts;
+            let spread = timeouts.close_spread.min(timeouts.drain / 2);
+            return Some((EndReason::Shutdown, spread.mul_f64(fastrand::f64())));
+        }
+        self.guard
+            .backend()
+            .drain_delay()
+            .map(|delay| (EndReason::BackendDrain, delay))
     }
 
     fn ping_rtt(&self, rtt: Duration) {

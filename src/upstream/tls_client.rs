@@ -119,7 +119,8 @@ impl TlsClients {
             let tables = pool
                 .tls
                 .iter()
-                .chain(pool.backends.iter().filter_map(|b| b.tls.as_ref()));
+                .chain(pool.backends.iter().filter_map(|b| b.tls.as_ref()))
+                .chain(pool.discovery.iter().filter_map(|d| d.tls.as_ref()));
             for table in tables {
                 // A table that failed is loaded again at each place it is written, to be reported there.
                 if clients.contains_key(table) {
@@ -133,21 +134,29 @@ impl TlsClients {
                     Err(error) => errors.push(error),
                 }
             }
-            for backend in &pool.backends {
-                let Some(table) = pool.tls_of(backend) else {
+            let named = pool
+                .backends
+                .iter()
+                .map(|b| (&b.addr, pool.tls_of(b)))
+                .chain(
+                    pool.discovery
+                        .iter()
+                        .map(|d| (&d.name, d.tls.as_ref().or(pool.tls.as_ref()))),
+                );
+            for (addr, table) in named {
+                let Some(table) = table else {
                     continue;
                 };
-                let name = table.server_name(&backend.addr);
+                let name = table.server_name(addr);
                 if server_name(name).is_none() {
                     errors.push(table.origin.table_error(format!(
-                        "`{name}` (for {}) is neither a DNS name nor an IP address",
-                        backend.addr
+                        "`{name}` (for {addr}) is neither a DNS name nor an IP address",
                     )));
                 }
                 if !table.verify {
                     tracing::warn!(
                         pool = %pool_name,
-                        backend = %backend.addr,
+                        backend = %addr,
                         "TLS certificate verification toward this backend is OFF (tls.verify = false): \
                          anyone between wsgate and it can read and change the traffic"
                     );

@@ -21,13 +21,15 @@ pub enum EndReason {
     ClientStalled,
     /// The backend took nothing of what was written to it for `send_timeout`.
     BackendStalled,
+    /// The backend drains (config, operator, DNS, reload): the client is told to reconnect elsewhere.
+    BackendDrain,
 }
 
 impl EndReason {
     /// Every ending, in the order of the table. A new variant goes here too (the tests below check the
     /// list against the documented tables).
     #[cfg(test)]
-    const ALL: [EndReason; 14] = [
+    const ALL: [EndReason; 15] = [
         EndReason::ClientClose,
         EndReason::BackendClose,
         EndReason::ClientGone,
@@ -42,6 +44,7 @@ impl EndReason {
         EndReason::Shutdown,
         EndReason::ClientStalled,
         EndReason::BackendStalled,
+        EndReason::BackendDrain,
     ];
 
     /// The `reason` label of `wsgate_ws_closes_total`.
@@ -61,6 +64,7 @@ impl EndReason {
             EndReason::Shutdown => "shutdown",
             EndReason::ClientStalled => "client_stalled",
             EndReason::BackendStalled => "backend_stalled",
+            EndReason::BackendDrain => "backend_drain",
         }
     }
 
@@ -112,6 +116,11 @@ impl EndReason {
             EndReason::BackendStalled => (
                 Some(&(GOING_AWAY, "backend not reading")),
                 Some(&(GOING_AWAY, "send timeout")),
+            ),
+            // 1012 Service Restart: the client should reconnect, and will land on another backend.
+            EndReason::BackendDrain => (
+                Some(&(1012, "service restart")),
+                Some(&(GOING_AWAY, "going away")),
             ),
         }
     }

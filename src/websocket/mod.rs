@@ -13,6 +13,7 @@ mod transport;
 pub mod tunnel;
 
 pub use buffers::{BUFFER_SIZE, BufferPool};
+pub use end::EndReason;
 pub use handshake::{
     Rejection, accept_key, accepts, is_upgrade_request, new_key, validate, validate_version,
 };

@@ -45,17 +45,20 @@ pub trait TunnelContext: Send {
     /// Counters since the last call; called at most every `FLUSH_EVERY` while busy, and at the end.
     fn traffic(&self, client_to_backend: Traffic, backend_to_client: Traffic);
     fn ping_rtt(&self, rtt: Duration);
-    /// How long after `shutdown` this tunnel sends its Close 1001: a random share of the close spread, so
-    /// a draining gateway does not make thousands of clients reconnect in the same instant. Asked when
-    /// the shutdown comes, not stored: every tunnel would carry it.
-    fn shutdown_delay(&self) -> Duration;
+    /// What the tunnel listens to for the gateway's own reasons to end it (shutdown, its backend
+    /// draining). Cancelled whenever the verdict of `stop` may have changed: the tunnel then asks `stop`
+    /// again and listens to the signal this gives then.
+    fn stop_signal(&self) -> CancellationToken;
+    /// Whether, why and after how long the gateway wants this tunnel to close (`None`: it does not, or
+    /// no longer). The moment is drawn at random within a spread, so that thousands of clients do not
+    /// reconnect in the same instant; drawn at each ask, not stored: every tunnel would carry it.
+    fn stop(&self) -> Option<(EndReason, Duration)>;
 }
 
 /// What a tunnel needs besides its two streams.
 pub struct TunnelParams<X> {
     /// RSV bits the negotiated extensions allow (RSV1 for permessage-deflate); 0 without extensions.
     pub allowed_rsv: u8,
-    pub shutdown: CancellationToken,
     pub context: X,
 }
 
@@ -86,9 +89,12 @@ pub fn run<C: Transport, B: Transport, X: TunnelContext>(
     let now = Instant::now();
     let TunnelParams {
         allowed_rsv,
-        shutdown,
         context,
     } = params;
+    let signal = context.stop_signal();
+    let stop_at = context
+        .stop()
+        .map(|(reason, delay)| (Mark::at(now, now + delay), reason));
     let max_message_size = context.settings().max_message_size;
     let (client_ping, backend_ping) = ping_intervals(context.settings());
     // One token for the tunnel's whole life: a late pong to an earlier ping is recognised too.
@@ -118,7 +124,8 @@ pub fn run<C: Transport, B: Transport, X: TunnelContext>(
         client_close_code: None,
         queued: false,
         token,
-        shutdown_at: None,
+        listening: !signal.is_cancelled(),
+        stop_at,
         closed: (false, false),
         context,
     };
@@ -132,8 +139,8 @@ pub fn run<C: Transport, B: Transport, X: TunnelContext>(
     async move {
         // `pin!` of std builds each future in place: no second slot for it in this future.
         let mut sleep = std::pin::pin!(tokio::time::sleep_until(first_deadline));
-        let mut cancelled = std::pin::pin!(shutdown.cancelled_owned());
-        poll_fn(|cx| tunnel.poll(cx, sleep.as_mut(), cancelled.as_mut())).await;
+        let mut stop = std::pin::pin!(signal.cancelled_owned());
+        poll_fn(|cx| tunnel.poll(cx, sleep.as_mut(), stop.as_mut())).await;
         // Both streams end in order where they can (`Transport::poll_shutdown`), within the close
         // timeout: a peer that reads nothing does not hold the tunnel. The timer is the tunnel's own.
         sleep
@@ -560,8 +567,10 @@ struct Tunnel<C, B, X> {
     queued: bool,
     /// Payload of wsgate's pings.
     token: [u8; 8],
-    /// When this tunnel closes because the gateway shuts down.
-    shutdown_at: Option<Instant>,
+    /// The stop signal is still worth listening to (not cancelled for good by shutdown).
+    listening: bool,
+    /// When and why this tunnel closes on the gateway's initiative (shutdown, its backend draining).
+    stop_at: Option<(Mark, EndReason)>,
     /// The streams that have been ended in order (`poll_close`): client, backend.
     closed: (bool, bool),
     context: X,
@@ -585,12 +594,20 @@ impl<C: Transport, B: Transport, X: TunnelContext> Tunnel<C, B, X> {
         &mut self,
         cx: &mut Context<'_>,
         mut sleep: Pin<&mut Sleep>,
-        mut cancelled: Pin<&mut WaitForCancellationFutureOwned>,
+        mut stop: Pin<&mut WaitForCancellationFutureOwned>,
     ) -> Poll<()> {
         loop {
-            // The shutdown future stays registered between polls, so a quiet tunnel hears it too.
-            if self.shutdown_at.is_none() && cancelled.as_mut().poll(cx).is_ready() {
-                self.shutdown_at = Some(Instant::now() + self.context.shutdown_delay());
+            // The stop future stays registered between polls, so a quiet tunnel hears it too. The fresh
+            // signal is taken before the verdict: a change in between cancels it and is heard.
+            while self.listening && stop.as_mut().poll(cx).is_ready() {
+                let signal = self.context.stop_signal();
+                self.listening = !signal.is_cancelled();
+                stop.set(signal.cancelled_owned());
+                let at = Instant::now();
+                self.stop_at = self
+                    .context
+                    .stop()
+                    .map(|(reason, delay)| (Mark::at(self.started, at + delay), reason));
             }
             self.queued = false;
             let buffers = self.context.buffers();
@@ -717,8 +734,10 @@ impl<C: Transport, B: Transport, X: TunnelContext> Tunnel<C, B, X> {
         if self.ending.is_some() {
             return;
         }
-        if self.shutdown_at.is_some_and(|at| now >= at) {
-            return self.end(EndReason::Shutdown, now);
+        if let Some((at, reason)) = self.stop_at
+            && now >= at.instant(self.started)
+        {
+            return self.end(reason, now);
         }
         let settings = self.context.settings();
         if let Some(lifetime) = settings.max_lifetime
@@ -863,8 +882,8 @@ impl<C: Transport, B: Transport, X: TunnelContext> Tunnel<C, B, X> {
         }
         let settings = self.context.settings();
         let mut deadline = far.min(self.last_data + settings.idle_timeout);
-        if let Some(at) = self.shutdown_at {
-            deadline = deadline.min(at);
+        if let Some((at, _)) = self.stop_at {
+            deadline = deadline.min(at.instant(self.started));
         }
         if let Some(lifetime) = settings.max_lifetime {
             deadline = deadline.min(self.started + lifetime);
@@ -924,8 +943,11 @@ mod tests {
         }
         fn traffic(&self, _: Traffic, _: Traffic) {}
         fn ping_rtt(&self, _: Duration) {}
-        fn shutdown_delay(&self) -> Duration {
-            Duration::ZERO
+        fn stop_signal(&self) -> CancellationToken {
+            CancellationToken::new()
+        }
+        fn stop(&self) -> Option<(EndReason, Duration)> {
+            None
         }
     }
 
@@ -941,7 +963,6 @@ mod tests {
         let buffers = BufferPool::default();
         let params = TunnelParams {
             allowed_rsv: 0,
-            shutdown: CancellationToken::new(),
             context: Quiet {
                 settings: &settings,
                 buffers: &buffers,

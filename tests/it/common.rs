@@ -90,6 +90,12 @@ impl TestBackend {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind backend");
+        TestBackend::serve(name, listener)
+    }
+
+    /// Serves on an already bound listener (a given address: DNS discovery tests put backends on
+    /// several loopback addresses with one port).
+    pub fn serve(name: &str, listener: TcpListener) -> TestBackend {
         let addr = listener.local_addr().expect("backend addr");
         let seen = Arc::new(Mutex::new(Vec::new()));
         let (name2, seen2) = (name.to_string(), Arc::clone(&seen));

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 /// within a layer the references must not form a cycle.
 const LAYERS: &[&[&str]] = &[
     &["gateway"],
-    &["server", "admin", "health_checks"],
+    &["server", "admin", "health_checks", "discovery"],
     &["proxy"],
     &["state", "conn"],
     &[

@@ -18,6 +18,8 @@ mod backend_tls;
 mod balancing;
 mod browser;
 mod config_errors;
+mod discovery;
+mod drain;
 mod h2;
 mod h2_hostile;
 mod hostile;

@@ -231,9 +231,18 @@ path_prefix = "/gen{i}"
 pool = "p{i}"
 
 [pool.p{i}]
+{spread}
 backends = [ {{ addr = "{a}" }}, {{ addr = "{b}" }} ]
 "#,
         idle = 60 + i,
+        // Each generation renames the pool but keeps its addresses, which must not drain them. Generation
+        // 10 leaves b1 out: a removed backend drains with its old pool's spread, "none" for generation 9,
+        // so its tunnels finish on their own (the spread drain has tests of its own, tests/it/drain.rs).
+        spread = if i == 9 {
+            "drain_spread = \"none\""
+        } else {
+            ""
+        },
         a = backends[0],
         b = backends[1],
     )
