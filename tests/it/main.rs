@@ -10,6 +10,7 @@
 mod common;
 mod tunnel_support;
 
+mod admin_page;
 mod admission;
 mod answers;
 mod backend_tls;
