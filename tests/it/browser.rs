@@ -207,7 +207,7 @@ fn traffic(metrics: &str) -> String {
 }
 
 /// Chromium's launcher: Debian's, or `chromium` on the `PATH`.
-fn find_chromium() -> Option<PathBuf> {
+pub(crate) fn find_chromium() -> Option<PathBuf> {
     let debian = Path::new("/usr/bin/chromium");
     if debian.is_file() {
         return Some(debian.to_path_buf());

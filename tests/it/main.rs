@@ -12,6 +12,7 @@ mod common;
 mod dns_server;
 mod tunnel_support;
 
+mod admin_page;
 mod admission;
 mod answers;
 mod backend_tls;
