@@ -180,17 +180,24 @@ fn json_string(text: &str) -> String {
     out
 }
 
-/// The demo's config: `listen` in front of the given backends, balanced by least-connections.
+/// The demo's config: `listen` in front of the given backends, balanced by least-connections; the admin
+/// listener (with its write API when a token file is given) if `admin` is.
 pub fn config(
     listen: SocketAddr,
-    admin: Option<SocketAddr>,
+    admin: Option<(SocketAddr, Option<&std::path::Path>)>,
     backends: &[DemoBackend],
 ) -> Result<Config, ConfigErrors> {
     let backends: Vec<String> = backends
         .iter()
         .map(|b| format!("{{ addr = \"{}\" }}", b.addr))
         .collect();
-    let admin = admin.map_or(String::new(), |a| format!("[admin]\nlisten = \"{a}\"\n"));
+    let admin = admin.map_or(String::new(), |(addr, tokens)| {
+        let tokens = tokens.map_or(String::new(), |path| {
+            // A TOML literal string: the path is taken as it is.
+            format!("token_file = '{}'\n", path.display())
+        });
+        format!("[admin]\nlisten = \"{addr}\"\n{tokens}")
+    });
     let text = format!(
         r#"{admin}
 [[listener]]
@@ -205,6 +212,7 @@ websocket = {{ ping_interval = "20s", idle_timeout = "10m" }}
 
 [pool.demo]
 policy = "least_conn"
+drain_spread = "10s"
 backends = [ {} ]
 "#,
         backends.join(", ")

@@ -171,10 +171,19 @@ async fn demo(listen: SocketAddr, admin: SocketAddr) -> ExitCode {
             }
         }
     }
-    let config = match demo::config(listen, Some(admin), &backends) {
+    // A token for the admin API of this run only, so that the operator's page can drain a demo backend.
+    let token: String = (0..32)
+        .map(|_| char::from_digit(fastrand::u32(..16), 16).unwrap_or('0'))
+        .collect();
+    let token_file =
+        std::env::temp_dir().join(format!("wsgate-demo-{}.tokens", std::process::id()));
+    let written = std::fs::write(&token_file, format!("demo:{token}\n"));
+    let tokens = written.is_ok().then_some(token_file.as_path());
+    let config = match demo::config(listen, Some((admin, tokens)), &backends) {
         Ok(config) => config,
         Err(errors) => {
             eprintln!("{errors}");
+            let _ = std::fs::remove_file(&token_file);
             return ExitCode::FAILURE;
         }
     };
@@ -182,6 +191,7 @@ async fn demo(listen: SocketAddr, admin: SocketAddr) -> ExitCode {
         Ok(gateway) => gateway,
         Err(error) => {
             eprintln!("cannot start: {error}");
+            let _ = std::fs::remove_file(&token_file);
             return ExitCode::FAILURE;
         }
     };
@@ -190,9 +200,15 @@ async fn demo(listen: SocketAddr, admin: SocketAddr) -> ExitCode {
         println!("demo backend {} on {}", backend.name, backend.addr);
     }
     println!("metrics on http://{admin}/metrics");
+    if tokens.is_some() {
+        println!("operator's page on http://{admin}/ (admin token for this run: {token})");
+    } else {
+        println!("operator's page on http://{admin}/ (read-only: no token file could be written)");
+    }
     println!("wsgate demo: open http://{addr}/ in a browser (Ctrl-C to stop)");
     let ending = wait_for_signals(&gateway).await;
     gateway.shutdown().await;
+    let _ = std::fs::remove_file(&token_file);
     ending
 }
 
