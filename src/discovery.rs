@@ -29,6 +29,9 @@ pub const SUPERVISE_EVERY: Duration = Duration::from_millis(250);
 /// The longest one resolution may take, whatever the resolver's own timeouts and retries.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long after a failure to set up the resolver (no usable `/etc/resolv.conf`) it is tried again.
+const SETUP_RETRY: Duration = Duration::from_secs(10);
+
 /// Starts the discovery supervisor of a gateway; it ends when `shared.shutdown` is cancelled.
 pub fn start(shared: &Arc<Shared>) {
     shared.tasks.spawn(supervise(Arc::clone(shared)));
@@ -49,6 +52,8 @@ impl Drop for Task {
 async fn supervise(shared: Arc<Shared>) {
     let mut tasks: HashMap<usize, Task> = HashMap::new();
     let mut resolver: Option<(DnsConfig, Resolver)> = None;
+    // After a failed setup: when to try again, and for which `[dns]` table (a new one is tried at once).
+    let mut failed_setup: Option<(DnsConfig, tokio::time::Instant)> = None;
     loop {
         let state = shared.state.load_full();
         let entries: Vec<Arc<Discovered>> = state
@@ -58,16 +63,33 @@ async fn supervise(shared: Arc<Shared>) {
             .collect();
         if !entries.is_empty() {
             let dns = &state.config.dns;
-            if resolver.as_ref().is_none_or(|(config, _)| config != dns) {
+            let waiting = failed_setup
+                .as_ref()
+                .is_some_and(|(config, at)| config == dns && tokio::time::Instant::now() < *at);
+            if resolver.as_ref().is_none_or(|(config, _)| config != dns) && !waiting {
                 match build_resolver(dns) {
                     Ok(built) => {
                         tasks.clear();
                         resolver = Some((dns.clone(), built));
+                        failed_setup = None;
                     }
                     Err(error) => {
-                        tracing::error!(%error, "cannot set up DNS resolution: discovered backends are not followed");
+                        if failed_setup.is_none() {
+                            tracing::error!(%error, retry_s = SETUP_RETRY.as_secs(), "cannot set up DNS resolution: discovered backends are not followed");
+                        }
+                        failed_setup =
+                            Some((dns.clone(), tokio::time::Instant::now() + SETUP_RETRY));
                         for entry in &entries {
                             entry.failed(Resolution::Failed, error.to_string());
+                            shared
+                                .metrics
+                                .discovery_resolutions
+                                .with_label_values(&[
+                                    entry.pool.as_str(),
+                                    entry.name.as_str(),
+                                    "failed",
+                                ])
+                                .inc();
                         }
                     }
                 }
@@ -122,6 +144,7 @@ async fn follow(shared: Arc<Shared>, entry: Arc<Discovered>, resolver: Resolver)
                 }
                 let ttl = found.ttl.unwrap_or(settings.resolve_every);
                 let mut next = ttl.clamp(settings.resolve_min, settings.resolve_every);
+                // `resolve_min` is at least 100 ms (config check): a TTL of 0 never makes this spin.
                 if let Some(due) = applied.next_removal {
                     // Ask again when a missing address is due to drain (it may be back by then).
                     next = next.min(due.saturating_duration_since(now).max(settings.resolve_min));

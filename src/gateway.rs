@@ -221,7 +221,7 @@ impl Gateway {
 
     /// Re-reads the file the running config came from and applies it, as SIGHUP does.
     pub async fn reload_from_file(&self) -> Result<(), ReloadError> {
-        self.inner.reload_from_file(Trigger::Signal).await
+        self.inner.reload_from_file(Trigger::Signal).await.map(drop)
     }
 
     /// Applies a new config: new connections follow it at once; live tunnels keep the settings, route and
@@ -229,7 +229,7 @@ impl Gateway {
     /// listeners are diffed (unchanged ones keep their socket); certificates are re-read. On any error
     /// nothing changes.
     pub async fn reload(&self, config: Config) -> Result<(), ReloadError> {
-        self.inner.reload(config, Trigger::Api).await
+        self.inner.reload(config, Trigger::Api).await.map(drop)
     }
 
     /// Stops accepting, closes every tunnel with 1001 "going away" (spread over `close_spread`), lets
@@ -255,8 +255,8 @@ impl Gateway {
 }
 
 impl Inner {
-    /// Re-reads the file the running config came from and applies it.
-    async fn reload_from_file(&self, trigger: Trigger) -> Result<(), ReloadError> {
+    /// Re-reads the file the running config came from and applies it; returns the new generation.
+    async fn reload_from_file(&self, trigger: Trigger) -> Result<u64, ReloadError> {
         let path = self
             .shared
             .state
@@ -282,7 +282,9 @@ impl Inner {
         result
     }
 
-    async fn reload(&self, config: Config, trigger: Trigger) -> Result<(), ReloadError> {
+    /// Applies `config`; returns the new generation (counted under the reload lock, so it is this
+    /// reload's even when another follows at once).
+    async fn reload(&self, config: Config, trigger: Trigger) -> Result<u64, ReloadError> {
         let _one_at_a_time = self.reloading.lock().await;
         let result = self.apply(config).await;
         let label = if result.is_ok() { "ok" } else { "error" };
@@ -291,7 +293,7 @@ impl Inner {
             .config_reloads
             .with_label_values(&[label])
             .inc();
-        match &result {
+        match result {
             Ok(()) => {
                 self.shared
                     .metrics
@@ -300,13 +302,14 @@ impl Inner {
                 let generation = self.shared.generation.fetch_add(1, Ordering::Relaxed) + 1;
                 tracing::info!(generation, trigger = trigger.label(), "config reloaded");
                 self.record(trigger, Ok(()));
+                Ok(generation)
             }
             Err(error) => {
                 tracing::error!(%error, trigger = trigger.label(), "reload refused; the running config stays");
                 self.record(trigger, Err(error.to_string()));
+                Err(error)
             }
         }
-        result
     }
 
     fn record(&self, trigger: Trigger, result: Result<(), String>) {
@@ -319,7 +322,7 @@ impl Inner {
 
     async fn apply(&self, config: Config) -> Result<(), ReloadError> {
         let old = self.shared.state.load_full();
-        if config.admin != old.config.admin {
+        if config.admin.as_ref().map(|a| a.listen) != old.config.admin.as_ref().map(|a| a.listen) {
             tracing::warn!("the admin address changes only on restart");
         }
         if config.workers != old.config.workers {
@@ -426,8 +429,7 @@ async fn serve_reloads(inner: Arc<Inner>, mut requests: mpsc::Receiver<ReloadReq
             _ = inner.shared.shutdown.cancelled() => return,
         };
         let result = inner.reload_from_file(Trigger::Admin).await;
-        let generation = inner.shared.generation.load(Ordering::Relaxed);
-        let _ = reply.send(result.map(|()| generation).map_err(|e| e.to_string()));
+        let _ = reply.send(result.map_err(|e| e.to_string()));
     }
 }
 

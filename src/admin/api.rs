@@ -24,6 +24,9 @@ use crate::body::{self, ProxyBody};
 use crate::config::units;
 use crate::state::Shared;
 
+/// The longest spread an operator may ask for, as in the config (`drain_spread`).
+const MAX_SPREAD: Duration = Duration::from_secs(24 * 3600);
+
 /// Answers a `POST`.
 pub(super) async fn write(
     req: Request<Incoming>,
@@ -90,11 +93,13 @@ fn authorize(req: &Request<Incoming>, shared: &Shared) -> Result<String, Respons
             json!({ "error": "the write endpoints are off: set admin.token_file" }),
         ));
     };
+    // The scheme is case-insensitive (RFC 9110, 11.1).
     let presented = req
         .headers()
         .get(http::header::AUTHORIZATION)
-        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
-        .map(<[u8]>::trim_ascii);
+        .map(|v| v.as_bytes())
+        .filter(|v| v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer "))
+        .map(|v| v[7..].trim_ascii());
     match presented.and_then(|token| tokens.check(token)) {
         Some(name) => Ok(name.to_string()),
         None => {
@@ -123,9 +128,11 @@ fn spread(query: Option<&str>, pool: &Pool) -> Result<Option<Duration>, String> 
     match value {
         None => Ok(pool.drain_spread),
         Some("none") => Ok(None),
-        Some(text) => units::parse_duration(text)
-            .map(Some)
-            .map_err(|e| format!("spread: {e}, or \"none\"")),
+        Some(text) => match units::parse_duration(text) {
+            Ok(spread) if spread <= MAX_SPREAD => Ok(Some(spread)),
+            Ok(_) => Err("spread: at most 24h, or \"none\"".to_string()),
+            Err(e) => Err(format!("spread: {e}, or \"none\"")),
+        },
     }
 }
 

@@ -3,8 +3,9 @@
 //! backend to send to), `/status` (JSON, `status.rs`), and the write endpoints (`api.rs`: drain and undrain
 //! a backend, reload the config) behind a bearer token.
 //!
-//! Access: a peer outside `admin.allow` gets 403 for everything but `/healthz` and `/readyz`, which say
-//! nothing an orchestrator's probes (often from the node's own address) should not know. One request
+//! Access: a peer outside `admin.allow` gets 403 for everything but `/healthz` and `/readyz`, which an
+//! orchestrator's probes (often from the node's own address) need; `/readyz` then says only whether,
+//! not why. One request
 //! per connection, each bounded in time.
 
 mod api;
@@ -77,12 +78,12 @@ async fn answer(
     shared: Arc<Shared>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let probe = matches!(req.uri().path(), "/healthz" | "/readyz") && req.method() == Method::GET;
-    let allowed = probe || {
+    let allowed_peer = {
         let state = shared.state.load();
         let allow = state.config.admin.as_ref().map(|a| a.allow.as_slice());
         allow.is_none_or(|nets| nets.is_empty() || nets.iter().any(|n| n.contains(peer.ip())))
     };
-    if !allowed {
+    if !(allowed_peer || probe) {
         tracing::warn!(target: "wsgate::admin", %peer, path = req.uri().path(), "admin request refused: peer outside admin.allow");
         return Ok(body::text(StatusCode::FORBIDDEN, "forbidden\n"));
     }
@@ -107,10 +108,12 @@ async fn answer(
         "/healthz" => body::text(StatusCode::OK, "ok\n"),
         "/readyz" => match status::not_ready(&shared) {
             None => body::text(StatusCode::OK, "ready\n"),
-            Some(why) => body::text(
+            // Why (pool and DNS names, resolver errors) only to peers in `allow`.
+            Some(why) if allowed_peer => body::text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("not ready: {why}\n"),
             ),
+            Some(_) => body::text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
         },
         "/status" => body::with_type(
             StatusCode::OK,

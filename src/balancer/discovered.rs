@@ -8,6 +8,7 @@
 //! changes nothing. Kept across reloads while the entry is reached the same way (name, TLS, PROXY
 //! protocol), so its backends keep their live counts, health and drains.
 
+use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -31,6 +32,7 @@ struct Settings {
 
 #[derive(Debug)]
 struct Member {
+    addr: SocketAddr,
     backend: Arc<Backend>,
     /// Since when the address has been missing from the answers.
     missing_since: Option<Instant>,
@@ -68,6 +70,7 @@ impl Resolution {
 
 /// What an answer did.
 #[derive(Debug)]
+#[must_use]
 pub struct Applied {
     /// Backends were added.
     pub changed: bool,
@@ -184,8 +187,10 @@ impl Discovered {
             .take(MAX_DISCOVERED)
             .map(|ip| SocketAddr::new(*ip, self.port))
             .collect();
+        let listed_now: HashSet<SocketAddr> = wanted.iter().copied().collect();
+        let known: HashSet<SocketAddr> = found.members.iter().map(|m| m.addr).collect();
         for member in &mut found.members {
-            let listed = wanted.iter().any(|a| member.backend.addr == a.to_string());
+            let listed = listed_now.contains(&member.addr);
             if listed {
                 if member.missing_since.take().is_some() {
                     tracing::info!(pool = %self.pool, dns = %self.name, backend = %member.backend.addr, "discovered backend is back in DNS");
@@ -212,13 +217,14 @@ impl Discovered {
             }
         }
         for addr in wanted {
-            let id = addr.to_string();
-            if found.members.iter().any(|m| m.backend.addr == id) {
+            if known.contains(&addr) {
                 continue;
             }
             if found.members.len() >= MAX_DISCOVERED {
+                tracing::warn!(pool = %self.pool, dns = %self.name, max = MAX_DISCOVERED, "discovered backends at their cap: further addresses are left out");
                 break;
             }
+            let id = addr.to_string();
             let config = BackendConfig {
                 addr: id.clone(),
                 id,
@@ -237,6 +243,7 @@ impl Discovered {
             backend.set_healthy(!settings.health);
             tracing::info!(pool = %self.pool, dns = %self.name, backend = %config.addr, "backend discovered");
             found.members.push(Member {
+                addr,
                 backend: Arc::new(backend),
                 missing_since: None,
             });
@@ -280,13 +287,49 @@ impl Discovered {
             .collect()
     }
 
-    /// A reload dropped this entry: every backend it found drains.
-    pub(super) fn retire(&self, spread: Option<Duration>) {
+    /// A reload dropped this entry: every backend it found that the new generation does not keep
+    /// (`kept`) drains.
+    pub(super) fn retire(&self, spread: Option<Duration>, kept: impl Fn(&Arc<Backend>) -> bool) {
         for member in &lock(&self.found).members {
-            member
-                .backend
-                .set_cause(DrainCause::Removed, true, spread, None);
+            if !kept(&member.backend) {
+                member
+                    .backend
+                    .set_cause(DrainCause::Removed, true, spread, None);
+            }
         }
+    }
+
+    /// The same entry under another pool (a reload renamed its pool): what this one found, the same
+    /// backend objects with their live counts, health and drains, starts the new one.
+    pub(super) fn carry_to(
+        &self,
+        pool: &str,
+        config: &DiscoveryConfig,
+        (drain_spread, health): (Option<Duration>, bool),
+    ) -> Discovered {
+        let carried = Discovered::new(
+            pool,
+            config,
+            (self.tls.clone(), self.proxy_protocol),
+            (drain_spread, health),
+            &self.stop,
+        );
+        {
+            let found = lock(&self.found);
+            let mut into = lock(&carried.found);
+            into.members = found
+                .members
+                .iter()
+                .map(|m| Member {
+                    addr: m.addr,
+                    backend: Arc::clone(&m.backend),
+                    missing_since: m.missing_since,
+                })
+                .collect();
+            into.last_success = found.last_success;
+        }
+        carried.update(config, drain_spread, health);
+        carried
     }
 
     pub fn status(&self) -> DiscoveryStatus {

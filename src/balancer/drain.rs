@@ -33,10 +33,6 @@ impl DrainCause {
         DrainCause::Removed,
     ];
 
-    fn bit(self) -> u8 {
-        1 << self as u8
-    }
-
     pub fn label(self) -> &'static str {
         match self {
             DrainCause::Config => "config",
@@ -58,12 +54,18 @@ pub struct DrainStatus {
     pub by: Option<String>,
 }
 
+/// One cause of a drain: since when, and over which spread its tunnels close (`None`: they finish on
+/// their own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Held {
+    since: (Instant, SystemTime),
+    spread: Option<Duration>,
+}
+
 #[derive(Debug)]
 pub(super) struct Drain {
-    causes: u8,
-    /// When the drain began (its spread restarts when an operator drains again).
-    since: Option<(Instant, SystemTime)>,
-    spread: Option<Duration>,
+    /// Each cause by `DrainCause as usize`: a drain lasts while any holds.
+    held: [Option<Held>; 4],
     by: Option<String>,
     signal: CancellationToken,
     parent: CancellationToken,
@@ -72,9 +74,7 @@ pub(super) struct Drain {
 impl Drain {
     pub(super) fn new(parent: &CancellationToken) -> Drain {
         Drain {
-            causes: 0,
-            since: None,
-            spread: None,
+            held: [None; 4],
             by: None,
             signal: parent.child_token(),
             parent: parent.clone(),
@@ -82,91 +82,115 @@ impl Drain {
     }
 
     pub(super) fn is_draining(&self) -> bool {
-        self.causes != 0
+        self.held.iter().any(Option::is_some)
     }
 
     pub(super) fn has(&self, cause: DrainCause) -> bool {
-        self.causes & cause.bit() != 0
+        self.held[cause as usize].is_some()
     }
 
     pub(super) fn signal(&self) -> CancellationToken {
         self.signal.clone()
     }
 
-    /// Adds `cause`. An operator's drain sets the spread and restarts it (their latest word); another
-    /// cause gives a spread only to a drain that had none. Tunnels are told when their verdict changes.
-    pub(super) fn add(&mut self, cause: DrainCause, spread: Option<Duration>, by: Option<&str>) {
-        let was = self.is_draining();
-        self.causes |= cause.bit();
-        let now = (Instant::now(), SystemTime::now());
-        let changed = if cause == DrainCause::Admin {
-            self.by = by.map(str::to_string);
-            self.since = Some(now);
-            self.spread = spread;
-            spread.is_some() || was
-        } else if !was || (self.spread.is_none() && spread.is_some()) {
-            self.since = Some(now);
-            self.spread = spread;
-            spread.is_some() || was
-        } else {
-            false
-        };
-        if changed {
-            self.tell();
+    /// The drain in force: an operator's if there is one (their word wins, a spread of `none`
+    /// included), else the cause whose window ends first (one with a spread before those without).
+    fn effective(&self) -> Option<Held> {
+        if let Some(admin) = self.held[DrainCause::Admin as usize] {
+            return Some(admin);
         }
+        let held = self.held.iter().flatten();
+        held.clone()
+            .filter_map(|h| h.spread.map(|spread| (h.since.0 + spread, h)))
+            .min_by_key(|(end, _)| *end)
+            .map(|(_, h)| h)
+            .or_else(|| held.min_by_key(|h| h.since.0))
+            .copied()
     }
 
-    /// Removes `cause`; the drain ends when no cause is left. Returns whether it still drains.
-    pub(super) fn remove(&mut self, cause: DrainCause) -> bool {
-        if !self.has(cause) {
-            return self.is_draining();
+    /// Starts `cause` with `spread` (an operator's drain restarts its own: their latest word; another
+    /// cause already held keeps its start). Tunnels are told when the drain in force changes.
+    pub(super) fn add(&mut self, cause: DrainCause, spread: Option<Duration>, by: Option<&str>) {
+        let before = self.effective();
+        let slot = &mut self.held[cause as usize];
+        if cause == DrainCause::Admin || slot.is_none() {
+            *slot = Some(Held {
+                since: (Instant::now(), SystemTime::now()),
+                spread,
+            });
         }
-        self.causes &= !cause.bit();
+        if cause == DrainCause::Admin {
+            self.by = by.map(str::to_string);
+        }
+        self.tell_if_changed(before);
+    }
+
+    /// Ends `cause`; the drain ends when no cause is left. Returns whether it still drains.
+    pub(super) fn remove(&mut self, cause: DrainCause) -> bool {
+        let before = self.effective();
+        self.held[cause as usize] = None;
         if cause == DrainCause::Admin {
             self.by = None;
         }
-        if !self.is_draining() {
-            self.since = None;
-            self.spread = None;
-            self.tell();
-        }
+        self.tell_if_changed(before);
         self.is_draining()
     }
 
-    /// How long until a tunnel is to close: a uniformly random moment within the spread, counted from
-    /// the drain's start (a tunnel that hears late closes at once if its moment has passed). `None`
-    /// while not draining, or draining without a spread.
+    /// How long until a tunnel is to close: a uniformly random moment within the spread in force,
+    /// counted from its start (a tunnel that hears late closes at once if its moment has passed).
+    /// `None` while not draining, or draining with tunnels left to finish.
     pub(super) fn delay(&self) -> Option<Duration> {
-        let ((since, _), spread) = (self.since?, self.spread?);
-        let at = since + spread.mul_f64(fastrand::f64());
+        let held = self.effective()?;
+        let at = held.since.0 + held.spread?.mul_f64(fastrand::f64());
         Some(at.saturating_duration_since(Instant::now()))
     }
 
     pub(super) fn status(&self) -> Option<DrainStatus> {
-        let (_, wall) = self.since?;
+        let held = self.effective()?;
         Some(DrainStatus {
             causes: DrainCause::ALL
                 .iter()
                 .filter(|c| self.has(**c))
                 .map(|c| c.label())
                 .collect(),
-            spread_ms: self.spread.map(|s| s.as_millis() as u64),
-            since_unix_ms: wall
+            spread_ms: held.spread.map(|s| s.as_millis() as u64),
+            since_unix_ms: held
+                .since
+                .1
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64),
             by: self.by.clone(),
         })
     }
 
-    /// The operator's drain, to carry over to the backend that replaces this one on a reload.
-    pub(super) fn admin(&self) -> Option<(Option<Duration>, Option<String>)> {
-        self.has(DrainCause::Admin)
-            .then(|| (self.spread, self.by.clone()))
+    /// What this drain holds, for another object of the same server to take (`mirror`).
+    pub(super) fn snapshot(&self) -> ([Option<Held>; 4], Option<String>) {
+        (self.held, self.by.clone())
     }
 
-    fn tell(&mut self) {
-        let old = std::mem::replace(&mut self.signal, self.parent.child_token());
-        old.cancel();
+    /// Takes the causes of another object's drain (`snapshot`), telling tunnels if that changes what
+    /// they must do.
+    pub(super) fn mirror(&mut self, (held, by): ([Option<Held>; 4], Option<String>)) {
+        let before = self.effective();
+        self.held = held;
+        self.by = by;
+        self.tell_if_changed(before);
+    }
+
+    /// The operator's drain, to carry over to the backend that replaces this one on a reload.
+    pub(super) fn admin(&self) -> Option<(Option<Duration>, Option<String>)> {
+        self.held[DrainCause::Admin as usize].map(|h| (h.spread, self.by.clone()))
+    }
+
+    /// Tells the tunnels when the drain in force is not what it was: a drain with a spread began or
+    /// changed, or the drain ended. A drain without a spread that begins or ends changes nothing for
+    /// them.
+    fn tell_if_changed(&mut self, before: Option<Held>) {
+        let closes = |h: Option<Held>| h.and_then(|h| h.spread.map(|s| (h.since.0, s)));
+        if closes(before) != closes(self.effective()) {
+            let old = std::mem::replace(&mut self.signal, self.parent.child_token());
+            old.cancel();
+        }
     }
 }
 
@@ -216,6 +240,36 @@ mod tests {
         assert_eq!(status.spread_ms, Some(0));
         assert_eq!(status.by.as_deref(), Some("ops"));
         assert_eq!(d.admin(), Some((Some(Duration::ZERO), Some("ops".into()))));
+    }
+
+    /// An operator's drain without a spread, over a drain of DNS's with one, holds the tunnels; its
+    /// undrain gives them back to DNS's window.
+    #[test]
+    fn each_cause_keeps_its_own_spread() {
+        let parent = CancellationToken::new();
+        let mut d = Drain::new(&parent);
+        d.add(DrainCause::Dns, Some(Duration::from_secs(60)), None);
+        assert!(d.delay().is_some());
+        let dns = d.signal();
+        d.add(DrainCause::Admin, None, Some("ops"));
+        assert!(
+            dns.is_cancelled(),
+            "the operator's `none` is news to the tunnels"
+        );
+        assert_eq!(d.delay(), None);
+        let admin = d.signal();
+        assert!(d.remove(DrainCause::Admin));
+        assert!(
+            admin.is_cancelled(),
+            "back to DNS's window: tunnels are told"
+        );
+        let delay = d.delay().expect("DNS's window again");
+        assert!(delay <= Duration::from_secs(60));
+        let status = d.status().expect("draining");
+        assert_eq!(
+            (status.causes, status.spread_ms),
+            (vec!["dns"], Some(60_000))
+        );
     }
 
     #[test]

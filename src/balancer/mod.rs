@@ -58,6 +58,10 @@ pub struct Backend {
     drain: Mutex<Drain>,
     /// Live tunnels (a part of `active`).
     tunnels: AtomicUsize,
+    /// The objects of earlier generations this one took over from (the same address reached the same
+    /// way, under another pool or id) that still hold connections: a drain of this backend drains
+    /// them too, and `/status` counts their connections as this backend's.
+    predecessors: Mutex<Vec<std::sync::Weak<Backend>>>,
     /// Up by the active checks (always up without them).
     healthy: AtomicBool,
     active: AtomicUsize,
@@ -103,6 +107,7 @@ impl Backend {
             draining: AtomicBool::new(false),
             drain: Mutex::new(Drain::new(stop)),
             tunnels: AtomicUsize::new(0),
+            predecessors: Mutex::default(),
             healthy: AtomicBool::new(true),
             active: AtomicUsize::new(0),
             fails: AtomicU32::new(0),
@@ -131,15 +136,45 @@ impl Backend {
         spread: Option<Duration>,
         by: Option<&str>,
     ) -> bool {
-        let mut drain = self.drain_state();
-        let draining = if on {
-            drain.add(cause, spread, by);
-            true
-        } else {
-            drain.remove(cause)
+        let draining = {
+            let mut drain = self.drain_state();
+            if on {
+                drain.add(cause, spread, by);
+                true
+            } else {
+                drain.remove(cause)
+            }
         };
         self.draining.store(draining, Ordering::Relaxed);
+        for earlier in self.predecessors() {
+            earlier.set_cause(cause, on, spread, by);
+        }
         draining
+    }
+
+    /// The live objects this one took over from (see `predecessors`); dead ones are forgotten.
+    fn predecessors(&self) -> Vec<Arc<Backend>> {
+        let mut list = self.predecessors.lock().unwrap_or_else(|p| p.into_inner());
+        list.retain(|w| w.strong_count() > 0);
+        list.iter().filter_map(std::sync::Weak::upgrade).collect()
+    }
+
+    /// Takes over from `earlier`, an object of the last generation for the same server that the new
+    /// one does not keep (another pool or id): its drains follow this one's from now on.
+    fn adopt(&self, earlier: &Arc<Backend>) {
+        let inherited = earlier.predecessors();
+        let snapshot = self.drain_state().snapshot();
+        for old in std::iter::once(earlier).chain(&inherited) {
+            let draining = {
+                let mut drain = old.drain_state();
+                drain.mirror(snapshot.clone());
+                drain.is_draining()
+            };
+            old.draining.store(draining, Ordering::Relaxed);
+        }
+        let mut list = self.predecessors.lock().unwrap_or_else(|p| p.into_inner());
+        list.push(Arc::downgrade(earlier));
+        list.extend(inherited.iter().map(Arc::downgrade));
     }
 
     /// Whether `cause` is one of the reasons it drains.
@@ -316,6 +351,9 @@ pub struct Pool {
     /// Every backend: the written ones, then the discovered ones. Replaced (`refresh`) when discovery
     /// finds or drops backends, so a pick reads one list without a lock.
     backends: ArcSwap<Vec<Arc<Backend>>>,
+    /// One rebuild of `backends` at a time: two entries' tasks (or a task and a reload) must not store
+    /// lists built from different snapshots, the last one missing the other's news.
+    refreshing: Mutex<()>,
     max_fails: u32,
     fail_timeout: Duration,
 }
@@ -326,11 +364,21 @@ impl Pool {
         self.backends.load()
     }
 
-    /// Rebuilds the list of backends after discovery changed a set.
+    /// Rebuilds the list of backends after discovery changed a set. An address found by DNS that is
+    /// already a backend of the pool (written, or found by another entry) is left out: one server, one
+    /// backend, whose drains and counts are its own.
     pub fn refresh(&self) {
+        let _one_at_a_time = self.refreshing.lock().unwrap_or_else(|p| p.into_inner());
         let mut all = self.written.clone();
         for entry in &self.discovery {
-            all.extend(entry.backends());
+            for backend in entry.backends() {
+                if !all
+                    .iter()
+                    .any(|b| b.id == backend.id || b.addr == backend.addr)
+                {
+                    all.push(backend);
+                }
+            }
         }
         self.backends.store(Arc::new(all));
     }
@@ -447,8 +495,10 @@ pub struct BackendStatus {
 }
 
 impl BackendStatus {
+    /// Its live counts include those of the objects it took over from (`Backend::adopt`).
     pub fn of(pool: &str, b: &Backend) -> BackendStatus {
         let (healthy, ejected, draining) = (b.is_healthy(), b.is_ejected(), b.is_draining());
+        let earlier = b.predecessors();
         BackendStatus {
             pool: pool.to_string(),
             addr: b.addr.clone(),
@@ -467,8 +517,8 @@ impl BackendStatus {
             } else {
                 "up"
             },
-            active: b.active(),
-            tunnels: b.tunnels(),
+            active: b.active() + earlier.iter().map(|e| e.active()).sum::<usize>(),
+            tunnels: b.tunnels() + earlier.iter().map(|e| e.tunnels()).sum::<usize>(),
             discovered: b.discovered,
             drain: b.drain_status(),
         }
@@ -498,36 +548,46 @@ impl Pools {
             .pools
             .iter()
             .map(|(name, pool)| {
-                let old = previous.and_then(|p| p.get(name)).map(Arc::as_ref);
-                let pool = Self::pool(name, pool, old, tls, stop);
+                let pool = Self::pool(name, pool, previous, tls, stop);
                 (name.clone(), Arc::new(pool))
             })
             .collect();
         if let Some(previous) = previous {
             // A server the new config still reaches the same way (its address under a renamed pool,
-            // or under a new id) is not being taken away: its tunnels stay.
-            let served = |gone: &Backend| {
-                pools.values().any(|p| {
+            // or under a new id) is not being taken away: its object hands over to the new one.
+            let successor = |gone: &Backend| {
+                pools.values().find_map(|p| {
                     p.backends()
                         .iter()
-                        .any(|b| b.addr == gone.addr && b.tls == gone.tls)
+                        .find(|b| b.addr == gone.addr && b.tls == gone.tls)
+                        .cloned()
                 })
+            };
+            let kept_anywhere = |backend: &Arc<Backend>| {
+                pools
+                    .values()
+                    .any(|p| p.backends().iter().any(|b| Arc::ptr_eq(b, backend)))
             };
             for old in previous.iter() {
                 let new = pools.get(&old.name);
                 let spread = new.map_or(old.drain_spread, |p| p.drain_spread);
                 for backend in old.written.iter() {
-                    let kept =
-                        new.is_some_and(|p| p.written.iter().any(|b| Arc::ptr_eq(b, backend)));
-                    if !kept && !served(backend) {
-                        backend.set_cause(DrainCause::Removed, true, spread, None);
+                    if kept_anywhere(backend) {
+                        continue;
+                    }
+                    match successor(backend) {
+                        Some(successor) => successor.adopt(backend),
+                        None => {
+                            backend.set_cause(DrainCause::Removed, true, spread, None);
+                        }
                     }
                 }
                 for entry in &old.discovery {
-                    let kept =
-                        new.is_some_and(|p| p.discovery.iter().any(|d| Arc::ptr_eq(d, entry)));
+                    let kept = pools
+                        .values()
+                        .any(|p| p.discovery.iter().any(|d| Arc::ptr_eq(d, entry)));
                     if !kept {
-                        entry.retire(spread);
+                        entry.retire(spread, kept_anywhere);
                     }
                 }
             }
@@ -538,10 +598,11 @@ impl Pools {
     fn pool(
         name: &str,
         config: &PoolConfig,
-        old: Option<&Pool>,
+        previous: Option<&Pools>,
         clients: &TlsClients,
         stop: &CancellationToken,
     ) -> Pool {
+        let old = previous.and_then(|p| p.get(name)).map(Arc::as_ref);
         let spread = config.drain_spread;
         let written = config
             .backends
@@ -592,10 +653,21 @@ impl Pools {
                         .iter()
                         .find(|o| o.same_target(d, &tls, config.proxy_protocol))
                 });
+                // The same name reached the same way in a pool of another name: a renamed pool.
+                let renamed = || {
+                    previous.into_iter().flat_map(Pools::iter).find_map(|p| {
+                        p.discovery
+                            .iter()
+                            .find(|o| o.same_target(d, &tls, config.proxy_protocol))
+                    })
+                };
                 match kept {
                     Some(entry) => {
                         entry.update(d, spread, health);
                         Arc::clone(entry)
+                    }
+                    None if let Some(entry) = renamed() => {
+                        Arc::new(entry.carry_to(name, d, (spread, health)))
                     }
                     None => Arc::new(Discovered::new(
                         name,
@@ -615,6 +687,7 @@ impl Pools {
             discovery,
             written,
             backends: ArcSwap::default(),
+            refreshing: Mutex::default(),
             max_fails: config.max_fails,
             fail_timeout: config.fail_timeout,
         };
@@ -816,5 +889,90 @@ mod tests {
         assert!(kept.is_draining() && !kept.is_available());
         assert_eq!(kept.weight(), 5);
         assert!(after.without_available_backend().is_empty());
+    }
+
+    fn one_pool(pool: &str, backend: &str) -> Config {
+        config(&format!(
+            "[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\n[[route]]\nname = \"r\"\npool = \"{pool}\"\n\
+             [pool.{pool}]\ndrain_spread = \"10s\"\nbackends = [ {backend} ]\n"
+        ))
+    }
+
+    /// A pool renamed, or a backend given another id: the server stays, so its tunnels do; the new object
+    /// takes over the old one's drains and counts.
+    #[test]
+    fn the_same_server_under_another_pool_is_handed_over_not_drained() {
+        let stop = CancellationToken::new();
+        let tls = TlsClients::default();
+        let before = Pools::build(
+            &one_pool("a", "{ addr = \"127.0.0.1:7\" }"),
+            None,
+            &tls,
+            &stop,
+        );
+        let old = Arc::clone(&before.get("a").expect("a").backends()[0]);
+        let _tunnel = (old.acquire(), old.tunnel());
+        let signal = old.drain_signal();
+        let after = Pools::build(
+            &one_pool("b", "{ addr = \"127.0.0.1:7\", id = \"seven\" }"),
+            Some(&before),
+            &tls,
+            &stop,
+        );
+        let new = Arc::clone(&after.get("b").expect("b").backends()[0]);
+        assert!(!Arc::ptr_eq(&old, &new));
+        assert!(!old.is_draining() && !signal.is_cancelled(), "not removed");
+        let status = BackendStatus::of("b", &new);
+        assert_eq!(
+            (status.active, status.tunnels),
+            (1, 1),
+            "the old object's counts"
+        );
+        new.set_cause(DrainCause::Admin, true, Some(Duration::ZERO), Some("ops"));
+        assert!(
+            old.is_draining() && signal.is_cancelled(),
+            "a drain reaches the old tunnels"
+        );
+        assert_eq!(old.drain_delay(), Some(Duration::ZERO));
+        // And a reload that removes the server drains both.
+        new.set_cause(DrainCause::Admin, false, None, None);
+        assert!(!old.is_draining());
+        let gone = Pools::build(
+            &one_pool("b", "{ addr = \"127.0.0.1:8\" }"),
+            Some(&after),
+            &tls,
+            &stop,
+        );
+        assert!(gone.get("b").is_some());
+        assert!(new.drained_for(DrainCause::Removed) && old.drained_for(DrainCause::Removed));
+    }
+
+    /// A pool renamed keeps what its DNS entry found: the same backend objects, nothing drained.
+    #[test]
+    fn a_dns_entry_under_a_renamed_pool_keeps_its_backends() {
+        let stop = CancellationToken::new();
+        let tls = TlsClients::default();
+        let entry = "{ dns = \"chat.test:9000\" }";
+        let before = Pools::build(&one_pool("a", entry), None, &tls, &stop);
+        let pool = before.get("a").expect("a");
+        let found = pool.discovery[0].answer(&["127.0.0.9".parse().expect("ip")], Instant::now());
+        assert!(found.changed);
+        pool.refresh();
+        let old = Arc::clone(&pool.backends()[0]);
+        let after = Pools::build(&one_pool("b", entry), Some(&before), &tls, &stop);
+        let new = &after.get("b").expect("b").backends()[0];
+        assert!(Arc::ptr_eq(&old, new));
+        assert!(!old.is_draining());
+        let dropped = Pools::build(
+            &one_pool("b", "{ addr = \"127.0.0.1:1\" }"),
+            Some(&after),
+            &tls,
+            &stop,
+        );
+        assert!(dropped.get("b").is_some());
+        assert!(
+            old.drained_for(DrainCause::Removed),
+            "an entry a reload drops drains what it found"
+        );
     }
 }

@@ -153,6 +153,14 @@ impl Checker<'_> {
                 "at least 100ms: every resolution is a query to the nameservers",
             );
         }
+        if resolve_min < Duration::from_millis(100) {
+            let at = b.resolve_min.as_ref().unwrap_or(dns).span().start;
+            self.error(
+                at,
+                format!("{key}.resolve_min"),
+                "at least 100ms: a record with a TTL of 0 would otherwise make wsgate ask without pause",
+            );
+        }
         if resolve_min > resolve_every {
             let at = b.resolve_min.as_ref().unwrap_or(dns).span().start;
             self.error(
@@ -171,8 +179,11 @@ impl Checker<'_> {
             port,
             weight,
             drain: b.drain,
-            resolve_every,
-            resolve_min: resolve_min.min(resolve_every),
+            // Within bounds even when an error was reported (the config is then refused anyway).
+            resolve_every: resolve_every.max(Duration::from_millis(100)),
+            resolve_min: resolve_min
+                .max(Duration::from_millis(100))
+                .min(resolve_every.max(Duration::from_millis(100))),
             remove_after,
             tls,
         })

@@ -21,6 +21,8 @@ pub use tokens::AdminTokens;
 #[cfg(test)]
 mod admission_tests;
 #[cfg(test)]
+mod fleet_tests;
+#[cfg(test)]
 mod pool_tests;
 #[cfg(test)]
 mod tests;

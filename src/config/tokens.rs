@@ -13,7 +13,14 @@ pub const MIN_TOKEN_LEN: usize = 16;
 const MAX_FILE_SIZE: u64 = 64 << 10;
 
 /// The tokens of one config generation.
-pub struct AdminTokens(Vec<(String, Vec<u8>)>);
+pub struct AdminTokens(Vec<(String, [u8; 20])>);
+
+/// A token as it is kept and compared: its SHA-1 (a fixed length to compare; the tokens themselves are
+/// random, so no weakness of SHA-1 matters here).
+fn digest(token: &[u8]) -> [u8; 20] {
+    use sha1::Digest;
+    sha1::Sha1::digest(token).into()
+}
 
 impl fmt::Debug for AdminTokens {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -26,23 +33,30 @@ impl fmt::Debug for AdminTokens {
 
 impl AdminTokens {
     pub fn load(file: &TokenFile) -> Result<AdminTokens, ConfigError> {
+        use std::io::Read;
         let path = file.path.display();
-        let size = std::fs::metadata(&file.path)
-            .map_err(|e| file.error(format!("cannot read `{path}`: {e}")))?
-            .len();
-        if size > MAX_FILE_SIZE {
+        let cannot = |e: std::io::Error| file.error(format!("cannot read `{path}`: {e}"));
+        let opened = std::fs::File::open(&file.path).map_err(cannot)?;
+        // Only a regular file: a FIFO or a device would block the reload, or never end.
+        if !opened.metadata().map_err(cannot)?.is_file() {
+            return Err(file.error(format!("`{path}` is not a regular file")));
+        }
+        let mut text = String::new();
+        opened
+            .take(MAX_FILE_SIZE + 1)
+            .read_to_string(&mut text)
+            .map_err(cannot)?;
+        if text.len() as u64 > MAX_FILE_SIZE {
             return Err(file.error(format!(
-                "`{path}` is {size} bytes: a token file holds a few `name:token` lines"
+                "`{path}` is over {MAX_FILE_SIZE} bytes: a token file holds a few `name:token` lines"
             )));
         }
-        let text = std::fs::read_to_string(&file.path)
-            .map_err(|e| file.error(format!("cannot read `{path}`: {e}")))?;
         AdminTokens::parse(&text).map_err(|e| file.error(format!("`{path}`: {e}")))
     }
 
     /// Parses the file's text; the error names the line (never the token).
     pub fn parse(text: &str) -> Result<AdminTokens, String> {
-        let mut tokens: Vec<(String, Vec<u8>)> = Vec::new();
+        let mut tokens: Vec<(String, [u8; 20])> = Vec::new();
         for (i, line) in text.lines().enumerate() {
             let line = line.trim();
             if line.is_empty() || line.starts_with('#') {
@@ -72,7 +86,7 @@ impl AdminTokens {
             if tokens.iter().any(|(other, _)| other == name) {
                 return Err(format!("line {n}: the name `{name}` is used twice"));
             }
-            tokens.push((name.to_string(), token.as_bytes().to_vec()));
+            tokens.push((name.to_string(), digest(token.as_bytes())));
         }
         if tokens.is_empty() {
             return Err("no `name:token` line".to_string());
@@ -80,12 +94,14 @@ impl AdminTokens {
         Ok(AdminTokens(tokens))
     }
 
-    /// The name of the token `presented` is, if any. Every token is compared, each in constant time, so
-    /// the time taken says nothing about which token came close.
+    /// The name of the token `presented` is, if any. Digests of fixed length are compared, every one
+    /// and each in constant time, so the time taken says nothing about which token came close, nor
+    /// about their lengths.
     pub fn check(&self, presented: &[u8]) -> Option<&str> {
+        let presented = digest(presented);
         let mut found = None;
         for (name, token) in &self.0 {
-            if constant_time_eq::constant_time_eq(token, presented) {
+            if constant_time_eq::constant_time_eq_n(token, &presented) {
                 found = Some(name.as_str());
             }
         }

@@ -70,7 +70,7 @@ pool = "p"
 [pool.p]
 drain_spread = "0s"
 {pool_extra}
-backends = [ {{ dns = "{NAME}:{port}", resolve_every = "200ms", resolve_min = "50ms", {entry_extra} }} ]
+backends = [ {{ dns = "{NAME}:{port}", resolve_every = "200ms", resolve_min = "100ms", {entry_extra} }} ]
 "#,
         dns = dns.addr()
     );
@@ -231,6 +231,11 @@ async fn a_short_absence_and_failed_resolutions_change_nothing() {
         .collect();
     let gateway = discovering_gateway(&dns, port, "remove_after = \"3s\"", "").await;
     until_backends(&gateway, &up(port, &[1, 2])).await;
+    // A tunnel on each backend, held through all of it.
+    let addr = gateway.listener_addr("main").expect("listener");
+    let mut clients = vec![ws_connect(addr, "/ws").await, ws_connect(addr, "/ws").await];
+    let two = format!("127.0.0.2:{port}");
+    assert_eq!(tunnels_on(&gateway, &two), 1);
     // Flapping: .2 is missing for a while, shorter than remove_after, then back.
     dns.set(NAME, &[(loopback(1), 1)]);
     let queries = dns.queries(NAME);
@@ -264,7 +269,12 @@ async fn a_short_absence_and_failed_resolutions_change_nothing() {
         );
         assert!(metrics.contains(&series), "{metrics}");
     }
-    // Never drained: nothing was moved.
+    // Never drained: nothing was moved, and both tunnels still echo.
+    assert_eq!(tunnels_on(&gateway, &two), 1);
+    for ws in &mut clients {
+        ws.send(Message::text("still")).await.expect("send");
+        assert_eq!(next_message(ws).await, Message::text("still"));
+    }
     let metrics = gateway.metrics_text();
     assert!(!metrics.contains("reason=\"backend_drain\""));
     assert!(
