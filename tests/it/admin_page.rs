@@ -13,7 +13,7 @@
 //!
 //! Needs `chromium`, skipped without it as `browser.rs`'s test is (unless `WSGATE_BROWSER_TESTS=1`).
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -28,7 +28,7 @@ use hyper::body::Incoming;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::browser::find_chromium;
+use crate::browser::chromium_or_skip;
 use crate::common::*;
 
 /// How long the browser gets to start, run the page and print its DOM: a cold start on a busy machine
@@ -260,23 +260,6 @@ async fn the_operators_page_shows_a_status_by_the_contract() {
     assert_eq!(body.matches(">drain</button>").count(), 5);
     assert_eq!(body.matches(">undrain</button>").count(), 2);
     assert_eq!(external_references(PAGE), Vec::<String>::new());
-}
-
-/// Chromium, or `None` when the test is to be skipped.
-fn chromium_or_skip() -> Option<PathBuf> {
-    let chromium = find_chromium();
-    if chromium.is_none() {
-        assert!(
-            std::env::var("WSGATE_BROWSER_TESTS").as_deref() != Ok("1"),
-            "WSGATE_BROWSER_TESTS=1 but chromium is not installed"
-        );
-        // Written to stderr itself, not through `eprintln!`, which the test harness captures.
-        let _ = writeln!(
-            std::io::stderr(),
-            "skipped: chromium not installed (set WSGATE_BROWSER_TESTS=1 to require it)"
-        );
-    }
-    chromium
 }
 
 /// Checks the dumped DOM against `status`: the page has polled, every `data-field` element shows the

@@ -54,17 +54,7 @@ ws.onclose = (event) => report({ error: "closed " + event.code + " " + event.rea
 
 #[tokio::test]
 async fn chromium_opens_a_websocket_over_h2_through_wsgate() {
-    let Some(chromium) = find_chromium() else {
-        assert!(
-            std::env::var("WSGATE_BROWSER_TESTS").as_deref() != Ok("1"),
-            "WSGATE_BROWSER_TESTS=1 but chromium is not installed"
-        );
-        // Written to stderr itself, not through `eprintln!`, which the test harness captures: a skip
-        // shows in an ordinary `cargo test` run.
-        let _ = writeln!(
-            std::io::stderr(),
-            "skipped: chromium not installed (set WSGATE_BROWSER_TESTS=1 to require it)"
-        );
+    let Some(chromium) = chromium_or_skip() else {
         return;
     };
 
@@ -312,4 +302,23 @@ impl Drop for Browser {
         let _ = self.stderr_closed.recv_timeout(Duration::from_secs(5));
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Chromium, or `None` when a browser test is to be skipped: without chromium, unless
+/// `WSGATE_BROWSER_TESTS=1` (as in CI), which makes a missing browser a failure.
+pub(crate) fn chromium_or_skip() -> Option<std::path::PathBuf> {
+    let chromium = find_chromium();
+    if chromium.is_none() {
+        assert!(
+            std::env::var("WSGATE_BROWSER_TESTS").as_deref() != Ok("1"),
+            "WSGATE_BROWSER_TESTS=1 but chromium is not installed"
+        );
+        // Written to stderr itself, not through `eprintln!`, which the test harness captures: a skip
+        // shows in an ordinary `cargo test` run.
+        let _ = writeln!(
+            std::io::stderr(),
+            "skipped: chromium not installed (set WSGATE_BROWSER_TESTS=1 to require it)"
+        );
+    }
+    chromium
 }
