@@ -38,7 +38,9 @@ struct Args {
     /// idle_tls (idle over TLS), idle_h2 (idle WebSockets over HTTP/2 over TLS),
     /// idle_tls_backend (idle ws:// to TLS backends) and storm (a reconnect storm with and
     /// without wsgate's handshake gate, and what admission control costs a handshake;
-    /// wsgate only); the last four are not part of all, name them: `all,idle_tls`.
+    /// wsgate only) and drain (a backend drained through wsgate's admin API, its
+    /// tunnels' Close 1012 spread over a window or all at once; wsgate only); the last
+    /// five are not part of all, name them: `all,idle_tls`.
     #[arg(long, default_value = "all")]
     scenario: String,
     /// Targets, in the order they are interleaved within a run.
@@ -125,6 +127,22 @@ struct Args {
     /// and `cost` (handshakes with admission limits never hit against none).
     #[arg(long, default_value = "storm,cost")]
     storm_parts: String,
+    /// drain: clients on the two backends (each holds a client and a backend socket
+    /// in this process, two in wsgate).
+    #[arg(long, default_value_t = 5000)]
+    drain_clients: usize,
+    /// drain: the spreads to compare, seconds, a comma list (0 = an instant cut); each
+    /// run measures each, on a fresh wsgate, in alternating order.
+    #[arg(long, default_value = "30,0")]
+    drain_spreads: String,
+    /// drain: seconds the measurement may go on after the spread before it gives up
+    /// on the clients still out.
+    #[arg(long, default_value_t = 60)]
+    drain_grace: u64,
+    /// drain: random pause before every reconnect, 0 to this many ms (0: the
+    /// clients come back at once, so that what the backend sees is what wsgate does).
+    #[arg(long, default_value_t = 0)]
+    drain_jitter_ms: u64,
 }
 
 #[derive(Subcommand, Debug)]
@@ -434,10 +452,11 @@ async fn measure(
             scenarios::idle::run_tls_backend(addr, idle_conns, hold, probe).await
         }
         Scenario::Http => scenarios::http::run(addr, 50, d, probe, wrk).await,
-        // Run apart, with wsgate processes of its own (`run_storm`).
-        Scenario::Storm => {
+        // Run apart, with wsgate processes of their own (`storm::run_all`,
+        // `drain::run_all`).
+        Scenario::Storm | Scenario::Drain => {
             let mut o = Outcome::default();
-            o.note_error("storm is not measured on a shared target".into());
+            o.note_error(format!("{sc} is not measured on a shared target"));
             o
         }
     }
@@ -501,6 +520,48 @@ fn storm_plan(args: &Args, fd_room: usize) -> Result<scenarios::storm::Plan, Str
     })
 }
 
+/// The drain's plan from the flags; `fd_room` is how many clients this
+/// process has descriptors for (each holds a client and a backend socket).
+fn drain_plan(args: &Args, fd_room: usize) -> Result<scenarios::drain::Plan, String> {
+    if args.drain_clients == 0 {
+        return Err("--drain-clients must be at least 1".into());
+    }
+    // Reconnecting clients hold their old and new sockets for a moment.
+    if args.drain_clients > fd_room {
+        return Err(format!(
+            "--drain-clients {} needs ~{} descriptors in this process (a client and a backend \
+             socket each, more while clients reconnect) and as many in wsgate; RLIMIT_NOFILE \
+             allows {fd_room} clients",
+            args.drain_clients,
+            2 * args.drain_clients
+        ));
+    }
+    let mut spreads = Vec::new();
+    for w in args.drain_spreads.split(',') {
+        let secs: f64 = w
+            .trim()
+            .parse()
+            .map_err(|_| format!("--drain-spreads: {w:?} is not a number of seconds"))?;
+        if !(0.0..=600.0).contains(&secs) {
+            return Err("--drain-spreads: each between 0 and 600 seconds".into());
+        }
+        let d = Duration::from_millis((secs * 1000.0).round() as u64);
+        if !spreads.contains(&d) {
+            spreads.push(d);
+        }
+    }
+    if args.drain_grace == 0 || args.drain_grace > 600 {
+        return Err("--drain-grace must be between 1 and 600 (seconds)".into());
+    }
+    Ok(scenarios::drain::Plan {
+        clients: args.drain_clients,
+        spreads,
+        grace: Duration::from_secs(args.drain_grace),
+        jitter: Duration::from_millis(args.drain_jitter_ms),
+        runs: args.runs,
+    })
+}
+
 /// Why `target` cannot run `sc`, if it cannot: a TLS scenario needs a TLS
 /// listener, which direct (plain-ws backends) never has; WebSockets over
 /// HTTP/2 need RFC 8441, which nginx does not implement. (Whether a proxy
@@ -557,6 +618,12 @@ async fn run(args: Args) -> Result<(), String> {
     if storm_wanted && !kinds.contains(&Kind::Wsgate) {
         return Err("the storm scenario measures wsgate: add wsgate to --targets".into());
     }
+    // So does the drain.
+    let drain_wanted = scenario_list.contains(&Scenario::Drain);
+    scenario_list.retain(|&s| s != Scenario::Drain);
+    if drain_wanted && !kinds.contains(&Kind::Wsgate) {
+        return Err("the drain scenario measures wsgate: add wsgate to --targets".into());
+    }
 
     let (soft, hard) = procstat::raise_nofile();
     let fd_room = (soft.saturating_sub(FD_MARGIN) / 2) as usize;
@@ -575,6 +642,11 @@ async fn run(args: Args) -> Result<(), String> {
     eprintln!("RLIMIT_NOFILE soft {soft} hard {hard}; idle scenario uses {idle_conns} connections");
     let storm = if storm_wanted {
         Some(storm_plan(&args, fd_room)?)
+    } else {
+        None
+    };
+    let drain = if drain_wanted {
+        Some(drain_plan(&args, fd_room)?)
     } else {
         None
     };
@@ -711,6 +783,7 @@ async fn run(args: Args) -> Result<(), String> {
                 _ => tls_backends.clone(),
             },
             admission: None,
+            fleet: None,
         };
         let mut started = Target::start(spec.clone()).await;
         let mut spec = spec;
@@ -763,11 +836,13 @@ async fn run(args: Args) -> Result<(), String> {
             secs * n as u64
         })
         .sum();
-    let per_run = per_run + storm.as_ref().map_or(0, |p| p.seconds_per_run());
+    let per_run = per_run
+        + storm.as_ref().map_or(0, |p| p.seconds_per_run())
+        + drain.as_ref().map_or(0, |p| p.seconds_per_run());
     eprintln!(
         "{} target(s) × {} scenario(s) × {} run(s): about {} min",
         running.len(),
-        scenario_list.len() + usize::from(storm.is_some()),
+        scenario_list.len() + usize::from(storm.is_some()) + usize::from(drain.is_some()),
         args.runs,
         (per_run * args.runs as u64).div_ceil(60)
     );
@@ -867,19 +942,34 @@ async fn run(args: Args) -> Result<(), String> {
             not_run.push(why);
         }
     }
+    if drain.is_some() {
+        for t in running.iter().filter(|t| t.kind() != Kind::Wsgate) {
+            let why = format!(
+                "{}: drain not applicable (it measures wsgate's admin drain; {} has no drain that \
+                 moves live WebSockets)",
+                t.kind(),
+                t.kind()
+            );
+            eprintln!("[drain] {why}");
+            not_run.push(why);
+        }
+    }
     // Stop the proxies before the storm and before printing.
     drop(running);
-    match (&storm, wsgate_spec) {
-        (Some(plan), Some(spec)) => {
-            let mut emit = |r: Record| -> Result<(), String> {
-                sink.write(&r)
-                    .map_err(|e| format!("{}: {e}", out_path.display()))?;
-                records.push(r);
-                Ok(())
-            };
-            scenarios::storm::run_all(&spec, plan, &mut emit).await?;
-        }
+    let mut emit = |r: Record| -> Result<(), String> {
+        sink.write(&r)
+            .map_err(|e| format!("{}: {e}", out_path.display()))?;
+        records.push(r);
+        Ok(())
+    };
+    match (&storm, &wsgate_spec) {
+        (Some(plan), Some(spec)) => scenarios::storm::run_all(spec, plan, &mut emit).await?,
         (Some(_), None) => not_run.push("wsgate: storm skipped (wsgate did not start)".into()),
+        (None, _) => {}
+    }
+    match (&drain, &wsgate_spec) {
+        (Some(plan), Some(spec)) => scenarios::drain::run_all(spec, plan, &mut emit).await?,
+        (Some(_), None) => not_run.push("wsgate: drain skipped (wsgate did not start)".into()),
         (None, _) => {}
     }
 
@@ -890,6 +980,9 @@ async fn run(args: Args) -> Result<(), String> {
     }
     if storm.is_some() {
         println!("{}", report::storm_markdown(&records));
+    }
+    if drain.is_some() {
+        println!("{}", report::drain_markdown(&records));
     }
     for s in skipped.iter().chain(&not_run) {
         println!("- {s}");
@@ -1040,6 +1133,51 @@ mod tests {
         ] {
             let a = Args::try_parse_from(["wsgate-bench", flag, bad]).unwrap();
             assert!(storm_plan(&a, 9000).is_err(), "{flag} {bad}");
+        }
+    }
+
+    #[test]
+    fn drain_is_named_not_part_of_all_and_its_flags_parse() {
+        let p = |s| parse_list(s, &Scenario::ALL, Scenario::parse).unwrap();
+        assert!(!p("all").contains(&Scenario::Drain));
+        assert_eq!(p("drain"), vec![Scenario::Drain]);
+        let a = Args::try_parse_from(["wsgate-bench", "--scenario", "drain"]).unwrap();
+        let plan = drain_plan(&a, 9000).unwrap();
+        assert_eq!(plan.clients, 5000);
+        assert_eq!(plan.spreads, vec![Duration::from_secs(30), Duration::ZERO]);
+        assert_eq!(plan.grace, Duration::from_secs(60));
+        assert_eq!((plan.jitter, plan.runs), (Duration::ZERO, 2));
+        let a = Args::try_parse_from([
+            "wsgate-bench",
+            "--drain-clients",
+            "200",
+            "--drain-spreads",
+            "5, 0.5,5",
+            "--drain-grace",
+            "10",
+            "--drain-jitter-ms",
+            "100",
+        ])
+        .unwrap();
+        let plan = drain_plan(&a, 9000).unwrap();
+        assert_eq!(plan.clients, 200);
+        assert_eq!(
+            plan.spreads,
+            vec![Duration::from_secs(5), Duration::from_millis(500)]
+        );
+        assert_eq!(plan.grace, Duration::from_secs(10));
+        assert_eq!(plan.jitter, Duration::from_millis(100));
+        assert!(drain_plan(&a, 199).is_err());
+        for (flag, bad) in [
+            ("--drain-clients", "0"),
+            ("--drain-spreads", "x"),
+            ("--drain-spreads", "30,-1"),
+            ("--drain-spreads", "601"),
+            ("--drain-spreads", ""),
+            ("--drain-grace", "0"),
+        ] {
+            let a = Args::try_parse_from(["wsgate-bench", &format!("{flag}={bad}")]).unwrap();
+            assert!(drain_plan(&a, 9000).is_err(), "{flag} {bad}");
         }
     }
 

@@ -8,6 +8,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::scenarios::drain::DrainStats;
 use crate::scenarios::storm::StormStats;
 use crate::scenarios::{Outcome, Scenario};
 
@@ -48,6 +49,9 @@ pub struct Record {
     /// `storm`: the storm's own figures.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storm: Option<StormStats>,
+    /// `drain`: the drain's own figures.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain: Option<DrainStats>,
     pub first_error: Option<String>,
     pub note: Option<String>,
     pub unix_time: u64,
@@ -93,6 +97,7 @@ impl Record {
             rss_per_h2_conn_bytes: o.rss_per_h2_conn_bytes,
             variant: o.variant,
             storm: o.storm,
+            drain: o.drain,
             first_error: o.first_error,
             note: o.note,
             unix_time: std::time::SystemTime::now()
@@ -383,6 +388,92 @@ pub fn storm_markdown(records: &[Record]) -> String {
     s
 }
 
+/// Markdown for `drain`: per spread, each run's figures (" / " between
+/// runs), then `b`'s 101s per second in each spread's first run.
+pub fn drain_markdown(records: &[Record]) -> String {
+    let drains: Vec<&Record> = records
+        .iter()
+        .filter(|r| r.scenario == "drain" && r.drain.is_some())
+        .collect();
+    if drains.is_empty() {
+        return String::new();
+    }
+    let mut variants: Vec<(f64, String)> = Vec::new();
+    for r in &drains {
+        let v = r.variant.clone().unwrap_or_default();
+        let spread = r.drain.as_ref().map_or(0.0, |d| d.spread_s);
+        if !variants.iter().any(|(_, x)| *x == v) {
+            variants.push((spread, v));
+        }
+    }
+    // The widest spread first, the instant cut last.
+    variants.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let clients = drains[0].connections;
+    let mut s = format!(
+        "### drain: {clients} clients on two backends, backend a drained; each run's figures (run 1 / run 2 / …)\n\n\
+         | spread | on a+b before | moved | Close codes | b's 101s: peak second | busiest 1-s window | busiest 100 ms | median per second (window) | last client back after s | not back, left on a, landed on a | wsgate CPU s |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|\n"
+    );
+    let st = |r: &Record| r.drain.clone().unwrap_or_default();
+    for (_, v) in &variants {
+        let rs: Vec<&Record> = drains
+            .iter()
+            .copied()
+            .filter(|r| r.variant.as_deref() == Some(v.as_str()))
+            .collect();
+        s.push_str(&format!(
+            "| {v} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            per_run(&rs, &|r| format!("{}+{}", st(r).on_a, st(r).on_b)),
+            per_run(&rs, &|r| format!("{}", st(r).moved)),
+            per_run(&rs, &|r| {
+                let c: Vec<String> = st(r)
+                    .closes
+                    .iter()
+                    .map(|(k, n)| format!("{k}: {n}"))
+                    .collect();
+                c.join(", ")
+            }),
+            per_run(&rs, &|r| format!("{}", st(r).peak_per_s)),
+            per_run(&rs, &|r| format!("{}", st(r).peak_1s)),
+            per_run(&rs, &|r| format!("{}", st(r).max_bin)),
+            per_run(&rs, &|r| format!(
+                "{:.0} ({} s)",
+                st(r).median_per_s,
+                st(r).window_s
+            )),
+            per_run(&rs, &|r| st(r)
+                .last_back_s
+                .map_or("–".into(), |v| format!("{v:.2}"))),
+            per_run(&rs, &|r| format!(
+                "{}, {}, {}",
+                st(r).not_back,
+                st(r).left_on_a,
+                st(r).landed_on_a
+            )),
+            per_run(&rs, &|r| fmt_num(r.proxy_cpu_s)),
+        ));
+    }
+    s.push_str(
+        "\nSeconds and bins are counted from the drain call; the median second is taken over the \
+         spread's seconds (for an instant cut, until b's last 101), empty seconds included. \
+         \"moved\": clients whose WebSocket ended and who had a new one that echoed.\n",
+    );
+    for (_, v) in &variants {
+        if let Some(r) = drains
+            .iter()
+            .find(|r| r.variant.as_deref() == Some(v.as_str()))
+        {
+            let per: Vec<String> = st(r).per_s.iter().map(u32::to_string).collect();
+            s.push_str(&format!(
+                "\n{v}, run {}: b's 101s per second: {}\n",
+                r.run,
+                per.join(" ")
+            ));
+        }
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -395,6 +486,53 @@ mod tests {
             ..Default::default()
         };
         Record::new(target, "echo64", 1, 1, o)
+    }
+
+    #[test]
+    fn drain_tables_show_each_run_widest_spread_first() {
+        let drain = |run: u32, spread: f64, per_s: Vec<u32>| {
+            let o = Outcome {
+                ops: 2500,
+                duration_s: spread.max(0.5),
+                connections: 5000,
+                proxy_cpu_s: Some(1.0),
+                variant: Some(format!("spread_{spread}s")),
+                drain: Some(DrainStats {
+                    clients: 5000,
+                    spread_s: spread,
+                    on_a: 2500,
+                    on_b: 2500,
+                    moved: 2500,
+                    closes: [("1012".to_string(), 2500)].into_iter().collect(),
+                    peak_per_s: per_s.iter().copied().max().unwrap_or(0) as u64,
+                    median_per_s: 83.0,
+                    window_s: per_s.len() as u64,
+                    last_back_s: Some(spread.max(0.5)),
+                    per_s,
+                    ..DrainStats::default()
+                }),
+                ..Default::default()
+            };
+            Record::new("wsgate", "drain", run, 1, o)
+        };
+        let rs = vec![
+            drain(1, 0.0, vec![2500]),
+            drain(1, 30.0, vec![90, 80, 85]),
+            drain(2, 30.0, vec![70, 97, 85]),
+        ];
+        let md = drain_markdown(&rs);
+        let wide = md.find("| spread_30s | 2500+2500 / 2500+2500 | 2500 / 2500 | 1012: 2500 / 1012: 2500 | 90 / 97 |");
+        let cut = md.find("| spread_0s | 2500+2500 | 2500 | 1012: 2500 | 2500 |");
+        assert!(wide.is_some() && cut.is_some() && wide < cut, "{md}");
+        assert!(
+            md.contains("spread_30s, run 1: b's 101s per second: 90 80 85"),
+            "{md}"
+        );
+        assert!(drain_markdown(&[]).is_empty());
+        // The drain's fields survive a round trip through JSON.
+        let line = serde_json::to_string(&rs[1]).unwrap();
+        let back: Record = serde_json::from_str(&line).unwrap();
+        assert_eq!(back.drain, rs[1].drain);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The scenarios. Each measures one target and returns an [`Outcome`]; the
 //! caller turns it into a result record.
 
+pub mod drain;
 pub mod echo;
 pub mod handshake;
 pub mod http;
@@ -31,6 +32,10 @@ pub enum Scenario {
     /// `handshake_rate`, and the handshake rate with admission limits that
     /// are never hit against none (`storm.rs`); wsgate only, not part of `all`.
     Storm,
+    /// A backend drained through wsgate's admin API with its tunnels' Close
+    /// 1012 spread over a window, against an instant cut: the reconnects the
+    /// remaining backend sees (`drain.rs`); wsgate only, not part of `all`.
+    Drain,
 }
 
 impl Scenario {
@@ -47,13 +52,14 @@ impl Scenario {
     /// listener on every proxy, `idle_tls_backend` TLS backends and a second
     /// pool, and none has a `direct` figure (`idle_h2` has no nginx one
     /// either), so the default suite (`all`, whose results BENCHMARKS.md and
-    /// chart.py compare) stays as it was. `storm` measures a feature of
-    /// wsgate alone, with wsgate processes of its own.
-    pub const OPT_IN: [Scenario; 4] = [
+    /// chart.py compare) stays as it was. `storm` and `drain` measure
+    /// features of wsgate alone, with wsgate processes of their own.
+    pub const OPT_IN: [Scenario; 5] = [
         Scenario::IdleTls,
         Scenario::IdleH2,
         Scenario::IdleTlsBackend,
         Scenario::Storm,
+        Scenario::Drain,
     ];
 
     pub fn name(self) -> &'static str {
@@ -68,6 +74,7 @@ impl Scenario {
             Scenario::IdleH2 => "idle_h2",
             Scenario::IdleTlsBackend => "idle_tls_backend",
             Scenario::Storm => "storm",
+            Scenario::Drain => "drain",
         }
     }
 
@@ -116,7 +123,7 @@ impl Scenario {
             Scenario::Idle | Scenario::IdleTls | Scenario::IdleTlsBackend => "conn",
             Scenario::IdleH2 => "tunnel",
             Scenario::Http => "req",
-            Scenario::Storm => "client",
+            Scenario::Storm | Scenario::Drain => "client",
         }
     }
 }
@@ -154,11 +161,13 @@ pub struct Outcome {
     pub h2_conns: Option<u64>,
     /// `idle_h2`: RSS growth per HTTP/2 connection (all its streams included).
     pub rss_per_h2_conn_bytes: Option<f64>,
-    /// `storm`: which configuration of the target was measured (`no_limit`,
-    /// `gate`, `no_limits`, `limits`).
+    /// `storm`, `drain`: which configuration of the target was measured
+    /// (`no_limit`, `gate`, `no_limits`, `limits`; `spread_30s`, `spread_0s`).
     pub variant: Option<String>,
     /// `storm`: the reconnect storm's own figures.
     pub storm: Option<storm::StormStats>,
+    /// `drain`: the drain's own figures.
+    pub drain: Option<drain::DrainStats>,
     /// The first error seen, for the progress line.
     pub first_error: Option<String>,
     pub note: Option<String>,

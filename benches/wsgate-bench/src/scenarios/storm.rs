@@ -490,15 +490,15 @@ async fn drained(backends: &[Backend], wait: Duration) {
     eprintln!("    note: storm backends still hold {live} sockets after {wait:?}");
 }
 
-/// A tokio runtime with one worker thread of its own, for the storm's
-/// backends; shut down in the background when dropped (it may be dropped
-/// inside the tool's runtime).
-struct BackendRuntime {
+/// A tokio runtime with one worker thread of its own, for the storm's (and
+/// `drain`'s) backends; shut down in the background when dropped (it may be
+/// dropped inside the tool's runtime).
+pub(super) struct BackendRuntime {
     rt: Option<tokio::runtime::Runtime>,
 }
 
 impl BackendRuntime {
-    fn start() -> Result<BackendRuntime, String> {
+    pub(super) fn start() -> Result<BackendRuntime, String> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("storm-backends")
@@ -517,6 +517,15 @@ impl BackendRuntime {
             .map_err(|e| format!("storm backend: {e}"))?
             .map_err(|e| format!("storm backend: {e}"))
     }
+
+    /// A backend started with `opts` on this runtime.
+    pub(super) async fn backend_with(&self, opts: backend::Options) -> Result<Backend, String> {
+        let rt = self.rt.as_ref().ok_or("backends' runtime is gone")?;
+        rt.spawn(backend::start_with(opts))
+            .await
+            .map_err(|e| format!("backend: {e}"))?
+            .map_err(|e| format!("backend: {e}"))
+    }
 }
 
 impl Drop for BackendRuntime {
@@ -528,7 +537,7 @@ impl Drop for BackendRuntime {
 }
 
 /// A port free on 127.0.0.1 now (for wsgate's admin listener).
-fn free_port() -> Result<SocketAddr, String> {
+pub(super) fn free_port() -> Result<SocketAddr, String> {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map_err(|e| format!("no free port: {e}"))
