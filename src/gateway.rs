@@ -1,7 +1,8 @@
 //! The running gateway, the top of the library: `start` binds the listeners (`server`), the admin
-//! listener (`admin`) and starts the health checks (`health_checks`) over one shared state (`state`);
-//! `reload` swaps the config generation and diffs the listeners; `shutdown` stops accepting, tells every
-//! tunnel to close, and waits for every task.
+//! listener (`admin`) and starts the health checks (`health_checks`) and DNS discovery (`discovery`) over
+//! one shared state (`state`); `reload` swaps the config generation and diffs the listeners, one reload at
+//! a time (SIGHUP, the admin API's `POST /reload` through a task of its own, the library); `shutdown`
+//! stops accepting, tells every tunnel to close, and waits for every task.
 //!
 //! `Gateway::start` returns at once with a handle; tests bind port 0 and ask the handle for the
 //! addresses.
@@ -488,8 +489,9 @@ pub fn check_certificates(config: &Config) -> Vec<TlsError> {
         .collect()
 }
 
-/// Loads the CA and client certificate files of every backend `tls` table of `config`, as
-/// `Gateway::start` would: the problems with each, as `file:line: key: message`, for `wsgate check`.
+/// Loads the CA and client certificate files of every backend `tls` table of `config`, and the admin
+/// token file, as `Gateway::start` would: the problems with each, as `file:line: key: message`, for
+/// `wsgate check`.
 pub fn check_backend_tls(config: &Config) -> Vec<ConfigError> {
     match load_files(config, None) {
         Err(StartError::Files(errors)) => errors.0,

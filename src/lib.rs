@@ -8,7 +8,8 @@
 //!
 //! Modules form layers, each using only the layers below it; `docs/ARCHITECTURE.md` draws the data path.
 //!
-//! - `gateway`: start, reload, shutdown; starts the listeners, the admin listener and the health checks.
+//! - `gateway`: start, reload, shutdown; starts the listeners, the admin listener, the health checks and
+//!   DNS discovery.
 //! - `server`: listening sockets and client connections (TLS, the first request read by wsgate itself,
 //!   hyper's HTTP/1.1 server after it); `admin` (the operator's page, `/metrics`, `/healthz`, `/readyz`,
 //!   `/status`, the write API: drain, undrain, reload); `health_checks` (the active checks' tasks);
