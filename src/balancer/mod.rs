@@ -197,10 +197,15 @@ impl Backend {
         self.drain_state().status()
     }
 
-    /// Counts a live tunnel until the returned guard is dropped.
-    pub fn tunnel(self: &Arc<Self>) -> TunnelCount {
+    /// A tunnel to it began: counted until `tunnel_ended`. The tunnel's own record calls both (from its
+    /// constructor and its `Drop`), so the count follows the tunnel without a guard of its own: an idle
+    /// tunnel carries nothing more for it.
+    pub fn tunnel_started(&self) {
         self.tunnels.fetch_add(1, Ordering::Relaxed);
-        TunnelCount(Arc::clone(self))
+    }
+
+    pub fn tunnel_ended(&self) {
+        self.tunnels.fetch_sub(1, Ordering::Relaxed);
     }
 
     pub fn tunnels(&self) -> usize {
@@ -323,16 +328,6 @@ impl Drop for BackendGuard {
 impl Reuse for BackendGuard {
     fn reusable(&self) -> bool {
         !self.0.is_draining()
-    }
-}
-
-/// One live tunnel to a backend (`Backend::tunnel`). Dropping it releases the count.
-#[derive(Debug)]
-pub struct TunnelCount(Arc<Backend>);
-
-impl Drop for TunnelCount {
-    fn drop(&mut self) {
-        self.0.tunnels.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -911,7 +906,8 @@ mod tests {
             &stop,
         );
         let old = Arc::clone(&before.get("a").expect("a").backends()[0]);
-        let _tunnel = (old.acquire(), old.tunnel());
+        let _guard = old.acquire();
+        old.tunnel_started();
         let signal = old.drain_signal();
         let after = Pools::build(
             &one_pool("b", "{ addr = \"127.0.0.1:7\", id = \"seven\" }"),

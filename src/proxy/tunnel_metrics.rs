@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::admission::Counted;
-use crate::balancer::{BackendGuard, TunnelCount};
+use crate::balancer::BackendGuard;
 use crate::config::WebSocketSettings;
 use crate::conn::ClientConn;
 use crate::router::Route;
@@ -22,9 +22,8 @@ use crate::websocket::{BufferPool, EndReason};
 /// held: every idle tunnel would carry them.
 pub struct RouteTunnel {
     route: Arc<Route>,
+    /// Also counts the tunnel in its backend's live tunnels, from `new` to `drop`.
     guard: BackendGuard,
-    /// The tunnel counted in its backend's live tunnels.
-    _tunnel: TunnelCount,
     /// The client's place under the route's `max_tunnels_per_ip`, given back when the tunnel ends.
     _place: Option<Counted>,
     conn: Arc<ClientConn>,
@@ -40,13 +39,13 @@ impl RouteTunnel {
     ) -> RouteTunnel {
         let tunnel = RouteTunnel {
             route,
-            _tunnel: guard.backend().tunnel(),
             guard,
             _place: place,
             conn,
             shared,
         };
         tunnel.active().inc();
+        tunnel.guard.backend().tunnel_started();
         tunnel
     }
 
@@ -92,6 +91,7 @@ impl RouteTunnel {
 
 impl Drop for RouteTunnel {
     fn drop(&mut self) {
+        self.guard.backend().tunnel_ended();
         self.active().dec();
     }
 }
