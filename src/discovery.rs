@@ -123,7 +123,7 @@ fn build_resolver(dns: &DnsConfig) -> Result<Resolver, ResolveError> {
     if dns.servers.is_empty() {
         Resolver::system()
     } else {
-        Ok(Resolver::with_servers(&dns.servers))
+        Resolver::with_servers(&dns.servers)
     }
 }
 

@@ -78,6 +78,12 @@ pub enum ResolveError {
         /// What went wrong, as hickory said it.
         reason: String,
     },
+    /// A resolver for the configured nameservers (`[dns] servers`) could not be built.
+    #[error("setting up DNS resolution with the configured nameservers: {reason}")]
+    Setup {
+        /// What went wrong, as hickory said it.
+        reason: String,
+    },
     /// `host` is neither an IP address nor a valid DNS name.
     #[error("{host}: not a DNS name or IP address: {reason}")]
     InvalidName {
@@ -150,7 +156,7 @@ impl Resolver {
     ///
     /// Neither `/etc/resolv.conf` nor `/etc/hosts` is read. With more than one server, hickory asks two
     /// at a time and prefers the ones that answer fastest.
-    pub fn with_servers(servers: &[SocketAddr]) -> Resolver {
+    pub fn with_servers(servers: &[SocketAddr]) -> Result<Resolver, ResolveError> {
         let name_servers = servers
             .iter()
             .map(|server| {
@@ -170,11 +176,14 @@ impl Resolver {
         let inner = TokioResolver::builder_with_config(config, TokioRuntimeProvider::default())
             .with_options(options)
             .build()
-            // Without TLS, DNSSEC or opportunistic encryption (none is enabled), building cannot fail.
-            .expect("a plain UDP/TCP resolver builds");
-        Resolver {
+            // Without TLS, DNSSEC or opportunistic encryption (none is enabled) building should not
+            // fail; the servers come from the config, so a failure is reported, not a panic.
+            .map_err(|error| ResolveError::Setup {
+                reason: error.to_string(),
+            })?;
+        Ok(Resolver {
             inner: Arc::new(inner),
-        }
+        })
     }
 
     /// Every A and AAAA address of `host` (both families asked), deduplicated and sorted, and the

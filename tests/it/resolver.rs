@@ -17,7 +17,7 @@ fn ip(text: &str) -> IpAddr {
 
 async fn start() -> (TestDns, Resolver) {
     let dns = TestDns::start().await;
-    let resolver = Resolver::with_servers(&[dns.addr()]);
+    let resolver = Resolver::with_servers(&[dns.addr()]).expect("a resolver for the test's server");
     (dns, resolver)
 }
 
