@@ -13,8 +13,8 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
+use crate::tls::TlsAcceptor;
 use tokio::sync::mpsc;
-use tokio_rustls::TlsAcceptor;
 
 use crate::admission::ScopeKind;
 use crate::balancer::BackendStatus;

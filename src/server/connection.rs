@@ -22,8 +22,6 @@ use http_body_util::BodyExt;
 use prometheus::IntGauge;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_rustls::TlsAcceptor;
-use tokio_rustls::server::TlsStream;
 
 use super::client_io::{ClientIo, Replay};
 use super::h1::serve_http;
@@ -39,7 +37,9 @@ use crate::http1::{FIRST_READ, client_head_limit};
 use crate::proxy::{self, Answer, Splice};
 use crate::proxy_protocol;
 use crate::state::Shared;
-use crate::websocket::{Buffered, Transport};
+use crate::tls::TlsAcceptor;
+use crate::tls::session::ServerSession;
+use crate::websocket::Transport;
 
 /// How a listener serves the connections it accepts (swapped whole on reload).
 pub struct Front {
@@ -163,7 +163,7 @@ async fn serve_tls(
     // shutdown lets it finish (within that timeout), so that the session can be closed properly, with a
     // `close_notify`, rather than cut mid-handshake.
     match tokio::time::timeout(config.timeouts.header, acceptor.accept(io)).await {
-        Ok(Ok(stream)) if stream.get_ref().1.alpn_protocol() == Some(Alpn::H2.id()) => {
+        Ok(Ok(stream)) if stream.state().alpn_protocol() == Some(Alpn::H2.id()) => {
             let websockets = http.websocket_over_h2;
             Box::pin(serve_h2(stream, conn, shared, &config, websockets)).await;
         }
@@ -198,16 +198,17 @@ impl ClientStream for ClientIo {
     }
 }
 
-impl ClientStream for TlsStream<ClientIo> {
-    /// The TLS session over `ClientIo`, whose timers are off once upgraded.
-    type Tunnelled = Buffered<TlsStream<ClientIo>>;
+impl ClientStream for ServerSession<ClientIo> {
+    /// The TLS session over the raw socket: `ClientIo`'s timers are off once upgraded, and the session
+    /// tells the tunnel when data is there, so an idle TLS tunnel holds no read buffer either.
+    type Tunnelled = ServerSession<TcpStream>;
 
     fn socket(&self) -> &TcpStream {
-        self.get_ref().0.stream()
+        self.get_ref().stream()
     }
 
     fn into_tunnelled(self) -> Self::Tunnelled {
-        Buffered(self)
+        self.map_io(ClientIo::into_stream)
     }
 }
 

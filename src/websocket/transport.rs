@@ -2,9 +2,10 @@
 //! stream).
 //!
 //! A raw socket tells when it is readable without being read, so a tunnel borrows a read buffer only once
-//! data is there. A TLS stream cannot: its readiness depends on records rustls has buffered, so for it the
-//! tunnel borrows a buffer, tries a read, and gives the buffer back at once when nothing came. Either way
-//! an idle tunnel holds no buffer of wsgate's; a TLS session keeps rustls' own small state.
+//! data is there; so does a client's TLS session (`tls::session`), which knows what it holds. A buffered
+//! stream (a TLS session toward a backend, an HTTP/2 stream) cannot: its readiness depends on what it has
+//! buffered, so for it the tunnel borrows a buffer, tries a read, and gives the buffer back at once when
+//! nothing came. Either way an idle tunnel holds no buffer of wsgate's.
 
 use std::io;
 use std::pin::Pin;

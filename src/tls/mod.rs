@@ -3,20 +3,28 @@
 //! the listener speaks (`h2`, `http/1.1`).
 //!
 //! Certificates are read at start and again on every reload; a listener keeps its socket across reloads
-//! and only its [`TlsAcceptor`] is swapped.
+//! and only its [`TlsAcceptor`] is swapped. Sessions are resumed from stateless tickets (RFC 8446 §4.6.1)
+//! whose keys belong to the process, not to a config generation: a reload does not make every returning
+//! client pay a full handshake again. The sessions themselves are driven by wsgate (`session.rs`), which
+//! owns their buffers.
 //!
 //! The loading (`read_certificates`, `load_certified_key`) also serves TLS toward backends
 //! (`upstream/tls_client.rs`): trusted roots, and wsgate's own client certificate.
 
+pub mod session;
+
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::ProducesTickets;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use tokio_rustls::TlsAcceptor;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use self::session::ServerSession;
 
 use crate::config::{Alpn, TlsConfig};
 
@@ -49,7 +57,38 @@ pub fn acceptor(config: &TlsConfig, alpn: &[Alpn]) -> Result<TlsAcceptor, TlsErr
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(resolver));
     server.alpn_protocols = alpn.iter().map(|id| id.id().to_vec()).collect();
-    Ok(TlsAcceptor::from(Arc::new(server)))
+    server.ticketer = ticketer().map_err(|e| error(Path::new("<tls>"), e))?;
+    Ok(TlsAcceptor {
+        config: Arc::new(server),
+    })
+}
+
+/// The process's session-ticket keys (rustls' `Ticketer`: AEAD keys rotated every 6 hours, the previous
+/// key still accepted), shared by every listener and config generation.
+fn ticketer() -> Result<Arc<dyn ProducesTickets>, String> {
+    static TICKETER: OnceLock<Arc<dyn ProducesTickets>> = OnceLock::new();
+    if let Some(ticketer) = TICKETER.get() {
+        return Ok(Arc::clone(ticketer));
+    }
+    let made = rustls::crypto::ring::Ticketer::new()
+        .map_err(|e| format!("cannot make session ticket keys: {e}"))?;
+    Ok(Arc::clone(TICKETER.get_or_init(|| made)))
+}
+
+/// A listener's TLS settings: certificates, versions, ALPN and ticket keys. Cheap to clone.
+#[derive(Clone)]
+pub struct TlsAcceptor {
+    config: Arc<rustls::ServerConfig>,
+}
+
+impl TlsAcceptor {
+    /// Makes the handshake over `io`; the session once it is complete.
+    pub async fn accept<IO: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        io: IO,
+    ) -> std::io::Result<ServerSession<IO>> {
+        session::accept(io, Arc::clone(&self.config)).await
+    }
 }
 
 struct NamedCert {
