@@ -19,7 +19,24 @@ import sys
 from collections import defaultdict
 from xml.sax.saxutils import escape
 
-SCENARIO_ORDER = ["echo64", "echo16k", "echo1m", "handshake", "idle", "http"]
+SCENARIO_ORDER = [
+    "echo64",
+    "echo16k",
+    "echo1m",
+    "handshake",
+    "idle",
+    "http",
+    # The TLS scenarios (--scenario tls, and h2_m10), when the file has them.
+    "wss64",
+    "wss16k",
+    "wss1m",
+    "tls_handshake",
+    "tls_resume",
+    "https",
+    "h2",
+    "h2_m10",
+    "wss16k_tls_backend",
+]
 TARGET_ORDER = ["wsgate", "nginx", "haproxy", "direct"]
 COLORS = {
     "wsgate": "#2f6fd6",

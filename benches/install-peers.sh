@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs the peer proxies and load tools the benchmark compares against:
-# nginx, HAProxy and wrk. Idempotent: does nothing when all are present.
+# nginx, HAProxy, wrk, h2load (Debian package nghttp2-client, for the `h2`
+# scenario) and the openssl command line (RSA certificates, `--tls-key
+# rsa2048`). Idempotent: does nothing when all are present.
 # Needs root (or sudo) and Debian/Ubuntu apt.
 set -euo pipefail
 
@@ -8,9 +10,11 @@ want=()
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || want+=(nginx)
 command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || want+=(haproxy)
 command -v wrk >/dev/null 2>&1 || want+=(wrk)
+command -v h2load >/dev/null 2>&1 || want+=(nghttp2-client)
+command -v openssl >/dev/null 2>&1 || want+=(openssl)
 
 if [ ${#want[@]} -eq 0 ]; then
-    echo "install-peers: nginx, haproxy and wrk already present"
+    echo "install-peers: nginx, haproxy, wrk, h2load and openssl already present"
     exit 0
 fi
 

@@ -12,14 +12,16 @@
 //! none of that and takes the same code path as before: no kill watch is
 //! polled per message.
 //!
-//! [`start_tls`] starts one that speaks TLS (`idle_tls_backend`): each
-//! connection is accepted by rustls first, then served as above over the TLS
-//! stream.
+//! [`start_tls`] starts one that speaks TLS (`idle_tls_backend`,
+//! `wss16k_tls_backend`): each connection is accepted by rustls first, noted
+//! in a [`TlsLog`] (what the proxy negotiated toward the backend), then
+//! served as above over the TLS stream.
 //!
 //! The `storm` scenario's backends ([`start_logged`]) note the moment of every
 //! 101 they answer in an [`UpgradeLog`], to show how a reconnect storm reaches
 //! them; the other backends log nothing.
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
@@ -68,6 +70,32 @@ pub struct Options {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Every 101 answered is noted here (`storm`).
     pub upgrade_log: Option<Arc<UpgradeLog>>,
+    /// Every TLS session accepted is noted here (`wss16k_tls_backend`).
+    pub tls_log: Option<Arc<TlsLog>>,
+}
+
+/// What the TLS sessions a TLS backend accepted negotiated, shared by the
+/// TLS backends of a run: counts by `TLSv1_3 TLS13_AES_256_GCM_SHA384
+/// X25519`, and how many were resumed.
+#[derive(Debug, Default)]
+pub struct TlsLog {
+    seen: Mutex<(BTreeMap<String, u64>, u64)>,
+}
+
+impl TlsLog {
+    fn note(&self, c: &rustls::ServerConnection) {
+        let mut g = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        *g.0.entry(crate::tls::Negotiated::of_server(c).summary())
+            .or_default() += 1;
+        if c.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+            g.1 += 1;
+        }
+    }
+
+    /// The sessions noted so far and how many were resumed; the log is empty afterwards.
+    pub fn take(&self) -> (BTreeMap<String, u64>, u64) {
+        std::mem::take(&mut *self.seen.lock().unwrap_or_else(|p| p.into_inner()))
+    }
 }
 
 /// When a backend answered its upgrades with 101, shared by the backends of
@@ -182,10 +210,15 @@ pub async fn start() -> std::io::Result<Backend> {
     start_with(Options::default()).await
 }
 
-/// Binds 127.0.0.1:0 and serves over TLS with `tls` until dropped.
-pub async fn start_tls(tls: Arc<rustls::ServerConfig>) -> std::io::Result<Backend> {
+/// Binds 127.0.0.1:0 and serves over TLS with `tls` until dropped, noting
+/// every TLS session in `log`.
+pub async fn start_tls(
+    tls: Arc<rustls::ServerConfig>,
+    log: Arc<TlsLog>,
+) -> std::io::Result<Backend> {
     start_with(Options {
         tls: Some(tls),
+        tls_log: Some(log),
         ..Options::default()
     })
     .await
@@ -219,6 +252,7 @@ pub async fn start_with(opts: Options) -> std::io::Result<Backend> {
         upgrade_log: opts.upgrade_log,
     };
     let acceptor = opts.tls.map(tokio_rustls::TlsAcceptor::from);
+    let tls_log = opts.tls_log;
     let accept_task = tokio::spawn(async move {
         loop {
             let stream = match listener.accept().await {
@@ -239,9 +273,13 @@ pub async fn start_with(opts: Options) -> std::io::Result<Backend> {
                 Some(acceptor) => {
                     let accept = acceptor.accept(stream);
                     let conn_opts = conn_opts.clone();
+                    let tls_log = tls_log.clone();
                     tokio::spawn(async move {
                         // A failed or stalled TLS handshake just ends the connection.
                         if let Ok(Ok(tls)) = timeout(UPGRADE_LIMIT, accept).await {
+                            if let Some(log) = &tls_log {
+                                log.note(tls.get_ref().1);
+                            }
                             serve_conn(tls, live, conn_opts).await;
                         }
                     });

@@ -16,7 +16,7 @@ use hyper::ext::Protocol;
 use hyper::upgrade::Upgraded;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
@@ -196,6 +196,19 @@ pub async fn wss_connect(
     cfg: WebSocketConfig,
     limit: Duration,
 ) -> Result<Wss, String> {
+    wss_connect_path(dst, src, tls, "/bench", cfg, limit).await
+}
+
+/// As [`wss_connect`], to `wss://localhost:PORT{path}` (`wss16k_tls_backend`
+/// asks for the path the proxies route to their TLS backends).
+pub async fn wss_connect_path(
+    dst: SocketAddr,
+    src: IpAddr,
+    tls: TlsConnector,
+    path: &str,
+    cfg: WebSocketConfig,
+    limit: Duration,
+) -> Result<Wss, String> {
     let fut = async {
         let stream = tcp_connect(dst, src)
             .await
@@ -204,7 +217,7 @@ pub async fn wss_connect(
             .connect(crate::tls::server_name(), stream)
             .await
             .map_err(|e| format!("TLS handshake {dst}: {e}"))?;
-        let url = format!("wss://{}:{}/bench", crate::tls::SERVER_NAME, dst.port());
+        let url = format!("wss://{}:{}{path}", crate::tls::SERVER_NAME, dst.port());
         let (ws, _resp) = tokio_tungstenite::client_async_with_config(url, stream, Some(cfg))
             .await
             .map_err(|e| format!("upgrade {dst} (TLS): {e}"))?;
@@ -215,6 +228,73 @@ pub async fn wss_connect(
         Err(_) => Err(format!(
             "connect+TLS+upgrade {dst}: timed out after {limit:?}"
         )),
+    }
+}
+
+/// TCP connect and a TLS handshake (SNI [`crate::tls::SERVER_NAME`]), then
+/// an orderly close (close_notify): what the session negotiated.
+pub async fn tls_probe(
+    dst: SocketAddr,
+    tls: TlsConnector,
+    limit: Duration,
+) -> Result<crate::tls::Negotiated, String> {
+    let fut = async {
+        let stream = tcp_connect(dst, next_source())
+            .await
+            .map_err(|e| format!("connect {dst}: {e}"))?;
+        let mut stream = tls
+            .connect(crate::tls::server_name(), stream)
+            .await
+            .map_err(|e| format!("TLS handshake {dst}: {e}"))?;
+        let seen = crate::tls::Negotiated::of_client(stream.get_ref().1);
+        let _ = stream.shutdown().await;
+        Ok::<_, String>(seen)
+    };
+    match timeout(limit, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("connect+TLS {dst}: timed out after {limit:?}")),
+    }
+}
+
+/// How a `wss://` connection ended after [`close_tls`] sent its close_notify.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsEnd {
+    /// The peer's close_notify came (before or after ours).
+    Notified,
+    /// The peer ended otherwise: TCP closed without close_notify, a reset,
+    /// or ours could not be sent.
+    Unclean(String),
+}
+
+/// Closes a `wss://` WebSocket in order, within `limit`: the WebSocket Close
+/// handshake, then the client's close_notify (TLS shutdown, then TCP FIN),
+/// then waits for the peer's end of the TLS session. An error is a failure
+/// before the client's close_notify; how the peer ended is the [`TlsEnd`].
+pub async fn close_tls(mut ws: Wss, limit: Duration) -> Result<TlsEnd, String> {
+    let fut = async {
+        ws.close(None).await.map_err(|e| format!("close: {e}"))?;
+        // Until the peer's Close: tungstenite then ends the stream.
+        while let Some(m) = ws.next().await {
+            if m.is_err() {
+                break;
+            }
+        }
+        let tls = ws.get_mut();
+        if let Err(e) = tls.shutdown().await {
+            return Ok(TlsEnd::Unclean(format!("close_notify not sent: {e}")));
+        }
+        let mut buf = [0u8; 1024];
+        loop {
+            match tls.read(&mut buf).await {
+                Ok(0) => return Ok(TlsEnd::Notified),
+                Ok(_) => continue,
+                Err(e) => return Ok(TlsEnd::Unclean(format!("after close_notify: {e}"))),
+            }
+        }
+    };
+    match timeout(limit, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("TLS close timed out after {limit:?}")),
     }
 }
 

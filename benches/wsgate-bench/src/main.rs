@@ -14,15 +14,16 @@ mod tls;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 
-use crate::backend::Backend;
+use crate::backend::{Backend, TlsLog};
 use crate::report::{Record, Sink};
-use crate::scenarios::{Outcome, Scenario};
+use crate::scenarios::{Outcome, Scenario, TlsStats};
 use crate::targets::{Kind, Spec, Target, TlsBackends};
-use crate::tls::TlsSetup;
+use crate::tls::{KeyType, TlsSetup};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -40,7 +41,12 @@ struct Args {
     /// without wsgate's handshake gate, and what admission control costs a handshake;
     /// wsgate only) and drain (a backend drained through wsgate's admin API, its
     /// tunnels' Close 1012 spread over a window or all at once; wsgate only); the last
-    /// five are not part of all, name them: `all,idle_tls`.
+    /// five are not part of all, name them: `all,idle_tls`. The group `tls` stands for the
+    /// proxies terminating TLS under load: wss64, wss16k, wss1m (echo over TLS),
+    /// tls_handshake, tls_resume (handshake loops over TLS, full or resumed), https (wrk),
+    /// h2 (h2load, one stream at a time per connection) and wss16k_tls_backend (wss16k,
+    /// the proxy talking TLS to the backends too); h2_m10 (h2load, 10 streams at a time)
+    /// is named apart. None of them is part of all.
     #[arg(long, default_value = "all")]
     scenario: String,
     /// Targets, in the order they are interleaved within a run.
@@ -87,6 +93,14 @@ struct Args {
     /// Use the built-in HTTP client even if wrk is installed.
     #[arg(long)]
     no_wrk: bool,
+    /// h2load binary for the h2 and h2_m10 scenarios [default: `h2load` on PATH;
+    /// Debian package nghttp2-client]. Without it they are skipped.
+    #[arg(long)]
+    h2load: Option<PathBuf>,
+    /// The TLS certificate's key: ECDSA P-256 (rcgen) or RSA 2048 bits (made with the
+    /// openssl command line).
+    #[arg(long, value_enum, default_value_t = KeyType::Ecdsa)]
+    tls_key: KeyType,
     /// Results file [default: results/bench-<UTC timestamp>.jsonl in the repository].
     #[arg(long)]
     out: Option<PathBuf>,
@@ -388,9 +402,29 @@ fn progress_line(sc: Scenario, run: u32, runs: u32, r: &Record) -> String {
     if let Some(m) = r.rss_per_conn_bytes {
         s.push_str(&format!("  rss/conn {m:.0} B"));
     }
+    if let Some(t) = &r.tls {
+        s.push_str(&tls_progress(t));
+    }
     s.push_str(&format!("  errors {}", r.errors));
     if let Some(e) = &r.first_error {
         s.push_str(&format!(" (first: {e})"));
+    }
+    s
+}
+
+/// The TLS part of a progress line: what was negotiated, resumed handshakes,
+/// what the TLS backends saw.
+fn tls_progress(t: &TlsStats) -> String {
+    let mut s = String::new();
+    if let Some(n) = &t.negotiated {
+        s.push_str(&format!("  tls {}", n.summary()));
+    }
+    if let (Some(full), Some(resumed)) = (t.handshakes_full, t.handshakes_resumed) {
+        s.push_str(&format!(" resumed {resumed}/{}", full + resumed));
+    }
+    if let Some(b) = &t.backend_sessions {
+        let each: Vec<String> = b.iter().map(|(k, v)| format!("{k} ×{v}")).collect();
+        s.push_str(&format!("  backend tls {}", each.join(", ")));
     }
     s
 }
@@ -410,16 +444,36 @@ async fn settle(backends: &[Backend], limit: usize, wait: Duration) {
     eprintln!("    note: backends still hold {live} sockets after {wait:?}");
 }
 
+/// What a measurement may need besides the target and the flags.
+struct Tools<'a> {
+    wrk: Option<&'a Path>,
+    h2load: Option<&'a Path>,
+    /// The run's temp dir (h2load's request log).
+    tmp: &'a Path,
+    /// What the TLS echo backends accepted, when they run.
+    tls_log: Option<&'a TlsLog>,
+}
+
 async fn measure(
     sc: Scenario,
     target: &Target,
     args: &Args,
     idle_conns: usize,
-    wrk: Option<&Path>,
+    tools: &Tools<'_>,
 ) -> Outcome {
     let d = Duration::from_secs(args.duration.max(1));
     let addr = target.addr;
     let probe = target.probe();
+    let tls = target.tls_addr.zip(target.spec.tls.as_ref());
+    if sc.is_tls_load() {
+        // The caller skips targets without a TLS listener.
+        let Some((tls_addr, tls)) = tls else {
+            let mut o = Outcome::default();
+            o.note_error(format!("{} has no TLS listener", target.kind()));
+            return o;
+        };
+        return measure_tls(sc, tls_addr, tls, probe, d, tools).await;
+    }
     match sc {
         Scenario::Echo64 => scenarios::echo::run(addr, 50, 64, d, probe).await,
         Scenario::Echo16k => scenarios::echo::run(addr, 50, 16 * 1024, d, probe).await,
@@ -431,16 +485,16 @@ async fn measure(
         }
         Scenario::IdleTls | Scenario::IdleH2 => {
             let hold = Duration::from_secs(args.idle_hold);
-            match (target.tls_addr, &target.spec.tls) {
-                (Some(tls_addr), Some(tls)) if sc == Scenario::IdleH2 => {
+            match tls {
+                Some((tls_addr, tls)) if sc == Scenario::IdleH2 => {
                     let streams = args.h2_streams as usize;
                     scenarios::idle::run_h2(tls_addr, tls, idle_conns, streams, hold, probe).await
                 }
-                (Some(tls_addr), Some(tls)) => {
+                Some((tls_addr, tls)) => {
                     scenarios::idle::run_tls(tls_addr, tls, idle_conns, hold, probe).await
                 }
                 // The caller skips targets without a TLS listener.
-                _ => {
+                None => {
                     let mut o = Outcome::default();
                     o.note_error(format!("{} has no TLS listener", target.kind()));
                     o
@@ -451,7 +505,7 @@ async fn measure(
             let hold = Duration::from_secs(args.idle_hold);
             scenarios::idle::run_tls_backend(addr, idle_conns, hold, probe).await
         }
-        Scenario::Http => scenarios::http::run(addr, 50, d, probe, wrk).await,
+        Scenario::Http => scenarios::http::run(addr, 50, d, probe, tools.wrk, None).await,
         // Run apart, with wsgate processes of their own (`storm::run_all`,
         // `drain::run_all`).
         Scenario::Storm | Scenario::Drain => {
@@ -459,7 +513,83 @@ async fn measure(
             o.note_error(format!("{sc} is not measured on a shared target"));
             o
         }
+        _ => {
+            let mut o = Outcome::default();
+            o.note_error(format!("{sc} is not measured here"));
+            o
+        }
     }
+}
+
+/// A TLS load scenario on the proxy's TLS listener `addr`. Unless h2load
+/// makes the load (it reports what it negotiated), a probe connection with
+/// the load's rustls client config first notes what the proxy negotiates;
+/// for `wss16k_tls_backend`, what the TLS echo backends accepted during the
+/// measurement is noted too.
+async fn measure_tls(
+    sc: Scenario,
+    addr: std::net::SocketAddr,
+    tls: &TlsSetup,
+    probe: procstat::Probe,
+    d: Duration,
+    tools: &Tools<'_>,
+) -> Outcome {
+    use scenarios::{echo, handshake, http};
+    let probed = match sc.h2load_streams() {
+        Some(_) => None,
+        None => Some(client::tls_probe(addr, tls.connector(), Duration::from_secs(5)).await),
+    };
+    if let Some(log) = tools.tls_log {
+        log.take();
+    }
+    let path = if sc.uses_tls_backend() {
+        targets::TLS_BACKEND_PATH
+    } else {
+        "/bench"
+    };
+    let wss = |size| echo::run_tls(addr, tls.connector(), path, 50, size, d, probe);
+    let mut o = match sc {
+        Scenario::Wss64 => wss(64).await,
+        Scenario::Wss16k | Scenario::Wss16kTlsBackend => wss(16 * 1024).await,
+        Scenario::Wss1m => echo::run_tls(addr, tls.connector(), path, 4, 1 << 20, d, probe).await,
+        Scenario::TlsHandshake => handshake::run_tls(addr, tls, false, 20, d, probe).await,
+        Scenario::TlsResume => handshake::run_tls(addr, tls, true, 20, d, probe).await,
+        Scenario::Https => http::run(addr, 50, d, probe, tools.wrk, Some(tls)).await,
+        Scenario::H2 | Scenario::H2M10 => match tools.h2load {
+            Some(h2load) => {
+                let m = sc.h2load_streams().unwrap_or(1);
+                scenarios::h2load::run(h2load, addr, 50, m, d, probe, tools.tmp).await
+            }
+            // The caller skips h2 without h2load.
+            None => {
+                let mut o = Outcome::default();
+                o.note_error("h2load not found".into());
+                o
+            }
+        },
+        _ => {
+            let mut o = Outcome::default();
+            o.note_error(format!("{sc} is not a TLS load scenario"));
+            o
+        }
+    };
+    let mut stats = o.tls.take().unwrap_or_default();
+    stats.client.get_or_insert_with(|| "rustls".into());
+    match probed {
+        Some(Ok(n)) => {
+            stats.negotiated = Some(n);
+            stats.negotiated_by = Some("rustls probe".into());
+        }
+        Some(Err(e)) => o.note_error(format!("TLS probe: {e}")),
+        None => {}
+    }
+    if let (Some(log), true) = (tools.tls_log, sc.uses_tls_backend()) {
+        let (sessions, resumed) = log.take();
+        stats.backend_sessions = Some(sessions);
+        stats.backend_resumed = Some(resumed);
+    }
+    o.tls = Some(stats);
+    o
 }
 
 /// The storm's plan from the flags; `fd_room` is how many clients this
@@ -574,17 +704,21 @@ fn not_applicable(sc: Scenario, target: &Target) -> Option<String> {
         );
     }
     if sc.uses_tls_backend() {
-        return match target.kind() {
-            Kind::Direct => Some(
-                "not applicable (direct has no proxy to hold a TLS session toward a backend)"
-                    .into(),
-            ),
-            _ if target.spec.tls_backends.is_none() => Some(format!(
-                "skipped ({} could not start with TLS backends)",
-                target.kind()
-            )),
-            _ => None,
-        };
+        match target.kind() {
+            Kind::Direct => {
+                return Some(
+                    "not applicable (direct has no proxy to hold a TLS session toward a backend)"
+                        .into(),
+                );
+            }
+            _ if target.spec.tls_backends.is_none() => {
+                return Some(format!(
+                    "skipped ({} could not start with TLS backends)",
+                    target.kind()
+                ));
+            }
+            _ => {}
+        }
     }
     if !sc.uses_tls() || target.tls_addr.is_some() {
         return None;
@@ -607,7 +741,11 @@ async fn h2_refusal(target: &Target) -> Option<String> {
 }
 
 async fn run(args: Args) -> Result<(), String> {
-    let mut scenario_list = parse_list(&args.scenario, &Scenario::ALL, Scenario::parse)?;
+    let mut scenario_list = parse_list(
+        &Scenario::expand_groups(&args.scenario),
+        &Scenario::ALL,
+        Scenario::parse,
+    )?;
     let kinds = parse_list(&args.targets, &Kind::ALL, Kind::parse)?;
     if args.threads == 0 || args.runs == 0 {
         return Err("--threads and --runs must be at least 1".into());
@@ -676,10 +814,33 @@ async fn run(args: Args) -> Result<(), String> {
             None => find_on_path("wrk"),
         }
     };
-    if scenario_list.contains(&Scenario::Http) {
+    if scenario_list.contains(&Scenario::Http) || scenario_list.contains(&Scenario::Https) {
         match &wrk {
-            Some(w) => eprintln!("http scenario uses {}", w.display()),
-            None => eprintln!("http scenario uses the built-in client (wrk not found)"),
+            Some(w) => eprintln!("http/https scenarios use {}", w.display()),
+            None => eprintln!("http/https scenarios use the built-in client (wrk not found)"),
+        }
+    }
+    // h2load for h2 and h2_m10; without it they are skipped with a note.
+    let h2load = match &args.h2load {
+        Some(p) => Some(p.clone()),
+        None => find_on_path("h2load"),
+    };
+    let mut skipped: Vec<String> = Vec::new();
+    if scenario_list.iter().any(|s| s.h2load_streams().is_some()) {
+        match &h2load {
+            Some(p) if is_executable(p) => eprintln!("h2/h2_m10 scenarios use {}", p.display()),
+            _ => {
+                for sc in scenario_list
+                    .iter()
+                    .filter(|s| s.h2load_streams().is_some())
+                {
+                    skipped.push(format!(
+                        "{sc} skipped: h2load not found (Debian package nghttp2-client; bash \
+                         benches/install-peers.sh)"
+                    ));
+                }
+                scenario_list.retain(|s| s.h2load_streams().is_none());
+            }
         }
     }
 
@@ -689,10 +850,11 @@ async fn run(args: Args) -> Result<(), String> {
         .iter()
         .any(|s| s.uses_tls() || s.uses_tls_backend())
     {
-        let t = TlsSetup::generate(&tmp.path.join("tls"))
+        let t = TlsSetup::generate_with(&tmp.path.join("tls"), args.tls_key)
             .map_err(|e| format!("TLS certificate: {e}"))?;
         eprintln!(
-            "TLS: self-signed certificate for {} in {}",
+            "TLS: self-signed {} certificate for {} in {}",
+            args.tls_key.name(),
             crate::tls::SERVER_NAME,
             t.cert.display()
         );
@@ -712,12 +874,13 @@ async fn run(args: Args) -> Result<(), String> {
     let mut backends = vec![b1, b2];
     // Two more behind TLS, only when a scenario talks TLS to the backends, so
     // that other runs start the proxies exactly as before.
+    let tls_log = Arc::new(TlsLog::default());
     let tls_backends = match &tls {
         Some(t) if scenario_list.iter().any(|s| s.uses_tls_backend()) => {
-            let t1 = backend::start_tls(t.server.clone())
+            let t1 = backend::start_tls(t.server.clone(), tls_log.clone())
                 .await
                 .map_err(|e| format!("TLS backend: {e}"))?;
-            let t2 = backend::start_tls(t.server.clone())
+            let t2 = backend::start_tls(t.server.clone(), tls_log.clone())
                 .await
                 .map_err(|e| format!("TLS backend: {e}"))?;
             eprintln!("TLS echo backends on {} and {}", t1.addr, t2.addr);
@@ -733,7 +896,6 @@ async fn run(args: Args) -> Result<(), String> {
 
     // Start every available target once; they stay up for the whole run.
     let mut running: Vec<Target> = Vec::new();
-    let mut skipped: Vec<String> = Vec::new();
     for kind in &kinds {
         let bin = match kind {
             Kind::Direct => PathBuf::new(),
@@ -777,7 +939,7 @@ async fn run(args: Args) -> Result<(), String> {
                 _ if !scenario_list.iter().any(|s| s.uses_tls()) => None,
                 _ => tls.clone(),
             },
-            h2: scenario_list.iter().any(|s| s.uses_h2()),
+            h2: scenario_list.iter().any(|s| s.offers_h2()),
             tls_backends: match kind {
                 Kind::Direct => None,
                 _ => tls_backends.clone(),
@@ -847,6 +1009,12 @@ async fn run(args: Args) -> Result<(), String> {
         (per_run * args.runs as u64).div_ceil(60)
     );
 
+    // The certificate's key type, for every record of a TLS scenario.
+    let tls_key = |sc: Scenario| {
+        (sc.uses_tls() || sc.uses_tls_backend())
+            .then(|| tls.as_ref().map(|t| t.key_type.name().to_string()))
+            .flatten()
+    };
     let mut records: Vec<Record> = Vec::new();
     let mut not_run: Vec<String> = Vec::new();
     // Targets that did not take a WebSocket over HTTP/2 when asked.
@@ -896,8 +1064,9 @@ async fn run(args: Args) -> Result<(), String> {
                         Err(e) => {
                             let mut o = Outcome::default();
                             o.note_error(format!("restart failed: {e}"));
-                            let r =
+                            let mut r =
                                 Record::new(target.kind().name(), sc.name(), run, args.threads, o);
+                            r.tls_key = tls_key(sc);
                             eprintln!("{}", progress_line(sc, run, args.runs, &r));
                             sink.write(&r)
                                 .map_err(|e| format!("{}: {e}", out_path.display()))?;
@@ -907,8 +1076,15 @@ async fn run(args: Args) -> Result<(), String> {
                     }
                 }
                 eprintln!("[{sc} {run}/{}] {} ...", args.runs, target.kind());
-                let o = measure(sc, target, &args, idle_conns, wrk.as_deref()).await;
+                let tools = Tools {
+                    wrk: wrk.as_deref(),
+                    h2load: h2load.as_deref(),
+                    tmp: &tmp.path,
+                    tls_log: tls_backends.as_ref().map(|_| &*tls_log),
+                };
+                let o = measure(sc, target, &args, idle_conns, &tools).await;
                 let mut r = Record::new(target.kind().name(), sc.name(), run, args.threads, o);
+                r.tls_key = tls_key(sc);
                 if let Some(why) = target.check_alive() {
                     r.errors += 1;
                     r.note = Some(format!("{} exited during the run: {why}", target.kind()));
@@ -1179,6 +1355,58 @@ mod tests {
             let a = Args::try_parse_from(["wsgate-bench", &format!("{flag}={bad}")]).unwrap();
             assert!(drain_plan(&a, 9000).is_err(), "{flag} {bad}");
         }
+    }
+
+    #[test]
+    fn the_tls_group_names_the_tls_load_scenarios_none_in_all() {
+        let p = |s: &str| {
+            parse_list(&Scenario::expand_groups(s), &Scenario::ALL, Scenario::parse).unwrap()
+        };
+        let tls = p("tls");
+        let names: Vec<&str> = tls.iter().map(|s| s.name()).collect();
+        assert_eq!(
+            names,
+            [
+                "wss64",
+                "wss16k",
+                "wss1m",
+                "tls_handshake",
+                "tls_resume",
+                "https",
+                "h2",
+                "wss16k_tls_backend"
+            ]
+        );
+        let all = p("all");
+        assert_eq!(all, Scenario::ALL.to_vec());
+        assert!(
+            tls.iter()
+                .all(|s| !all.contains(s) && s.uses_tls() && !s.is_idle())
+        );
+        assert!(!tls.contains(&Scenario::IdleTls) && !tls.contains(&Scenario::H2M10));
+        // Groups mix with names, without repeats.
+        let mixed = p("echo64,tls,wss64,h2_m10");
+        assert_eq!(mixed.len(), 1 + 8 + 1);
+        assert_eq!(mixed[0], Scenario::Echo64);
+        assert_eq!(mixed.last(), Some(&Scenario::H2M10));
+        assert_eq!(p("all,tls").len(), 6 + 8);
+        // What each needs of the proxies.
+        assert!(Scenario::Wss16kTlsBackend.uses_tls_backend());
+        assert!(Scenario::Wss16kTlsBackend.uses_tls());
+        assert!(Scenario::H2.offers_h2() && !Scenario::H2.uses_h2());
+        assert!(Scenario::IdleH2.offers_h2() && !Scenario::Https.offers_h2());
+        assert_eq!(Scenario::H2.h2load_streams(), Some(1));
+        assert_eq!(Scenario::H2M10.h2load_streams(), Some(10));
+        assert!(Scenario::H2M10.is_tls_load() && !Scenario::IdleTls.is_tls_load());
+    }
+
+    #[test]
+    fn tls_key_defaults_to_ecdsa_and_takes_rsa2048() {
+        let a = Args::try_parse_from(["wsgate-bench"]).unwrap();
+        assert_eq!(a.tls_key, KeyType::Ecdsa);
+        let a = Args::try_parse_from(["wsgate-bench", "--tls-key", "rsa2048"]).unwrap();
+        assert_eq!(a.tls_key, KeyType::Rsa2048);
+        assert!(Args::try_parse_from(["wsgate-bench", "--tls-key", "rsa4096"]).is_err());
     }
 
     #[test]

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::scenarios::drain::DrainStats;
 use crate::scenarios::storm::StormStats;
-use crate::scenarios::{Outcome, Scenario};
+use crate::scenarios::{Outcome, Scenario, TlsStats};
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Record {
@@ -52,6 +52,12 @@ pub struct Record {
     /// `drain`: the drain's own figures.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain: Option<DrainStats>,
+    /// The TLS scenarios: the certificate's key type (`ecdsa`, `rsa2048`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<String>,
+    /// The TLS load scenarios: what was negotiated, handshake kinds, closes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsStats>,
     pub first_error: Option<String>,
     pub note: Option<String>,
     pub unix_time: u64,
@@ -98,6 +104,8 @@ impl Record {
             variant: o.variant,
             storm: o.storm,
             drain: o.drain,
+            tls_key: None,
+            tls: o.tls,
             first_error: o.first_error,
             note: o.note,
             unix_time: std::time::SystemTime::now()
@@ -281,7 +289,133 @@ pub fn markdown(records: &[Record], scenarios: &[&str], targets: &[&str]) -> Str
         s.push_str(&per_h2_conn.join("\n"));
         s.push('\n');
     }
+    s.push_str(&tls_markdown(records, scenarios, targets));
     s
+}
+
+/// Lines about the TLS load scenarios' records: what each target negotiated
+/// with the client (one line per scenario when all agree; "differ" when they
+/// do not), handshakes resumed, the proxies' close_notify, and what the TLS
+/// backends negotiated with each proxy. Empty without such records.
+pub fn tls_markdown(records: &[Record], scenarios: &[&str], targets: &[&str]) -> String {
+    let tls_records: Vec<&Record> = records.iter().filter(|r| r.tls.is_some()).collect();
+    if tls_records.is_empty() {
+        return String::new();
+    }
+    let mut keys: Vec<&str> = tls_records
+        .iter()
+        .filter_map(|r| r.tls_key.as_deref())
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let mut lines = vec![format!(
+        "\nTLS, client ↔ proxy (certificate key: {}):",
+        if keys.is_empty() {
+            "?".to_string()
+        } else {
+            keys.join(", ")
+        }
+    )];
+    for sc in scenarios {
+        let of = |t: &str| -> Vec<&Record> {
+            tls_records
+                .iter()
+                .copied()
+                .filter(|r| r.scenario == *sc && r.target == t)
+                .collect()
+        };
+        // What each target negotiated (distinct over runs), and who saw it.
+        let mut seen: Vec<(&str, String)> = Vec::new();
+        for t in targets {
+            let mut v: Vec<String> = of(t)
+                .iter()
+                .filter_map(|r| {
+                    let tls = r.tls.as_ref()?;
+                    let n = tls.negotiated.as_ref()?;
+                    let mut line = n.summary();
+                    if let Some(a) = &n.alpn {
+                        line.push_str(&format!(" ALPN {a}"));
+                    }
+                    if let Some(by) = &tls.negotiated_by {
+                        line.push_str(&format!(" ({by})"));
+                    }
+                    Some(line)
+                })
+                .collect();
+            v.sort();
+            v.dedup();
+            if !v.is_empty() {
+                seen.push((t, v.join("; ")));
+            }
+        }
+        if let Some((_, first)) = seen.first() {
+            if seen.iter().all(|(_, v)| v == first) {
+                lines.push(format!("- {sc}: {first}, every target"));
+            } else {
+                let each: Vec<String> = seen.iter().map(|(t, v)| format!("{t} {v}")).collect();
+                lines.push(format!(
+                    "- {sc}: **targets negotiated differently**: {}",
+                    each.join(" | ")
+                ));
+            }
+        }
+        for t in targets {
+            let rs = of(t);
+            let sum = |f: &dyn Fn(&TlsStats) -> Option<u64>| -> Option<u64> {
+                rs.iter()
+                    .filter_map(|r| r.tls.as_ref().and_then(f))
+                    .reduce(|a, b| a + b)
+            };
+            if let (Some(full), Some(resumed)) =
+                (sum(&|x| x.handshakes_full), sum(&|x| x.handshakes_resumed))
+            {
+                let n = full + resumed;
+                let pct = if n > 0 {
+                    100.0 * resumed as f64 / n as f64
+                } else {
+                    0.0
+                };
+                let mut line =
+                    format!("- {sc}, {t}: {resumed} of {n} handshakes resumed ({pct:.1}%)");
+                if let Some(h) = sum(&|x| x.handshakes_hrr).filter(|&h| h > 0) {
+                    line.push_str(&format!(", {h} full ones with a HelloRetryRequest"));
+                }
+                if let (Some(ok), Some(bad)) = (
+                    sum(&|x| x.proxy_close_notify),
+                    sum(&|x| x.proxy_close_unclean),
+                ) {
+                    line.push_str(&format!(
+                        "; the proxy answered the client's close_notify with its own in {ok} of {}",
+                        ok + bad
+                    ));
+                    if let Some(e) = rs
+                        .iter()
+                        .find_map(|r| r.tls.as_ref()?.first_unclean_close.clone())
+                    {
+                        line.push_str(&format!(" (else: {e})"));
+                    }
+                }
+                lines.push(line);
+            }
+            let mut backend: BTreeMap<String, u64> = BTreeMap::new();
+            let mut backend_resumed = 0;
+            for r in &rs {
+                let Some(tls) = &r.tls else { continue };
+                for (k, v) in tls.backend_sessions.iter().flatten() {
+                    *backend.entry(k.clone()).or_default() += v;
+                }
+                backend_resumed += tls.backend_resumed.unwrap_or(0);
+            }
+            if !backend.is_empty() {
+                let each: Vec<String> = backend.iter().map(|(k, v)| format!("{k} ×{v}")).collect();
+                lines.push(format!(
+                    "- {sc}, {t} → TLS backends: {} ({backend_resumed} resumed)",
+                    each.join(", ")
+                ));
+            }
+        }
+    }
+    lines.join("\n") + "\n"
 }
 
 /// The values of `f` over `rs`, each run's, joined by " / ".

@@ -61,10 +61,11 @@ pub struct Spec {
     /// When set, the proxy gets a second listener, TLS with this certificate,
     /// proxying to the same plain-ws backends (ignored for direct).
     pub tls: Option<TlsSetup>,
-    /// The TLS listener also offers HTTP/2 by ALPN (`idle_h2`): HAProxy's
-    /// `bind` gets `alpn h2,http/1.1` instead of `alpn http/1.1`. wsgate's TLS
-    /// listeners offer `h2` first by default; nginx is left as it is (it does
-    /// not take WebSockets over HTTP/2).
+    /// The TLS listener also offers HTTP/2 by ALPN (`idle_h2`, `h2`,
+    /// `h2_m10`): HAProxy's `bind` gets `alpn h2,http/1.1` instead of `alpn
+    /// http/1.1`, nginx's `listen` gets `http2` (nginx 1.22's syntax; it
+    /// serves HTTP/2 requests, not WebSockets over HTTP/2). wsgate's TLS
+    /// listener always says `alpn = ["h2", "http/1.1"]` (its default).
     pub h2: bool,
     /// When set, the proxy also routes [`TLS_BACKEND_PATH`] to these TLS echo
     /// backends, verifying their certificate (`idle_tls_backend`).
@@ -436,7 +437,8 @@ pub fn wsgate_config(spec: &Spec, listen: impl Into<Listen>) -> String {
         None => String::new(),
         Some((a, t)) => format!(
             "\n[[listener]]\nname = \"bench-tls\"\nlisten = \"{a}\"\n\
-             tls = {{ certs = [ {{ cert = {}, key = {} }} ] }}\n",
+             tls = {{ certs = [ {{ cert = {}, key = {} }} ] }}\n\
+             alpn = [\"h2\", \"http/1.1\"]\n",
             quoted(&t.cert),
             quoted(&t.key)
         ),
@@ -513,14 +515,9 @@ pub fn nginx_config(spec: &Spec, listen: impl Into<Listen>, dir: &Path) -> Strin
     };
     let listen = listen.into();
     let d = dir.display();
-    let tls_listen = match tls_of(spec, listen) {
-        None => String::new(),
-        Some((a, t)) => format!(
-            "\n        listen {a} ssl backlog=4096;\n        ssl_certificate {};\n        ssl_certificate_key {};",
-            quoted(&t.cert),
-            quoted(&t.key)
-        ),
-    };
+    // Toward the TLS backends TLS 1.3 as well: nginx 1.22's default
+    // `proxy_ssl_protocols` stops at TLSv1.2 (1.3 joined it in 1.23.4), while
+    // HAProxy and wsgate offer 1.3 to backends by default.
     let (tls_upstream, tls_location) = match &spec.tls_backends {
         None => (String::new(), String::new()),
         Some(t) => (
@@ -532,12 +529,43 @@ pub fn nginx_config(spec: &Spec, listen: impl Into<Listen>, dir: &Path) -> Strin
                 "\n        location {TLS_BACKEND_PATH} {{\n            proxy_pass https://echo_tls;\n\
                  {NGINX_WS_PROXY}\
                  \x20           proxy_ssl_verify on;\n\
+                 \x20           proxy_ssl_protocols TLSv1.3;\n\
                  \x20           proxy_ssl_trusted_certificate {};\n\
                  \x20           proxy_ssl_name {};\n\
                  \x20           proxy_ssl_server_name on;\n        }}",
                 quoted(&t.ca),
                 tls::SERVER_NAME
             ),
+        ),
+    };
+    let locations = format!(
+        "        location / {{\n            proxy_pass http://echo;\n{NGINX_WS_PROXY}        }}{tls_location}"
+    );
+    // The TLS listener is a server of its own, with the same locations: TLS
+    // 1.3 only, as the other proxies; session tickets (nginx's default, said
+    // out loud) let TLS 1.3 clients resume; and no end to a connection after
+    // 1000 requests (nginx's default `keepalive_requests`: neither HAProxy
+    // nor wsgate has such a limit, wrk then reconnects with a new TLS
+    // handshake, and h2load does not reconnect after the GOAWAY at all, which
+    // caps nginx at 1000 requests per connection per run). The plain
+    // listener keeps the default, as the plaintext suite always ran it.
+    let tls_server = match tls_of(spec, listen) {
+        None => String::new(),
+        Some((a, t)) => format!(
+            "
+    server {{
+        listen {a} ssl{} backlog=4096;
+        ssl_certificate {};
+        ssl_certificate_key {};
+        ssl_protocols TLSv1.3;
+        ssl_session_tickets on;
+        keepalive_requests 1000000;
+{locations}
+    }}
+",
+            if spec.h2 { " http2" } else { "" },
+            quoted(&t.cert),
+            quoted(&t.key)
         ),
     };
     format!(
@@ -576,12 +604,10 @@ http {{
     }}
 {tls_upstream}
     server {{
-        listen {addr} backlog=4096;{tls_listen}
-        location / {{
-            proxy_pass http://echo;
-{NGINX_WS_PROXY}        }}{tls_location}
+        listen {addr} backlog=4096;
+{locations}
     }}
-}}
+{tls_server}}}
 "#,
         threads = spec.threads,
         addr = listen.addr,
@@ -613,7 +639,7 @@ pub fn haproxy_config(spec: &Spec, listen: impl Into<Listen>) -> String {
     let tls_bind = match tls_of(spec, listen) {
         None => String::new(),
         Some((a, t)) => format!(
-            "\n    bind {a} ssl crt {} alpn {}",
+            "\n    bind {a} ssl crt {} alpn {} ssl-min-ver TLSv1.3",
             quoted(&t.bundle),
             if spec.h2 { "h2,http/1.1" } else { "http/1.1" }
         ),
@@ -957,6 +983,69 @@ mod tests {
     }
 
     #[test]
+    fn tls_listeners_speak_only_tls13_and_offer_h2_when_asked() {
+        let dir =
+            std::env::temp_dir().join(format!("wsgate-bench-tls13-cfg-{}", std::process::id()));
+        let tls = TlsSetup::generate(&dir).unwrap();
+        let listen = Listen {
+            addr: "127.0.0.1:9999".parse().unwrap(),
+            tls_addr: Some("127.0.0.1:9998".parse().unwrap()),
+        };
+        let plain = Listen::from(listen.addr);
+        for h2 in [false, true] {
+            let spec_of = |k| {
+                let mut s = spec(k);
+                s.tls = Some(tls.clone());
+                s.h2 = h2;
+                s
+            };
+            // wsgate: h2 and http/1.1 by ALPN either way (its default, said
+            // out loud); it has no key for TLS versions (1.2 and 1.3): the
+            // clients offer only 1.3.
+            let w = wsgate_config(&spec_of(Kind::Wsgate), listen);
+            assert!(
+                w.contains("key = \"") && w.contains("\" } ] }\nalpn = [\"h2\", \"http/1.1\"]\n"),
+                "{w}"
+            );
+            assert_eq!(w.matches("alpn").count(), 1, "{w}");
+            // nginx: TLSv1.3 only, tickets on, `http2` on the TLS listen only with h2.
+            let n = nginx_config(&spec_of(Kind::Nginx), listen, Path::new("nginx"));
+            let want = if h2 {
+                "listen 127.0.0.1:9998 ssl http2 backlog=4096;"
+            } else {
+                "listen 127.0.0.1:9998 ssl backlog=4096;"
+            };
+            assert!(n.contains(want), "{n}");
+            assert!(n.contains("listen 127.0.0.1:9999 backlog=4096;"), "{n}");
+            assert!(
+                n.contains(
+                    "        ssl_protocols TLSv1.3;\n        ssl_session_tickets on;\n        \
+                     keepalive_requests 1000000;\n        location / {\n"
+                ),
+                "{n}"
+            );
+            // The TLS server is one of its own; the plain one is as before.
+            assert_eq!(n.matches("    server {").count(), 2, "{n}");
+            assert_eq!(n.matches("keepalive_requests").count(), 1, "{n}");
+            assert_eq!(n.matches("http2").count(), usize::from(h2), "{n}");
+            // HAProxy: ssl-min-ver on the TLS bind, h2 by ALPN only with h2.
+            let h = haproxy_config(&spec_of(Kind::Haproxy), listen);
+            let alpn = if h2 { "h2,http/1.1" } else { "http/1.1" };
+            assert!(
+                h.contains(&format!("bundle.pem\" alpn {alpn} ssl-min-ver TLSv1.3\n")),
+                "{h}"
+            );
+            assert!(h.contains("    bind 127.0.0.1:9999\n"), "{h}");
+            // No TLS listener, no TLS keys.
+            assert!(!wsgate_config(&spec_of(Kind::Wsgate), plain).contains("alpn"));
+            let n = nginx_config(&spec_of(Kind::Nginx), plain, Path::new("nginx"));
+            assert!(!n.contains("ssl") && !n.contains("http2"), "{n}");
+            assert!(!haproxy_config(&spec_of(Kind::Haproxy), plain).contains("ssl-min-ver"));
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn tls_backends_get_a_route_and_a_verified_pool_only_when_asked() {
         let addr: SocketAddr = "127.0.0.1:9999".parse().unwrap();
         let mut with = spec(Kind::Wsgate);
@@ -986,6 +1075,10 @@ mod tests {
         let n = nginx_config(&with, addr, Path::new("nginx"));
         assert!(n.contains("location /tls-backend {\n            proxy_pass https://echo_tls;\n            proxy_http_version 1.1;"), "{n}");
         assert!(n.contains("            proxy_ssl_verify on;\n"), "{n}");
+        assert!(
+            n.contains("            proxy_ssl_protocols TLSv1.3;\n"),
+            "{n}"
+        );
         assert!(n.contains("server 127.0.0.1:2001;"), "{n}");
         let h = haproxy_config(&with, addr);
         assert!(

@@ -1,14 +1,20 @@
 //! Echo throughput: `conns` WebSocket connections, each with one binary
 //! message of `size` bytes in flight; messages/s and round-trip latency.
+//! [`run`] over plain `ws://`, [`run_tls`] over `wss://` (the `wss*`
+//! scenarios: the proxy terminates TLS).
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::future::join_all;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_rustls::TlsConnector;
+use tokio_tungstenite::WebSocketStream;
 
 use super::{Outcome, Tally};
-use crate::client::{self, Ws};
+use crate::client::{self, Wss};
 use crate::procstat::Probe;
 
 const CONNECT_LIMIT: Duration = Duration::from_secs(10);
@@ -26,8 +32,91 @@ fn read_buffer(size: usize) -> usize {
     size.clamp(4096, 128 * 1024)
 }
 
+/// How the connections are opened and closed: `ws://` or `wss://`.
+trait Dial: Clone + Send + Sync + 'static {
+    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    fn connect(
+        &self,
+        size: usize,
+    ) -> impl Future<Output = Result<WebSocketStream<Self::Io>, String>> + Send;
+    fn close(ws: WebSocketStream<Self::Io>) -> impl Future<Output = ()> + Send;
+}
+
+#[derive(Clone)]
+struct Plain(SocketAddr);
+
+impl Dial for Plain {
+    type Io = tokio::net::TcpStream;
+
+    async fn connect(&self, size: usize) -> Result<client::Ws, String> {
+        let cfg = client::ws_config(read_buffer(size));
+        client::ws_connect(self.0, client::next_source(), cfg, CONNECT_LIMIT).await
+    }
+
+    async fn close(ws: client::Ws) {
+        let _ = client::close(ws, CLOSE_LIMIT).await;
+    }
+}
+
+#[derive(Clone)]
+struct Tls {
+    addr: SocketAddr,
+    connector: TlsConnector,
+    path: &'static str,
+}
+
+impl Dial for Tls {
+    type Io = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+    async fn connect(&self, size: usize) -> Result<Wss, String> {
+        let cfg = client::ws_config(read_buffer(size));
+        client::wss_connect_path(
+            self.addr,
+            client::next_source(),
+            self.connector.clone(),
+            self.path,
+            cfg,
+            CONNECT_LIMIT,
+        )
+        .await
+    }
+
+    async fn close(ws: Wss) {
+        let _ = client::close_tls(ws, CLOSE_LIMIT).await;
+    }
+}
+
 pub async fn run(
     addr: SocketAddr,
+    conns: usize,
+    size: usize,
+    duration: Duration,
+    probe: Probe,
+) -> Outcome {
+    measure(Plain(addr), conns, size, duration, probe).await
+}
+
+/// As [`run`], over TLS to `addr` (the proxy's TLS listener) with
+/// `connector`, to `path` (`/bench`, or the route to the TLS backends).
+pub async fn run_tls(
+    addr: SocketAddr,
+    connector: TlsConnector,
+    path: &'static str,
+    conns: usize,
+    size: usize,
+    duration: Duration,
+    probe: Probe,
+) -> Outcome {
+    let dial = Tls {
+        addr,
+        connector,
+        path,
+    };
+    measure(dial, conns, size, duration, probe).await
+}
+
+async fn measure<D: Dial>(
+    dial: D,
     conns: usize,
     size: usize,
     duration: Duration,
@@ -39,17 +128,16 @@ pub async fn run(
         ..Default::default()
     };
     let payload = Bytes::from(vec![0xA5u8; size]);
-    let cfg = client::ws_config(read_buffer(size));
 
     // Connect everything and warm each connection with one echo, outside
     // the measured window.
     let connected = join_all((0..conns).map(|_| {
         let payload = payload.clone();
+        let dial = dial.clone();
         async move {
-            let mut ws =
-                client::ws_connect(addr, client::next_source(), cfg, CONNECT_LIMIT).await?;
+            let mut ws = dial.connect(size).await?;
             client::echo_once(&mut ws, &payload, op_limit(size)).await?;
-            Ok::<Ws, String>(ws)
+            Ok::<_, String>(ws)
         }
     }))
     .await;
@@ -69,7 +157,7 @@ pub async fn run(
     let deadline = start + duration;
     let tasks: Vec<_> = sockets
         .into_iter()
-        .map(|ws| tokio::spawn(conn_loop(addr, ws, payload.clone(), deadline)))
+        .map(|ws| tokio::spawn(conn_loop(dial.clone(), ws, payload.clone(), deadline)))
         .collect();
     tokio::time::sleep_until(deadline.into()).await;
     let cpu1 = probe.cpu_s();
@@ -95,18 +183,17 @@ pub async fn run(
 
 /// One connection's loop until `deadline`; reconnects (bounded by the
 /// deadline) after an error. Ops finishing after the deadline are not counted.
-async fn conn_loop(
-    addr: SocketAddr,
-    mut ws: Option<Ws>,
+async fn conn_loop<D: Dial>(
+    dial: D,
+    mut ws: Option<WebSocketStream<D::Io>>,
     payload: Bytes,
     deadline: Instant,
 ) -> Tally {
     let size = payload.len();
-    let cfg = client::ws_config(read_buffer(size));
     let mut tally = Tally::new();
     while Instant::now() < deadline {
         let Some(sock) = ws.as_mut() else {
-            match client::ws_connect(addr, client::next_source(), cfg, CONNECT_LIMIT).await {
+            match dial.connect(size).await {
                 Ok(s) => ws = Some(s),
                 Err(e) => {
                     tally.error(e);
@@ -130,7 +217,7 @@ async fn conn_loop(
         }
     }
     if let Some(s) = ws {
-        let _ = client::close(s, CLOSE_LIMIT).await;
+        D::close(s).await;
     }
     tally
 }

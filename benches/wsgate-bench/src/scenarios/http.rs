@@ -1,5 +1,9 @@
 //! Plain HTTP: `GET /` with keep-alive over `conns` connections. Uses wrk
 //! (`--latency`) when available, else a hyper client loop in this process.
+//! With a TLS setup (`https`), the same over TLS to the proxy's TLS listener:
+//! wrk gets `https://localhost:PORT/` (OpenSSL, SNI `localhost`, no
+//! verification), the built-in client rustls (SNI `localhost`, ALPN
+//! `http/1.1`, TLS 1.3, the certificate verified).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -12,10 +16,12 @@ use hyper::Request;
 use hyper_util::rt::TokioIo;
 use tokio::process::Command;
 use tokio::time::timeout;
+use tokio_rustls::TlsConnector;
 
-use super::{Outcome, Tally};
+use super::{Outcome, Tally, TlsStats};
 use crate::client;
 use crate::procstat::Probe;
+use crate::tls::TlsSetup;
 
 const STEP_LIMIT: Duration = Duration::from_secs(5);
 
@@ -25,11 +31,47 @@ pub async fn run(
     duration: Duration,
     probe: Probe,
     wrk: Option<&Path>,
+    tls: Option<&TlsSetup>,
 ) -> Outcome {
-    match wrk {
-        Some(w) => run_wrk(w, addr, conns, duration, probe).await,
-        None => run_own(addr, conns, duration, probe).await,
+    let mut out = match wrk {
+        Some(w) => run_wrk(w, addr, conns, duration, probe, tls.is_some()).await,
+        None => run_own(addr, conns, duration, probe, tls).await,
+    };
+    if tls.is_some() {
+        out.tls = Some(TlsStats {
+            client: Some(
+                if wrk.is_some() {
+                    "wrk (OpenSSL)"
+                } else {
+                    "rustls"
+                }
+                .into(),
+            ),
+            ..TlsStats::default()
+        });
     }
+    out
+}
+
+/// wrk's URL: `http://ADDR/`, or over TLS `https://localhost:PORT/` (SNI
+/// `localhost`; wrk connects to the first address of the name that takes a
+/// connection, so it must resolve to 127.0.0.1 among others, as in
+/// /etc/hosts: `localhost_ok`), else `https://ADDR/`.
+fn wrk_url(addr: SocketAddr, tls: bool, localhost_ok: bool) -> String {
+    match (tls, localhost_ok) {
+        (true, true) => format!("https://{}:{}/", crate::tls::SERVER_NAME, addr.port()),
+        (true, false) => format!("https://{addr}/"),
+        (false, _) => format!("http://{addr}/"),
+    }
+}
+
+/// Whether `localhost` resolves to `addr`'s IP address among others.
+fn localhost_resolves_to(addr: SocketAddr) -> bool {
+    use std::net::ToSocketAddrs;
+    (crate::tls::SERVER_NAME, addr.port())
+        .to_socket_addrs()
+        .map(|mut a| a.any(|a| a.ip() == addr.ip()))
+        .unwrap_or(false)
 }
 
 async fn run_wrk(
@@ -38,6 +80,7 @@ async fn run_wrk(
     conns: usize,
     duration: Duration,
     probe: Probe,
+    tls: bool,
 ) -> Outcome {
     let mut out = Outcome {
         connections: conns as u64,
@@ -53,7 +96,7 @@ async fn run_wrk(
             "--latency",
             "--timeout",
             "5s",
-            &format!("http://{addr}/"),
+            &wrk_url(addr, tls, tls && localhost_resolves_to(addr)),
         ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -160,7 +203,13 @@ pub fn parse_wrk(text: &str) -> Option<WrkResult> {
     have_total.then_some(r)
 }
 
-async fn run_own(addr: SocketAddr, conns: usize, duration: Duration, probe: Probe) -> Outcome {
+async fn run_own(
+    addr: SocketAddr,
+    conns: usize,
+    duration: Duration,
+    probe: Probe,
+    tls: Option<&TlsSetup>,
+) -> Outcome {
     let mut out = Outcome {
         connections: conns as u64,
         note: Some("built-in client".into()),
@@ -169,8 +218,9 @@ async fn run_own(addr: SocketAddr, conns: usize, duration: Duration, probe: Prob
     let cpu0 = probe.cpu_s();
     let start = Instant::now();
     let deadline = start + duration;
+    let connector = tls.map(TlsSetup::connector);
     let tasks: Vec<_> = (0..conns)
-        .map(|_| tokio::spawn(conn_loop(addr, deadline)))
+        .map(|_| tokio::spawn(conn_loop(addr, connector.clone(), deadline)))
         .collect();
     tokio::time::sleep_until(deadline.into()).await;
     let cpu1 = probe.cpu_s();
@@ -193,22 +243,37 @@ async fn run_own(addr: SocketAddr, conns: usize, duration: Duration, probe: Prob
 
 type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
 
-async fn connect(addr: SocketAddr) -> Result<Sender, String> {
+/// A keep-alive HTTP/1.1 connection, over TLS with `tls`.
+async fn connect(addr: SocketAddr, tls: Option<&TlsConnector>) -> Result<Sender, String> {
     let fut = async {
         let stream = client::tcp_connect(addr, client::next_source())
             .await
             .map_err(|e| format!("connect {addr}: {e}"))?;
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        let Some(tls) = tls else {
+            return handshake(stream).await;
+        };
+        let stream = tls
+            .connect(crate::tls::server_name(), stream)
             .await
-            .map_err(|e| format!("http handshake: {e}"))?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        Ok::<_, String>(sender)
+            .map_err(|e| format!("TLS handshake {addr}: {e}"))?;
+        handshake(stream).await
     };
     timeout(STEP_LIMIT, fut)
         .await
         .unwrap_or_else(|_| Err("connect timed out".into()))
+}
+
+async fn handshake<S>(stream: S) -> Result<Sender, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("http handshake: {e}"))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(sender)
 }
 
 async fn get(sender: &mut Sender, addr: SocketAddr) -> Result<(), String> {
@@ -241,12 +306,12 @@ async fn get(sender: &mut Sender, addr: SocketAddr) -> Result<(), String> {
         .unwrap_or_else(|_| Err("request timed out".into()))
 }
 
-async fn conn_loop(addr: SocketAddr, deadline: Instant) -> Tally {
+async fn conn_loop(addr: SocketAddr, tls: Option<TlsConnector>, deadline: Instant) -> Tally {
     let mut tally = Tally::new();
     let mut sender: Option<Sender> = None;
     while Instant::now() < deadline {
         let Some(s) = sender.as_mut() else {
-            match connect(addr).await {
+            match connect(addr, tls.as_ref()).await {
                 Ok(s) => sender = Some(s),
                 Err(e) => {
                     tally.error(e);
@@ -301,6 +366,14 @@ Transfer/sec:      4.10MB
         assert_eq!(r.p99_us, Some(1200));
         assert_eq!(r.max_us, Some(5020));
         assert_eq!(r.errors, 8);
+    }
+
+    #[test]
+    fn wrk_gets_the_certificate_name_over_tls() {
+        let a: SocketAddr = "127.0.0.1:8443".parse().unwrap();
+        assert_eq!(wrk_url(a, false, true), "http://127.0.0.1:8443/");
+        assert_eq!(wrk_url(a, true, true), "https://localhost:8443/");
+        assert_eq!(wrk_url(a, true, false), "https://127.0.0.1:8443/");
     }
 
     #[test]

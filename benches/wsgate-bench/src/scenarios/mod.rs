@@ -3,14 +3,19 @@
 
 pub mod drain;
 pub mod echo;
+pub mod h2load;
 pub mod handshake;
 pub mod http;
 pub mod idle;
 pub mod storm;
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+
+use crate::tls::Negotiated;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scenario {
@@ -36,6 +41,28 @@ pub enum Scenario {
     /// 1012 spread over a window, against an instant cut: the reconnects the
     /// remaining backend sees (`drain.rs`); wsgate only, not part of `all`.
     Drain,
+    /// `echo64` over TLS (client ↔ proxy `wss://`, proxy ↔ backend plain);
+    /// this and the rest are the `tls` group ([`Scenario::TLS`]), not part of `all`.
+    Wss64,
+    /// `echo16k` over TLS.
+    Wss16k,
+    /// `echo1m` over TLS.
+    Wss1m,
+    /// `handshake` over TLS, every handshake full (no resumption), closed
+    /// with close_notify.
+    TlsHandshake,
+    /// `tls_handshake` with a session cache per loop: resumed handshakes,
+    /// counted.
+    TlsResume,
+    /// `http` over TLS (HTTP/1.1 keep-alive; wrk).
+    Https,
+    /// HTTPS GET over HTTP/2 with h2load, one stream at a time per connection.
+    H2,
+    /// As `h2`, ten streams at a time per connection; not in the `tls` group.
+    H2M10,
+    /// `wss16k` to the proxy's route to its TLS backends: the proxy
+    /// decrypts and encrypts again.
+    Wss16kTlsBackend,
 }
 
 impl Scenario {
@@ -53,14 +80,54 @@ impl Scenario {
     /// pool, and none has a `direct` figure (`idle_h2` has no nginx one
     /// either), so the default suite (`all`, whose results BENCHMARKS.md and
     /// chart.py compare) stays as it was. `storm` and `drain` measure
-    /// features of wsgate alone, with wsgate processes of their own.
-    pub const OPT_IN: [Scenario; 5] = [
+    /// features of wsgate alone, with wsgate processes of their own. The TLS
+    /// load scenarios (the `tls` group and `h2_m10`) need the TLS listener
+    /// too (`h2` and `h2_m10` h2load, `wss16k_tls_backend` the TLS backends)
+    /// and have no `direct` figure.
+    pub const OPT_IN: [Scenario; 14] = [
         Scenario::IdleTls,
         Scenario::IdleH2,
         Scenario::IdleTlsBackend,
         Scenario::Storm,
         Scenario::Drain,
+        Scenario::Wss64,
+        Scenario::Wss16k,
+        Scenario::Wss1m,
+        Scenario::TlsHandshake,
+        Scenario::TlsResume,
+        Scenario::Https,
+        Scenario::H2,
+        Scenario::H2M10,
+        Scenario::Wss16kTlsBackend,
     ];
+
+    /// The group `tls` (`--scenario tls`): the proxies terminating TLS under
+    /// load. Not part of `all`; `idle_tls` and `h2_m10` are named apart.
+    pub const TLS: [Scenario; 8] = [
+        Scenario::Wss64,
+        Scenario::Wss16k,
+        Scenario::Wss1m,
+        Scenario::TlsHandshake,
+        Scenario::TlsResume,
+        Scenario::Https,
+        Scenario::H2,
+        Scenario::Wss16kTlsBackend,
+    ];
+
+    /// A `--scenario` list with the group name `tls` expanded to its
+    /// scenarios' names (`all` is expanded by the list parser).
+    pub fn expand_groups(list: &str) -> String {
+        list.split(',')
+            .map(|w| {
+                if w.trim() == "tls" {
+                    Scenario::TLS.map(Scenario::name).join(",")
+                } else {
+                    w.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    }
 
     pub fn name(self) -> &'static str {
         match self {
@@ -75,6 +142,15 @@ impl Scenario {
             Scenario::IdleTlsBackend => "idle_tls_backend",
             Scenario::Storm => "storm",
             Scenario::Drain => "drain",
+            Scenario::Wss64 => "wss64",
+            Scenario::Wss16k => "wss16k",
+            Scenario::Wss1m => "wss1m",
+            Scenario::TlsHandshake => "tls_handshake",
+            Scenario::TlsResume => "tls_resume",
+            Scenario::Https => "https",
+            Scenario::H2 => "h2",
+            Scenario::H2M10 => "h2_m10",
+            Scenario::Wss16kTlsBackend => "wss16k_tls_backend",
         }
     }
 
@@ -96,16 +172,37 @@ impl Scenario {
 
     /// Clients connect to the proxy's TLS listener.
     pub fn uses_tls(self) -> bool {
-        matches!(self, Scenario::IdleTls | Scenario::IdleH2)
+        matches!(self, Scenario::IdleTls | Scenario::IdleH2) || self.is_tls_load()
+    }
+
+    /// One of the TLS load scenarios (the `tls` group and `h2_m10`): each
+    /// record says what was negotiated (a probe, or h2load's own report).
+    pub fn is_tls_load(self) -> bool {
+        Scenario::TLS.contains(&self) || self == Scenario::H2M10
     }
 
     /// The proxy talks TLS to the backends (the TLS echo backends, reached
     /// through a pool of their own).
     pub fn uses_tls_backend(self) -> bool {
-        self == Scenario::IdleTlsBackend
+        matches!(self, Scenario::IdleTlsBackend | Scenario::Wss16kTlsBackend)
     }
 
-    /// Clients speak HTTP/2 (ALPN `h2`) on the proxy's TLS listener.
+    /// The proxies' TLS listener must offer `h2` by ALPN.
+    pub fn offers_h2(self) -> bool {
+        matches!(self, Scenario::IdleH2 | Scenario::H2 | Scenario::H2M10)
+    }
+
+    /// Load made by h2load, with this many streams at a time per connection (`-m`).
+    pub fn h2load_streams(self) -> Option<u32> {
+        match self {
+            Scenario::H2 => Some(1),
+            Scenario::H2M10 => Some(10),
+            _ => None,
+        }
+    }
+
+    /// Clients open WebSockets over HTTP/2 (ALPN `h2`, RFC 8441) on the
+    /// proxy's TLS listener.
     pub fn uses_h2(self) -> bool {
         self == Scenario::IdleH2
     }
@@ -118,11 +215,17 @@ impl Scenario {
     /// What one op is, for progress lines.
     pub fn unit(self) -> &'static str {
         match self {
-            Scenario::Echo64 | Scenario::Echo16k | Scenario::Echo1m => "msg",
-            Scenario::Handshake => "handshake",
+            Scenario::Echo64
+            | Scenario::Echo16k
+            | Scenario::Echo1m
+            | Scenario::Wss64
+            | Scenario::Wss16k
+            | Scenario::Wss1m
+            | Scenario::Wss16kTlsBackend => "msg",
+            Scenario::Handshake | Scenario::TlsHandshake | Scenario::TlsResume => "handshake",
             Scenario::Idle | Scenario::IdleTls | Scenario::IdleTlsBackend => "conn",
             Scenario::IdleH2 => "tunnel",
-            Scenario::Http => "req",
+            Scenario::Http | Scenario::Https | Scenario::H2 | Scenario::H2M10 => "req",
             Scenario::Storm | Scenario::Drain => "client",
         }
     }
@@ -168,6 +271,8 @@ pub struct Outcome {
     pub storm: Option<storm::StormStats>,
     /// `drain`: the drain's own figures.
     pub drain: Option<drain::DrainStats>,
+    /// The TLS load scenarios: what was negotiated, handshake kinds, closes.
+    pub tls: Option<TlsStats>,
     /// The first error seen, for the progress line.
     pub first_error: Option<String>,
     pub note: Option<String>,
@@ -189,6 +294,48 @@ impl Outcome {
             self.first_error = Some(e);
         }
     }
+}
+
+/// What a TLS load scenario's record says about TLS (the certificate's key
+/// type is the record's `tls_key`). Absent figures were not measured.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TlsStats {
+    /// Who made the measured TLS sessions: `rustls` (this tool), `wrk
+    /// (OpenSSL)`, `h2load (OpenSSL)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<String>,
+    /// What the client and the proxy negotiated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub negotiated: Option<Negotiated>,
+    /// Who saw `negotiated`: `rustls probe` (one connection with the load's
+    /// rustls client config, made before the measurement) or `h2load` (its
+    /// own report of the run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub negotiated_by: Option<String>,
+    /// `tls_handshake`, `tls_resume`: the counted ops' handshakes, full
+    /// (with a HelloRetryRequest counted in `handshakes_hrr` too) and resumed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handshakes_full: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handshakes_hrr: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handshakes_resumed: Option<u64>,
+    /// `tls_handshake`, `tls_resume`: after the client's close_notify, the
+    /// proxy's close_notify came (`proxy_close_notify`) or the session ended
+    /// otherwise (TCP closed without it, a reset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_close_notify: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_close_unclean: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_unclean_close: Option<String>,
+    /// `wss16k_tls_backend`: the TLS sessions the TLS echo backends accepted
+    /// from the proxy during the measurement, by what they negotiated
+    /// (`TLSv1_3 TLS13_AES_256_GCM_SHA384 X25519`), and how many were resumed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend_sessions: Option<BTreeMap<String, u64>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend_resumed: Option<u64>,
 }
 
 /// Per-task tallies merged at the end (no shared locks on the hot path).

@@ -31,6 +31,7 @@ fn options(i: usize, port: u16) -> backend::Options {
         killable: true,
         tls: None,
         upgrade_log: None,
+        tls_log: None,
     }
 }
 
