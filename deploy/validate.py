@@ -71,6 +71,7 @@ DIRECTIONS = {"client_to_backend", "backend_to_client"}
 PROTOCOLS = {"h1", "h2"}
 METRICS = {
     "wsgate_connections_accepted_total": ("counter", {"listener"}, {}),
+    "wsgate_worker_connections_accepted_total": ("counter", {"listener", "worker"}, {}),
     "wsgate_connections_active": ("gauge", {"listener"}, {}),
     "wsgate_http_requests_total": ("counter", {"route", "status_class", "protocol"},
                                    {"protocol": PROTOCOLS}),

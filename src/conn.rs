@@ -19,6 +19,10 @@ use crate::config::ListenerAdmission;
 /// new one; the scope stays).
 pub struct Listener {
     pub name: String,
+    /// The worker runtime whose socket accepted the connection (0 when the gateway has one runtime). Its
+    /// HTTP requests use that worker's backend connections (`upstream::Upstream`), whose tasks run on
+    /// the same thread.
+    pub worker: usize,
     pub admission: ListenerAdmission,
     /// Per-client connection counts and the handshake gate, kept across reloads.
     pub scope: Arc<Scope>,
@@ -189,17 +193,27 @@ impl ConnLimit {
         }
     }
 
-    /// Waits for room under the maximum and takes one place. Only the listener's accept loop calls it,
-    /// so a place seen free cannot be taken by someone else before it is counted.
+    /// Waits for room under the maximum and takes one place. The listener's accept loops call it (one
+    /// per worker runtime when the listener has a socket per worker, sharing the one limit), each for a
+    /// client it has just accepted: a place seen free is taken with a compare-and-swap, so two loops
+    /// never both take the last one.
     pub async fn acquire(self: &Arc<Self>) -> ConnSlot {
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
             // Registered before the count is read, so a connection closing in between is not missed.
             changed.as_mut().enable();
-            if self.active.load(Ordering::Acquire) < self.max.load(Ordering::Acquire) {
-                self.active.fetch_add(1, Ordering::AcqRel);
-                return ConnSlot(Arc::clone(self));
+            let mut active = self.active.load(Ordering::Acquire);
+            while active < self.max.load(Ordering::Acquire) {
+                match self.active.compare_exchange_weak(
+                    active,
+                    active + 1,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                ) {
+                    Ok(_) => return ConnSlot(Arc::clone(self)),
+                    Err(now) => active = now,
+                }
             }
             changed.await;
         }

@@ -5,7 +5,9 @@
 //! stops accepting, tells every tunnel to close, and waits for every task.
 //!
 //! `Gateway::start` returns at once with a handle; tests bind port 0 and ask the handle for the
-//! addresses.
+//! addresses. It serves everything on the caller's runtime; `Gateway::start_on` serves client
+//! connections on worker runtimes the caller runs (`Workers`: the binary's per-worker model), and keeps
+//! the rest (reloads, the admin listener, health checks, DNS discovery) on the caller's.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -13,7 +15,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use crate::tls::TlsAcceptor;
+use tokio::runtime::Handle;
 use tokio::sync::mpsc;
 
 use crate::admission::ScopeKind;
@@ -22,7 +24,7 @@ use crate::config::{AdminTokens, Config, ConfigError, ConfigErrors, ListenerConf
 use crate::metrics::Metrics;
 use crate::server::ListenerHandle;
 use crate::state::{Loaded, ReloadRecord, ReloadRequest, Shared, State};
-use crate::tls::{self, TlsError};
+use crate::tls::{self, TlsAcceptor, TlsError};
 use crate::upstream::TlsClients;
 use crate::{admin, discovery, health_checks};
 
@@ -65,11 +67,37 @@ pub struct Gateway {
     inner: Arc<Inner>,
 }
 
+/// The runtimes a gateway serves client connections on, in the per-worker model: every listener gets a
+/// socket on each (SO_REUSEPORT when there are several), accepted on that runtime, so a connection, its
+/// tunnel, its timers and its backend connections all live on the runtime that accepted it. Each should
+/// be a current-thread runtime on a thread of its own, kept running (`block_on`) until
+/// `Gateway::shutdown` has returned; the caller builds and runs them (the gateway only holds handles).
+/// None (`Workers::default()`): everything runs on the caller's runtime, as `Gateway::start` does.
+#[derive(Clone, Debug, Default)]
+pub struct Workers(Vec<Handle>);
+
+impl Workers {
+    pub fn new(runtimes: impl IntoIterator<Item = Handle>) -> Workers {
+        Workers(runtimes.into_iter().collect())
+    }
+
+    /// How many worker runtimes there are (0: the caller's runtime serves the connections).
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 /// The gateway's own part, shared with the task that carries out the admin API's reloads.
 struct Inner {
     shared: Arc<Shared>,
     listeners: Mutex<HashMap<String, ListenerHandle>>,
     admin: Option<SocketAddr>,
+    /// The runtimes new listeners are bound on (reloads bind there too).
+    workers: Workers,
     /// One reload at a time (SIGHUP, the admin API and the library may ask at once).
     reloading: tokio::sync::Mutex<()>,
 }
@@ -115,8 +143,16 @@ fn load_files(config: &Config, previous: Option<&TlsClients>) -> Result<Loaded, 
 }
 
 impl Gateway {
-    /// Binds every listener of `config` (and the admin listener) and starts serving.
+    /// Binds every listener of `config` (and the admin listener) and starts serving, all on the caller's
+    /// runtime.
     pub async fn start(config: Config) -> Result<Gateway, StartError> {
+        Self::start_on(config, Workers::default()).await
+    }
+
+    /// Binds every listener of `config` once on each of `workers` and serves its connections there; the
+    /// admin listener, the health checks, DNS discovery and reloads run on the caller's runtime. With no
+    /// workers, the same as `start`.
+    pub async fn start_on(config: Config, workers: Workers) -> Result<Gateway, StartError> {
         let acceptors = load_tls(&config)?;
         let loaded = load_files(&config, None)?;
         let metrics = Metrics::new();
@@ -127,14 +163,21 @@ impl Gateway {
             .inc_by(0);
         metrics.config_last_reload_success.set(unix_now());
         let (requests, reload_requests) = mpsc::channel(4);
-        let shared = Arc::new(Shared::new(config, loaded, metrics, requests));
-        match Self::serve(&shared, acceptors).await {
+        let shared = Arc::new(Shared::new(
+            config,
+            loaded,
+            metrics,
+            requests,
+            workers.len(),
+        ));
+        match Self::serve(&shared, acceptors, &workers).await {
             Ok((listeners, admin)) => {
                 shared.ready.store(true, Ordering::Relaxed);
                 let inner = Arc::new(Inner {
                     shared,
                     listeners: Mutex::new(listeners),
                     admin,
+                    workers,
                     reloading: tokio::sync::Mutex::new(()),
                 });
                 inner
@@ -155,6 +198,7 @@ impl Gateway {
     async fn serve(
         shared: &Arc<Shared>,
         acceptors: Vec<Option<TlsAcceptor>>,
+        workers: &Workers,
     ) -> Result<(HashMap<String, ListenerHandle>, Option<SocketAddr>), StartError> {
         health_checks::start(shared);
         discovery::start(shared);
@@ -162,7 +206,7 @@ impl Gateway {
         let mut listeners = HashMap::new();
         for (listener, tls) in config.listeners.iter().zip(acceptors) {
             let max = config.limits.max_connections;
-            let handle = bind(listener, tls, max, shared).await?;
+            let handle = bind(listener, tls, max, workers, shared).await?;
             listeners.insert(listener.name.clone(), handle);
         }
         let admin = match &config.admin {
@@ -234,7 +278,8 @@ impl Gateway {
     }
 
     /// Stops accepting, closes every tunnel with 1001 "going away" (spread over `close_spread`), lets
-    /// in-flight requests finish, and waits for all of it, at most the config's drain timeout.
+    /// in-flight requests finish, and waits for all of it, at most the config's drain timeout: on every
+    /// worker runtime too, which must keep running until this returns.
     pub async fn shutdown(self) {
         let drain = self.inner.shared.state.load().config.timeouts.drain;
         self.inner.shared.ready.store(false, Ordering::Relaxed);
@@ -329,6 +374,12 @@ impl Inner {
         if config.workers != old.config.workers {
             tracing::warn!("the number of workers changes only on restart");
         }
+        if config.runtime != old.config.runtime {
+            tracing::warn!(
+                runtime = config.runtime.name(),
+                "the runtime model changes only on restart"
+            );
+        }
         let acceptors = load_tls(&config).map_err(StartError::from)?;
         let loaded = load_files(&config, Some(&old.backend_tls))?;
         // Bind what is new before changing anything, so a failed bind leaves the old setup whole.
@@ -346,14 +397,14 @@ impl Inner {
                     fresh.insert(listener.name.clone(), (None, tls, listener.clone()));
                 } else {
                     let max = config.limits.max_connections;
-                    let handle = bind(listener, tls.clone(), max, &self.shared).await;
-                    match handle {
+                    let handle = bind(listener, tls.clone(), max, &self.workers, &self.shared);
+                    match handle.await {
                         Ok(handle) => fresh
                             .insert(listener.name.clone(), (Some(handle), tls, listener.clone())),
                         Err(error) => {
                             for (handle, _, _) in fresh.into_values() {
                                 if let Some(handle) = handle {
-                                    handle.stop();
+                                    handle.stop().await;
                                 }
                             }
                             return Err(error.into());
@@ -376,29 +427,32 @@ impl Inner {
             .loaded_at
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = SystemTime::now();
-        let mut listeners = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
-        listeners.retain(|name, handle| {
-            let keep = matches!(fresh.get(name), Some((None, _, _)));
-            if !keep {
-                handle.stop();
-                tracing::info!(listener = %name, "listener closed");
-            }
-            keep
-        });
-        for (name, (handle, tls, config)) in fresh {
-            match handle {
-                Some(handle) => {
-                    listeners.insert(name, handle);
-                }
-                None => {
-                    if let Some(kept) = listeners.get(&name) {
-                        kept.set_front(tls, &config, &self.shared);
-                        kept.set_max_connections(max_connections);
+        let removed: Vec<(String, ListenerHandle)> = {
+            let mut listeners = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
+            let removed = listeners
+                .extract_if(|name, _| !matches!(fresh.get(name), Some((None, _, _))))
+                .collect();
+            for (name, (handle, tls, config)) in fresh {
+                match handle {
+                    Some(handle) => {
+                        listeners.insert(name, handle);
+                    }
+                    None => {
+                        if let Some(kept) = listeners.get(&name) {
+                            kept.set_front(tls, &config, &self.shared);
+                            kept.set_max_connections(max_connections);
+                        }
                     }
                 }
             }
+            removed
+        };
+        // Stopped once out of the map (the lock is not held across the wait): when the reload returns,
+        // their ports refuse new connections.
+        for (name, handle) in removed {
+            handle.stop().await;
+            tracing::info!(listener = %name, "listener closed");
         }
-        drop(listeners);
         // Listeners bound by this reload took their scopes before the new limits were stored.
         for (_, _, scope) in self.shared.scopes.all() {
             scope.clients.set_max_tracked(max_tracked);
@@ -462,14 +516,15 @@ impl Monitor {
     }
 }
 
-/// Binds one listener, naming it in the error.
+/// Binds one listener (once on each worker runtime, if there are any), naming it in the error.
 async fn bind(
     listener: &ListenerConfig,
     tls: Option<TlsAcceptor>,
     max_connections: usize,
+    workers: &Workers,
     shared: &Arc<Shared>,
 ) -> Result<ListenerHandle, StartError> {
-    ListenerHandle::bind(listener, tls, max_connections, shared)
+    ListenerHandle::bind(listener, tls, max_connections, &workers.0, shared)
         .await
         .map_err(|source| StartError::Bind {
             name: listener.name.clone(),

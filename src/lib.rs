@@ -1,8 +1,9 @@
 //! wsgate: a WebSocket-aware reverse proxy and load balancer.
 //!
 //! The library is what the `wsgate` binary runs, and what an embedding program or the integration tests
-//! start in-process: [`Gateway::start`] with a [`Config`] (from a TOML file or text), then `reload`,
-//! `shutdown`, and a [`Monitor`] for metrics and backend states.
+//! start in-process: [`Gateway::start`] with a [`Config`] (from a TOML file or text), or
+//! [`Gateway::start_on`] with [`Workers`] (runtimes of the caller's own that serve the connections),
+//! then `reload`, `shutdown`, and a [`Monitor`] for metrics and backend states.
 //!
 //! # Layout
 //!
@@ -50,9 +51,9 @@ mod upstream;
 mod websocket;
 
 pub use balancer::BackendStatus;
-pub use config::{Config, ConfigError, ConfigErrors};
+pub use config::{Config, ConfigError, ConfigErrors, RuntimeModel};
 pub use gateway::{
-    Gateway, Monitor, ReloadError, StartError, check_backend_tls, check_certificates,
+    Gateway, Monitor, ReloadError, StartError, Workers, check_backend_tls, check_certificates,
 };
 pub use tls::TlsError;
 

@@ -1,12 +1,13 @@
-//! The `wsgate` command: parses the command line, sets up logging and the runtime, and hands over to the
-//! library. `run` serves a config file, `check` validates one, `demo` runs the built-in demo.
+//! The `wsgate` command: parses the command line, sets up logging and the runtimes (one shared runtime, or
+//! one per worker thread and one for control: `--runtime`), and hands over to the library. `run` serves a
+//! config file, `check` validates one, `demo` runs the built-in demo.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use wsgate::{Config, Gateway};
+use wsgate::{Config, Gateway, RuntimeModel, Workers};
 
 mod demo;
 
@@ -29,6 +30,9 @@ struct Cli {
     /// Worker threads of the runtime (default: the config's `workers`, else one per core).
     #[arg(long, global = true)]
     threads: Option<usize>,
+    /// How the worker threads share the work (default: the config's `runtime`, else `shared`).
+    #[arg(long, global = true, value_enum)]
+    runtime: Option<RuntimeArg>,
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -62,6 +66,24 @@ enum Command {
 enum LogFormat {
     Text,
     Json,
+}
+
+/// `--runtime`: the config's `runtime` values, spelled as command-line values are.
+#[derive(Clone, Copy, ValueEnum)]
+enum RuntimeArg {
+    /// One multi-thread runtime: its threads steal work from each other.
+    Shared,
+    /// A current-thread runtime per worker thread, each with its own socket of every listener.
+    PerWorker,
+}
+
+impl From<RuntimeArg> for RuntimeModel {
+    fn from(arg: RuntimeArg) -> RuntimeModel {
+        match arg {
+            RuntimeArg::Shared => RuntimeModel::Shared,
+            RuntimeArg::PerWorker => RuntimeModel::PerWorker,
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -103,9 +125,13 @@ fn main() -> ExitCode {
                 }
             };
             let threads = cli.threads.or(config.workers);
-            block_on(threads, serve(config))
+            let model = cli.runtime.map_or(config.runtime, RuntimeModel::from);
+            run(threads, model, |workers| serve(config, workers))
         }
-        Command::Demo { listen, admin } => block_on(cli.threads, demo(listen, admin)),
+        Command::Demo { listen, admin } => {
+            let model = cli.runtime.map_or(RuntimeModel::Shared, RuntimeModel::from);
+            run(cli.threads, model, |workers| demo(listen, admin, workers))
+        }
     }
 }
 
@@ -122,12 +148,24 @@ fn init_logging(format: LogFormat, level: Option<&str>) {
     }
 }
 
-/// Runs `main` on a runtime with `threads` workers (one per core by default). One thread means a
-/// current-thread runtime: all the work really runs on that one thread.
-fn block_on(threads: Option<usize>, main: impl Future<Output = ExitCode>) -> ExitCode {
+/// Runs `main` with `threads` workers (one per core by default) in the runtime `model`. One thread means
+/// one current-thread runtime in either model: all the work really runs on that one thread.
+fn run<F>(threads: Option<usize>, model: RuntimeModel, main: impl FnOnce(Workers) -> F) -> ExitCode
+where
+    F: Future<Output = ExitCode>,
+{
     let threads = threads
         .filter(|&n| n > 0)
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    tracing::info!(runtime = model.name(), threads, "starting");
+    match model {
+        RuntimeModel::PerWorker if threads > 1 => run_per_worker(threads, main),
+        _ => block_on(threads, main(Workers::default())),
+    }
+}
+
+/// Runs `main` on one runtime with `threads` worker threads (the shared model).
+fn block_on(threads: usize, main: impl Future<Output = ExitCode>) -> ExitCode {
     let runtime = if threads == 1 {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -147,8 +185,96 @@ fn block_on(threads: Option<usize>, main: impl Future<Output = ExitCode>) -> Exi
     }
 }
 
-async fn serve(config: Config) -> ExitCode {
-    let gateway = match Gateway::start(config).await {
+/// The per-worker model: `threads` threads, each running a current-thread runtime of its own, serve the
+/// client connections (`Gateway::start_on`: each listener has a socket on each, SO_REUSEPORT), and the
+/// main thread runs one more current-thread runtime for the control work: signals, reloads, the admin
+/// listener, health checks and DNS discovery.
+///
+/// Control has a thread of its own rather than sharing worker 0's: the kernel spreads connections over
+/// the workers' sockets by a hash, blind to how busy each is, so a worker that also loaded certificates
+/// on a reload or rendered `/metrics` would hold its share of the clients up while the others did not.
+/// The control thread sleeps otherwise; it costs a stack, and nothing on a connection's path waits for it.
+///
+/// Exit: `main` returns once `Gateway::shutdown` has waited for the connections on every worker; then
+/// each worker's `block_on` is told to end, and each thread drops its runtime (dropping the tasks still
+/// left, if the drain timed out) outside any async context, before it is joined.
+fn run_per_worker<F>(threads: usize, main: impl FnOnce(Workers) -> F) -> ExitCode
+where
+    F: Future<Output = ExitCode>,
+{
+    let control = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut handles = Vec::with_capacity(threads);
+    let mut running = Vec::with_capacity(threads);
+    for worker in 0..threads {
+        match start_worker(worker) {
+            Ok((handle, thread)) => {
+                handles.push(handle);
+                running.push(thread);
+            }
+            Err(error) => {
+                eprintln!("cannot start worker {worker}: {error}");
+                stop_workers(running);
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let code = control.block_on(main(Workers::new(handles)));
+    stop_workers(running);
+    code
+}
+
+/// A worker thread: its runtime's handle, and what ends and joins it.
+struct WorkerThread {
+    /// Dropped to end the worker's `block_on`.
+    stop: tokio::sync::oneshot::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+/// Starts worker thread `index` with a current-thread runtime that runs until its `stop` is dropped.
+fn start_worker(index: usize) -> std::io::Result<(tokio::runtime::Handle, WorkerThread)> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let handle = runtime.handle().clone();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name(format!("wsgate-worker-{index}"))
+        .spawn(move || {
+            // A current-thread runtime runs its tasks only inside `block_on`: this keeps them running
+            // until told to stop, whether by a send or by the sender being dropped.
+            let _ = runtime.block_on(stopped);
+            drop(runtime);
+        })?;
+    Ok((handle, WorkerThread { stop, thread }))
+}
+
+/// Ends the workers' `block_on`s and joins their threads (each drops its runtime first).
+fn stop_workers(workers: Vec<WorkerThread>) {
+    let threads: Vec<_> = workers
+        .into_iter()
+        .map(|WorkerThread { stop, thread }| {
+            drop(stop);
+            thread
+        })
+        .collect();
+    for thread in threads {
+        if thread.join().is_err() {
+            tracing::error!("a worker thread panicked");
+        }
+    }
+}
+
+async fn serve(config: Config, workers: Workers) -> ExitCode {
+    let gateway = match Gateway::start_on(config, workers).await {
         Ok(gateway) => gateway,
         Err(error) => {
             tracing::error!(%error, "cannot start");
@@ -160,7 +286,7 @@ async fn serve(config: Config) -> ExitCode {
     ending
 }
 
-async fn demo(listen: SocketAddr, admin: SocketAddr) -> ExitCode {
+async fn demo(listen: SocketAddr, admin: SocketAddr, workers: Workers) -> ExitCode {
     let mut backends = Vec::new();
     for name in ["demo-1", "demo-2"] {
         match demo::start_backend(name).await {
@@ -187,7 +313,7 @@ async fn demo(listen: SocketAddr, admin: SocketAddr) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let gateway = match Gateway::start(config).await {
+    let gateway = match Gateway::start_on(config, workers).await {
         Ok(gateway) => gateway,
         Err(error) => {
             eprintln!("cannot start: {error}");

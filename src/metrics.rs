@@ -10,6 +10,7 @@ use prometheus::{
 pub struct Metrics {
     pub registry: Registry,
     pub connections_accepted: IntCounterVec,
+    pub worker_connections_accepted: IntCounterVec,
     pub connections_active: IntGaugeVec,
     pub http_requests: IntCounterVec,
     pub http_request_duration: HistogramVec,
@@ -115,6 +116,11 @@ impl Metrics {
                 "wsgate_connections_accepted_total",
                 "Client connections accepted",
                 &["listener"],
+            ),
+            worker_connections_accepted: counter(
+                "wsgate_worker_connections_accepted_total",
+                "Client connections accepted by each worker runtime's socket of a listener (per-worker runtimes only)",
+                &["listener", "worker"],
             ),
             connections_active: gauge(
                 "wsgate_connections_active",

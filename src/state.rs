@@ -120,11 +120,14 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// `workers`: the worker runtimes client connections are served on (0: the caller's runtime alone),
+    /// each of which gets a backend connection pool of its own.
     pub fn new(
         config: Config,
         loaded: Loaded,
         metrics: Metrics,
         reload_requests: mpsc::Sender<ReloadRequest>,
+        workers: usize,
     ) -> Shared {
         let tasks = TaskTracker::new();
         let scopes = Scopes::default();
@@ -135,7 +138,7 @@ impl Shared {
             scopes,
             metrics,
             buffers: BufferPool::default(),
-            upstream: Arc::new(Upstream::new(tasks.clone())),
+            upstream: Arc::new(Upstream::new(tasks.clone(), workers)),
             shutdown,
             tasks,
             loaded_at: Mutex::new(SystemTime::now()),

@@ -1,6 +1,6 @@
 //! Connections to backends: the connect (TCP, then TLS for a TLS backend: `tls_client.rs`), the stream
 //! both give (`stream.rs`), and keep-alive HTTP/1.1 connections, pooled per backend address and TLS
-//! client.
+//! client, and per worker runtime when the gateway has several.
 //!
 //! wsgate keeps its own small pool (rather than a generic client) so that a request whose backend cannot be
 //! reached is still whole and can go to the next backend, and so that a pooled connection the backend
@@ -31,7 +31,8 @@ use tokio_util::task::TaskTracker;
 use crate::body::BoxError;
 use crate::config::split_host_port;
 
-/// Idle connections kept per backend address and TLS client; more are closed.
+/// Idle connections kept per backend address and TLS client, in each worker runtime's pool; more are
+/// closed.
 const MAX_IDLE_PER_BACKEND: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
@@ -123,14 +124,24 @@ pub struct PoolKey {
     /// The client a connection was opened for, when it began with a PROXY header naming that client:
     /// such a connection serves no one else.
     pub client: Option<SocketAddr>,
+    /// The worker runtime whose idle connections are used (0 with one runtime): the client
+    /// connection's. A backend connection's task runs on the runtime that opened it, so a request served
+    /// on another worker's thread would wake that thread for every read and write.
+    pub worker: usize,
 }
 
 impl PoolKey {
-    pub fn new(addr: &str, tls: Option<&BackendTls>, client: Option<SocketAddr>) -> PoolKey {
+    pub fn new(
+        addr: &str,
+        tls: Option<&BackendTls>,
+        client: Option<SocketAddr>,
+        worker: usize,
+    ) -> PoolKey {
         PoolKey {
             addr: addr.to_string(),
             tls: tls.map(BackendTls::id),
             client,
+            worker,
         }
     }
 }
@@ -142,21 +153,30 @@ struct Idle {
     sender: Sender,
 }
 
+/// Idle connections by address; the few TLS clients an address may be reached with share its list.
+type IdleLists = HashMap<String, Vec<Idle>>;
+
 pub struct Upstream {
-    /// By address first, so a checkout looks up a borrowed `&str`; the few TLS clients an address may
-    /// be reached with share its list.
-    idle: Mutex<HashMap<String, Vec<Idle>>>,
+    /// One pool per worker runtime (one in all with one runtime), each only ever locked from its own
+    /// worker's thread on the request path. By address first, so a checkout looks up a borrowed `&str`.
+    idle: Vec<Mutex<IdleLists>>,
     /// The gateway's task tracker: each backend connection's task is tracked, so shutdown waits for the
     /// ones still carrying a response (idle ones are dropped first, see `retain`).
     tasks: TaskTracker,
 }
 
 impl Upstream {
-    pub fn new(tasks: TaskTracker) -> Upstream {
+    /// A pool for each of `workers` runtimes (at least one).
+    pub fn new(tasks: TaskTracker, workers: usize) -> Upstream {
         Upstream {
-            idle: Mutex::default(),
+            idle: (0..workers.max(1)).map(|_| Mutex::default()).collect(),
             tasks,
         }
+    }
+
+    /// The idle connections of `worker`.
+    fn idle(&self, worker: usize) -> &Mutex<IdleLists> {
+        &self.idle[worker % self.idle.len()]
     }
 
     /// A sender ready for one request to `key.addr` (over TLS with `tls`, beginning with `preamble` for
@@ -194,7 +214,10 @@ impl Upstream {
     }
 
     fn pop(&self, key: &PoolKey) -> Option<Sender> {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let mut idle = self
+            .idle(key.worker)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let list = idle.get_mut(key.addr.as_str())?;
         // The most recently used first; with one way of reaching the address, the last entry.
         let at = list
@@ -208,7 +231,10 @@ impl Upstream {
         if sender.is_closed() {
             return;
         }
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let mut idle = self
+            .idle(key.worker)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         // Once the gateway shuts down (its tracker closed), a connection is not kept for later: its
         // task would hold the shutdown up until the drain timeout. Asked under the lock, which shutdown
         // takes after closing the tracker to empty the pool: a connection is either seen closed here or
@@ -228,14 +254,16 @@ impl Upstream {
         }
     }
 
-    /// Closes idle connections `keep` (given the address and the TLS client) refuses: those to backends
-    /// a reload removed, or made with a TLS client it replaced.
+    /// Closes idle connections `keep` (given the address and the TLS client) refuses, every worker's:
+    /// those to backends a reload removed, or made with a TLS client it replaced.
     pub fn retain(&self, keep: impl Fn(&str, Option<ClientId>) -> bool) {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        idle.retain(|addr, list| {
-            list.retain(|i| keep(addr, i.tls));
-            !list.is_empty()
-        });
+        for idle in &self.idle {
+            let mut idle = idle.lock().unwrap_or_else(|p| p.into_inner());
+            idle.retain(|addr, list| {
+                list.retain(|i| keep(addr, i.tls));
+                !list.is_empty()
+            });
+        }
     }
 }
 

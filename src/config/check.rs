@@ -123,6 +123,18 @@ impl Checker<'_> {
                 None
             }
         });
+        let runtime = match file.runtime.as_ref().map(|r| (r.get_ref().as_str(), r)) {
+            None | Some(("shared", _)) => RuntimeModel::Shared,
+            Some(("per_worker", _)) => RuntimeModel::PerWorker,
+            Some((other, text)) => {
+                self.error(
+                    text.span().start,
+                    "runtime",
+                    format!("unknown runtime `{other}` (expected \"shared\" or \"per_worker\")"),
+                );
+                RuntimeModel::default()
+            }
+        };
         let admin = file.admin.as_ref().and_then(|a| self.admin(a));
         let dns = self.dns(file.dns.as_ref());
         let t = &file.timeouts;
@@ -220,6 +232,7 @@ impl Checker<'_> {
         Config {
             source: None,
             workers,
+            runtime,
             admin,
             dns,
             timeouts,

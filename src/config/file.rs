@@ -15,6 +15,7 @@ pub type Text = Spanned<String>;
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     pub workers: Option<Spanned<i64>>,
+    pub runtime: Option<Text>,
     pub admin: Option<FileAdmin>,
     pub dns: Option<FileDns>,
     #[serde(default)]

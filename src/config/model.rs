@@ -56,6 +56,8 @@ pub struct Config {
     pub source: Option<PathBuf>,
     /// Runtime worker threads; `None` means one per core.
     pub workers: Option<usize>,
+    /// How the worker threads share the work (read by the binary, like `workers`).
+    pub runtime: RuntimeModel,
     pub admin: Option<AdminConfig>,
     /// How DNS names of discovered backends are resolved.
     pub dns: DnsConfig,
@@ -65,6 +67,28 @@ pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     pub routes: Vec<RouteConfig>,
     pub pools: BTreeMap<String, PoolConfig>,
+}
+
+/// How the binary runs its worker threads (`runtime` in the file). With one worker both models are the
+/// same current-thread runtime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RuntimeModel {
+    /// One multi-thread runtime whose threads steal work from each other; each listener is one socket.
+    #[default]
+    Shared,
+    /// One current-thread runtime per worker thread, each with its own socket of every listener
+    /// (SO_REUSEPORT): a connection lives on the thread that accepted it, start to end.
+    PerWorker,
+}
+
+impl RuntimeModel {
+    /// The value as the config file spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            RuntimeModel::Shared => "shared",
+            RuntimeModel::PerWorker => "per_worker",
+        }
+    }
 }
 
 /// Timeouts of the HTTP side. None of them applies to an upgraded connection: tunnels have their own

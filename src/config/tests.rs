@@ -31,6 +31,7 @@ fn top_level_defaults() {
     let c = parse(MINIMAL);
     assert_eq!(c.source, None);
     assert_eq!(c.workers, None, "one worker per core");
+    assert_eq!(c.runtime, RuntimeModel::Shared, "one shared runtime");
     assert_eq!(c.admin, None, "no admin listener unless asked");
     assert_eq!(c.listeners.len(), 1);
     assert_eq!(c.listeners[0].name, "main");
@@ -134,7 +135,7 @@ fn zero_means_off_where_documented() {
 #[test]
 fn given_values_replace_the_defaults() {
     let text = format!(
-        "workers = 4\n[admin]\nlisten = \"127.0.0.1:9090\"\n[timeouts]\nconnect = \"250ms\"\nhttp_idle = \"2m\"\n\
+        "workers = 4\nruntime = \"per_worker\"\n[admin]\nlisten = \"127.0.0.1:9090\"\n[timeouts]\nconnect = \"250ms\"\nhttp_idle = \"2m\"\n\
          [limits]\nmax_header_size = \"16KiB\"\nmax_connections = 10\n{}",
         MINIMAL.replace(
             "backends = [ { addr = \"10.0.0.1:9000\" } ]",
@@ -143,6 +144,7 @@ fn given_values_replace_the_defaults() {
     );
     let c = parse(&text);
     assert_eq!(c.workers, Some(4));
+    assert_eq!(c.runtime, RuntimeModel::PerWorker);
     assert_eq!(
         c.admin.map(|a| a.listen),
         Some("127.0.0.1:9090".parse().unwrap())
@@ -242,4 +244,35 @@ fn http_version_errors_name_the_key() {
     );
     let unknown = format!("[http2]\nconnection_window = \"1MiB\"\n{MINIMAL}");
     assert!(errors(&unknown).contains("t.toml:2: http2: unknown field `connection_window`"));
+}
+
+#[test]
+fn the_runtime_model_is_one_of_two_names() {
+    for (text, model) in [
+        ("shared", RuntimeModel::Shared),
+        ("per_worker", RuntimeModel::PerWorker),
+    ] {
+        let c = parse(&format!("runtime = \"{text}\"\n{MINIMAL}"));
+        assert_eq!(c.runtime, model);
+        assert_eq!(model.name(), text, "named as the file spells it");
+    }
+    // The command line's spelling (`per-worker`), another case or an empty value are not the file's.
+    for bad in ["per-worker", "Shared", "", "threads"] {
+        let text = format!("workers = 2\nruntime = \"{bad}\"\n{MINIMAL}");
+        let errors = Config::from_toml(&text, "t.toml").expect_err(bad).0;
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        let e = &errors[0];
+        assert_eq!(
+            (e.file.as_str(), e.line, e.key.as_str()),
+            ("t.toml", 2, "runtime")
+        );
+        assert_eq!(
+            e.message,
+            format!("unknown runtime `{bad}` (expected \"shared\" or \"per_worker\")")
+        );
+    }
+    // A value of another type is serde's to refuse, with its line and key.
+    let text = format!("runtime = 2\n{MINIMAL}");
+    let errors = Config::from_toml(&text, "t.toml").expect_err("a number").0;
+    assert_eq!((errors[0].line, errors[0].key.as_str()), (1, "runtime"));
 }

@@ -94,7 +94,8 @@ async fn proxy(
         // A connection that begins with a PROXY header names one client: it is pooled for that client
         // connection alone.
         let client = backend.proxy_protocol.map(|_| conn.peer);
-        let key = PoolKey::new(&backend.addr, backend.tls.as_ref(), client);
+        let worker = conn.listener.worker;
+        let key = PoolKey::new(&backend.addr, backend.tls.as_ref(), client, worker);
         let preamble = preamble(&backend, conn);
         let connect_timeout = config.timeouts.connect;
         let checkout =

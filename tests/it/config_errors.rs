@@ -72,6 +72,17 @@ fn unknown_top_level_key_is_named_with_its_line() {
 }
 
 #[test]
+fn an_unknown_runtime_model_is_named_with_its_line() {
+    let text = format!("workers = 2\nruntime = \"threads\"\n{BASE}");
+    assert_one_error(
+        &text,
+        2,
+        "runtime",
+        "unknown runtime `threads` (expected \"shared\" or \"per_worker\")",
+    );
+}
+
+#[test]
 fn unknown_key_inside_a_route_is_named_with_its_line() {
     let text = BASE.replace("name = \"r\"\n", "name = \"r\"\npaht_prefix = \"/ws\"\n");
     assert_one_error(&text, 7, "route[0]", "unknown field `paht_prefix`");

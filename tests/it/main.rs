@@ -27,6 +27,7 @@ mod hostile;
 mod http_proxy;
 mod layers;
 mod operations;
+mod per_worker;
 mod proxy_protocol;
 mod resolver;
 mod tls;
