@@ -28,13 +28,13 @@ use crate::websocket::Transport;
 
 /// Ciphertext asked of the socket per read: two full records, so that a bulk transfer is read in few
 /// system calls.
-const READ_SIZE: usize = 32 << 10;
+pub const READ_SIZE: usize = 32 << 10;
 /// Plaintext encrypted per write at most; the rest of a larger write is taken by the next call.
-const WRITE_SIZE: usize = 64 << 10;
+pub const WRITE_SIZE: usize = 64 << 10;
 /// The most ciphertext held before it makes sense: rustls refuses a handshake message over 64 KiB and a
 /// record over 16 KiB plus its overhead, so a buffer this full that still cannot be processed is a peer's
 /// fault.
-const MAX_INCOMING: usize = (64 << 10) + READ_SIZE;
+pub const MAX_INCOMING: usize = (64 << 10) + READ_SIZE;
 /// A partial record left in a buffer this many times its size is copied into one of its own size.
 const SHRINK_FACTOR: usize = 4;
 /// The largest record payload a peer may send (TLS 1.2's limit, above TLS 1.3's; RFC 5246 §6.2.3).
@@ -148,9 +148,10 @@ impl<C: Side, IO> TlsSession<C, IO> {
         }
     }
 
-    /// Bytes of buffer the session holds now (allocated capacity): zero while it is quiet.
-    #[cfg(test)]
-    fn buffered_capacity(&self) -> usize {
+    /// Bytes of buffer the session holds now (allocated capacity): zero while it is quiet. For tests and
+    /// fuzzing (`wsgate::internals`), which check that a quiet session holds none and a busy one a bounded
+    /// amount.
+    pub fn buffered_capacity(&self) -> usize {
         self.incoming.capacity() + self.plaintext.capacity() + self.outgoing.capacity()
     }
 
