@@ -240,24 +240,27 @@ impl<C: Side, IO> TlsSession<C, IO> {
     }
 
     /// After a fatal error rustls has the alert that tells the peer why: queue it, to be written if the
-    /// socket takes it at once.
+    /// socket takes it at once. rustls is asked only while it has something to send (it hands that out
+    /// before it looks at any record): with nothing queued it would go back to the records, given none
+    /// here, and a handshake message it was joining in place in the real buffer would be looked for past
+    /// the end of the empty one (rustls panics). The session is over, so what was encoded needs no
+    /// `TransmitTlsData::done`.
     fn queue_alerts(&mut self) {
         for _ in 0..4 {
+            if !self.conn.wants_write() {
+                return;
+            }
             let status = self.conn.process(&mut []);
-            match status.state {
-                Ok(ConnectionState::EncodeTlsData(mut encode)) => {
-                    let queued =
-                        grow_into(&mut self.outgoing, 64, |buf| match encode.encode(buf) {
-                            Ok(n) => Ok(Ok(n)),
-                            Err(EncodeError::InsufficientSize(e)) => Ok(Err(e.required_size)),
-                            Err(e) => Err(io::Error::other(e.to_string())),
-                        });
-                    if queued.is_err() {
-                        return;
-                    }
-                }
-                Ok(ConnectionState::TransmitTlsData(transmit)) => transmit.done(),
-                _ => return,
+            let Ok(ConnectionState::EncodeTlsData(mut encode)) = status.state else {
+                return;
+            };
+            let queued = grow_into(&mut self.outgoing, 64, |buf| match encode.encode(buf) {
+                Ok(n) => Ok(Ok(n)),
+                Err(EncodeError::InsufficientSize(e)) => Ok(Err(e.required_size)),
+                Err(e) => Err(io::Error::other(e.to_string())),
+            });
+            if queued.is_err() {
+                return;
             }
         }
     }
@@ -908,6 +911,39 @@ mod tests {
             read.expect_err("refused").kind(),
             io::ErrorKind::InvalidData
         );
+    }
+
+    /// A handshake record holding the start of a ClientHello longer than rustls takes fails the handshake,
+    /// and nothing panics. (Found by the `tls_session` fuzz target: rustls queues no alert for this
+    /// error, so the session, asking for one with an empty buffer, made rustls look again for the message
+    /// it was joining in place in the real buffer, and rustls panicked slicing past the end of the empty
+    /// one.)
+    #[tokio::test]
+    async fn an_oversized_client_hello_is_refused_without_a_panic() {
+        let (server_config, _) = configs();
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut client = TcpStream::connect(addr).await.expect("connect");
+        let (tcp, _) = listener.accept().await.expect("accept");
+        // A handshake record of 8 bytes: a ClientHello announcing 0x046dec bytes (rustls takes 64 KiB at
+        // most), and the first 4 of them.
+        client
+            .write_all(&[22, 3, 1, 0, 8, 1, 4, 0x6d, 0xec, 3, 3, 0, 0])
+            .await
+            .expect("send");
+        let result = tokio::time::timeout(LIMIT, accept(tcp, server_config))
+            .await
+            .expect("in time");
+        assert_eq!(
+            result.err().expect("refused").kind(),
+            io::ErrorKind::InvalidData
+        );
+        // The connection ends (rustls has no alert to send for this one).
+        let mut answer = Vec::new();
+        tokio::time::timeout(LIMIT, client.read_to_end(&mut answer))
+            .await
+            .expect("closed in time")
+            .expect("read");
     }
 
     /// Bytes that are not TLS fail the handshake, and the peer hears why.
