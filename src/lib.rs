@@ -58,8 +58,8 @@ pub use gateway::{
 pub use tls::TlsError;
 
 /// wsgate's internals that its benchmarks and fuzz targets (`benches/`, `fuzz/`) drive directly: the
-/// hand-written parsers of untrusted bytes and the frame scanner, reachable without a socket. Not part of
-/// the supported API.
+/// hand-written parsers of untrusted bytes, the frame scanner, and the TLS session wsgate drives itself,
+/// reachable without a socket. Not part of the supported API.
 #[doc(hidden)]
 pub mod internals {
     pub use crate::admission::Scopes;
@@ -70,6 +70,11 @@ pub mod internals {
     pub use crate::http1::{MAX_CHUNK_LINE, MAX_HEAD, MAX_HEADERS, MAX_RELAYED_BODY};
     pub use crate::origin::{OriginList, OriginPattern, OriginPatternError, OriginRefusal};
     pub use crate::state::{Loaded, State};
+    /// A client's TLS session over any stream, and the sizes its buffers are bounded by: for the
+    /// `tls_session` fuzz target.
+    pub use crate::tls::session::{
+        MAX_INCOMING, READ_SIZE, ServerSession, WRITE_SIZE, accept as tls_accept,
+    };
     pub use crate::upstream::TlsClients;
     pub use crate::websocket::{BUFFER_SIZE, frame, scanner};
     pub use tokio_util::sync::CancellationToken;

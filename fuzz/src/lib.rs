@@ -12,3 +12,4 @@ pub mod proxy_header_target;
 pub mod reference;
 pub mod scanner_target;
 pub mod seeds;
+pub mod tls_session_target;

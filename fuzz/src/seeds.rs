@@ -497,6 +497,193 @@ pub fn proxy_header() -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
+/// Seeds for the `tls_session` target (layout in `tls_session_target.rs`): raw streams starting with a
+/// real ClientHello (or not TLS at all), and scripts over a real client's session that touch each thing
+/// the session does: records cut into small reads, data larger than the reader's buffer, key updates,
+/// `close_notify` both ways, writes held back, corruptions, EOF, stream errors.
+pub fn tls_session() -> Vec<(String, Vec<u8>)> {
+    use crate::tls_session_target::client_hello;
+    use crate::tls_session_target::script::*;
+    let raw_mode = |hello: &[u8], read_piece: u8, eof_after: bool| {
+        let mut out = start(false, false, false, read_piece, 0);
+        for chunk in hello.chunks(700) {
+            raw(&mut out, chunk);
+        }
+        if eof_after {
+            eof(&mut out);
+        }
+        read(&mut out, 1);
+        out
+    };
+    let hello13 = client_hello(false);
+    let hello12 = client_hello(true);
+    let raw_seeds: Vec<(&str, Vec<u8>)> = vec![
+        ("raw-hello13", raw_mode(&hello13, 0, false)),
+        ("raw-hello12", raw_mode(&hello12, 0, false)),
+        ("raw-hello13-bytewise", raw_mode(&hello13, 1, false)),
+        (
+            "raw-hello12-cut",
+            raw_mode(&hello12[..hello12.len() / 2], 0, true),
+        ),
+        ("raw-hello13-eof", raw_mode(&hello13, 0, true)),
+        (
+            "raw-http",
+            raw_mode(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", 0, false),
+        ),
+        (
+            "raw-hello-in-one-byte-records",
+            // A ClientHello announcing 60000 bytes, then its bytes one per record: more than
+            // `MAX_INCOMING` before it is whole.
+            {
+                let mut out = start(false, false, false, 0, 0);
+                raw(&mut out, &[22, 3, 1, 0, 4, 1, 0, 0xea, 0x60]);
+                let records: Vec<u8> = (0..60u8).flat_map(|i| [22, 3, 1, 0, 1, i]).collect();
+                for _ in 0..2 {
+                    raw_times(&mut out, &records, 255);
+                }
+                read(&mut out, 1);
+                out
+            },
+        ),
+        (
+            "raw-oversized",
+            raw_mode(&[22, 3, 1, 0xff, 0xff, 1, 0, 0xff, 0xfb], 0, false),
+        ),
+    ];
+    let mut seeds: Vec<(String, Vec<u8>)> = raw_seeds
+        .into_iter()
+        .map(|(name, bytes)| (name.to_string(), bytes))
+        .collect();
+    for tls12 in [false, true] {
+        let v = if tls12 { "12" } else { "13" };
+        let name = |s: &str| format!("{s}-{v}");
+        // ChaCha20 for TLS 1.2 (no explicit nonce in its records), AES-128-GCM for 1.3.
+        let new = |read_piece: u8, write_piece: u8| start(true, tls12, tls12, read_piece, write_piece);
+
+        let mut s = new(0, 0);
+        client_data(&mut s, 100, 16 << 10);
+        read(&mut s, 4096);
+        write(&mut s, 50);
+        client_read(&mut s);
+        seeds.push((name("echo"), s));
+
+        let mut s = new(1, 7);
+        client_data(&mut s, 40_000, 16 << 10);
+        for _ in 0..5 {
+            read(&mut s, 100);
+        }
+        read_all(&mut s, 1000);
+        seeds.push((name("small-reads-bytewise-handshake"), s));
+
+        let mut s = new(0, 0);
+        read_piece(&mut s, 1);
+        client_data(&mut s, 300, 100);
+        read_all(&mut s, 64);
+        read_piece(&mut s, 210);
+        client_data(&mut s, 30_000, 1000);
+        read_all(&mut s, 16 << 10);
+        seeds.push((name("trickle"), s));
+
+        let mut s = new(0, 0);
+        let_through(&mut s, Some(0));
+        client_data(&mut s, 2000, 500);
+        for n in [3, 2, 500, 7, 1000] {
+            let_through(&mut s, Some(n));
+            read(&mut s, 300);
+        }
+        let_through(&mut s, None);
+        read_all(&mut s, 300);
+        seeds.push((name("let-through-in-pieces"), s));
+
+        let mut s = new(0, 0);
+        key_update(&mut s);
+        client_data(&mut s, 100, 100);
+        key_update(&mut s);
+        key_update(&mut s);
+        read_all(&mut s, 50);
+        write(&mut s, 100);
+        flush(&mut s);
+        client_read(&mut s);
+        client_data(&mut s, 100, 100);
+        read_all(&mut s, 50);
+        seeds.push((name("key-updates"), s));
+
+        let mut s = new(0, 0);
+        for _ in 0..34 {
+            key_update(&mut s);
+        }
+        read_all(&mut s, 50);
+        seeds.push((name("too-many-key-updates"), s));
+
+        let mut s = new(0, 0);
+        client_data(&mut s, 5000, 16 << 10);
+        close_notify(&mut s);
+        read_all(&mut s, 1000);
+        read(&mut s, 10);
+        write(&mut s, 10);
+        shutdown(&mut s);
+        client_read(&mut s);
+        seeds.push((name("close-both-ways"), s));
+
+        let mut s = new(0, 0);
+        client_data(&mut s, 20_000, 16 << 10);
+        flip(&mut s, 17_000, 0x40);
+        read_all(&mut s, 100);
+        read(&mut s, 100);
+        seeds.push((name("flipped"), s));
+
+        let mut s = new(0, 0);
+        client_data(&mut s, 3000, 1000);
+        raw(
+            &mut s,
+            &[
+                23, 3, 3, 0, 20, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19,
+                20,
+            ],
+        );
+        client_data(&mut s, 100, 100);
+        read_all(&mut s, 10);
+        seeds.push((name("raw-record-after-data"), s));
+
+        let mut s = new(0, 0);
+        raw(&mut s, &[23, 3, 3, 0xff, 0xff, 1, 2, 3]);
+        read(&mut s, 10);
+        seeds.push((name("oversized-header"), s));
+
+        let mut s = new(0, 0);
+        client_data(&mut s, 1000, 300);
+        let_through(&mut s, Some(700));
+        eof(&mut s);
+        read_all(&mut s, 100);
+        seeds.push((name("eof-mid-record"), s));
+
+        let mut s = new(0, 0);
+        write_budget(&mut s, Some(0), 0);
+        write(&mut s, 50_000);
+        key_update(&mut s);
+        client_data(&mut s, 500, 100);
+        read_all(&mut s, 100);
+        write(&mut s, 10);
+        write_budget(&mut s, Some(3000), 100);
+        flush(&mut s);
+        write_budget(&mut s, None, 0);
+        flush(&mut s);
+        client_read(&mut s);
+        seeds.push((name("writes-held-back"), s));
+
+        let mut s = new(0, 0);
+        client_data(&mut s, 100, 100);
+        read_all(&mut s, 100);
+        fail(&mut s, 1);
+        read(&mut s, 100);
+        write(&mut s, 10);
+        fail(&mut s, 2);
+        write(&mut s, 10);
+        seeds.push((name("stream-errors"), s));
+    }
+    seeds
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -521,6 +708,13 @@ mod tests {
         }
         for (_, text) in admin_tokens() {
             crate::admin_tokens_target::run(text.as_bytes());
+        }
+        for (name, bytes) in tls_session() {
+            crate::tls_session_target::run(&bytes);
+            assert!(
+                bytes.len() < 4096,
+                "{name}: over libFuzzer's default max_len"
+            );
         }
         for (name, bytes) in proxy_header() {
             crate::proxy_header_target::run(&bytes);
@@ -581,6 +775,9 @@ mod tests {
         }
         for (name, text) in admin_tokens() {
             write("admin_tokens", &name, text.as_bytes());
+        }
+        for (name, bytes) in tls_session() {
+            write("tls_session", &name, &bytes);
         }
     }
 }

@@ -28,13 +28,13 @@ use crate::websocket::Transport;
 
 /// Ciphertext asked of the socket per read: two full records, so that a bulk transfer is read in few
 /// system calls.
-const READ_SIZE: usize = 32 << 10;
+pub const READ_SIZE: usize = 32 << 10;
 /// Plaintext encrypted per write at most; the rest of a larger write is taken by the next call.
-const WRITE_SIZE: usize = 64 << 10;
+pub const WRITE_SIZE: usize = 64 << 10;
 /// The most ciphertext held before it makes sense: rustls refuses a handshake message over 64 KiB and a
 /// record over 16 KiB plus its overhead, so a buffer this full that still cannot be processed is a peer's
 /// fault.
-const MAX_INCOMING: usize = (64 << 10) + READ_SIZE;
+pub const MAX_INCOMING: usize = (64 << 10) + READ_SIZE;
 /// A partial record left in a buffer this many times its size is copied into one of its own size.
 const SHRINK_FACTOR: usize = 4;
 /// The largest record payload a peer may send (TLS 1.2's limit, above TLS 1.3's; RFC 5246 §6.2.3).
@@ -104,6 +104,11 @@ pub struct TlsSession<C, IO> {
     eof: bool,
     /// Our `close_notify` has been queued.
     close_queued: bool,
+    /// Processing failed (rustls refused what the peer sent and queued its alert, or reached a state the
+    /// session cannot handle): the session is over. rustls is not called again (it would refuse the same
+    /// record again and queue a second fatal alert); reads return the plaintext decrypted before the
+    /// failure, then this error every time, and writes fail with it.
+    failed: Option<(io::ErrorKind, String)>,
 }
 
 impl<C: Side, IO> TlsSession<C, IO> {
@@ -119,6 +124,7 @@ impl<C: Side, IO> TlsSession<C, IO> {
             peer_closed: false,
             eof: false,
             close_queued: false,
+            failed: None,
         }
     }
 
@@ -145,12 +151,14 @@ impl<C: Side, IO> TlsSession<C, IO> {
             peer_closed: self.peer_closed,
             eof: self.eof,
             close_queued: self.close_queued,
+            failed: self.failed,
         }
     }
 
-    /// Bytes of buffer the session holds now (allocated capacity): zero while it is quiet.
-    #[cfg(test)]
-    fn buffered_capacity(&self) -> usize {
+    /// Bytes of buffer the session holds now (allocated capacity): zero while it is quiet. For tests and
+    /// fuzzing (`wsgate::internals`), which check that a quiet session holds none and a busy one a bounded
+    /// amount.
+    pub fn buffered_capacity(&self) -> usize {
         self.incoming.capacity() + self.plaintext.capacity() + self.outgoing.capacity()
     }
 
@@ -168,10 +176,32 @@ impl<C: Side, IO> TlsSession<C, IO> {
         self.incoming.len() >= 5 + len || len > MAX_RECORD
     }
 
+    /// The error processing failed with, again (`failed`).
+    fn failure(&self) -> Option<io::Error> {
+        let (kind, message) = self.failed.as_ref()?;
+        Some(io::Error::new(*kind, message.clone()))
+    }
+
     /// Processes every whole record received, until rustls wants more bytes: decrypted data goes to `out`
     /// while it has room, the rest to `plaintext`; handshake messages and alerts rustls answers with are
-    /// queued on `outgoing`. With `write`, also encrypts into `outgoing` once the session may send.
+    /// queued on `outgoing`. With `write`, also encrypts into `outgoing` once the session may send. Once
+    /// this failed, it fails again without processing anything (`failed`).
     fn process(
+        &mut self,
+        out: Option<&mut ReadBuf<'_>>,
+        write: Option<&mut Encrypt<'_, C::Data>>,
+    ) -> io::Result<Step> {
+        if let Some(error) = self.failure() {
+            return Err(error);
+        }
+        let step = self.process_records(out, write);
+        if let Err(error) = &step {
+            self.failed = Some((error.kind(), error.to_string()));
+        }
+        step
+    }
+
+    fn process_records(
         &mut self,
         mut out: Option<&mut ReadBuf<'_>>,
         mut write: Option<&mut Encrypt<'_, C::Data>>,
@@ -239,24 +269,27 @@ impl<C: Side, IO> TlsSession<C, IO> {
     }
 
     /// After a fatal error rustls has the alert that tells the peer why: queue it, to be written if the
-    /// socket takes it at once.
+    /// socket takes it at once. rustls is asked only while it has something to send (it hands that out
+    /// before it looks at any record): with nothing queued it would go back to the records, given none
+    /// here, and a handshake message it was joining in place in the real buffer would be looked for past
+    /// the end of the empty one (rustls panics). The session is over, so what was encoded needs no
+    /// `TransmitTlsData::done`.
     fn queue_alerts(&mut self) {
         for _ in 0..4 {
+            if !self.conn.wants_write() {
+                return;
+            }
             let status = self.conn.process(&mut []);
-            match status.state {
-                Ok(ConnectionState::EncodeTlsData(mut encode)) => {
-                    let queued =
-                        grow_into(&mut self.outgoing, 64, |buf| match encode.encode(buf) {
-                            Ok(n) => Ok(Ok(n)),
-                            Err(EncodeError::InsufficientSize(e)) => Ok(Err(e.required_size)),
-                            Err(e) => Err(io::Error::other(e.to_string())),
-                        });
-                    if queued.is_err() {
-                        return;
-                    }
-                }
-                Ok(ConnectionState::TransmitTlsData(transmit)) => transmit.done(),
-                _ => return,
+            let Ok(ConnectionState::EncodeTlsData(mut encode)) = status.state else {
+                return;
+            };
+            let queued = grow_into(&mut self.outgoing, 64, |buf| match encode.encode(buf) {
+                Ok(n) => Ok(Ok(n)),
+                Err(EncodeError::InsufficientSize(e)) => Ok(Err(e.required_size)),
+                Err(e) => Err(io::Error::other(e.to_string())),
+            });
+            if queued.is_err() {
+                return;
             }
         }
     }
@@ -408,15 +441,28 @@ impl<C: Side, IO: AsyncRead + AsyncWrite + Unpin> TlsSession<C, IO> {
                 }
                 return Poll::Ready(Ok(()));
             }
+            if let Some(error) = self.failure() {
+                return Poll::Ready(Err(error));
+            }
             if self.has_record() {
-                self.process(Some(out), None)?;
-                // Whatever processing queued (a key update's answer) goes out now if the socket takes it,
-                // else with the next write or read.
-                if self.sent < self.outgoing.len() {
-                    let _ = self.poll_send(cx)?;
-                }
+                let processed = self.process(Some(out), None);
+                // Whatever processing queued (a key update's answer, an alert) goes out now if the socket
+                // takes it, else with the next write or read.
+                let sent = if self.sent < self.outgoing.len() {
+                    self.poll_send(cx)
+                } else {
+                    Poll::Ready(Ok(()))
+                };
+                // Data decrypted before a failure is returned first: an error with it would lose it (the
+                // caller does not look at its buffer), and the rest would come after the error. The
+                // session's failure is returned by the next read, once `plaintext` is read; the socket's is
+                // met again by the next write or flush.
                 if out.filled().len() > before {
                     return Poll::Ready(Ok(()));
+                }
+                processed?;
+                if let Poll::Ready(Err(error)) = sent {
+                    return Poll::Ready(Err(error));
                 }
                 if self.has_plaintext() {
                     continue;
@@ -492,7 +538,13 @@ impl<C: Side + Unpin, IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsSess
 /// socket, so an idle tunnel neither reads nor holds a buffer.
 impl<C: Side + Unpin + Send> Transport for TlsSession<C, TcpStream> {
     fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.has_plaintext() || self.has_record() || self.peer_closed || self.eof {
+        // A failure is ready too: the record that caused it may be gone (rustls consumed it).
+        if self.has_plaintext()
+            || self.has_record()
+            || self.peer_closed
+            || self.eof
+            || self.failed.is_some()
+        {
             return Poll::Ready(Ok(()));
         }
         // Anything still queued (session tickets, a key update's answer) is written while the tunnel waits.
@@ -890,6 +942,130 @@ mod tests {
         );
     }
 
+    /// The records a client connection has queued, as bytes for the wire.
+    fn records(conn: &mut rustls::ClientConnection) -> Vec<u8> {
+        let mut wire = Vec::new();
+        while conn.wants_write() {
+            conn.write_tls(&mut wire).expect("write_tls");
+        }
+        wire
+    }
+
+    /// A record that does not decrypt, after one that does, arriving together: the good record's data
+    /// is read whole (the reader's buffer is smaller than it), then every read fails. (Found by the
+    /// `tls_session` fuzz target: the failing read dropped what it had put in the caller's buffer, and the
+    /// next read returned the rest of the record, after the error.)
+    #[tokio::test]
+    async fn data_before_a_corrupt_record_is_read_then_reads_keep_failing() {
+        let Pair { mut server, client } = pair().await;
+        let (mut tcp, mut conn) = client.into_inner();
+        let data = pattern(100);
+        std::io::Write::write_all(&mut conn.writer(), &data).expect("plaintext");
+        let mut wire = records(&mut conn);
+        std::io::Write::write_all(&mut conn.writer(), &[7; 50]).expect("plaintext");
+        let mut bad = records(&mut conn);
+        bad[10] ^= 1;
+        wire.extend_from_slice(&bad);
+        tcp.write_all(&wire).await.expect("send");
+        let mut got = Vec::new();
+        let mut buf = [0u8; 10];
+        let error = loop {
+            let read = tokio::time::timeout(LIMIT, server.read(&mut buf))
+                .await
+                .expect("in time");
+            match read {
+                Ok(0) => panic!("EOF instead of an error"),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(error) => break error,
+            }
+        };
+        assert_eq!(got, data, "the data before the corrupt record");
+        assert_eq!(error.kind(), io::ErrorKind::InvalidData);
+        for _ in 0..2 {
+            let again = tokio::time::timeout(LIMIT, server.read(&mut buf))
+                .await
+                .expect("in time");
+            assert!(again.is_err(), "a read after the error: {again:?}");
+        }
+    }
+
+    /// A session that failed does not call rustls again: the client gets one fatal alert however often
+    /// the session is read and written after it. (Found by the `tls_session` fuzz target: each read
+    /// processed the record that had failed once more, and rustls queued another alert; in a debug build
+    /// rustls panics on the second, `assertion failed: !self.sent_fatal_alert`.)
+    #[tokio::test]
+    async fn a_failed_session_sends_one_alert_and_stays_failed() {
+        let (server_config, client_config) = configs();
+        // No tickets: after the handshake the server has nothing to send but the alert.
+        let mut server_config = (*server_config).clone();
+        server_config.send_tls13_tickets = 0;
+        let Pair { mut server, client } = pair_with(Arc::new(server_config), client_config).await;
+        let (mut tcp, mut conn) = client.into_inner();
+        std::io::Write::write_all(&mut conn.writer(), b"corrupted").expect("plaintext");
+        let mut wire = records(&mut conn);
+        wire[8] ^= 1;
+        tcp.write_all(&wire).await.expect("send");
+        let mut buf = [0u8; 16];
+        for _ in 0..3 {
+            let read = tokio::time::timeout(LIMIT, server.read(&mut buf))
+                .await
+                .expect("in time");
+            assert_eq!(
+                read.expect_err("refused").kind(),
+                io::ErrorKind::InvalidData
+            );
+        }
+        assert!(
+            server.write(b"more").await.is_err(),
+            "a write after the error"
+        );
+        let _ = server.flush().await;
+        drop(server);
+        let mut answer = Vec::new();
+        tokio::time::timeout(LIMIT, tcp.read_to_end(&mut answer))
+            .await
+            .expect("in time")
+            .expect("the server's bytes");
+        let mut count = 0;
+        let mut rest = &answer[..];
+        while rest.len() >= 5 {
+            let len = usize::from(u16::from_be_bytes([rest[3], rest[4]]));
+            rest = &rest[(5 + len).min(rest.len())..];
+            count += 1;
+        }
+        assert_eq!(count, 1, "records after the failure: {answer:?}");
+    }
+
+    /// A tunnel waiting for readiness after reading the data that came with a failure is woken for the
+    /// failure, not left waiting on a socket with nothing more to come. The client's 33rd key update in a
+    /// row is refused (rustls' limit) and consumed, so no record is left to make the session readable.
+    #[tokio::test]
+    async fn a_tunnel_reads_the_data_then_the_failure_that_came_with_it() {
+        let Pair { mut server, client } = pair().await;
+        let (mut tcp, mut conn) = client.into_inner();
+        let data = pattern(100);
+        std::io::Write::write_all(&mut conn.writer(), &data).expect("plaintext");
+        for _ in 0..33 {
+            conn.refresh_traffic_keys().expect("key update");
+        }
+        tcp.write_all(&records(&mut conn)).await.expect("send");
+        let mut got = Vec::new();
+        let mut buf = [0u8; 10];
+        let error = loop {
+            let read = tokio::time::timeout(LIMIT, tunnel_read(&mut server, &mut buf))
+                .await
+                .expect("in time: readiness came");
+            match read {
+                Ok(0) => panic!("EOF instead of an error"),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(error) => break error,
+            }
+        };
+        assert_eq!(got, data, "the data before the refused key update");
+        assert_eq!(error.kind(), io::ErrorKind::InvalidData);
+        drop(tcp);
+    }
+
     /// A record header announcing more than any record may hold is refused at once, with an alert, not
     /// waited for.
     #[tokio::test]
@@ -907,6 +1083,39 @@ mod tests {
             read.expect_err("refused").kind(),
             io::ErrorKind::InvalidData
         );
+    }
+
+    /// A handshake record holding the start of a ClientHello longer than rustls takes fails the handshake,
+    /// and nothing panics. (Found by the `tls_session` fuzz target: rustls queues no alert for this
+    /// error, so the session, asking for one with an empty buffer, made rustls look again for the message
+    /// it was joining in place in the real buffer, and rustls panicked slicing past the end of the empty
+    /// one.)
+    #[tokio::test]
+    async fn an_oversized_client_hello_is_refused_without_a_panic() {
+        let (server_config, _) = configs();
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut client = TcpStream::connect(addr).await.expect("connect");
+        let (tcp, _) = listener.accept().await.expect("accept");
+        // A handshake record of 8 bytes: a ClientHello announcing 0x046dec bytes (rustls takes 64 KiB at
+        // most), and the first 4 of them.
+        client
+            .write_all(&[22, 3, 1, 0, 8, 1, 4, 0x6d, 0xec, 3, 3, 0, 0])
+            .await
+            .expect("send");
+        let result = tokio::time::timeout(LIMIT, accept(tcp, server_config))
+            .await
+            .expect("in time");
+        assert_eq!(
+            result.err().expect("refused").kind(),
+            io::ErrorKind::InvalidData
+        );
+        // The connection ends (rustls has no alert to send for this one).
+        let mut answer = Vec::new();
+        tokio::time::timeout(LIMIT, client.read_to_end(&mut answer))
+            .await
+            .expect("closed in time")
+            .expect("read");
     }
 
     /// Bytes that are not TLS fail the handshake, and the peer hears why.
