@@ -18,7 +18,7 @@ use std::task::{Context, Poll, ready};
 use bytes::BytesMut;
 use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
 use rustls::unbuffered::{
-    ConnectionState, EncodeError, EncryptError, UnbufferedStatus, WriteTraffic,
+    ConnectionState, EncodeError, EncodeTlsData, EncryptError, UnbufferedStatus, WriteTraffic,
 };
 use rustls::{CommonState, ServerConfig};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -226,11 +226,7 @@ impl<C: Side, IO> TlsSession<C, IO> {
                     None
                 }
                 ConnectionState::EncodeTlsData(mut encode) => {
-                    grow_into(&mut self.outgoing, 512, |buf| match encode.encode(buf) {
-                        Ok(n) => Ok(Ok(n)),
-                        Err(EncodeError::InsufficientSize(e)) => Ok(Err(e.required_size)),
-                        Err(e) => Err(io::Error::other(e.to_string())),
-                    })?;
+                    encode_into(&mut self.outgoing, 512, &mut encode)?;
                     None
                 }
                 // What was encoded sits in `outgoing`, which is written before the session waits on
@@ -283,12 +279,7 @@ impl<C: Side, IO> TlsSession<C, IO> {
             let Ok(ConnectionState::EncodeTlsData(mut encode)) = status.state else {
                 return;
             };
-            let queued = grow_into(&mut self.outgoing, 64, |buf| match encode.encode(buf) {
-                Ok(n) => Ok(Ok(n)),
-                Err(EncodeError::InsufficientSize(e)) => Ok(Err(e.required_size)),
-                Err(e) => Err(io::Error::other(e.to_string())),
-            });
-            if queued.is_err() {
+            if encode_into(&mut self.outgoing, 64, &mut encode).is_err() {
                 return;
             }
         }
@@ -590,6 +581,19 @@ fn deliver(payload: &[u8], out: &mut Option<&mut ReadBuf<'_>>, rest: &mut Vec<u8
 /// at most 16 KiB, with room to spare for TLS 1.2's explicit nonce.
 fn overhead(len: usize) -> usize {
     (len / (16 << 10) + 1) * 64
+}
+
+/// Appends a handshake message or alert rustls has for the peer to `out`.
+fn encode_into<D>(
+    out: &mut Vec<u8>,
+    guess: usize,
+    encode: &mut EncodeTlsData<'_, D>,
+) -> io::Result<()> {
+    grow_into(out, guess, |buf| match encode.encode(buf) {
+        Ok(n) => Ok(Ok(n)),
+        Err(EncodeError::InsufficientSize(e)) => Ok(Err(e.required_size)),
+        Err(e) => Err(io::Error::other(e.to_string())),
+    })
 }
 
 /// Appends what `fill` writes to `out`, giving it `guess` bytes first and what it asks for if that is too
