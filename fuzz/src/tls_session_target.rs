@@ -104,14 +104,15 @@ use wsgate::internals::{MAX_INCOMING, READ_SIZE, ServerSession, WRITE_SIZE, tls_
 /// The most buffer a session may hold at any time (`buffered_capacity`), from `src/tls/session.rs`:
 ///
 /// - `incoming`: a read is made only while it holds less than `MAX_INCOMING`, into room reserved
-///   `READ_SIZE` at a time; `BytesMut` at most doubles an allocation it grows, so its capacity stays
-///   under 2 × (`MAX_INCOMING` + `READ_SIZE`).
+///   exactly `READ_SIZE` at a time behind what it holds, so its capacity stays under `MAX_INCOMING` +
+///   `READ_SIZE`.
 /// - `plaintext`: decrypted from what `incoming` held (a record's plaintext is shorter than the record),
-///   and only when it was empty before (a read serves it first); `Vec` doubles too: the same again.
+///   and only when it was empty before (a read serves it first); `Vec` at most doubles an allocation it
+///   grows: twice that.
 /// - `outgoing`: one write's records (`WRITE_SIZE` plus their overhead) behind what is left of the
 ///   previous batch (a write waits for it), plus alerts and handshake messages (a key update's answer):
 ///   2 × (`WRITE_SIZE` + 16 KiB).
-pub const BOUND: usize = 4 * (MAX_INCOMING + READ_SIZE) + 2 * (WRITE_SIZE + (16 << 10));
+pub const BOUND: usize = 3 * (MAX_INCOMING + READ_SIZE) + 2 * (WRITE_SIZE + (16 << 10));
 
 /// The most buffer a session held in this process (`most_held`).
 static MOST_HELD: AtomicUsize = AtomicUsize::new(0);

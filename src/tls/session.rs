@@ -15,7 +15,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use bytes::BytesMut;
 use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
 use rustls::unbuffered::{
     ConnectionState, EncodeError, EncodeTlsData, EncryptError, UnbufferedStatus, WriteTraffic,
@@ -91,7 +90,7 @@ pub struct TlsSession<C, IO> {
     conn: C,
     io: IO,
     /// Ciphertext read and not yet processed: a partial record, usually nothing (and then no allocation).
-    incoming: BytesMut,
+    incoming: Received,
     /// Plaintext decrypted and not yet read, from `plain_pos` on (a record larger than the caller's buffer).
     plaintext: Vec<u8>,
     plain_pos: usize,
@@ -116,7 +115,7 @@ impl<C: Side, IO> TlsSession<C, IO> {
         TlsSession {
             conn,
             io,
-            incoming: BytesMut::new(),
+            incoming: Received::default(),
             plaintext: Vec::new(),
             plain_pos: 0,
             outgoing: Vec::new(),
@@ -169,11 +168,12 @@ impl<C: Side, IO> TlsSession<C, IO> {
     /// Whether processing `incoming` could make progress: it holds a whole record, or a record header
     /// rustls would refuse (a length no record may have), which is better refused at once than waited for.
     fn has_record(&self) -> bool {
-        if self.incoming.len() < 5 {
+        let held = self.incoming.bytes();
+        if held.len() < 5 {
             return false;
         }
-        let len = usize::from(u16::from_be_bytes([self.incoming[3], self.incoming[4]]));
-        self.incoming.len() >= 5 + len || len > MAX_RECORD
+        let len = usize::from(u16::from_be_bytes([held[3], held[4]]));
+        held.len() >= 5 + len || len > MAX_RECORD
     }
 
     /// The error processing failed with, again (`failed`).
@@ -207,11 +207,12 @@ impl<C: Side, IO> TlsSession<C, IO> {
         mut write: Option<&mut Encrypt<'_, C::Data>>,
     ) -> io::Result<Step> {
         loop {
-            let UnbufferedStatus { mut discard, state } = self.conn.process(&mut self.incoming[..]);
+            let UnbufferedStatus { mut discard, state } =
+                self.conn.process(self.incoming.bytes_mut());
             let state = match state {
                 Ok(state) => state,
                 Err(error) => {
-                    let _ = self.incoming.split_to(discard);
+                    self.incoming.consume(discard);
                     self.queue_alerts();
                     return Err(tls_error(error));
                 }
@@ -256,9 +257,8 @@ impl<C: Side, IO> TlsSession<C, IO> {
                     return Err(io::Error::other(format!("unexpected TLS state {other:?}")));
                 }
             };
-            let _ = self.incoming.split_to(discard);
+            self.incoming.consume(discard);
             if let Some(step) = step {
-                self.release_incoming();
                 return Ok(step);
             }
         }
@@ -282,15 +282,6 @@ impl<C: Side, IO> TlsSession<C, IO> {
             if encode_into(&mut self.outgoing, 64, &mut encode).is_err() {
                 return;
             }
-        }
-    }
-
-    /// Frees `incoming` once it is empty, and moves a partial record out of a much larger buffer.
-    fn release_incoming(&mut self) {
-        if self.incoming.is_empty() {
-            self.incoming = BytesMut::new();
-        } else if self.incoming.capacity() > SHRINK_FACTOR * self.incoming.len() {
-            self.incoming = BytesMut::from(&self.incoming[..]);
         }
     }
 
@@ -364,25 +355,22 @@ impl<C: Side, IO: AsyncRead + AsyncWrite + Unpin> TlsSession<C, IO> {
                 "TLS peer sent more than a record or handshake message can hold",
             )));
         }
-        if self.incoming.capacity() - self.incoming.len() < READ_SIZE / 2 {
-            self.incoming.reserve(READ_SIZE);
-        }
-        let read =
-            match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.incoming) {
-                Poll::Ready(Ok(n)) => n,
-                Poll::Ready(Err(error)) => {
-                    self.release_incoming();
-                    return Poll::Ready(Err(error));
-                }
-                // Nothing came: a quiet session gives its read buffer back.
-                Poll::Pending => {
-                    self.release_incoming();
-                    return Poll::Pending;
-                }
-            };
+        let room = self.incoming.room();
+        let read = match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, room) {
+            Poll::Ready(Ok(n)) => n,
+            Poll::Ready(Err(error)) => {
+                self.incoming.release();
+                return Poll::Ready(Err(error));
+            }
+            // Nothing came: a quiet session gives its read buffer back.
+            Poll::Pending => {
+                self.incoming.release();
+                return Poll::Pending;
+            }
+        };
         if read == 0 {
             self.eof = true;
-            self.release_incoming();
+            self.incoming.release();
         }
         Poll::Ready(Ok(read))
     }
@@ -542,7 +530,12 @@ impl<C: Side + Unpin + Send> Transport for TlsSession<C, TcpStream> {
         if self.sent < self.outgoing.len() {
             let _ = self.poll_send(cx)?;
         }
-        self.io.poll_read_ready(cx)
+        let ready = self.io.poll_read_ready(cx);
+        if ready.is_pending() {
+            // The tunnel waits: a partial record is kept in a buffer of its own size.
+            self.incoming.release();
+        }
+        ready
     }
 
     fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
@@ -561,6 +554,71 @@ impl<C: Side + Unpin + Send> Transport for TlsSession<C, TcpStream> {
 
     fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.poll_shutdown_plain(cx)
+    }
+}
+
+/// Ciphertext read and not yet processed: `buf[start..]`. A `Vec` with a start rather than a `BytesMut`
+/// split as records are consumed, so that `capacity` is the allocation held, which `release` compares
+/// with what is left in it.
+#[derive(Default)]
+struct Received {
+    buf: Vec<u8>,
+    start: usize,
+}
+
+impl Received {
+    fn bytes(&self) -> &[u8] {
+        &self.buf[self.start..]
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.buf[self.start..]
+    }
+
+    fn len(&self) -> usize {
+        self.buf.len() - self.start
+    }
+
+    fn capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+
+    /// Drops the first `n` bytes (rustls' `discard`: processed records); an emptied buffer is freed.
+    fn consume(&mut self, n: usize) {
+        self.start = (self.start + n).min(self.buf.len());
+        if self.start == self.buf.len() {
+            self.buf = Vec::new();
+            self.start = 0;
+        }
+    }
+
+    /// The buffer to read into, with room for half a read at least: what is left is moved to the front
+    /// first, then room for a whole read is added (exactly: the allocation stays under `MAX_INCOMING` plus
+    /// a read).
+    fn room(&mut self) -> &mut Vec<u8> {
+        if self.buf.capacity() - self.buf.len() < READ_SIZE / 2 {
+            if self.start > 0 {
+                self.buf.copy_within(self.start.., 0);
+                self.buf.truncate(self.buf.len() - self.start);
+                self.start = 0;
+            }
+            if self.buf.capacity() - self.buf.len() < READ_SIZE / 2 {
+                self.buf.reserve_exact(READ_SIZE);
+            }
+        }
+        &mut self.buf
+    }
+
+    /// For a session about to wait: frees the buffer if it is empty, and moves a partial record out of a
+    /// buffer many times its size into one of its own.
+    fn release(&mut self) {
+        if self.len() == 0 {
+            self.buf = Vec::new();
+            self.start = 0;
+        } else if self.buf.capacity() > SHRINK_FACTOR * self.len() {
+            self.buf = self.bytes().to_vec();
+            self.start = 0;
+        }
     }
 }
 
@@ -788,6 +846,61 @@ mod tests {
             0,
             "an idle session kept a buffer"
         );
+    }
+
+    /// A partial record at the end of a full read is kept, while the tunnel waits for the rest, in a
+    /// buffer of its own size rather than in the read's. (Before, the buffer's size was read after the
+    /// processed records were split off its front, which counts only what is left: a partial record at the
+    /// end of the buffer looked small enough to keep it.)
+    #[tokio::test]
+    async fn a_partial_record_waits_in_a_buffer_of_its_size() {
+        let Pair { mut server, client } = pair().await;
+        let (mut tcp, mut conn) = client.into_inner();
+        let first = pattern(16 << 10);
+        std::io::Write::write_all(&mut conn.writer(), &first).expect("plaintext");
+        let mut wire = records(&mut conn);
+        let overhead = wire.len() - first.len();
+        // A second record sized so that the two whole records and `partial` bytes of a third fill one read.
+        let partial = 100;
+        let second = pattern(READ_SIZE - wire.len() - partial - overhead);
+        std::io::Write::write_all(&mut conn.writer(), &second).expect("plaintext");
+        wire.extend_from_slice(&records(&mut conn));
+        let third = pattern(1000);
+        std::io::Write::write_all(&mut conn.writer(), &third).expect("plaintext");
+        let last = records(&mut conn);
+        wire.extend_from_slice(&last[..partial]);
+        assert_eq!(wire.len(), READ_SIZE);
+        tcp.write_all(&wire).await.expect("send");
+        let mut buf = vec![0u8; 64 << 10];
+        let mut got = Vec::new();
+        while got.len() < first.len() + second.len() {
+            let n = tokio::time::timeout(LIMIT, tunnel_read(&mut server, &mut buf))
+                .await
+                .expect("in time")
+                .expect("read");
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(got, [first, second].concat());
+        // The tunnel waits for more (the socket may still look readable after a full read: the read
+        // that finds it empty says so): the partial record is all the session holds.
+        let waiting = std::future::poll_fn(|cx| {
+            let waiting = Transport::poll_read_ready(&mut server, cx).is_pending()
+                || Transport::poll_read(&mut server, cx, &mut buf).is_pending();
+            Poll::Ready(waiting)
+        })
+        .await;
+        assert!(waiting, "data read from part of a record");
+        let held = server.buffered_capacity();
+        assert!(
+            held <= SHRINK_FACTOR * partial,
+            "{held} bytes held for a {partial}-byte partial record"
+        );
+        tcp.write_all(&last[partial..]).await.expect("send");
+        let n = tokio::time::timeout(LIMIT, tunnel_read(&mut server, &mut buf))
+            .await
+            .expect("in time")
+            .expect("read");
+        assert_eq!(buf[..n], third);
     }
 
     /// A record that arrives a byte at a time is held until whole, then read.
