@@ -5,6 +5,7 @@
 use std::fmt::Write;
 use std::net::IpAddr;
 
+use bytes::Bytes;
 use http::HeaderMap;
 use http::header::{self, HeaderName, HeaderValue};
 
@@ -137,20 +138,39 @@ pub fn check_request(headers: &HeaderMap, upgrade: bool) -> Result<(), BadReques
 /// Removes hop-by-hop headers, including every header the `Connection` header lists (except the
 /// `PROTECTED` ones).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-            .filter(|name| !PROTECTED.contains(&name))
-            .collect();
-        for name in named {
-            headers.remove(name);
+    // Every request and response goes through here, and most carry none of these or only `Connection:
+    // keep-alive`: the names present are found in one pass over the head (compared, not hashed), and
+    // only those are removed. The tokens `Connection` lists are mostly `close` (no header's name) or
+    // names of the list (found already); any other is parsed as a name to remove.
+    let mut doomed: Vec<HeaderName> = Vec::new();
+    for name in headers.keys() {
+        if HOP_BY_HOP.contains(&name) {
+            doomed.push(name.clone());
         }
     }
-    for name in HOP_BY_HOP {
+    if doomed.is_empty() {
+        return;
+    }
+    let listed = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|token| {
+            !token.eq_ignore_ascii_case("close")
+                && !HOP_BY_HOP
+                    .iter()
+                    .any(|h| h.as_str().eq_ignore_ascii_case(token))
+        });
+    for token in listed {
+        if let Ok(name) = HeaderName::from_bytes(token.as_bytes())
+            && !PROTECTED.contains(&&name)
+        {
+            doomed.push(name);
+        }
+    }
+    for name in doomed {
         headers.remove(name);
     }
 }
@@ -163,39 +183,118 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// alone, so a client cannot put an address of its choosing where a backend looks for the client's.
 /// (`X-Forwarded-For` keeps what came before wsgate, as proxies chain it; its last entry is wsgate's.)
 pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr, tls: bool) {
-    let mut forwarded_for: Vec<&str> = headers
-        .get_all(&X_FORWARDED_FOR)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|v| !v.is_empty())
-        .collect();
-    let client_text = client.to_string();
-    forwarded_for.push(&client_text);
-    let forwarded_for = forwarded_for.join(", ");
-    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
+    // Every proxied request goes through here: the address is written once, by hand for IPv4 (the
+    // formatting machinery cost more than the rest of the function), and each value is built in one
+    // buffer that becomes the header value without a copy.
+    let ip = IpText::new(client);
+    let ip = ip.as_bytes();
+    let mut forwarded_for = Vec::new();
+    for value in headers.get_all(&X_FORWARDED_FOR) {
+        let Ok(text) = value.to_str() else { continue };
+        let text = text.trim();
+        if !text.is_empty() {
+            forwarded_for.extend_from_slice(text.as_bytes());
+            forwarded_for.extend_from_slice(b", ");
+        }
+    }
+    forwarded_for.extend_from_slice(ip);
+    if let Ok(value) = HeaderValue::from_maybe_shared(Bytes::from(forwarded_for)) {
         headers.insert(X_FORWARDED_FOR.clone(), value);
     }
-    let proto = if tls { "https" } else { "http" };
-    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
-    let mut forwarded = match client {
-        IpAddr::V4(ip) => format!("for={ip};proto={proto}"),
-        IpAddr::V6(ip) => format!("for=\"[{ip}]\";proto={proto}"),
-    };
-    if let Some(host) = headers.get(header::HOST).cloned() {
+    let proto: &[u8] = if tls { b"https" } else { b"http" };
+    headers.insert(
+        X_FORWARDED_PROTO.clone(),
+        HeaderValue::from_static(if tls { "https" } else { "http" }),
+    );
+    let host = headers.get(header::HOST).cloned();
+    let mut forwarded =
+        Vec::with_capacity(ip.len() + 32 + host.as_ref().map_or(0, HeaderValue::len));
+    match client {
+        IpAddr::V4(_) => {
+            forwarded.extend_from_slice(b"for=");
+            forwarded.extend_from_slice(ip);
+        }
+        IpAddr::V6(_) => {
+            forwarded.extend_from_slice(b"for=\"[");
+            forwarded.extend_from_slice(ip);
+            forwarded.extend_from_slice(b"]\"");
+        }
+    }
+    forwarded.extend_from_slice(b";proto=");
+    forwarded.extend_from_slice(proto);
+    if let Some(host) = host {
         // Quoted-string rules (RFC 7239 §4): a host with a quote or backslash is left out, not escaped.
-        if let Ok(text) = host.to_str()
-            && !text.contains(['"', '\\'])
-        {
-            let _ = write!(forwarded, ";host=\"{text}\"");
+        // (A header value holds no control characters but tab, which a quoted string may hold.)
+        let text = host.as_bytes();
+        if !text.iter().any(|b| matches!(b, b'"' | b'\\') || *b >= 0x80) {
+            forwarded.extend_from_slice(b";host=\"");
+            forwarded.extend_from_slice(text);
+            forwarded.push(b'"');
         }
         headers.insert(X_FORWARDED_HOST.clone(), host);
     }
-    if let Ok(value) = HeaderValue::from_str(&forwarded) {
+    if let Ok(value) = HeaderValue::from_maybe_shared(Bytes::from(forwarded)) {
         headers.insert(header::FORWARDED, value);
     }
-    if let Ok(value) = HeaderValue::from_str(&client_text) {
+    if let Ok(value) = HeaderValue::from_bytes(ip) {
         headers.insert(X_REAL_IP.clone(), value);
+    }
+}
+
+/// An IP address as text, on the stack.
+struct IpText {
+    buf: [u8; 45],
+    len: usize,
+}
+
+impl IpText {
+    fn new(ip: IpAddr) -> IpText {
+        let mut text = IpText {
+            buf: [0; 45],
+            len: 0,
+        };
+        match ip {
+            IpAddr::V4(ip) => {
+                for (i, octet) in ip.octets().into_iter().enumerate() {
+                    if i > 0 {
+                        text.push(b'.');
+                    }
+                    if octet >= 100 {
+                        text.push(b'0' + octet / 100);
+                    }
+                    if octet >= 10 {
+                        text.push(b'0' + octet / 10 % 10);
+                    }
+                    text.push(b'0' + octet % 10);
+                }
+            }
+            // The longest IPv6 text (an IPv4-mapped address in full) is 45 bytes: it fits.
+            IpAddr::V6(ip) => {
+                let _ = write!(text, "{ip}");
+            }
+        }
+        text
+    }
+
+    fn push(&mut self, byte: u8) {
+        if let Some(slot) = self.buf.get_mut(self.len) {
+            *slot = byte;
+            self.len += 1;
+        }
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl std::fmt::Write for IpText {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let end = self.len + s.len();
+        let slot = self.buf.get_mut(self.len..end).ok_or(std::fmt::Error)?;
+        slot.copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
     }
 }
 
@@ -267,6 +366,26 @@ mod tests {
     }
 
     #[test]
+    fn connection_lists_over_several_lines_and_repeats_are_followed() {
+        let mut h = HeaderMap::new();
+        h.append("connection", HeaderValue::from_static("close"));
+        h.append("connection", HeaderValue::from_static("x-a, X-A ,, x-b"));
+        h.insert("x-a", HeaderValue::from_static("1"));
+        h.insert("x-b", HeaderValue::from_static("2"));
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        h.insert("x-kept", HeaderValue::from_static("yes"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h["x-kept"], "yes");
+        // Nothing to strip: the head stays as it was.
+        let mut h = HeaderMap::new();
+        h.insert("x-kept", HeaderValue::from_static("yes"));
+        h.insert("host", HeaderValue::from_static("example.com"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 2);
+    }
+
+    #[test]
     fn connection_cannot_remove_end_to_end_headers() {
         let mut h = HeaderMap::new();
         h.insert(
@@ -327,6 +446,28 @@ mod tests {
                 .unwrap()
                 .starts_with("for=\"[::1]\";proto=http")
         );
+    }
+
+    #[test]
+    fn addresses_are_written_as_the_standard_library_writes_them() {
+        let mut addresses: Vec<IpAddr> = [
+            "0.0.0.0",
+            "255.255.255.255",
+            "10.0.100.9",
+            "1.20.199.200",
+            "::",
+            "::1",
+            "2001:db8::8a2e:370:7334",
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+            "::ffff:255.255.255.255",
+        ]
+        .iter()
+        .map(|a| a.parse().unwrap())
+        .collect();
+        addresses.extend((0..=255u8).map(|o| IpAddr::from([o, 255 - o, o / 3, o / 10])));
+        for ip in addresses {
+            assert_eq!(IpText::new(ip).as_bytes(), ip.to_string().as_bytes());
+        }
     }
 
     #[test]
