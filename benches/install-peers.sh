@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs the peer proxies and load tools the benchmark compares against:
 # nginx, HAProxy, wrk, h2load (Debian package nghttp2-client, for the `h2`
-# scenario) and the openssl command line (RSA certificates, `--tls-key
-# rsa2048`). Idempotent: does nothing when all are present.
+# scenario), the openssl command line (RSA certificates, `--tls-key
+# rsa2048`), and valgrind and python3 for instructions-per-request.sh.
+# Idempotent: does nothing when all are present.
 # Needs root (or sudo) and Debian/Ubuntu apt.
 set -euo pipefail
 
@@ -12,9 +13,11 @@ command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || want+=(haproxy
 command -v wrk >/dev/null 2>&1 || want+=(wrk)
 command -v h2load >/dev/null 2>&1 || want+=(nghttp2-client)
 command -v openssl >/dev/null 2>&1 || want+=(openssl)
+command -v valgrind >/dev/null 2>&1 || want+=(valgrind)
+command -v python3 >/dev/null 2>&1 || want+=(python3)
 
 if [ ${#want[@]} -eq 0 ]; then
-    echo "install-peers: nginx, haproxy, wrk, h2load and openssl already present"
+    echo "install-peers: nginx, haproxy, wrk, h2load, openssl, valgrind and python3 already present"
     exit 0
 fi
 
