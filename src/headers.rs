@@ -201,11 +201,8 @@ pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr, tls: bool) {
     if let Ok(value) = HeaderValue::from_maybe_shared(Bytes::from(forwarded_for)) {
         headers.insert(X_FORWARDED_FOR.clone(), value);
     }
-    let proto: &[u8] = if tls { b"https" } else { b"http" };
-    headers.insert(
-        X_FORWARDED_PROTO.clone(),
-        HeaderValue::from_static(if tls { "https" } else { "http" }),
-    );
+    let proto = if tls { "https" } else { "http" };
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
     let host = headers.get(header::HOST).cloned();
     let mut forwarded =
         Vec::with_capacity(ip.len() + 32 + host.as_ref().map_or(0, HeaderValue::len));
@@ -221,10 +218,11 @@ pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr, tls: bool) {
         }
     }
     forwarded.extend_from_slice(b";proto=");
-    forwarded.extend_from_slice(proto);
+    forwarded.extend_from_slice(proto.as_bytes());
     if let Some(host) = host {
-        // Quoted-string rules (RFC 7239 §4): a host with a quote or backslash is left out, not escaped.
-        // (A header value holds no control characters but tab, which a quoted string may hold.)
+        // Quoted-string rules (RFC 7239 §4): a host with a quote, a backslash or a byte outside ASCII is
+        // left out, not escaped. (A header value holds no control character but tab, which a quoted
+        // string may hold.)
         let text = host.as_bytes();
         if !text.iter().any(|b| matches!(b, b'"' | b'\\') || *b >= 0x80) {
             forwarded.extend_from_slice(b";host=\"");
