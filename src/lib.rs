@@ -65,7 +65,11 @@ pub mod internals {
     pub use crate::admission::Scopes;
     pub use crate::config::AdminTokens;
     pub use crate::headers::{BadRequest, check_request, has_token};
-    pub use crate::http1::backend::{BackendHttpError, BodyDecoder, parse_head};
+    pub use crate::http1::backend::{BackendHttpError, BodyDecoder};
+    pub use crate::http1::message::{
+        BodyLength, BodyReader, Head, Piece, content_length, encode_chunk, encode_last_chunk,
+        parse_head, response_length,
+    };
     pub use crate::http1::request::{First, parse as parse_first_request};
     pub use crate::http1::{MAX_CHUNK_LINE, MAX_HEAD, MAX_HEADERS, MAX_RELAYED_BODY};
     pub use crate::origin::{OriginList, OriginPattern, OriginPatternError, OriginRefusal};

@@ -1,34 +1,29 @@
 //! Connections to backends: the connect (TCP, then TLS for a TLS backend: `tls_client.rs`), the stream
-//! both give (`stream.rs`), and keep-alive HTTP/1.1 connections, pooled per backend address and TLS
-//! client, and per worker runtime when the gateway has several.
+//! both give (`stream.rs`), one HTTP/1.1 request and its response on a connection (`exchange.rs`), and
+//! keep-alive connections, pooled per backend address and TLS client, and per worker runtime when the
+//! gateway has several.
 //!
 //! wsgate keeps its own small pool (rather than a generic client) so that a request whose backend cannot be
 //! reached is still whole and can go to the next backend, and so that a pooled connection the backend
 //! closed meanwhile hands the unsent request back for a retry.
 
+mod exchange;
 mod stream;
 mod tls_client;
 
+pub use exchange::{BackendConn, Exchange, ExchangeError, Recycle, Reuse, UpstreamBody};
 pub use stream::BackendStream;
 pub use tls_client::{BackendTls, ClientId, TlsClients};
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, ready};
+use std::sync::Mutex;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
-use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_util::task::TaskTracker;
 
-use crate::body::BoxError;
 use crate::config::split_host_port;
 
 /// Idle connections kept per backend address and TLS client, in each worker runtime's pool; more are
@@ -54,12 +49,6 @@ pub enum ConnectError {
         addr: String,
         #[source]
         source: std::io::Error,
-    },
-    #[error("HTTP handshake with {addr}: {source}")]
-    Handshake {
-        addr: String,
-        #[source]
-        source: hyper::Error,
     },
 }
 
@@ -112,8 +101,6 @@ pub async fn connect(
         })?
 }
 
-type Sender = SendRequest<Incoming>;
-
 /// Where a pooled connection goes: a backend address, reached plainly or with one TLS client.
 /// Connections are shared only between backends reached the same way (two pools may name one address,
 /// one plainly and one over TLS, or with different TLS settings).
@@ -125,7 +112,7 @@ pub struct PoolKey {
     /// such a connection serves no one else.
     pub client: Option<SocketAddr>,
     /// The worker runtime whose idle connections are used (0 with one runtime): the client
-    /// connection's. A backend connection's task runs on the runtime that opened it, so a request served
+    /// connection's. A backend socket is registered with the runtime that opened it, so a request served
     /// on another worker's thread would wake that thread for every read and write.
     pub worker: usize,
 }
@@ -150,7 +137,7 @@ impl PoolKey {
 struct Idle {
     tls: Option<ClientId>,
     client: Option<SocketAddr>,
-    sender: Sender,
+    conn: BackendConn,
 }
 
 /// Idle connections by address; the few TLS clients an address may be reached with share its list.
@@ -160,8 +147,7 @@ pub struct Upstream {
     /// One pool per worker runtime (one in all with one runtime), each only ever locked from its own
     /// worker's thread on the request path. By address first, so a checkout looks up a borrowed `&str`.
     idle: Vec<Mutex<IdleLists>>,
-    /// The gateway's task tracker: each backend connection's task is tracked, so shutdown waits for the
-    /// ones still carrying a response (idle ones are dropped first, see `retain`).
+    /// The gateway's task tracker: once it is closed (shutdown), no connection is pooled again.
     tasks: TaskTracker,
 }
 
@@ -179,41 +165,25 @@ impl Upstream {
         &self.idle[worker % self.idle.len()]
     }
 
-    /// A sender ready for one request to `key.addr` (over TLS with `tls`, beginning with `preamble` for
-    /// `key.client`): a pooled connection made the same way if one is alive, else a new one.
+    /// A connection for one request to `key.addr` (over TLS with `tls`, beginning with `preamble` for
+    /// `key.client`): a pooled connection made the same way if one is still open, else a new one.
     pub async fn checkout(
         &self,
         key: &PoolKey,
         tls: Option<&BackendTls>,
         preamble: &[u8],
         connect_timeout: Duration,
-    ) -> Result<Sender, ConnectError> {
-        let addr = key.addr.as_str();
-        while let Some(mut sender) = self.pop(key) {
-            if sender.is_closed() {
-                continue;
-            }
-            // A connection checked in at the end of a body may need a moment to become ready again.
-            if let Ok(Ok(())) = tokio::time::timeout(connect_timeout, sender.ready()).await {
-                return Ok(sender);
+    ) -> Result<BackendConn, ConnectError> {
+        while let Some(mut conn) = self.pop(key) {
+            if conn.is_usable() {
+                return Ok(conn);
             }
         }
-        let stream = connect(addr, tls, connect_timeout, preamble).await?;
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|source| ConnectError::Handshake {
-                addr: addr.to_string(),
-                source,
-            })?;
-        self.tasks.spawn(async move {
-            if let Err(error) = conn.await {
-                tracing::debug!(%error, "backend connection ended with an error");
-            }
-        });
-        Ok(sender)
+        let stream = connect(&key.addr, tls, connect_timeout, preamble).await?;
+        Ok(BackendConn::new(stream))
     }
 
-    fn pop(&self, key: &PoolKey) -> Option<Sender> {
+    fn pop(&self, key: &PoolKey) -> Option<BackendConn> {
         let mut idle = self
             .idle(key.worker)
             .lock()
@@ -223,33 +193,37 @@ impl Upstream {
         let at = list
             .iter()
             .rposition(|i| i.tls == key.tls && i.client == key.client)?;
-        Some(list.remove(at).sender)
+        Some(list.remove(at).conn)
     }
 
     /// Returns a connection whose last response has been read completely.
-    pub fn checkin(&self, key: &PoolKey, sender: Sender) {
-        if sender.is_closed() {
-            return;
-        }
+    pub fn checkin(&self, key: &PoolKey, conn: BackendConn) {
         let mut idle = self
             .idle(key.worker)
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        // Once the gateway shuts down (its tracker closed), a connection is not kept for later: its
-        // task would hold the shutdown up until the drain timeout. Asked under the lock, which shutdown
-        // takes after closing the tracker to empty the pool: a connection is either seen closed here or
-        // emptied there.
+        // Once the gateway shuts down (its tracker closed), a connection is not kept for later. Asked
+        // under the lock, which shutdown takes after closing the tracker to empty the pool: a connection
+        // is either seen closed here or emptied there.
         if self.tasks.is_closed() {
             return;
         }
         let list = idle.entry(key.addr.clone()).or_default();
+        // Nothing watches an idle connection: the oldest one is looked at on each return, so those the
+        // backend closed (its keep-alive timeout) do not linger while the address is in use.
+        if list
+            .first_mut()
+            .is_some_and(|oldest| !oldest.conn.is_usable())
+        {
+            list.remove(0);
+        }
         // Connections made for one client each (PROXY protocol) count against the same bound: the
         // address's idle connections stay few however many clients it serves.
         if list.iter().filter(|i| i.tls == key.tls).count() < MAX_IDLE_PER_BACKEND {
             list.push(Idle {
                 tls: key.tls,
                 client: key.client,
-                sender,
+                conn,
             });
         }
     }
@@ -264,83 +238,5 @@ impl Upstream {
                 !list.is_empty()
             });
         }
-    }
-}
-
-/// What a response body holds for its backend says whether the connection may be pooled again once the
-/// response is done (not when the backend drains).
-pub trait Reuse {
-    fn reusable(&self) -> bool;
-}
-
-/// A backend's response body on its way to the client. When it has been read to the end, its connection
-/// goes back to the pool under `key`; `held` (the backend's live-connection guard) is kept until the body
-/// is done or dropped.
-pub struct UpstreamBody<H: Reuse> {
-    inner: Incoming,
-    reuse: Option<(Arc<Upstream>, PoolKey, Sender)>,
-    held: H,
-}
-
-impl<H: Reuse> UpstreamBody<H> {
-    pub fn new(
-        inner: Incoming,
-        upstream: Arc<Upstream>,
-        key: PoolKey,
-        sender: Sender,
-        held: H,
-    ) -> UpstreamBody<H> {
-        UpstreamBody {
-            inner,
-            reuse: Some((upstream, key, sender)),
-            held,
-        }
-    }
-}
-
-impl<H: Reuse> UpstreamBody<H> {
-    fn finish(&mut self) {
-        if let Some((upstream, key, sender)) = self.reuse.take()
-            && self.held.reusable()
-        {
-            upstream.checkin(&key, sender);
-        }
-    }
-}
-
-impl<H: Reuse> Drop for UpstreamBody<H> {
-    fn drop(&mut self) {
-        // hyper never polls a body that is empty from the start (204, 304, HEAD, `Content-Length: 0`):
-        // such a response is complete all the same, and its connection reusable.
-        if self.inner.is_end_stream() {
-            self.finish();
-        }
-    }
-}
-
-impl<H: Reuse + Unpin> Body for UpstreamBody<H> {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
-        match &frame {
-            None => self.finish(),
-            Some(Ok(_)) if self.inner.is_end_stream() => self.finish(),
-            Some(Ok(_)) => {}
-            Some(Err(_)) => self.reuse = None,
-        }
-        Poll::Ready(frame.map(|f| f.map_err(Into::into)))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }

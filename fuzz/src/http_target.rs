@@ -265,8 +265,9 @@ fn read_answer(stream: &[u8], reads: &[usize]) -> Outcome {
         if has_head_end(&buf) {
             match parse_head(&buf) {
                 Err(_) => return Outcome::BadHead,
-                Ok(Some((status, headers, used))) => {
-                    let rest = buf.split_off(used);
+                Ok(Some(head)) => {
+                    let (status, headers) = (head.status, head.headers);
+                    let rest = buf.split_off(head.len);
                     if status.is_informational() && status != http::StatusCode::SWITCHING_PROTOCOLS
                     {
                         buf = rest;
@@ -398,9 +399,10 @@ pub fn backend_answer(data: &[u8]) {
     };
     assert!(body.len() <= MAX_RELAYED_BODY);
     // Compare with the reference where the framing is plainly chunked or a length.
-    let Ok(Some((_, headers, used))) = parse_head(stream) else {
+    let Ok(Some(head)) = parse_head(stream) else {
         return;
     };
+    let (headers, used) = (head.headers, head.len);
     if *status == 101 || (100..200).contains(status) || [204, 304].contains(status) {
         return;
     }

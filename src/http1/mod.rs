@@ -1,11 +1,14 @@
 //! The HTTP/1.1 wsgate speaks by hand, where a general HTTP stack would cost more than the job: the first
 //! request head of a client connection (`request.rs`), responses wsgate writes itself (`response.rs`),
-//! and the backend side of the WebSocket opening handshake (`backend.rs`). hyper serves everything else.
+//! messages toward and from backends without I/O (`message.rs`: heads, body framing, chunked coding),
+//! and the backend side of the WebSocket opening handshake (`backend.rs`). hyper serves clients
+//! otherwise; requests to backends go through `upstream::Exchange`, on `message.rs`.
 //!
 //! One set of limits for all of it, below; each parser holds at most what its limit says, whatever the
 //! peer sends.
 
 pub mod backend;
+pub mod message;
 pub mod request;
 pub mod response;
 

@@ -44,12 +44,14 @@ pub enum ProxyError {
     Unreachable,
     #[error("backend did not answer within {0:?}")]
     Timeout(Duration),
-    /// The backend's HTTP answer to a request failed (connection reset mid-answer, invalid HTTP).
-    #[error("backend request failed: {0}")]
-    Http(#[source] hyper::Error),
-    /// The backend's answer to an upgrade was not valid HTTP, or it closed before answering in full.
+    /// The backend's answer to a request or an upgrade was not valid HTTP, or the connection broke or
+    /// closed before the answer head was whole.
     #[error(transparent)]
-    Handshake(#[from] BackendHttpError),
+    Backend(#[from] BackendHttpError),
+    /// The client's request body failed before the backend answered: the client left, or sent less than
+    /// its head announced. The backend is not to blame.
+    #[error("request body failed: {0}")]
+    RequestBody(#[source] hyper::Error),
     #[error("backend answered 101 with a wrong Sec-WebSocket-Accept")]
     BadAccept,
     /// A backend answered a WebSocket over HTTP/2 with this success status instead of switching
@@ -74,7 +76,7 @@ pub enum ProxyError {
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::BadRequest(_) | ProxyError::RequestBody(_) => StatusCode::BAD_REQUEST,
             ProxyError::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::UnsupportedProtocol => StatusCode::NOT_IMPLEMENTED,
@@ -87,8 +89,7 @@ impl ProxyError {
             }
             ProxyError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Unreachable
-            | ProxyError::Http(_)
-            | ProxyError::Handshake(_)
+            | ProxyError::Backend(_)
             | ProxyError::BadAccept
             | ProxyError::NotSwitched(_) => StatusCode::BAD_GATEWAY,
         }
@@ -98,6 +99,7 @@ impl ProxyError {
     pub fn label(&self) -> &'static str {
         match self {
             ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::RequestBody(_) => "request_body",
             ProxyError::HeadTooLarge => "head_too_large",
             ProxyError::NoRoute => "no_route",
             ProxyError::UnsupportedProtocol => "unsupported_protocol",
@@ -109,10 +111,9 @@ impl ProxyError {
             }
             ProxyError::Unreachable => "backend_unreachable",
             ProxyError::Timeout(_) => "backend_timeout",
-            ProxyError::Http(_)
-            | ProxyError::Handshake(_)
-            | ProxyError::BadAccept
-            | ProxyError::NotSwitched(_) => "backend_error",
+            ProxyError::Backend(_) | ProxyError::BadAccept | ProxyError::NotSwitched(_) => {
+                "backend_error"
+            }
         }
     }
 
@@ -133,6 +134,7 @@ impl ProxyError {
         matches!(
             self,
             ProxyError::BadRequest(_)
+                | ProxyError::RequestBody(_)
                 | ProxyError::HeadTooLarge
                 | ProxyError::NoRoute
                 | ProxyError::UnsupportedProtocol
@@ -179,6 +181,7 @@ impl ProxyError {
     pub fn response(&self) -> Response<ProxyBody> {
         let text = match self {
             ProxyError::BadRequest(bad) => return bad_request(bad),
+            ProxyError::RequestBody(_) => return bad_request("request body incomplete"),
             ProxyError::HeadTooLarge => "request head too large\n",
             ProxyError::NoRoute => "no route for this request\n",
             ProxyError::UnsupportedProtocol => "only WebSocket CONNECT is supported\n",
@@ -202,10 +205,9 @@ impl ProxyError {
             }
             ProxyError::Unreachable => "backend unreachable\n",
             ProxyError::Timeout(_) => "backend did not answer in time\n",
-            ProxyError::Http(_)
-            | ProxyError::Handshake(_)
-            | ProxyError::BadAccept
-            | ProxyError::NotSwitched(_) => "backend error\n",
+            ProxyError::Backend(_) | ProxyError::BadAccept | ProxyError::NotSwitched(_) => {
+                "backend error\n"
+            }
         };
         body::text(self.status(), text)
     }
@@ -228,7 +230,7 @@ fn retry_after(status: StatusCode, after: Duration) -> Response<ProxyBody> {
 }
 
 /// 400 with the reason, and `Connection: close`.
-fn bad_request(bad: &BadRequest) -> Response<ProxyBody> {
+fn bad_request(bad: impl std::fmt::Display) -> Response<ProxyBody> {
     let mut response = body::text(StatusCode::BAD_REQUEST, format!("{bad}\n"));
     response
         .headers_mut()
@@ -251,7 +253,7 @@ mod tests {
             ProxyError::NoBackend,
             ProxyError::Unreachable,
             ProxyError::Timeout(Duration::from_secs(1)),
-            ProxyError::Handshake(BackendHttpError::Closed),
+            ProxyError::Backend(BackendHttpError::Closed),
             ProxyError::BadAccept,
             ProxyError::NotSwitched(StatusCode::OK),
             ProxyError::Origin(OriginRefusal::Missing),

@@ -1,26 +1,33 @@
 //! Forwarding ordinary HTTP requests to a backend of the route's pool, bodies streamed both ways.
 //!
 //! A backend that cannot be reached is skipped for the next one (the request is still whole then:
-//! `attempt.rs`); a backend that does not start answering within `backend_response` gets the client a 504.
+//! `attempt.rs`); a backend that does not start answering within `backend_response` gets the client a 504,
+//! and one whose body pauses longer than that is cut off. The exchange itself (`upstream::Exchange`) runs
+//! in this task: the request is written and the answer read on the backend's socket from here.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
-use http::{Request, Response, Version};
+use http::{Method, Request, Response, Version};
+use http_body::Body;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use super::ProxyError;
 use super::attempt::{Attempts, preamble};
+use crate::balancer::BackendGuard;
 use crate::body::ProxyBody;
 use crate::config::Config;
 use crate::conn::ClientConn;
-use crate::headers::{add_forwarded, strip_hop_by_hop};
+use crate::headers::{add_forwarded, has_token, strip_hop_by_hop};
+use crate::http1::message::{BodyLength, BodyReader, Head, encode_request_head, response_length};
 use crate::metrics::status_class;
 use crate::router::Route;
 use crate::state::Shared;
-use crate::upstream::{PoolKey, UpstreamBody};
+use crate::upstream::{Exchange, ExchangeError, PoolKey, Recycle, UpstreamBody};
 
 pub async fn forward(
     req: Request<Incoming>,
@@ -71,15 +78,27 @@ async fn proxy(
     conn: &ClientConn,
     shared: &Shared,
 ) -> (Result<Response<ProxyBody>, ProxyError>, Option<String>) {
-    let (mut parts, body) = req.into_parts();
+    let (mut parts, mut body) = req.into_parts();
     let pool = &route.pool;
     // The sticky key is read before the headers are rewritten (X-Forwarded-For must be the client's).
     let affinity = pool.affinity(&parts.headers, &parts.uri, conn.peer.ip());
     strip_hop_by_hop(&mut parts.headers);
     add_forwarded(&mut parts.headers, conn.peer.ip(), conn.tls);
-    parts.uri = origin_form(&parts.uri);
-    parts.version = Version::HTTP_11;
-    let mut request = Request::from_parts(parts, body);
+    // A body goes with the length the client gave (hyper holds the client to it), else in chunks.
+    let chunked = !body.is_end_stream() && !parts.headers.contains_key(header::CONTENT_LENGTH);
+    if chunked {
+        parts.headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+    }
+    // The head is encoded once, whatever backend it goes to.
+    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut head = Vec::new();
+    encode_request_head(&parts.method, target, &parts.headers, &mut head);
+    let head = Bytes::from(head);
+    let method = parts.method;
+    drop(parts.headers);
 
     let mut attempts = Attempts::new(pool, &affinity);
     let mut stale_retries = 0;
@@ -102,48 +121,93 @@ async fn proxy(
             shared
                 .upstream
                 .checkout(&key, backend.tls.as_ref(), &preamble, connect_timeout);
-        let mut sender = match checkout.await {
-            Ok(sender) => {
+        let backend_conn = match checkout.await {
+            Ok(backend_conn) => {
                 attempts.answered(&guard);
-                sender
+                backend_conn
             }
             Err(error) => match attempts.unreachable(&guard, &error) {
                 Ok(()) => continue,
                 Err(error) => return (Err(error), last_tried),
             },
         };
+        let mut exchange = Exchange::new(
+            backend_conn,
+            head.clone(),
+            body,
+            chunked,
+            method.is_idempotent(),
+        );
         let timeout = config.timeouts.backend_response;
-        let sent = tokio::time::timeout(timeout, sender.try_send_request(request)).await;
-        let error = match sent {
+        let answer = tokio::time::timeout(timeout, exchange.head()).await;
+        let error = match answer {
             Err(_) => ProxyError::Timeout(timeout),
-            Ok(Ok(response)) => {
-                let (mut parts, incoming) = response.into_parts();
-                strip_hop_by_hop(&mut parts.headers);
-                if let Some(cookie) = pool.sticky_cookie(&affinity, &backend, conn.tls) {
-                    parts.headers.append(http::header::SET_COOKIE, cookie);
-                }
-                let upstream = Arc::clone(&shared.upstream);
-                let body = UpstreamBody::new(incoming, upstream, key, sender, guard);
-                return (Ok(Response::from_parts(parts, body.boxed())), last_tried);
+            Ok(Ok(answer)) => {
+                let recycle = |keep_alive| Recycle {
+                    upstream: Arc::clone(&shared.upstream),
+                    key,
+                    keep_alive,
+                };
+                let response = response(answer, &method, exchange, recycle, guard, timeout).map(
+                    |mut response| {
+                        if let Some(cookie) = pool.sticky_cookie(&affinity, &backend, conn.tls) {
+                            response.headers_mut().append(header::SET_COOKIE, cookie);
+                        }
+                        response
+                    },
+                );
+                return (response, last_tried);
             }
-            Ok(Err(mut error)) => match error.take_message() {
-                // The pooled connection was closed by the backend before our request went out: the
-                // request is intact, so it may go again (on a fresh connection, since stale ones are
-                // skipped), and the backend is not to blame.
-                Some(unsent) => {
-                    tracing::debug!(backend = %backend.addr, error = %error.error(), "retrying on a fresh connection");
-                    request = unsent;
-                    stale_retries += 1;
-                    if stale_retries <= MAX_STALE_RETRIES {
-                        continue;
-                    }
-                    ProxyError::Unreachable
+            // The pooled connection had been closed by the backend before it answered, and the request
+            // may go again (on a fresh connection, since closed ones are skipped); the backend is not
+            // to blame.
+            Ok(Err(ExchangeError::Stale)) => {
+                tracing::debug!(backend = %backend.addr, "pooled connection was closed; retrying on another");
+                body = exchange.into_request_body();
+                stale_retries += 1;
+                if stale_retries <= MAX_STALE_RETRIES {
+                    continue;
                 }
-                None => ProxyError::Http(error.into_error()),
-            },
+                ProxyError::Unreachable
+            }
+            Ok(Err(ExchangeError::Client(error))) => ProxyError::RequestBody(error),
+            Ok(Err(ExchangeError::Backend(error))) => ProxyError::Backend(error),
         };
         return (Err(error), last_tried);
     }
+}
+
+/// The client's response from the backend's answer head: its body framed as the answer says (read from
+/// the connection as the client takes it), hop-by-hop headers removed.
+fn response(
+    answer: Head,
+    method: &Method,
+    exchange: Exchange,
+    recycle: impl FnOnce(bool) -> Recycle,
+    guard: BackendGuard,
+    pause: Duration,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let Head {
+        status,
+        version,
+        mut headers,
+        ..
+    } = answer;
+    let length = response_length(method, status, &headers)?;
+    let keep_alive = version == Version::HTTP_11
+        && length != BodyLength::UntilClose
+        && !has_token(&headers, header::CONNECTION, "close");
+    // A length beside a transfer coding is not the body's (RFC 9112 §6.3): the client must not see it.
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        headers.remove(header::CONTENT_LENGTH);
+    }
+    strip_hop_by_hop(&mut headers);
+    let reader = BodyReader::new(length);
+    let body = UpstreamBody::new(exchange, reader, recycle(keep_alive), guard, pause);
+    let mut response = Response::new(body.boxed());
+    *response.status_mut() = status;
+    *response.headers_mut() = headers;
+    Ok(response)
 }
 
 /// Requests returned unsent by pooled connections that turned out closed, before giving up.

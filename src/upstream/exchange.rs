@@ -1,0 +1,490 @@
+//! One HTTP/1.1 request on a backend connection, and its response, driven by the client connection's own
+//! task: the request head and body are written and the answer head read in one future (`Exchange`), and
+//! the response body is decoded as the client's side asks for the next piece (`UpstreamBody`), which
+//! puts the connection back in the pool once the response has been read whole.
+//!
+//! A general client would run each backend connection in a task of its own, reached through a channel
+//! per request and a second one per body: two tasks woken, and a hop each way, for every request. Here
+//! the backend's socket is read and written from the task that serves the client, and nothing runs while
+//! a pooled connection is idle (its buffer is freed; a closed one is found when it is next taken out).
+//!
+//! What is held is bounded: the answer head by `MAX_HEAD`, one read buffer while a body streams (its data
+//! is split off, not copied), a trailer section by `MAX_HEAD`. Request bodies are streamed as the client
+//! sends them: with their `Content-Length`, else chunked.
+
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker, ready};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+use tokio_util::io::poll_read_buf;
+
+use super::{BackendStream, PoolKey, Upstream};
+use crate::body::BoxError;
+use crate::http1::MAX_HEAD;
+use crate::http1::message::{
+    BackendHttpError, BodyReader, Head, Piece, encode_chunk, encode_last_chunk, head_ends_in,
+    parse_head,
+};
+
+/// Room made in the read buffer when it runs low: a response's data is split off it in pieces of up to
+/// this size.
+const READ_SIZE: usize = 16 * 1024;
+
+/// A connection to a backend that carries HTTP/1.1 requests one at a time.
+pub struct BackendConn {
+    stream: BackendStream,
+    /// Bytes read from the backend and not consumed yet; no allocation while the connection is idle.
+    buf: BytesMut,
+    /// The connection has carried a request before: a failure before any answer may be the backend's
+    /// keep-alive timeout, not a fault.
+    reused: bool,
+}
+
+impl BackendConn {
+    pub fn new(stream: BackendStream) -> BackendConn {
+        BackendConn {
+            stream,
+            buf: BytesMut::new(),
+            reused: false,
+        }
+    }
+
+    /// Whether an idle connection can carry a request: the backend has neither closed it nor sent anything
+    /// unasked. Looked at without waiting: one read attempt whose wakeup is thrown away.
+    pub fn is_usable(&mut self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut probe = [0u8; 1];
+        let mut probe = ReadBuf::new(&mut probe);
+        Pin::new(&mut self.stream)
+            .poll_read(&mut cx, &mut probe)
+            .is_pending()
+    }
+
+    /// Made ready for the pool: marked reused, its read buffer freed.
+    fn recycle(mut self) -> BackendConn {
+        self.reused = true;
+        self.buf = BytesMut::new();
+        self
+    }
+
+    /// Reads into the buffer, making room first when it runs low.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.buf.capacity() - self.buf.len() < READ_SIZE / 4 {
+            self.buf.reserve(READ_SIZE);
+        }
+        poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.buf)
+    }
+}
+
+impl Drop for BackendConn {
+    fn drop(&mut self) {
+        // A TLS backend is told the connection ends (`close_notify`), in one attempt that cannot wait:
+        // the alert is small and the socket has room for it unless the backend stopped reading.
+        if matches!(self.stream, BackendStream::Tls(_)) {
+            let mut cx = Context::from_waker(Waker::noop());
+            let _ = Pin::new(&mut self.stream).poll_shutdown(&mut cx);
+        }
+    }
+}
+
+/// The request going out: its encoded head, then the client's body as it comes.
+struct Upload {
+    body: Incoming,
+    /// The body's end has been taken from the client (and its last chunk encoded, if chunked).
+    ended: bool,
+    chunked: bool,
+    /// Encoded bytes not written yet: the head, then each piece of the body.
+    out: Bytes,
+    /// Written since the last flush (a TLS session may hold what it was given until then).
+    unflushed: bool,
+    /// Some of the client's body was taken: the request cannot be sent again.
+    took_body: bool,
+    /// Some of the request reached the socket.
+    wrote: bool,
+    /// Writing failed: the backend may still answer (it may have stopped reading on purpose).
+    failed: bool,
+}
+
+enum UploadError {
+    Client(hyper::Error),
+    Backend(io::Error),
+}
+
+impl Upload {
+    /// The request has been written whole and flushed.
+    fn is_complete(&self) -> bool {
+        self.ended && self.out.is_empty() && !self.unflushed && !self.failed
+    }
+
+    /// Writes what there is, and takes more of the client's body; ready once all of it is written.
+    fn poll(
+        &mut self,
+        stream: &mut BackendStream,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(), UploadError>> {
+        loop {
+            while !self.out.is_empty() {
+                let n = ready!(Pin::new(&mut *stream).poll_write(cx, &self.out))
+                    .map_err(UploadError::Backend)?;
+                if n == 0 {
+                    return Poll::Ready(Err(UploadError::Backend(io::ErrorKind::WriteZero.into())));
+                }
+                self.out.advance(n);
+                self.wrote = true;
+                self.unflushed = true;
+            }
+            if self.ended {
+                break;
+            }
+            let Poll::Ready(frame) = Pin::new(&mut self.body).poll_frame(cx) else {
+                break;
+            };
+            match frame {
+                None => {
+                    self.ended = true;
+                    if self.chunked {
+                        self.out = Bytes::from_static(b"0\r\n\r\n");
+                    }
+                }
+                Some(Err(error)) => return Poll::Ready(Err(UploadError::Client(error))),
+                Some(Ok(frame)) => {
+                    self.took_body = true;
+                    self.out = match frame.into_data() {
+                        Ok(data) if self.chunked => {
+                            let mut out = Vec::new();
+                            encode_chunk(&data, &mut out);
+                            out.into()
+                        }
+                        Ok(data) => data,
+                        Err(frame) => {
+                            // Trailers are the body's last frame. They travel in a chunked body only: a
+                            // body sent with its length has no place for them.
+                            self.ended = true;
+                            let mut out = Vec::new();
+                            if self.chunked {
+                                encode_last_chunk(frame.trailers_ref(), &mut out);
+                            }
+                            out.into()
+                        }
+                    };
+                }
+            }
+        }
+        if self.unflushed {
+            ready!(Pin::new(&mut *stream).poll_flush(cx)).map_err(UploadError::Backend)?;
+            self.unflushed = false;
+        }
+        if self.ended {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
+/// Why an exchange ended without an answer head.
+#[derive(Debug)]
+pub enum ExchangeError {
+    /// A reused connection ended before any answer, and the request may go again on another one: it is
+    /// idempotent or none of it was written, and none of the client's body was taken
+    /// (`Exchange::into_request_body` gives it back).
+    Stale,
+    /// The client's body failed (the client left, or sent less than its head announced).
+    Client(hyper::Error),
+    /// The backend failed: the connection broke or closed, or its answer was not HTTP.
+    Backend(BackendHttpError),
+}
+
+/// One request on a backend connection, until the answer head.
+pub struct Exchange {
+    conn: BackendConn,
+    upload: Upload,
+    /// The request may be sent again after a stale connection even if written (RFC 9110 §9.2.2).
+    idempotent: bool,
+    /// Some of the answer has arrived.
+    answered: bool,
+    /// The first bytes of `conn.buf` that hold no head end.
+    searched: usize,
+}
+
+impl Exchange {
+    /// `head` is the encoded request head; `body` goes behind it with its `Content-Length` (the head
+    /// carries it) or, if `chunked`, in chunks (the head says `Transfer-Encoding: chunked`).
+    pub fn new(
+        conn: BackendConn,
+        head: Bytes,
+        body: Incoming,
+        chunked: bool,
+        idempotent: bool,
+    ) -> Exchange {
+        Exchange {
+            conn,
+            upload: Upload {
+                body,
+                ended: false,
+                chunked,
+                out: head,
+                unflushed: false,
+                took_body: false,
+                wrote: false,
+                failed: false,
+            },
+            idempotent,
+            answered: false,
+            searched: 0,
+        }
+    }
+
+    /// Writes the request and reads until the answer head, skipping interim (1xx) answers.
+    pub async fn head(&mut self) -> Result<Head, ExchangeError> {
+        poll_fn(|cx| self.poll_head(cx)).await
+    }
+
+    fn poll_head(&mut self, cx: &mut Context<'_>) -> Poll<Result<Head, ExchangeError>> {
+        if let Poll::Ready(Err(UploadError::Client(error))) = self.poll_upload(cx) {
+            return Poll::Ready(Err(ExchangeError::Client(error)));
+        }
+        loop {
+            let buf = &mut self.conn.buf;
+            if head_ends_in(buf, self.searched) {
+                let parsed = parse_head(buf).map_err(ExchangeError::Backend)?;
+                if let Some(head) = parsed {
+                    buf.advance(head.len);
+                    self.searched = 0;
+                    if head.status == http::StatusCode::SWITCHING_PROTOCOLS {
+                        return Poll::Ready(Err(ExchangeError::Backend(
+                            BackendHttpError::Invalid("101 to a request that asked for no upgrade"),
+                        )));
+                    }
+                    if head.status.is_informational() {
+                        continue;
+                    }
+                    return Poll::Ready(Ok(head));
+                }
+            }
+            if buf.len() >= MAX_HEAD {
+                return Poll::Ready(Err(ExchangeError::Backend(BackendHttpError::Invalid(
+                    "answer head too large",
+                ))));
+            }
+            self.searched = buf.len();
+            match ready!(self.conn.poll_fill(cx)) {
+                Ok(0) => return Poll::Ready(Err(self.ended(BackendHttpError::Closed))),
+                Ok(_) => self.answered = true,
+                Err(error) => return Poll::Ready(Err(self.ended(error.into()))),
+            }
+        }
+    }
+
+    /// Moves the request along. A failed write is kept quiet: the backend may answer all the same (a 413
+    /// for a body it will not take), and the connection is not reused after it.
+    fn poll_upload(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), UploadError>> {
+        if self.upload.failed || self.upload.is_complete() {
+            return Poll::Ready(Ok(()));
+        }
+        match ready!(self.upload.poll(&mut self.conn.stream, cx)) {
+            Ok(()) => Poll::Ready(Ok(())),
+            Err(UploadError::Backend(error)) => {
+                tracing::debug!(%error, "writing the request to the backend failed");
+                self.upload.failed = true;
+                Poll::Ready(Ok(()))
+            }
+            Err(client) => {
+                self.upload.failed = true;
+                Poll::Ready(Err(client))
+            }
+        }
+    }
+
+    /// The connection ended before an answer head: stale (the request goes again), or the backend's fault.
+    fn ended(&self, error: BackendHttpError) -> ExchangeError {
+        let replayable = self.idempotent || !self.upload.wrote;
+        if self.conn.reused && !self.answered && !self.upload.took_body && replayable {
+            ExchangeError::Stale
+        } else {
+            ExchangeError::Backend(error)
+        }
+    }
+
+    /// The client's body, for another attempt after `ExchangeError::Stale` (none of it was taken).
+    pub fn into_request_body(self) -> Incoming {
+        self.upload.body
+    }
+}
+
+/// What a response body holds for its backend says whether the connection may be pooled again once the
+/// response is done (not when the backend drains).
+pub trait Reuse {
+    fn reusable(&self) -> bool;
+}
+
+/// Where a finished exchange's connection goes.
+pub struct Recycle {
+    pub upstream: Arc<Upstream>,
+    pub key: PoolKey,
+    /// The answer allows another request on the connection (HTTP/1.1 without `Connection: close`, a
+    /// body that does not end with the connection).
+    pub keep_alive: bool,
+}
+
+/// A backend's response body on its way to the client, read from the connection as the client's side
+/// asks for it. Once it has been read whole (and the request written whole), the connection goes back to
+/// the pool; `held` (the backend's live-connection guard) is kept until then, or until it is dropped.
+pub struct UpstreamBody<H: Reuse> {
+    /// `None` once the body is done (the connection pooled or closed).
+    exchange: Option<Exchange>,
+    reader: BodyReader,
+    recycle: Option<Recycle>,
+    held: H,
+    /// The longest pause allowed between two reads of the body, and when the last read came.
+    idle: Duration,
+    last_read: Instant,
+    /// Made the first time a read has to wait.
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl<H: Reuse> UpstreamBody<H> {
+    pub fn new(
+        exchange: Exchange,
+        reader: BodyReader,
+        recycle: Recycle,
+        held: H,
+        idle: Duration,
+    ) -> UpstreamBody<H> {
+        let mut body = UpstreamBody {
+            exchange: Some(exchange),
+            reader,
+            recycle: Some(recycle),
+            held,
+            idle,
+            last_read: Instant::now(),
+            timer: None,
+        };
+        // A body that is empty from the start (204, 304, HEAD, `Content-Length: 0`) is never polled:
+        // the connection is free already.
+        if body.reader.is_done() {
+            body.finish();
+        }
+        body
+    }
+
+    /// The response has been read whole: the connection goes back to the pool if nothing else is left on
+    /// it, else it is closed.
+    fn finish(&mut self) {
+        let (Some(exchange), Some(recycle)) = (self.exchange.take(), self.recycle.take()) else {
+            return;
+        };
+        let clean = exchange.upload.is_complete() && exchange.conn.buf.is_empty();
+        if recycle.keep_alive && clean && self.held.reusable() {
+            recycle
+                .upstream
+                .checkin(&recycle.key, exchange.conn.recycle());
+        }
+    }
+
+    /// Ends the body with an error: the connection is closed.
+    fn fail(&mut self, error: impl Into<BoxError>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.exchange = None;
+        Poll::Ready(Some(Err(error.into())))
+    }
+
+    /// Waits for the pause allowed since the last read; ready (an error) when it is over.
+    fn poll_pause(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        let deadline = self.last_read + self.idle;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if timer.deadline() != deadline {
+            timer.as_mut().reset(deadline);
+        }
+        ready!(timer.as_mut().poll(cx));
+        Poll::Ready(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the backend paused its response body longer than timeouts.backend_response",
+        ))
+    }
+}
+
+impl<H: Reuse> Drop for UpstreamBody<H> {
+    fn drop(&mut self) {
+        if self.reader.is_done() {
+            self.finish();
+        }
+    }
+}
+
+impl<H: Reuse + Unpin> Body for UpstreamBody<H> {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        loop {
+            let Some(exchange) = this.exchange.as_mut() else {
+                return Poll::Ready(None);
+            };
+            // A request body still going out keeps going while the answer comes back. The client's
+            // side failing now only means the connection is not reused.
+            let _ = exchange.poll_upload(cx);
+            let piece = match this.reader.decode(&mut exchange.conn.buf) {
+                Ok(piece) => piece,
+                Err(error) => return this.fail(error),
+            };
+            match piece {
+                Piece::Data(data) => {
+                    if this.reader.is_done() {
+                        this.finish();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Piece::Trailers(trailers) => {
+                    this.finish();
+                    return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                }
+                Piece::Done => {
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Piece::More => {}
+            }
+            match exchange.conn.poll_fill(cx) {
+                Poll::Ready(Ok(0)) => {
+                    if let Err(error) = this.reader.at_eof() {
+                        return this.fail(error);
+                    }
+                    // A body that ends with the connection: the connection is not reused.
+                    this.exchange = None;
+                    return Poll::Ready(None);
+                }
+                Poll::Ready(Ok(_)) => this.last_read = Instant::now(),
+                Poll::Ready(Err(error)) => return this.fail(error),
+                Poll::Pending => {
+                    let error = ready!(this.poll_pause(cx));
+                    return this.fail(error);
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.reader.is_done()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.reader.remaining() {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
+        }
+    }
+}
