@@ -11,7 +11,7 @@ use wsgate::internals::{
 use wsgate::internals::{BadRequest, check_request, has_token};
 
 /// Splits the input into read lengths and the stream.
-fn reads(data: &[u8]) -> Option<(Vec<usize>, &[u8])> {
+pub(crate) fn reads(data: &[u8]) -> Option<(Vec<usize>, &[u8])> {
     let (&count, rest) = data.split_first()?;
     let count = usize::from(count % 16);
     let lengths = rest.get(..count)?;
@@ -226,14 +226,14 @@ enum Outcome {
 }
 
 /// Hands out a stream in reads of the sizes asked for, each cut to the room the reader has.
-struct Reader<'a> {
-    stream: &'a [u8],
-    at: usize,
-    sizes: std::slice::Iter<'a, usize>,
+pub(crate) struct Reader<'a> {
+    pub(crate) stream: &'a [u8],
+    pub(crate) at: usize,
+    pub(crate) sizes: std::slice::Iter<'a, usize>,
 }
 
 impl<'a> Reader<'a> {
-    fn read(&mut self, room: usize) -> Option<&'a [u8]> {
+    pub(crate) fn read(&mut self, room: usize) -> Option<&'a [u8]> {
         let left = self.stream.len() - self.at;
         if left == 0 {
             return None;
@@ -247,7 +247,7 @@ impl<'a> Reader<'a> {
 }
 
 /// Whether `buf` may hold a head's end: the reader parses only then (a blank line, CRLF or bare LF).
-fn has_head_end(buf: &[u8]) -> bool {
+pub(crate) fn has_head_end(buf: &[u8]) -> bool {
     buf.windows(2).any(|w| w == b"\n\n") || buf.windows(3).any(|w| w == b"\n\r\n")
 }
 
@@ -332,9 +332,16 @@ fn decode_body(
 }
 
 /// An independent whole-buffer chunked decoder (RFC 9112 §7.1, as strict as wsgate's: CRLF line ends,
-/// hex sizes, extensions of at most `MAX_CHUNK_LINE` bytes after the size, no trailers waited for).
+/// hex sizes of at most `MAX_CHUNK_LINE` digits and within a u64, extensions of at most `MAX_CHUNK_LINE`
+/// bytes after the size), for a refusal's body: at most `MAX_RELAYED_BODY`, no trailers waited for.
 /// `None`: malformed, over the limit, or incomplete.
-fn reference_chunked(mut body: &[u8]) -> Option<Vec<u8>> {
+fn reference_chunked(body: &[u8]) -> Option<Vec<u8>> {
+    reference_chunks(body, MAX_RELAYED_BODY as u64).map(|(data, _)| data)
+}
+
+/// The same decoder with any `limit` on the data: the data, and where the last chunk's size line ends.
+pub(crate) fn reference_chunks(mut body: &[u8], limit: u64) -> Option<(Vec<u8>, usize)> {
+    let whole = body.len();
     let mut out = Vec::new();
     loop {
         let line_end = body.windows(2).position(|w| w == b"\r\n")?;
@@ -343,7 +350,7 @@ fn reference_chunked(mut body: &[u8]) -> Option<Vec<u8>> {
             return None;
         }
         let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
-        if digits == 0 {
+        if digits == 0 || digits > MAX_CHUNK_LINE {
             return None;
         }
         let extension = &line[digits..];
@@ -353,20 +360,21 @@ fn reference_chunked(mut body: &[u8]) -> Option<Vec<u8>> {
         if extension.len() > MAX_CHUNK_LINE {
             return None;
         }
-        let mut size: usize = 0;
+        let mut size: u64 = 0;
         for &d in &line[..digits] {
-            size = size * 16 + (d as char).to_digit(16)? as usize;
-            if out.len() + size > MAX_RELAYED_BODY {
+            size = size.checked_mul(16)? + u64::from((d as char).to_digit(16)?);
+            if out.len() as u64 + size > limit {
                 return None;
             }
         }
         body = &body[line_end + 2..];
         if size == 0 {
-            return Some(out);
+            return Some((out, whole - body.len()));
         }
+        let size = usize::try_from(size).ok()?;
         let data = body.get(..size)?;
         out.extend_from_slice(data);
-        if body.get(size..size + 2)? != b"\r\n" {
+        if body.get(size..size.checked_add(2)?)? != b"\r\n" {
             return None;
         }
         body = &body[size + 2..];

@@ -10,6 +10,7 @@ pub mod known;
 pub mod origin_target;
 pub mod proxy_header_target;
 pub mod reference;
+pub mod response_target;
 pub mod scanner_target;
 pub mod seeds;
 pub mod tls_session_target;

@@ -103,7 +103,8 @@ pub struct Timeouts {
     pub header: Duration,
     /// A keep-alive client connection with no request in flight is closed after this long.
     pub http_idle: Duration,
-    /// A backend must start its HTTP response within this time (else 504).
+    /// A backend must start its HTTP response within this time (else 504), and may not pause its body
+    /// longer (the response is cut).
     pub backend_response: Duration,
     /// A write to a client that makes no progress for this long (the client stopped reading) ends its
     /// connection and the backend request behind it. The default for tunnels' `send_timeout` too.

@@ -163,12 +163,16 @@ impl BodyDecoder {
         }
         self.raw.extend_from_slice(input);
         while !self.is_done() {
-            match self.reader.decode(&mut self.raw)? {
-                Piece::Data(data) => {
+            match self.reader.decode(&mut self.raw) {
+                Ok(Piece::Data(data)) => {
                     self.body.extend_from_slice(&data);
                     self.check_limit()?;
                 }
-                Piece::Trailers(_) | Piece::Done | Piece::More => break,
+                Ok(Piece::Trailers(_) | Piece::Done | Piece::More) => break,
+                // What follows the last chunk is not waited for, so it cannot be wrong either: whether
+                // it arrived with the last chunk must not change the answer.
+                Err(_) if self.reader.data_done() => break,
+                Err(error) => return Err(error),
             }
         }
         self.check_limit()?;
@@ -234,6 +238,10 @@ mod tests {
         // Bytes behind the last chunk (trailers, pipelined junk) are not waited for or kept.
         let raw = b"1\r\nx\r\n0\r\nTrailer: 1\r\n";
         assert_eq!(decode(CHUNKED, raw, 3).unwrap(), "x");
+        let raw = b"1\r\nx\r\n0\r\nnot a field\r\n\r\n";
+        for step in [1, raw.len()] {
+            assert_eq!(decode(CHUNKED, raw, step).unwrap(), "x");
+        }
     }
 
     #[test]

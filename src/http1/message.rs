@@ -192,7 +192,7 @@ pub fn content_length(headers: &HeaderMap) -> Result<Option<u64>, BackendHttpErr
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChunkState {
     /// Reading the hex size; `digits` so far.
-    Size { size: u64, digits: u8 },
+    Size { size: u64, digits: usize },
     /// Past the size, in whitespace or extensions, `len` bytes of them so far, until CR.
     Extension { size: u64, len: usize },
     /// CR of the size line seen; LF expected.
@@ -222,13 +222,16 @@ pub fn chunk_byte(state: ChunkState, byte: u8) -> Result<ChunkStep, BackendHttpE
     let bad = |what| Err(BackendHttpError::Invalid(what));
     let next = match (state, byte) {
         (ChunkState::Size { size, digits }, _) if byte.is_ascii_hexdigit() => {
-            // Sixteen hex digits fill a u64; more are refused rather than wrapped.
-            if digits >= 16 {
-                return bad("chunk size too large");
+            // Leading zeros are allowed, within the line's bound; a size past u64 is refused, not wrapped.
+            if digits >= MAX_CHUNK_LINE {
+                return bad("chunk-size line too long");
             }
             let digit = (byte as char).to_digit(16).unwrap_or(0);
+            let size = size
+                .checked_mul(16)
+                .ok_or(BackendHttpError::Invalid("chunk size too large"))?;
             ChunkState::Size {
-                size: size << 4 | u64::from(digit),
+                size: size | u64::from(digit),
                 digits: digits + 1,
             }
         }
@@ -519,6 +522,7 @@ mod tests {
             b"0\r\nbad trailer\r\n\r\n",
             b"0\r\nX",
             b"11111111111111111\r\n",
+            b"1\r\nxy\r\n",
         ] {
             assert!(
                 decode_all(BodyLength::Chunked, raw, 1).is_err(),
@@ -526,6 +530,9 @@ mod tests {
                 String::from_utf8_lossy(raw)
             );
         }
+        // Leading zeros are a size like any other.
+        let zeros = [&[b'0'; 40][..], b"1\r\nx\r\n0\r\n\r\n"].concat();
+        assert_eq!(decode_all(BodyLength::Chunked, &zeros, 3).unwrap().0, b"x");
         let mut long = b"0\r\n".to_vec();
         long.extend(std::iter::repeat_n(b'a', MAX_HEAD + 10));
         assert!(decode_all(BodyLength::Chunked, &long, 4096).is_err());

@@ -268,6 +268,11 @@ backends = [ {} ]
     )
 }
 
+/// `config_text` with a `[timeouts]` section in front.
+pub fn config_with_timeouts(backends: &[SocketAddr], timeouts: &str) -> String {
+    format!("[timeouts]\n{timeouts}\n{}", config_text(backends, ""))
+}
+
 /// Starts a gateway from config text (checked first: a bad text fails the test with its errors).
 pub async fn gateway(text: &str) -> (Gateway, SocketAddr) {
     let config = Config::from_toml(text, "test.toml").unwrap_or_else(|e| panic!("config:\n{e}"));

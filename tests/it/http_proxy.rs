@@ -7,7 +7,6 @@
 //! gateway, so each timeout is checked to the millisecond (`assert_at`) and costs no real time.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::common::*;
@@ -21,11 +20,6 @@ use tokio::time::Instant;
 
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
-}
-
-/// `config_text` with a `[timeouts]` section in front.
-fn config_with_timeouts(backends: &[SocketAddr], timeouts: &str) -> String {
-    format!("[timeouts]\n{timeouts}\n{}", config_text(backends, ""))
 }
 
 /// Waits until the server closes `stream` (EOF or reset); returns false if it is still open after `WAIT`.

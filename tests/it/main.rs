@@ -24,6 +24,7 @@ mod drain;
 mod h2;
 mod h2_hostile;
 mod hostile;
+mod http_exchange;
 mod http_proxy;
 mod layers;
 mod operations;
