@@ -51,7 +51,7 @@ mod upstream;
 mod websocket;
 
 pub use balancer::BackendStatus;
-pub use config::{Config, ConfigError, ConfigErrors, RuntimeModel};
+pub use config::{Config, ConfigError, ConfigErrors, DEFAULT_EVENT_INTERVAL, RuntimeModel};
 pub use gateway::{
     Gateway, Monitor, ReloadError, StartError, Workers, check_backend_tls, check_certificates,
 };

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use wsgate::{Config, Gateway, RuntimeModel, Workers};
+use wsgate::{Config, DEFAULT_EVENT_INTERVAL, Gateway, RuntimeModel, Workers};
 
 mod demo;
 
@@ -124,13 +124,20 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let threads = cli.threads.or(config.workers);
-            let model = cli.runtime.map_or(config.runtime, RuntimeModel::from);
-            run(threads, model, |workers| serve(config, workers))
+            let runtime = Runtime {
+                threads: cli.threads.or(config.workers),
+                model: cli.runtime.map_or(config.runtime, RuntimeModel::from),
+                event_interval: config.event_interval,
+            };
+            run(runtime, |workers| serve(config, workers))
         }
         Command::Demo { listen, admin } => {
-            let model = cli.runtime.map_or(RuntimeModel::Shared, RuntimeModel::from);
-            run(cli.threads, model, |workers| demo(listen, admin, workers))
+            let runtime = Runtime {
+                threads: cli.threads,
+                model: cli.runtime.map_or(RuntimeModel::Shared, RuntimeModel::from),
+                event_interval: DEFAULT_EVENT_INTERVAL,
+            };
+            run(runtime, |workers| demo(listen, admin, workers))
         }
     }
 }
@@ -148,31 +155,45 @@ fn init_logging(format: LogFormat, level: Option<&str>) {
     }
 }
 
-/// Runs `main` with `threads` workers (one per core by default) in the runtime `model`. One thread means
-/// one current-thread runtime in either model: all the work really runs on that one thread.
-fn run<F>(threads: Option<usize>, model: RuntimeModel, main: impl FnOnce(Workers) -> F) -> ExitCode
+/// How the client connections are run: the config's `workers`, `runtime` and `event_interval`, or what
+/// the command line says instead.
+struct Runtime {
+    /// Worker threads; `None` (or 0) means one per core.
+    threads: Option<usize>,
+    model: RuntimeModel,
+    /// Tasks run between two looks at the sockets and timers, on each worker.
+    event_interval: u32,
+}
+
+/// Runs `main` with `runtime.threads` workers (one per core by default) in the runtime model. One thread
+/// means one current-thread runtime in either model: all the work really runs on that one thread.
+fn run<F>(runtime: Runtime, main: impl FnOnce(Workers) -> F) -> ExitCode
 where
     F: Future<Output = ExitCode>,
 {
-    let threads = threads
+    let threads = runtime
+        .threads
         .filter(|&n| n > 0)
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    tracing::info!(runtime = model.name(), threads, "starting");
+    let (model, event_interval) = (runtime.model, runtime.event_interval);
+    tracing::info!(runtime = model.name(), threads, event_interval, "starting");
     match model {
-        RuntimeModel::PerWorker if threads > 1 => run_per_worker(threads, main),
-        _ => block_on(threads, main(Workers::default())),
+        RuntimeModel::PerWorker if threads > 1 => run_per_worker(threads, event_interval, main),
+        _ => block_on(threads, event_interval, main(Workers::default())),
     }
 }
 
 /// Runs `main` on one runtime with `threads` worker threads (the shared model).
-fn block_on(threads: usize, main: impl Future<Output = ExitCode>) -> ExitCode {
+fn block_on(threads: usize, event_interval: u32, main: impl Future<Output = ExitCode>) -> ExitCode {
     let runtime = if threads == 1 {
         tokio::runtime::Builder::new_current_thread()
+            .event_interval(event_interval)
             .enable_all()
             .build()
     } else {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads)
+            .event_interval(event_interval)
             .enable_all()
             .build()
     };
@@ -198,7 +219,11 @@ fn block_on(threads: usize, main: impl Future<Output = ExitCode>) -> ExitCode {
 /// Exit: `main` returns once `Gateway::shutdown` has waited for the connections on every worker; then
 /// each worker's `block_on` is told to end, and each thread drops its runtime (dropping the tasks still
 /// left, if the drain timed out) outside any async context, before it is joined.
-fn run_per_worker<F>(threads: usize, main: impl FnOnce(Workers) -> F) -> ExitCode
+fn run_per_worker<F>(
+    threads: usize,
+    event_interval: u32,
+    main: impl FnOnce(Workers) -> F,
+) -> ExitCode
 where
     F: Future<Output = ExitCode>,
 {
@@ -215,7 +240,7 @@ where
     let mut handles = Vec::with_capacity(threads);
     let mut running = Vec::with_capacity(threads);
     for worker in 0..threads {
-        match start_worker(worker) {
+        match start_worker(worker, event_interval) {
             Ok((handle, thread)) => {
                 handles.push(handle);
                 running.push(thread);
@@ -240,8 +265,12 @@ struct WorkerThread {
 }
 
 /// Starts worker thread `index` with a current-thread runtime that runs until its `stop` is dropped.
-fn start_worker(index: usize) -> std::io::Result<(tokio::runtime::Handle, WorkerThread)> {
+fn start_worker(
+    index: usize,
+    event_interval: u32,
+) -> std::io::Result<(tokio::runtime::Handle, WorkerThread)> {
     let runtime = tokio::runtime::Builder::new_current_thread()
+        .event_interval(event_interval)
         .enable_all()
         .build()?;
     let handle = runtime.handle().clone();

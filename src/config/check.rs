@@ -135,6 +135,19 @@ impl Checker<'_> {
                 RuntimeModel::default()
             }
         };
+        let event_interval = file.event_interval.map_or(DEFAULT_EVENT_INTERVAL, |e| {
+            match u32::try_from(*e.get_ref()) {
+                Ok(n) if (1..=1000).contains(&n) => n,
+                _ => {
+                    self.error(
+                        e.span().start,
+                        "event_interval",
+                        "must be between 1 and 1000",
+                    );
+                    DEFAULT_EVENT_INTERVAL
+                }
+            }
+        });
         let admin = file.admin.as_ref().and_then(|a| self.admin(a));
         let dns = self.dns(file.dns.as_ref());
         let t = &file.timeouts;
@@ -233,6 +246,7 @@ impl Checker<'_> {
             source: None,
             workers,
             runtime,
+            event_interval,
             admin,
             dns,
             timeouts,

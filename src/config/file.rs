@@ -16,6 +16,7 @@ pub type Text = Spanned<String>;
 pub struct FileConfig {
     pub workers: Option<Spanned<i64>>,
     pub runtime: Option<Text>,
+    pub event_interval: Option<Spanned<i64>>,
     pub admin: Option<FileAdmin>,
     pub dns: Option<FileDns>,
     #[serde(default)]

@@ -58,6 +58,9 @@ pub struct Config {
     pub workers: Option<usize>,
     /// How the worker threads share the work (read by the binary, like `workers`).
     pub runtime: RuntimeModel,
+    /// Tasks a worker runs between two looks at its sockets and timers (tokio's `event_interval`; read by
+    /// the binary, like `workers`): lower answers new events sooner, at the cost of more system calls.
+    pub event_interval: u32,
     pub admin: Option<AdminConfig>,
     /// How DNS names of discovered backends are resolved.
     pub dns: DnsConfig,
@@ -68,6 +71,9 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     pub pools: BTreeMap<String, PoolConfig>,
 }
+
+/// tokio's own default `event_interval`, kept unless the config says otherwise.
+pub const DEFAULT_EVENT_INTERVAL: u32 = 61;
 
 /// How the binary runs its worker threads (`runtime` in the file). With one worker both models are the
 /// same current-thread runtime.

@@ -32,6 +32,7 @@ fn top_level_defaults() {
     assert_eq!(c.source, None);
     assert_eq!(c.workers, None, "one worker per core");
     assert_eq!(c.runtime, RuntimeModel::Shared, "one shared runtime");
+    assert_eq!(c.event_interval, 61, "tokio's own");
     assert_eq!(c.admin, None, "no admin listener unless asked");
     assert_eq!(c.listeners.len(), 1);
     assert_eq!(c.listeners[0].name, "main");
@@ -244,6 +245,26 @@ fn http_version_errors_name_the_key() {
     );
     let unknown = format!("[http2]\nconnection_window = \"1MiB\"\n{MINIMAL}");
     assert!(errors(&unknown).contains("t.toml:2: http2: unknown field `connection_window`"));
+}
+
+#[test]
+fn the_event_interval_is_a_small_positive_number() {
+    for n in [1, 8, 1000] {
+        assert_eq!(
+            parse(&format!("event_interval = {n}\n{MINIMAL}")).event_interval,
+            n
+        );
+    }
+    for bad in ["0", "-3", "1001", "4294967297"] {
+        let text = format!("workers = 2\nevent_interval = {bad}\n{MINIMAL}");
+        let errors = Config::from_toml(&text, "t.toml").expect_err(bad).0;
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        let e = &errors[0];
+        assert_eq!(
+            (e.file.as_str(), e.line, e.key.as_str(), e.message.as_str()),
+            ("t.toml", 2, "event_interval", "must be between 1 and 1000")
+        );
+    }
 }
 
 #[test]
