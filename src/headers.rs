@@ -73,6 +73,10 @@ pub enum BadRequest {
     /// An extended CONNECT (RFC 8441 §4) without the pseudo-headers a WebSocket needs.
     #[error("extended CONNECT needs {0}")]
     ExtendedConnect(&'static str),
+    /// A body with a transfer coding other than `chunked` alone (`gzip, chunked`): wsgate would pass the
+    /// coded bytes on as plain ones.
+    #[error("transfer coding other than chunked")]
+    TransferCoding,
 }
 
 /// Makes an HTTP/2 request head (`parts`) the HTTP/1.1 one a backend gets: `Host` from `:authority`
@@ -124,6 +128,9 @@ pub fn check_request(headers: &HeaderMap, upgrade: bool) -> Result<(), BadReques
             return Err(BadRequest::Repeated(name.as_str()));
         }
     }
+    if headers.contains_key(header::TRANSFER_ENCODING) && !only_chunked(headers) {
+        return Err(BadRequest::TransferCoding);
+    }
     if upgrade
         && (headers.contains_key(header::TRANSFER_ENCODING)
             || headers
@@ -133,6 +140,22 @@ pub fn check_request(headers: &HeaderMap, upgrade: bool) -> Result<(), BadReques
         return Err(BadRequest::UpgradeWithBody);
     }
     Ok(())
+}
+
+/// Whether a head's `Transfer-Encoding` (over all its lines) names `chunked` and nothing else: the one
+/// transfer coding wsgate takes off and puts on. Another (`gzip, chunked`) would pass coded bytes on as
+/// plain ones, the header that names the coding being hop-by-hop.
+pub fn only_chunked(headers: &HeaderMap) -> bool {
+    let mut codings = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(|c| c.trim_ascii())
+        .filter(|c| !c.is_empty());
+    codings
+        .next()
+        .is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"))
+        && codings.next().is_none()
 }
 
 /// Removes hop-by-hop headers, including every header the `Connection` header lists (except the
@@ -422,6 +445,19 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
         assert_eq!(check_request(&h, true), Err(BadRequest::UpgradeWithBody));
+        assert_eq!(check_request(&h, false), Ok(()));
+        // A coding other than chunked alone would be passed on as plain bytes.
+        for codings in [
+            &["gzip, chunked"][..],
+            &["gzip", "chunked"],
+            &["chunked, chunked"],
+        ] {
+            let mut h = HeaderMap::new();
+            for coding in codings {
+                h.append("transfer-encoding", HeaderValue::from_static(coding));
+            }
+            assert_eq!(check_request(&h, false), Err(BadRequest::TransferCoding));
+        }
     }
 
     #[test]

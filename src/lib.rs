@@ -68,7 +68,7 @@ pub mod internals {
     pub use crate::http1::backend::{BackendHttpError, BodyDecoder};
     pub use crate::http1::message::{
         BodyLength, BodyReader, Head, Piece, content_length, encode_chunk, encode_last_chunk,
-        parse_head, response_length,
+        leading_line_ends, parse_head, response_length,
     };
     pub use crate::http1::request::{First, parse as parse_first_request};
     pub use crate::http1::{MAX_CHUNK_LINE, MAX_HEAD, MAX_HEADERS, MAX_RELAYED_BODY};

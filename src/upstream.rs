@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
 use crate::config::split_host_port;
@@ -29,6 +30,10 @@ use crate::config::split_host_port;
 /// Idle connections kept per backend address and TLS client, in each worker runtime's pool; more are
 /// closed.
 const MAX_IDLE_PER_BACKEND: usize = 64;
+/// An idle connection older than this is closed rather than used (nginx's upstream `keepalive_timeout`):
+/// a NAT or firewall between wsgate and a backend may have forgotten it without a word, and a request
+/// written into such a connection waits for `timeouts.backend_response`.
+const MAX_IDLE_TIME: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -138,6 +143,8 @@ struct Idle {
     tls: Option<ClientId>,
     client: Option<SocketAddr>,
     conn: BackendConn,
+    /// When it was returned to the pool.
+    since: Instant,
 }
 
 /// Idle connections by address; the few TLS clients an address may be reached with share its list.
@@ -174,8 +181,9 @@ impl Upstream {
         preamble: &[u8],
         connect_timeout: Duration,
     ) -> Result<BackendConn, ConnectError> {
-        while let Some(mut conn) = self.pop(key) {
-            if conn.is_usable() {
+        while let Some(idle) = self.pop(key) {
+            let mut conn = idle.conn;
+            if idle.since.elapsed() < MAX_IDLE_TIME && conn.is_usable() {
                 return Ok(conn);
             }
         }
@@ -183,7 +191,7 @@ impl Upstream {
         Ok(BackendConn::new(stream))
     }
 
-    fn pop(&self, key: &PoolKey) -> Option<BackendConn> {
+    fn pop(&self, key: &PoolKey) -> Option<Idle> {
         let mut idle = self
             .idle(key.worker)
             .lock()
@@ -193,7 +201,7 @@ impl Upstream {
         let at = list
             .iter()
             .rposition(|i| i.tls == key.tls && i.client == key.client)?;
-        Some(list.remove(at).conn)
+        Some(list.remove(at))
     }
 
     /// Returns a connection whose last response has been read completely.
@@ -211,10 +219,10 @@ impl Upstream {
         let list = idle.entry(key.addr.clone()).or_default();
         // Nothing watches an idle connection: the oldest one is looked at on each return, so those the
         // backend closed (its keep-alive timeout) do not linger while the address is in use.
-        if list
-            .first_mut()
-            .is_some_and(|oldest| !oldest.conn.is_usable())
-        {
+        let now = Instant::now();
+        if list.first_mut().is_some_and(|oldest| {
+            now.duration_since(oldest.since) >= MAX_IDLE_TIME || !oldest.conn.is_usable()
+        }) {
             list.remove(0);
         }
         // Connections made for one client each (PROXY protocol) count against the same bound: the
@@ -224,6 +232,7 @@ impl Upstream {
                 tls: key.tls,
                 client: key.client,
                 conn,
+                since: now,
             });
         }
     }
@@ -238,5 +247,48 @@ impl Upstream {
                 !list.is_empty()
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    /// The local address of the connection `upstream` hands out for `key` (a pooled one, or a new one).
+    async fn checkout_port(upstream: &Upstream, key: &PoolKey) -> (BackendConn, SocketAddr) {
+        let conn = upstream
+            .checkout(key, None, &[], Duration::from_secs(5))
+            .await
+            .expect("checkout");
+        let local = conn.local_addr().expect("a plain socket");
+        (conn, local)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_connections_are_used_for_a_minute_and_then_closed() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let accepting = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                held.push(stream);
+            }
+        });
+        let upstream = Upstream::new(TaskTracker::new(), 1);
+        let key = PoolKey::new(&addr, None, None, 0);
+        let (conn, first) = checkout_port(&upstream, &key).await;
+        upstream.checkin(&key, conn);
+        tokio::time::advance(MAX_IDLE_TIME - Duration::from_secs(1)).await;
+        let (conn, again) = checkout_port(&upstream, &key).await;
+        assert_eq!(
+            again, first,
+            "the pooled connection, idle for less than a minute"
+        );
+        upstream.checkin(&key, conn);
+        tokio::time::advance(MAX_IDLE_TIME).await;
+        let (_conn, fresh) = checkout_port(&upstream, &key).await;
+        assert_ne!(fresh, first, "a new connection after a minute idle");
+        accepting.abort();
     }
 }

@@ -6,7 +6,7 @@
 
 use wsgate::internals::{
     BodyDecoder, First, MAX_CHUNK_LINE, MAX_HEAD, MAX_HEADERS, MAX_RELAYED_BODY,
-    parse_first_request, parse_head,
+    leading_line_ends, parse_first_request, parse_head,
 };
 use wsgate::internals::{BadRequest, check_request, has_token};
 
@@ -262,6 +262,8 @@ fn read_answer(stream: &[u8], reads: &[usize]) -> Outcome {
     };
     let mut buf: Vec<u8> = Vec::new();
     let (status, mut headers, rest) = loop {
+        let blank = leading_line_ends(&buf);
+        buf.drain(..blank);
         if has_head_end(&buf) {
             match parse_head(&buf) {
                 Err(_) => return Outcome::BadHead,

@@ -6,11 +6,11 @@
 //! Input layout: byte 0, bit 0: the request was a HEAD; the rest as the HTTP targets
 //! (`http_target::reads`): how many read lengths follow, the lengths, the stream.
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use http::{HeaderMap, HeaderValue, Method};
 use wsgate::internals::{
-    BodyLength, BodyReader, MAX_HEAD, Piece, encode_chunk, encode_last_chunk, parse_head,
-    response_length,
+    BodyLength, BodyReader, MAX_HEAD, Piece, encode_chunk, encode_last_chunk, leading_line_ends,
+    parse_head, response_length,
 };
 
 use crate::http_target::{Reader, has_head_end, reads, reference_chunks};
@@ -46,6 +46,8 @@ fn read_response(stream: &[u8], reads: &[usize], method: &Method) -> Outcome {
     };
     let mut buf = BytesMut::new();
     let (head, body_at) = loop {
+        let blank = leading_line_ends(&buf);
+        buf.advance(blank);
         if has_head_end(&buf) {
             match parse_head(&buf) {
                 Err(_) => return Outcome::BadHead,

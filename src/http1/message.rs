@@ -11,6 +11,12 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
 
 use super::{MAX_CHUNK_LINE, MAX_HEAD, MAX_HEADERS};
+use crate::headers::only_chunked;
+
+/// Data pieces shorter than this are copied out of the read buffer rather than split off it: a piece split
+/// off keeps the whole buffer's allocation alive while it waits to be written, and a backend that pads
+/// one-byte chunks with long size lines could otherwise pin a read buffer per byte.
+const COPY_BELOW: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendHttpError {
@@ -68,6 +74,15 @@ fn header_map(fields: &[httparse::Header<'_>]) -> Result<HeaderMap, BackendHttpE
         headers.append(name, value);
     }
     Ok(headers)
+}
+
+/// How many line ends (CR, LF) `buf` starts with: empty lines before a head, which httparse would skip on
+/// every parse. Removed before the search for the head's end, so that a backend sending nothing but line
+/// ends one at a time cannot make each read parse everything again.
+pub fn leading_line_ends(buf: &[u8]) -> usize {
+    buf.iter()
+        .take_while(|&&b| b == b'\r' || b == b'\n')
+        .count()
 }
 
 /// Whether a head's end (an empty line, CRLF or bare LF as httparse accepts) may be in `buf`, given that
@@ -137,9 +152,10 @@ pub enum BodyLength {
 }
 
 /// How the body of an answer with `status` and `headers` is framed (RFC 9112 §6.3), for a request with
-/// `method`: none for HEAD, 1xx, 204 and 304; chunked when chunked is the last transfer coding; until the
-/// close for any other transfer coding; else `Content-Length` (repeated only with one value), else until
-/// the close.
+/// `method`: none for HEAD, 1xx, 204 and 304; chunked when `Transfer-Encoding` says `chunked` and nothing
+/// else (another coding is refused, as nginx refuses it: wsgate would pass coded bytes on as if they were
+/// plain, the header naming the coding being hop-by-hop); else `Content-Length` (repeated only with one
+/// value), else until the close.
 pub fn response_length(
     method: &Method,
     status: StatusCode,
@@ -150,17 +166,13 @@ pub fn response_length(
         return Ok(BodyLength::Empty);
     }
     if headers.contains_key(header::TRANSFER_ENCODING) {
-        // The last coding named, over every line: `chunked` must be last or the body runs to the close.
-        let last = headers
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-            .map(|c| c.trim_ascii())
-            .rfind(|c| !c.is_empty());
-        return Ok(match last {
-            Some(coding) if coding.eq_ignore_ascii_case(b"chunked") => BodyLength::Chunked,
-            _ => BodyLength::UntilClose,
-        });
+        return if only_chunked(headers) {
+            Ok(BodyLength::Chunked)
+        } else {
+            Err(BackendHttpError::Invalid(
+                "transfer coding other than chunked",
+            ))
+        };
     }
     Ok(match content_length(headers)? {
         Some(0) => BodyLength::Empty,
@@ -285,6 +297,17 @@ pub enum Piece {
     More,
 }
 
+/// The first `n` bytes of `buf`, taken off it: split off when large, copied when small (`COPY_BELOW`).
+fn take_data(buf: &mut BytesMut, n: usize) -> Bytes {
+    if n < COPY_BELOW {
+        let data = Bytes::copy_from_slice(&buf[..n]);
+        buf.advance(n);
+        data
+    } else {
+        buf.split_to(n).freeze()
+    }
+}
+
 /// Decodes a body from a read buffer, one piece at a time.
 #[derive(Debug, Clone)]
 pub struct BodyReader {
@@ -347,13 +370,13 @@ impl BodyReader {
                         _ if left == 0 => Reading::Chunked(ChunkState::DataCr),
                         _ => Reading::Chunked(ChunkState::Data { left }),
                     };
-                    return Ok(Piece::Data(buf.split_to(n as usize).freeze()));
+                    return Ok(Piece::Data(take_data(buf, n as usize)));
                 }
                 Reading::UntilClose => {
                     if buf.is_empty() {
                         return Ok(Piece::More);
                     }
-                    return Ok(Piece::Data(buf.split().freeze()));
+                    return Ok(Piece::Data(take_data(buf, buf.len())));
                 }
                 Reading::Chunked(mut state) => {
                     let mut used = 0;
@@ -569,15 +592,21 @@ mod tests {
                 BodyLength::Empty
             );
         }
-        let chunked = [
-            ("transfer-encoding", "gzip"),
-            ("transfer-encoding", "Chunked"),
-        ];
+        let chunked = [("transfer-encoding", " Chunked ")];
         assert_eq!(of(&get, ok, &chunked).unwrap(), BodyLength::Chunked);
         let both = [("content-length", "100"), ("transfer-encoding", "chunked")];
         assert_eq!(of(&get, ok, &both).unwrap(), BodyLength::Chunked);
-        let gzip = [("transfer-encoding", "chunked, gzip")];
-        assert_eq!(of(&get, ok, &gzip).unwrap(), BodyLength::UntilClose);
+        let other_codings: [&[&str]; 5] = [
+            &["gzip", "chunked"],
+            &["chunked, gzip"],
+            &["gzip"],
+            &["chunked", "chunked"],
+            &[""],
+        ];
+        for codings in other_codings {
+            let fields: Vec<_> = codings.iter().map(|c| ("transfer-encoding", *c)).collect();
+            assert!(of(&get, ok, &fields).is_err(), "{codings:?}");
+        }
         assert_eq!(of(&get, ok, &[]).unwrap(), BodyLength::UntilClose);
         assert_eq!(
             of(&get, ok, &[("content-length", "0")]).unwrap(),
@@ -611,6 +640,32 @@ mod tests {
         );
         assert!(parse_head(&text[..10]).unwrap().is_none());
         assert!(parse_head(b"NOT HTTP\r\n\r\n").is_err());
+    }
+
+    #[test]
+    fn small_pieces_are_copied_and_large_ones_split_off() {
+        let mut buf = BytesMut::with_capacity(64 << 10);
+        buf.extend_from_slice(&[7u8; 20_000]);
+        let mut reader = BodyReader::new(BodyLength::Exact(20_003));
+        let Piece::Data(large) = reader.decode(&mut buf).unwrap() else {
+            panic!("no data");
+        };
+        assert_eq!(large.len(), 20_000);
+        buf.extend_from_slice(b"abc");
+        let before = buf.as_ptr();
+        let Piece::Data(small) = reader.decode(&mut buf).unwrap() else {
+            panic!("no data");
+        };
+        assert_eq!(small, &b"abc"[..]);
+        // Copied: the piece does not point into the read buffer.
+        assert_ne!(small.as_ptr(), before);
+        assert!(reader.is_done());
+    }
+
+    #[test]
+    fn leading_line_ends_are_counted() {
+        assert_eq!(leading_line_ends(b"\r\n\n\rHTTP/1.1"), 4);
+        assert_eq!(leading_line_ends(b"HTTP/1.1\r\n"), 0);
     }
 
     #[test]

@@ -23,7 +23,9 @@ use crate::body::ProxyBody;
 use crate::config::Config;
 use crate::conn::ClientConn;
 use crate::headers::{add_forwarded, has_token, strip_hop_by_hop};
-use crate::http1::message::{BodyLength, BodyReader, Head, encode_request_head, response_length};
+use crate::http1::message::{
+    BodyLength, BodyReader, Head, content_length, encode_request_head, response_length,
+};
 use crate::metrics::status_class;
 use crate::router::Route;
 use crate::state::Shared;
@@ -194,11 +196,20 @@ fn response(
         ..
     } = answer;
     let length = response_length(method, status, &headers)?;
+    let chunked = headers.contains_key(header::TRANSFER_ENCODING);
+    let with_length = headers.contains_key(header::CONTENT_LENGTH);
+    // An answer framed two ways (RFC 9112 §6.3 calls it an error), or a body announced where none may
+    // be (204, 304), leaves it unsure where the backend thinks the answer ends: its connection ends
+    // with it.
+    let ambiguous = (chunked && with_length)
+        || (matches!(status.as_u16(), 204 | 304)
+            && (chunked || !matches!(content_length(&headers), Ok(None | Some(0)))));
     let keep_alive = version == Version::HTTP_11
         && length != BodyLength::UntilClose
+        && !ambiguous
         && !has_token(&headers, header::CONNECTION, "close");
     // A length beside a transfer coding is not the body's (RFC 9112 §6.3): the client must not see it.
-    if headers.contains_key(header::TRANSFER_ENCODING) {
+    if chunked {
         headers.remove(header::CONTENT_LENGTH);
     }
     strip_hop_by_hop(&mut headers);

@@ -40,6 +40,10 @@ pub enum Answer {
 
 /// An HTTP/1.1 request hyper parsed: every request but a connection's first upgrade.
 pub async fn handle(req: Request<Incoming>, conn: &ClientConn, shared: &Shared) -> Answer {
+    // wsgate is no forward proxy: a CONNECT would have a backend open a tunnel wsgate does not frame.
+    if req.method() == Method::CONNECT {
+        return refused(shared, conn, ProxyError::UnsupportedProtocol);
+    }
     let upgrade = is_upgrade_request(&req);
     let size = head_size(&req);
     let (state, route) = match admit(shared, req.headers(), req.uri(), size, upgrade) {

@@ -28,9 +28,10 @@ use tokio_util::io::poll_read_buf;
 
 use super::{BackendStream, PoolKey, Upstream};
 use crate::body::BoxError;
+use crate::headers::strip_hop_by_hop;
 use crate::http1::MAX_HEAD;
 use crate::http1::message::{
-    BackendHttpError, BodyReader, Head, Piece, encode_chunk, encode_last_chunk, head_ends_in,
+    BackendHttpError, BodyReader, Head, Piece, encode_chunk, head_ends_in, leading_line_ends,
     parse_head,
 };
 
@@ -66,6 +67,15 @@ impl BackendConn {
         Pin::new(&mut self.stream)
             .poll_read(&mut cx, &mut probe)
             .is_pending()
+    }
+
+    /// The local address of a plain connection (tests tell connections apart by it).
+    #[cfg(test)]
+    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        match &self.stream {
+            BackendStream::Plain(stream) => stream.local_addr().ok(),
+            BackendStream::Tls(_) => None,
+        }
     }
 
     /// Made ready for the pool: marked reused, its read buffer freed.
@@ -164,15 +174,16 @@ impl Upload {
                             out.into()
                         }
                         Ok(data) => data,
-                        Err(frame) => {
-                            // Trailers are the body's last frame. They travel in a chunked body only: a
-                            // body sent with its length has no place for them.
+                        Err(_) => {
+                            // Trailers are the body's last frame. They are not passed on: a backend
+                            // that merges them into the head would take a client's `X-Real-IP` or
+                            // `Host` for wsgate's (RFC 9110 §6.5.1 lets a proxy drop them).
                             self.ended = true;
-                            let mut out = Vec::new();
                             if self.chunked {
-                                encode_last_chunk(frame.trailers_ref(), &mut out);
+                                Bytes::from_static(b"0\r\n\r\n")
+                            } else {
+                                Bytes::new()
                             }
-                            out.into()
                         }
                     };
                 }
@@ -211,6 +222,10 @@ pub struct Exchange {
     idempotent: bool,
     /// Some of the answer has arrived.
     answered: bool,
+    /// The answer head came before the request was written whole: the backend answered without reading
+    /// all of it (a 413, or a backend that ignores bodies), so what it makes of the rest is unknown and
+    /// the connection is not reused.
+    answered_early: bool,
     /// The first bytes of `conn.buf` that hold no head end.
     searched: usize,
 }
@@ -239,6 +254,7 @@ impl Exchange {
             },
             idempotent,
             answered: false,
+            answered_early: false,
             searched: 0,
         }
     }
@@ -254,6 +270,11 @@ impl Exchange {
         }
         loop {
             let buf = &mut self.conn.buf;
+            let blank = leading_line_ends(buf);
+            if blank > 0 {
+                buf.advance(blank);
+                self.searched = self.searched.saturating_sub(blank);
+            }
             if head_ends_in(buf, self.searched) {
                 let parsed = parse_head(buf).map_err(ExchangeError::Backend)?;
                 if let Some(head) = parsed {
@@ -267,6 +288,7 @@ impl Exchange {
                     if head.status.is_informational() {
                         continue;
                     }
+                    self.answered_early = !self.upload.is_complete();
                     return Poll::Ready(Ok(head));
                 }
             }
@@ -382,7 +404,9 @@ impl<H: Reuse> UpstreamBody<H> {
         let (Some(exchange), Some(recycle)) = (self.exchange.take(), self.recycle.take()) else {
             return;
         };
-        let clean = exchange.upload.is_complete() && exchange.conn.buf.is_empty();
+        let clean = exchange.upload.is_complete()
+            && !exchange.answered_early
+            && exchange.conn.buf.is_empty();
         if recycle.keep_alive && clean && self.held.reusable() {
             recycle
                 .upstream
@@ -390,10 +414,14 @@ impl<H: Reuse> UpstreamBody<H> {
         }
     }
 
-    /// Ends the body with an error: the connection is closed.
+    /// Ends the body with an error: the connection is closed, and the client's response cut (hyper
+    /// aborts it), which an operator sees here: the access log has the status already sent.
     fn fail(&mut self, error: impl Into<BoxError>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let error = error.into();
+        let backend = self.recycle.as_ref().map_or("-", |r| r.key.addr.as_str());
+        tracing::warn!(backend, %error, "backend response body failed; the client's response is cut");
         self.exchange = None;
-        Poll::Ready(Some(Err(error.into())))
+        Poll::Ready(Some(Err(error)))
     }
 
     /// Waits for the pause allowed since the last read; ready (an error) when it is over.
@@ -448,8 +476,10 @@ impl<H: Reuse + Unpin> Body for UpstreamBody<H> {
                     }
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
-                Piece::Trailers(trailers) => {
+                Piece::Trailers(mut trailers) => {
                     this.finish();
+                    // Hop-by-hop fields mean nothing past this hop (and HTTP/2 refuses them).
+                    strip_hop_by_hop(&mut trailers);
                     return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
                 }
                 Piece::Done => {

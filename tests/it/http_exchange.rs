@@ -345,7 +345,7 @@ fn answer(status_line: &str, body: &str) -> Vec<u8> {
 // 1. Request bodies on the way to the backend
 
 #[tokio::test]
-async fn chunked_request_body_reaches_the_backend_chunked_with_its_content_and_trailers() {
+async fn chunked_request_body_reaches_the_backend_chunked_with_its_content_not_its_trailers() {
     let (backend, mut seen) = scripted_backend(|_, _| Some(answer("200 OK", "ok"))).await;
     let (_gateway, addr) = gateway(&config_text(&[backend.addr], "")).await;
     let mut client = client(addr).await;
@@ -376,9 +376,9 @@ async fn chunked_request_body_reaches_the_backend_chunked_with_its_content_and_t
     assert!(request.complete, "the chunked body never ended");
     let expected = format!("hello, world{}", "z".repeat(0x4000));
     assert_eq!(request.body_text(), expected);
-    // hyper hands wsgate the client's trailer section as the body's last frame, and wsgate writes it
-    // into the last chunk.
-    assert_eq!(request.trailers, ["x-checksum: 42"]);
+    // hyper hands wsgate the client's trailer section as the body's last frame; wsgate drops it, since
+    // a backend that merges trailers into the head would take a client's fields for wsgate's.
+    assert!(request.trailers.is_empty(), "{:?}", request.trailers);
 }
 
 #[tokio::test]
@@ -628,9 +628,9 @@ async fn content_length_beside_chunked_is_dropped_and_the_chunks_decoded() {
         assert!(response.complete, "{path}");
         assert_eq!(response.body_text(), "hello world", "{path}");
     }
-    // And on the backend side, each answer was read to the end of its chunks, no further: the next
-    // answers were found where they began.
-    assert_eq!(backend.accepts(), 1);
+    // An answer framed two ways is an error (RFC 9112 §6.3): wsgate reads it by its chunks but does not
+    // trust the connection with another request.
+    assert_eq!(backend.accepts(), 4);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -982,4 +982,116 @@ async fn backend_connection_is_reused_after_trailers_and_head_answers() {
         requests += 1;
     }
     assert_eq!(requests, 13);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// 7. When a backend connection is not trusted with another request
+
+#[tokio::test]
+async fn answers_that_leave_the_framing_unsure_are_not_followed_by_another_request() {
+    // A 204 announcing a body (the body may follow), and a leading run of empty lines before a sound
+    // answer (accepted: empty lines before a head are skipped), one per request.
+    let (backend, _seen) = scripted_backend(|request, _| {
+        Some(match request.head.request_line().1 {
+            "/no-content" => b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n".to_vec(),
+            _ => b"\r\n\r\n\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec(),
+        })
+    })
+    .await;
+    let (_gateway, addr) = gateway(&config_text(&[backend.addr], "")).await;
+    let mut client = client(addr).await;
+    let response = exchange(&mut client, &get(addr, "/blank-lines"), false).await;
+    assert_eq!(
+        (response.head.status(), response.body_text().as_str()),
+        (200, "ok")
+    );
+    let response = exchange(&mut client, &get(addr, "/no-content"), false).await;
+    assert_eq!(response.head.status(), 204);
+    let response = exchange(&mut client, &get(addr, "/after"), false).await;
+    assert_eq!(response.head.status(), 200);
+    // The first answer's connection carried the 204; the 204's was closed.
+    assert_eq!(backend.accepts(), 2);
+}
+
+#[tokio::test]
+async fn a_backend_that_answers_before_the_body_is_whole_gets_a_new_connection_next() {
+    // The backend answers a POST as soon as it has the head, finishes its answer only once it has the
+    // whole body, then answers further requests on the same connection. The request was written whole
+    // by then, but the backend did not wait for it to answer: what it made of the body is its own
+    // business, and wsgate does not send it another request on that connection.
+    let backend = RawBackend::start(|stream| async move {
+        let mut wire = Wire::new(stream);
+        let Some(first) = wire.head().await else {
+            return;
+        };
+        if !wire
+            .send(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nea")
+            .await
+        {
+            return;
+        }
+        if first.line.starts_with("POST") && wire.take(10).await.is_none() {
+            return;
+        }
+        if !wire.send(b"rly").await {
+            return;
+        }
+        while wire.head().await.is_some() {
+            if !wire
+                .send(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nnext")
+                .await
+            {
+                return;
+            }
+        }
+    })
+    .await;
+    let (_gateway, addr) = gateway(&config_text(&[backend.addr], "")).await;
+    let mut client = tcp_connect(addr).await;
+    let head = format!("POST /up HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 10\r\n\r\nfirst");
+    raw_write(&mut client, head.as_bytes()).await;
+    // The answer's head is here before the client sends the rest of its body.
+    let (answer, mut body) = read_head(&mut client).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    raw_write(&mut client, b"-half").await;
+    while body.len() < 5 {
+        let mut more = [0u8; 16];
+        let n = within("the answer's body", client.read(&mut more))
+            .await
+            .expect("read");
+        assert!(n > 0, "closed before the answer's body");
+        body.extend_from_slice(&more[..n]);
+    }
+    assert_eq!(body, b"early");
+    // On the same backend connection the GET would have been answered "next"; a new one answers its
+    // first request "early".
+    let response = raw_exchange(addr, get(addr, "/next").as_bytes()).await;
+    assert_eq!(response.body_text(), "early");
+    assert_eq!(backend.accepts(), 2);
+}
+
+#[tokio::test]
+async fn connect_and_transfer_codings_other_than_chunked_are_refused() {
+    let (backend, _seen) = scripted_backend(|_, _| Some(answer("200 OK", "ok"))).await;
+    let (_gateway, addr) = gateway(&config_text(&[backend.addr], "")).await;
+    let connect = format!("CONNECT internal:22 HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    assert_eq!(raw_exchange(addr, connect.as_bytes()).await.status, 501);
+    let coded = format!(
+        "POST / HTTP/1.1\r\nHost: {addr}\r\nTransfer-Encoding: gzip, chunked\r\n\r\n1\r\nz\r\n0\r\n\r\n"
+    );
+    assert_eq!(raw_exchange(addr, coded.as_bytes()).await.status, 400);
+    // A response in a coding other than chunked is the backend's error.
+    let (coding, _seen) = scripted_backend(|_, _| {
+        Some(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n1\r\nz\r\n0\r\n\r\n"
+                .to_vec(),
+        )
+    })
+    .await;
+    let (_gateway, addr) = gateway(&config_text(&[coding.addr], "")).await;
+    assert_eq!(
+        raw_exchange(addr, get(addr, "/").as_bytes()).await.status,
+        502
+    );
+    assert_eq!(backend.accepts(), 0);
 }
