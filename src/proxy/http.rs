@@ -197,11 +197,10 @@ fn response(
     } = answer;
     let length = response_length(method, status, &headers)?;
     let chunked = headers.contains_key(header::TRANSFER_ENCODING);
-    let with_length = headers.contains_key(header::CONTENT_LENGTH);
     // An answer framed two ways (RFC 9112 §6.3 calls it an error), or a body announced where none may
     // be (204, 304), leaves it unsure where the backend thinks the answer ends: its connection ends
     // with it.
-    let ambiguous = (chunked && with_length)
+    let ambiguous = (chunked && headers.contains_key(header::CONTENT_LENGTH))
         || (matches!(status.as_u16(), 204 | 304)
             && (chunked || !matches!(content_length(&headers), Ok(None | Some(0)))));
     let keep_alive = version == Version::HTTP_11
