@@ -8,9 +8,10 @@
 //! the backend's socket is read and written from the task that serves the client, and nothing runs while
 //! a pooled connection is idle (its buffer is freed; a closed one is found when it is next taken out).
 //!
-//! What is held is bounded: the answer head by `MAX_HEAD`, one read buffer while a body streams (its data
-//! is split off, not copied), a trailer section by `MAX_HEAD`. Request bodies are streamed as the client
-//! sends them: with their `Content-Length`, else chunked.
+//! What is held is bounded: the answer head by `MAX_HEAD`, one read buffer while a body streams (large
+//! pieces of data split off it, small ones copied: `http1::message`), a trailer section by `MAX_HEAD`.
+//! Request bodies are streamed as the client sends them: with their `Content-Length`, else chunked, their
+//! trailers dropped.
 
 use std::future::poll_fn;
 use std::io;
