@@ -367,9 +367,11 @@ pub struct UpstreamBody<H: Reuse> {
     reader: BodyReader,
     recycle: Option<Recycle>,
     held: H,
-    /// The longest pause allowed between two reads of the body, and when the last read came.
+    /// The longest pause allowed in the body, and since when the backend has been quiet: set by the
+    /// first read that has to wait after data came (the clock is read only when one waits), cleared by
+    /// data.
     idle: Duration,
-    last_read: Instant,
+    quiet_since: Option<Instant>,
     /// Made the first time a read has to wait.
     timer: Option<Pin<Box<Sleep>>>,
 }
@@ -388,7 +390,7 @@ impl<H: Reuse> UpstreamBody<H> {
             recycle: Some(recycle),
             held,
             idle,
-            last_read: Instant::now(),
+            quiet_since: None,
             timer: None,
         };
         // A body that is empty from the start (204, 304, HEAD, `Content-Length: 0`) is never polled:
@@ -425,9 +427,9 @@ impl<H: Reuse> UpstreamBody<H> {
         Poll::Ready(Some(Err(error)))
     }
 
-    /// Waits for the pause allowed since the last read; ready (an error) when it is over.
+    /// Waits for the pause allowed since the backend went quiet; ready (an error) when it is over.
     fn poll_pause(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
-        let deadline = self.last_read + self.idle;
+        let deadline = *self.quiet_since.get_or_insert_with(Instant::now) + self.idle;
         let timer = self
             .timer
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
@@ -498,7 +500,7 @@ impl<H: Reuse + Unpin> Body for UpstreamBody<H> {
                     this.exchange = None;
                     return Poll::Ready(None);
                 }
-                Poll::Ready(Ok(_)) => this.last_read = Instant::now(),
+                Poll::Ready(Ok(_)) => this.quiet_since = None,
                 Poll::Ready(Err(error)) => return this.fail(error),
                 Poll::Pending => {
                     let error = ready!(this.poll_pause(cx));
