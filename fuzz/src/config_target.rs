@@ -55,6 +55,8 @@ fn durations(config: &Config) -> Vec<(String, Duration)> {
         ("timeouts.header".to_string(), t.header),
         ("timeouts.http_idle".to_string(), t.http_idle),
         ("timeouts.backend_response".to_string(), t.backend_response),
+        ("timeouts.client_body".to_string(), t.client_body),
+        ("timeouts.send".to_string(), t.send),
         ("timeouts.drain".to_string(), t.drain),
         ("timeouts.close_spread".to_string(), t.close_spread),
     ];

@@ -161,6 +161,7 @@ impl Checker<'_> {
                 "timeouts.backend_response",
                 defaults.backend_response,
             ),
+            client_body: self.timeout(&t.client_body, "timeouts.client_body", defaults.client_body),
             send: self.timeout(&t.send, "timeouts.send", defaults.send),
             drain: self.timeout(&t.drain, "timeouts.drain", defaults.drain),
             close_spread: match &t.close_spread {

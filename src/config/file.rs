@@ -56,6 +56,7 @@ pub struct FileTimeouts {
     pub header: Option<Text>,
     pub http_idle: Option<Text>,
     pub backend_response: Option<Text>,
+    pub client_body: Option<Text>,
     pub send: Option<Text>,
     pub drain: Option<Text>,
 }

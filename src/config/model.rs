@@ -109,9 +109,13 @@ pub struct Timeouts {
     pub header: Duration,
     /// A keep-alive client connection with no request in flight is closed after this long.
     pub http_idle: Duration,
-    /// A backend must start its HTTP response within this time (else 504), and may not pause its body
-    /// longer (the response is cut).
+    /// A backend must start its HTTP response within this time of the request being written whole, may
+    /// not leave a write of the request pending longer (else 504), and may not pause its body longer (the
+    /// response is cut).
     pub backend_response: Duration,
+    /// A client sending a request body may not pause it longer than this while a backend waits for it
+    /// (408; the backend is not blamed).
+    pub client_body: Duration,
     /// A write to a client that makes no progress for this long (the client stopped reading) ends its
     /// connection and the backend request behind it. The default for tunnels' `send_timeout` too.
     pub send: Duration,
@@ -130,6 +134,7 @@ impl Default for Timeouts {
             header: Duration::from_secs(10),
             http_idle: Duration::from_secs(60),
             backend_response: Duration::from_secs(60),
+            client_body: Duration::from_secs(60),
             send: Duration::from_secs(60),
             drain: Duration::from_secs(30),
             close_spread: Duration::from_secs(5),

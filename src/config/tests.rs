@@ -48,6 +48,7 @@ fn timeout_defaults() {
     assert_eq!(t.header, secs(10));
     assert_eq!(t.http_idle, secs(60));
     assert_eq!(t.backend_response, secs(60));
+    assert_eq!(t.client_body, secs(60));
     assert_eq!(t.drain, secs(30));
     assert_eq!(t.close_spread, secs(5));
     assert_eq!(t, Timeouts::default());
@@ -136,7 +137,7 @@ fn zero_means_off_where_documented() {
 #[test]
 fn given_values_replace_the_defaults() {
     let text = format!(
-        "workers = 4\nruntime = \"per_worker\"\n[admin]\nlisten = \"127.0.0.1:9090\"\n[timeouts]\nconnect = \"250ms\"\nhttp_idle = \"2m\"\n\
+        "workers = 4\nruntime = \"per_worker\"\n[admin]\nlisten = \"127.0.0.1:9090\"\n[timeouts]\nconnect = \"250ms\"\nhttp_idle = \"2m\"\nclient_body = \"90s\"\n\
          [limits]\nmax_header_size = \"16KiB\"\nmax_connections = 10\n{}",
         MINIMAL.replace(
             "backends = [ { addr = \"10.0.0.1:9000\" } ]",
@@ -152,6 +153,7 @@ fn given_values_replace_the_defaults() {
     );
     assert_eq!(c.timeouts.connect, Duration::from_millis(250));
     assert_eq!(c.timeouts.http_idle, secs(120));
+    assert_eq!(c.timeouts.client_body, secs(90));
     // Those not given keep their defaults.
     assert_eq!(c.timeouts.handshake, secs(10));
     assert_eq!(c.limits.max_header_size, 16 * 1024);

@@ -52,6 +52,10 @@ pub enum ProxyError {
     /// its head announced. The backend is not to blame.
     #[error("request body failed: {0}")]
     RequestBody(#[source] hyper::Error),
+    /// The client paused its request body longer than `timeouts.client_body` while the backend waited
+    /// for it. The backend is not to blame.
+    #[error("request body paused longer than {0:?}")]
+    RequestBodyTimeout(Duration),
     #[error("backend answered 101 with a wrong Sec-WebSocket-Accept")]
     BadAccept,
     /// A backend answered a WebSocket over HTTP/2 with this success status instead of switching
@@ -77,6 +81,7 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::BadRequest(_) | ProxyError::RequestBody(_) => StatusCode::BAD_REQUEST,
+            ProxyError::RequestBodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::UnsupportedProtocol => StatusCode::NOT_IMPLEMENTED,
@@ -100,6 +105,7 @@ impl ProxyError {
         match self {
             ProxyError::BadRequest(_) => "bad_request",
             ProxyError::RequestBody(_) => "request_body",
+            ProxyError::RequestBodyTimeout(_) => "request_body_timeout",
             ProxyError::HeadTooLarge => "head_too_large",
             ProxyError::NoRoute => "no_route",
             ProxyError::UnsupportedProtocol => "unsupported_protocol",
@@ -135,6 +141,7 @@ impl ProxyError {
             self,
             ProxyError::BadRequest(_)
                 | ProxyError::RequestBody(_)
+                | ProxyError::RequestBodyTimeout(_)
                 | ProxyError::HeadTooLarge
                 | ProxyError::NoRoute
                 | ProxyError::UnsupportedProtocol
@@ -182,6 +189,9 @@ impl ProxyError {
         let text = match self {
             ProxyError::BadRequest(bad) => return bad_request(bad),
             ProxyError::RequestBody(_) => return bad_request("request body incomplete"),
+            ProxyError::RequestBodyTimeout(_) => {
+                return closing(self.status(), "request body not received in time");
+            }
             ProxyError::HeadTooLarge => "request head too large\n",
             ProxyError::NoRoute => "no route for this request\n",
             ProxyError::UnsupportedProtocol => "only WebSocket CONNECT is supported\n",
@@ -231,7 +241,12 @@ fn retry_after(status: StatusCode, after: Duration) -> Response<ProxyBody> {
 
 /// 400 with the reason, and `Connection: close`.
 fn bad_request(bad: impl std::fmt::Display) -> Response<ProxyBody> {
-    let mut response = body::text(StatusCode::BAD_REQUEST, format!("{bad}\n"));
+    closing(StatusCode::BAD_REQUEST, bad)
+}
+
+/// An answer after which the connection closes: what follows on it (the rest of a body) is not read.
+fn closing(status: StatusCode, text: impl std::fmt::Display) -> Response<ProxyBody> {
+    let mut response = body::text(status, format!("{text}\n"));
     response
         .headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -254,6 +269,7 @@ mod tests {
             ProxyError::Unreachable,
             ProxyError::Timeout(Duration::from_secs(1)),
             ProxyError::Backend(BackendHttpError::Closed),
+            ProxyError::RequestBodyTimeout(Duration::from_secs(1)),
             ProxyError::BadAccept,
             ProxyError::NotSwitched(StatusCode::OK),
             ProxyError::Origin(OriginRefusal::Missing),

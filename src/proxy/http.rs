@@ -1,8 +1,10 @@
 //! Forwarding ordinary HTTP requests to a backend of the route's pool, bodies streamed both ways.
 //!
 //! A backend that cannot be reached is skipped for the next one (the request is still whole then:
-//! `attempt.rs`); a backend that does not start answering within `backend_response` gets the client a 504,
-//! and one whose body pauses longer than that is cut off. The exchange itself (`upstream::Exchange`) runs
+//! `attempt.rs`); a backend that does not start answering within `backend_response` of the request being
+//! written whole, or leaves a write of it pending that long, gets the client a 504, and one whose body
+//! pauses longer than that is cut off. A client that pauses its request body longer than `client_body`
+//! gets a 408, and the backend is not blamed. The exchange itself (`upstream::Exchange`) runs
 //! in this task: the request is written and the answer read on the backend's socket from here.
 
 use std::sync::Arc;
@@ -29,7 +31,7 @@ use crate::http1::message::{
 use crate::metrics::status_class;
 use crate::router::Route;
 use crate::state::Shared;
-use crate::upstream::{Exchange, ExchangeError, PoolKey, Recycle, UpstreamBody};
+use crate::upstream::{Exchange, ExchangeError, Patience, PoolKey, Recycle, UpstreamBody};
 
 pub async fn forward(
     req: Request<Incoming>,
@@ -141,10 +143,12 @@ async fn proxy(
             method.is_idempotent(),
         );
         let timeout = config.timeouts.backend_response;
-        let answer = tokio::time::timeout(timeout, exchange.head()).await;
-        let error = match answer {
-            Err(_) => ProxyError::Timeout(timeout),
-            Ok(Ok(answer)) => {
+        let patience = Patience {
+            client_body: config.timeouts.client_body,
+            backend: timeout,
+        };
+        let error = match exchange.head(patience).await {
+            Ok(answer) => {
                 let recycle = |keep_alive| Recycle {
                     upstream: Arc::clone(&shared.upstream),
                     key,
@@ -163,7 +167,7 @@ async fn proxy(
             // The pooled connection had been closed by the backend before it answered, and the request
             // may go again (on a fresh connection, since closed ones are skipped); the backend is not
             // to blame.
-            Ok(Err(ExchangeError::Stale)) => {
+            Err(ExchangeError::Stale) => {
                 tracing::debug!(backend = %backend.addr, "pooled connection was closed; retrying on another");
                 body = exchange.into_request_body();
                 stale_retries += 1;
@@ -172,8 +176,12 @@ async fn proxy(
                 }
                 ProxyError::Unreachable
             }
-            Ok(Err(ExchangeError::Client(error))) => ProxyError::RequestBody(error),
-            Ok(Err(ExchangeError::Backend(error))) => ProxyError::Backend(error),
+            Err(ExchangeError::Client(error)) => ProxyError::RequestBody(error),
+            Err(ExchangeError::ClientTimeout) => {
+                ProxyError::RequestBodyTimeout(config.timeouts.client_body)
+            }
+            Err(ExchangeError::Backend(error)) => ProxyError::Backend(error),
+            Err(ExchangeError::BackendTimeout) => ProxyError::Timeout(timeout),
         };
         return (Err(error), last_tried);
     }

@@ -13,9 +13,9 @@
 //! Request bodies are streamed as the client sends them: with their `Content-Length`, else chunked, their
 //! trailers dropped.
 
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
 use std::io;
-use std::pin::Pin;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
@@ -122,6 +122,9 @@ struct Upload {
     wrote: bool,
     /// Writing failed: the backend may still answer (it may have stopped reading on purpose).
     failed: bool,
+    /// Bytes were written or a piece of the body taken since this was last cleared: what restarts the
+    /// clock of a side that keeps the upload waiting.
+    moved: bool,
 }
 
 enum UploadError {
@@ -151,6 +154,7 @@ impl Upload {
                 self.out.advance(n);
                 self.wrote = true;
                 self.unflushed = true;
+                self.moved = true;
             }
             if self.ended {
                 break;
@@ -158,6 +162,7 @@ impl Upload {
             let Poll::Ready(frame) = Pin::new(&mut self.body).poll_frame(cx) else {
                 break;
             };
+            self.moved = true;
             match frame {
                 None => {
                     self.ended = true;
@@ -213,6 +218,34 @@ pub enum ExchangeError {
     Client(hyper::Error),
     /// The backend failed: the connection broke or closed, or its answer was not HTTP.
     Backend(BackendHttpError),
+    /// The client paused its body longer than `Patience::client_body`: its fault, not the backend's.
+    ClientTimeout,
+    /// The backend took none of the request for `Patience::backend`, or did not begin its answer within
+    /// that time of the request being written whole.
+    BackendTimeout,
+}
+
+/// How long each side may keep an exchange waiting before the answer head, each clock counting from
+/// the moment that side was last waited on and made progress.
+#[derive(Debug, Clone, Copy)]
+pub struct Patience {
+    /// The longest pause in the client's body while the backend waits for it (nginx's
+    /// `client_body_timeout`).
+    pub client_body: Duration,
+    /// The longest the backend may leave a write of the request pending (nginx's `proxy_send_timeout`),
+    /// and the time it has to begin its answer once the request is written whole (`proxy_read_timeout`).
+    pub backend: Duration,
+}
+
+/// What an exchange is waiting on, before its answer head: whose clock runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Waiting {
+    /// More of the client's body.
+    Client,
+    /// The backend to take what has been written (its socket is full).
+    BackendWrite,
+    /// The backend's answer head, the request being written whole (or its writing having failed).
+    Answer,
 }
 
 /// One request on a backend connection, until the answer head.
@@ -229,6 +262,8 @@ pub struct Exchange {
     answered_early: bool,
     /// The first bytes of `conn.buf` that hold no head end.
     searched: usize,
+    /// What the exchange waited on when its clock was last started.
+    waiting: Option<Waiting>,
 }
 
 impl Exchange {
@@ -252,17 +287,66 @@ impl Exchange {
                 took_body: false,
                 wrote: false,
                 failed: false,
+                moved: false,
             },
             idempotent,
             answered: false,
             answered_early: false,
             searched: 0,
+            waiting: None,
         }
     }
 
-    /// Writes the request and reads until the answer head, skipping interim (1xx) answers.
-    pub async fn head(&mut self) -> Result<Head, ExchangeError> {
-        poll_fn(|cx| self.poll_head(cx)).await
+    /// Writes the request and reads until the answer head, skipping interim (1xx) answers, within the
+    /// `patience` of each side.
+    ///
+    /// Whose clock runs is what the exchange waits on whenever it has to wait: a slow upload is the
+    /// client's (a 200 MB body at a modem's pace is no backend's fault, and may take as long as it keeps
+    /// moving), a full socket toward the backend is the backend's, and the answer's clock starts once
+    /// the request is written whole. The clock is read only when the exchange has to wait and something
+    /// moved since it last did.
+    pub async fn head(&mut self, patience: Patience) -> Result<Head, ExchangeError> {
+        let mut timer = pin!(None::<Sleep>);
+        poll_fn(|cx| {
+            if let Poll::Ready(result) = self.poll_head(cx) {
+                return Poll::Ready(result);
+            }
+            let waiting = self.waiting_on();
+            // Head bytes arriving do not restart the answer's clock: the head must be whole in time.
+            let moved = std::mem::take(&mut self.upload.moved) && waiting != Waiting::Answer;
+            if self.waiting != Some(waiting) || moved || timer.is_none() {
+                self.waiting = Some(waiting);
+                let allowed = match waiting {
+                    Waiting::Client => patience.client_body,
+                    Waiting::BackendWrite | Waiting::Answer => patience.backend,
+                };
+                let deadline = Instant::now() + allowed;
+                match timer.as_mut().as_pin_mut() {
+                    Some(timer) => timer.reset(deadline),
+                    None => timer.set(Some(tokio::time::sleep_until(deadline))),
+                }
+            }
+            if let Some(timer) = timer.as_mut().as_pin_mut() {
+                ready!(timer.poll(cx));
+            }
+            Poll::Ready(Err(match waiting {
+                Waiting::Client => ExchangeError::ClientTimeout,
+                Waiting::BackendWrite | Waiting::Answer => ExchangeError::BackendTimeout,
+            }))
+        })
+        .await
+    }
+
+    /// What the exchange is waiting on, when `poll_head` is pending.
+    fn waiting_on(&self) -> Waiting {
+        let upload = &self.upload;
+        if upload.failed || upload.is_complete() {
+            Waiting::Answer
+        } else if !upload.out.is_empty() || upload.unflushed {
+            Waiting::BackendWrite
+        } else {
+            Waiting::Client
+        }
     }
 
     fn poll_head(&mut self, cx: &mut Context<'_>) -> Poll<Result<Head, ExchangeError>> {

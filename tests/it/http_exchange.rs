@@ -1095,3 +1095,161 @@ async fn connect_and_transfer_codings_other_than_chunked_are_refused() {
     );
     assert_eq!(backend.accepts(), 0);
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// 8. Slow uploads: whose clock runs while a request body goes out
+
+/// A client connection split in two, so that an upload can go on while the answer is read.
+async fn split_client(
+    addr: SocketAddr,
+) -> (
+    Wire<tokio::net::tcp::OwnedReadHalf>,
+    Wire<tokio::net::tcp::OwnedWriteHalf>,
+) {
+    let (read, write) = tcp_connect(addr).await.into_split();
+    (Wire::new(read), Wire::new(write))
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_upload_that_keeps_moving_is_not_cut_and_the_answer_clock_starts_when_it_is_whole() {
+    let step = Duration::from_millis(1500);
+    // The backend thinks for `step` after the body is whole: within `backend_response`, counted from
+    // there, though the exchange as a whole takes three times as long.
+    let backend = RawBackend::start(move |stream| async move {
+        let mut wire = Wire::new(stream);
+        while let Some(request) = wire.request().await {
+            tokio::time::sleep(step).await;
+            let body = format!("got {}", request.body_text());
+            if !wire.send(&answer("200 OK", &body)).await {
+                return;
+            }
+        }
+    })
+    .await;
+    let (_gateway, addr) = gateway(&config_with_timeouts(
+        &[backend.addr],
+        "backend_response = \"2s\"\nclient_body = \"2s\"",
+    ))
+    .await;
+    let (mut reader, mut writer) = split_client(addr).await;
+    let head = format!("POST /slow HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 3\r\n\r\n");
+    assert!(writer.send(head.as_bytes()).await);
+    for byte in [&b"a"[..], b"b", b"c"] {
+        tokio::time::sleep(step).await;
+        assert!(writer.send(byte).await);
+    }
+    let response = reader.response(false).await.expect("an answer");
+    assert_eq!(response.head.status(), 200, "{response:?}");
+    assert_eq!(response.body_text(), "got abc");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_pauses_its_body_gets_408_client_body_after_its_last_byte() {
+    let (closed_tx, mut closed_rx) = mpsc::unbounded_channel();
+    let backend = RawBackend::start(move |stream| {
+        let closed_tx = closed_tx.clone();
+        async move {
+            let mut wire = Wire::new(stream);
+            let Some(head) = wire.head().await else {
+                return;
+            };
+            if head.request_line().0 == "GET" {
+                wire.send(&answer("200 OK", "fine")).await;
+                return;
+            }
+            // The body never comes whole; wsgate gives up on the request and drops the connection.
+            wire.closed().await;
+            let _ = closed_tx.send(wire.buf.len());
+        }
+    })
+    .await;
+    let text = config_with_timeouts(
+        &[backend.addr],
+        "backend_response = \"10s\"\nclient_body = \"1s\"",
+    )
+    .replace(
+        "policy = \"least_conn\"",
+        "policy = \"least_conn\"\nmax_fails = 1\nfail_timeout = \"60s\"",
+    );
+    let (gateway, addr) = gateway(&text).await;
+    let (mut reader, mut writer) = split_client(addr).await;
+    let head = format!("POST /stuck HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 10\r\n\r\n");
+    assert!(writer.send(head.as_bytes()).await);
+    // Two bytes, the second 800 ms after the first (within the pause allowed), then nothing.
+    assert!(writer.send(b"0").await);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(writer.send(b"1").await);
+    let last_byte = Instant::now();
+    let response = reader.response(false).await.expect("an answer");
+    assert_at("the 408", last_byte.elapsed(), Duration::from_secs(1));
+    assert_eq!(response.head.status(), 408, "{response:?}");
+    assert_eq!(response.head.get("connection"), Some("close"));
+    reader.closed().await;
+    // The backend got the two bytes, then its connection was closed.
+    let held = within("the backend connection closing", closed_rx.recv())
+        .await
+        .expect("the backend's report");
+    assert_eq!(held, 2);
+    // The client's stall is not the backend's fault: it stays in, and serves the next request.
+    let status = gateway.backends();
+    assert!(
+        status.iter().all(|b| b.available && !b.ejected),
+        "{status:?}"
+    );
+    let (status, _, body) = http_get(addr, "/after").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, "fine");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_backend_that_stops_reading_an_upload_gets_504_backend_response_after_it_stalls() {
+    const TOTAL: usize = 64 << 20;
+    const PIECE: usize = 64 << 10;
+    let backend = RawBackend::start(|stream| async move {
+        let mut wire = Wire::new(stream);
+        // The head, then not a byte more is read; the connection is held until wsgate drops it.
+        if wire.head().await.is_none() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+    })
+    .await;
+    let (_gateway, addr) = gateway(&config_with_timeouts(
+        &[backend.addr],
+        "backend_response = \"2s\"\nclient_body = \"30s\"",
+    ))
+    .await;
+    let (mut reader, mut writer) = split_client(addr).await;
+    let head = format!("POST /upload HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {TOTAL}\r\n\r\n");
+    assert!(writer.send(head.as_bytes()).await);
+    // The client sends as fast as the sockets take it; they fill up at once (time is paused), so the
+    // backend's clock starts about when the client's writes stop.
+    let upload = tokio::spawn(async move {
+        let piece = vec![b'x'; PIECE];
+        let mut sent = 0;
+        while sent < TOTAL {
+            match tokio::time::timeout(Duration::from_secs(60), writer.stream.write_all(&piece))
+                .await
+            {
+                Ok(Ok(())) => sent += PIECE,
+                _ => break,
+            }
+        }
+        sent
+    });
+    let started = Instant::now();
+    let response = reader.response(false).await.expect("an answer");
+    assert_eq!(response.head.status(), 504, "{response:?}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(2) && started.elapsed() <= Duration::from_secs(3),
+        "the 504 after {:?}",
+        started.elapsed()
+    );
+    let sent = within("the upload ending", upload)
+        .await
+        .expect("the upload task");
+    assert!(
+        sent < TOTAL,
+        "the whole upload went through a backend that read none of it"
+    );
+}
