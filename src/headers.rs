@@ -122,10 +122,14 @@ pub fn h2_to_h1(parts: &mut http::request::Parts) -> Result<(), BadRequest> {
 
 /// Checks a request head before routing; `upgrade` says whether it asks for a WebSocket upgrade.
 pub fn check_request(headers: &HeaderMap, upgrade: bool) -> Result<(), BadRequest> {
-    for name in SINGLETONS {
-        let mut values = headers.get_all(name).iter();
-        if values.next().is_some() && values.next().is_some() {
-            return Err(BadRequest::Repeated(name.as_str()));
+    // A head with no name twice (the usual one) repeats no singleton: one comparison of counts instead
+    // of a lookup per name.
+    if headers.len() != headers.keys_len() {
+        for name in SINGLETONS {
+            let mut values = headers.get_all(name).iter();
+            if values.next().is_some() && values.next().is_some() {
+                return Err(BadRequest::Repeated(name.as_str()));
+            }
         }
     }
     if headers.contains_key(header::TRANSFER_ENCODING) && !only_chunked(headers) {
@@ -158,6 +162,22 @@ pub fn only_chunked(headers: &HeaderMap) -> bool {
         && codings.next().is_none()
 }
 
+/// Whether `name` is on the `HOP_BY_HOP` list: matched as text (one comparison by length, then the
+/// bytes), since a list of `HeaderName`s is compared one by one, for every field of every head.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "proxy-authenticate"
+    )
+}
+
 /// Removes hop-by-hop headers, including every header the `Connection` header lists (except the
 /// `PROTECTED` ones).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -167,7 +187,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // names of the list (found already); any other is parsed as a name to remove.
     let mut doomed: Vec<HeaderName> = Vec::new();
     for name in headers.keys() {
-        if HOP_BY_HOP.contains(&name) {
+        if is_hop_by_hop(name) {
             doomed.push(name.clone());
         }
     }
@@ -206,59 +226,116 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// alone, so a client cannot put an address of its choosing where a backend looks for the client's.
 /// (`X-Forwarded-For` keeps what came before wsgate, as proxies chain it; its last entry is wsgate's.)
 pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr, tls: bool) {
-    // Every proxied request goes through here: the address is written once, by hand for IPv4 (the
-    // formatting machinery cost more than the rest of the function), and each value is built in one
-    // buffer that becomes the header value without a copy.
     let ip = IpText::new(client);
     let ip = ip.as_bytes();
     let mut forwarded_for = Vec::new();
+    write_forwarded_for(headers, ip, &mut forwarded_for);
+    if let Ok(value) = HeaderValue::from_maybe_shared(Bytes::from(forwarded_for)) {
+        headers.insert(X_FORWARDED_FOR.clone(), value);
+    }
+    headers.insert(
+        X_FORWARDED_PROTO.clone(),
+        HeaderValue::from_static(proto(tls)),
+    );
+    let host = headers.get(header::HOST).cloned();
+    let mut forwarded = Vec::new();
+    write_forwarded_value(client, ip, tls, host.as_ref(), &mut forwarded);
+    // Set from `Host` alone: without one, a client's own value is not passed on either.
+    match host {
+        Some(host) => headers.insert(X_FORWARDED_HOST.clone(), host),
+        None => headers.remove(&X_FORWARDED_HOST),
+    };
+    if let Ok(value) = HeaderValue::from_maybe_shared(Bytes::from(forwarded)) {
+        headers.insert(header::FORWARDED, value);
+    }
+    if let Ok(value) = HeaderValue::from_bytes(ip) {
+        headers.insert(X_REAL_IP.clone(), value);
+    }
+}
+
+/// The fields `add_forwarded` sets: a head encoded from a client's header map leaves these out
+/// (whatever the client sent under them) and ends with `write_forwarded`'s lines instead.
+pub fn is_forwarding(name: &HeaderName) -> bool {
+    *name == X_FORWARDED_FOR
+        || *name == X_FORWARDED_PROTO
+        || *name == X_FORWARDED_HOST
+        || *name == header::FORWARDED
+        || *name == X_REAL_IP
+}
+
+/// Writes the fields `add_forwarded` would set for a request with `headers`, as head lines
+/// (`name: value` CRLF): the same values, straight into a head being encoded. A proxied request's head
+/// is written once, so building these as header values in its map first (each hashed, validated and
+/// allocated, the map grown for them) only to copy them out again is work for nothing.
+pub fn write_forwarded(headers: &HeaderMap, client: IpAddr, tls: bool, out: &mut Vec<u8>) {
+    let ip = IpText::new(client);
+    let ip = ip.as_bytes();
+    // Every value written here is valid in a header: the client's values were checked when its head
+    // was parsed (no CR, LF or NUL), the address is ASCII.
+    out.extend_from_slice(b"x-forwarded-for: ");
+    write_forwarded_for(headers, ip, out);
+    out.extend_from_slice(b"\r\nx-forwarded-proto: ");
+    out.extend_from_slice(proto(tls).as_bytes());
+    let host = headers.get(header::HOST);
+    if let Some(host) = host {
+        out.extend_from_slice(b"\r\nx-forwarded-host: ");
+        out.extend_from_slice(host.as_bytes());
+    }
+    out.extend_from_slice(b"\r\nforwarded: ");
+    write_forwarded_value(client, ip, tls, host, out);
+    out.extend_from_slice(b"\r\nx-real-ip: ");
+    out.extend_from_slice(ip);
+    out.extend_from_slice(b"\r\n");
+}
+
+fn proto(tls: bool) -> &'static str {
+    if tls { "https" } else { "http" }
+}
+
+/// The `X-Forwarded-For` list: what the client's lines hold, in order, then the client.
+fn write_forwarded_for(headers: &HeaderMap, ip: &[u8], out: &mut Vec<u8>) {
     for value in headers.get_all(&X_FORWARDED_FOR) {
         let Ok(text) = value.to_str() else { continue };
         let text = text.trim();
         if !text.is_empty() {
-            forwarded_for.extend_from_slice(text.as_bytes());
-            forwarded_for.extend_from_slice(b", ");
+            out.extend_from_slice(text.as_bytes());
+            out.extend_from_slice(b", ");
         }
     }
-    forwarded_for.extend_from_slice(ip);
-    if let Ok(value) = HeaderValue::from_maybe_shared(Bytes::from(forwarded_for)) {
-        headers.insert(X_FORWARDED_FOR.clone(), value);
-    }
-    let proto = if tls { "https" } else { "http" };
-    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
-    let host = headers.get(header::HOST).cloned();
-    let mut forwarded =
-        Vec::with_capacity(ip.len() + 32 + host.as_ref().map_or(0, HeaderValue::len));
+    out.extend_from_slice(ip);
+}
+
+/// The `Forwarded` value (RFC 7239): the client, the protocol, and the host if it can be quoted.
+fn write_forwarded_value(
+    client: IpAddr,
+    ip: &[u8],
+    tls: bool,
+    host: Option<&HeaderValue>,
+    out: &mut Vec<u8>,
+) {
     match client {
         IpAddr::V4(_) => {
-            forwarded.extend_from_slice(b"for=");
-            forwarded.extend_from_slice(ip);
+            out.extend_from_slice(b"for=");
+            out.extend_from_slice(ip);
         }
         IpAddr::V6(_) => {
-            forwarded.extend_from_slice(b"for=\"[");
-            forwarded.extend_from_slice(ip);
-            forwarded.extend_from_slice(b"]\"");
+            out.extend_from_slice(b"for=\"[");
+            out.extend_from_slice(ip);
+            out.extend_from_slice(b"]\"");
         }
     }
-    forwarded.extend_from_slice(b";proto=");
-    forwarded.extend_from_slice(proto.as_bytes());
+    out.extend_from_slice(b";proto=");
+    out.extend_from_slice(proto(tls).as_bytes());
     if let Some(host) = host {
         // Quoted-string rules (RFC 7239 §4): a host with a quote, a backslash or a byte outside ASCII is
         // left out, not escaped. (A header value holds no control character but tab, which a quoted
         // string may hold.)
         let text = host.as_bytes();
         if !text.iter().any(|b| matches!(b, b'"' | b'\\') || *b >= 0x80) {
-            forwarded.extend_from_slice(b";host=\"");
-            forwarded.extend_from_slice(text);
-            forwarded.push(b'"');
+            out.extend_from_slice(b";host=\"");
+            out.extend_from_slice(text);
+            out.push(b'"');
         }
-        headers.insert(X_FORWARDED_HOST.clone(), host);
-    }
-    if let Ok(value) = HeaderValue::from_maybe_shared(Bytes::from(forwarded)) {
-        headers.insert(header::FORWARDED, value);
-    }
-    if let Ok(value) = HeaderValue::from_bytes(ip) {
-        headers.insert(X_REAL_IP.clone(), value);
     }
 }
 
@@ -528,6 +605,83 @@ mod tests {
         let all: Vec<_> = h.get_all("x-forwarded-for").iter().collect();
         assert_eq!(all, ["10.1.1.1, 10.2.2.2, 10.3.3.3, 127.0.0.1"]);
         assert_eq!(h["x-forwarded-proto"], "https");
+    }
+
+    /// The fields of a head encoded with `is_forwarding` names left out and `write_forwarded`'s lines
+    /// added are those `add_forwarded` leaves in the map, whatever the client sent under those names.
+    #[test]
+    fn forwarding_written_into_a_head_is_what_add_forwarded_sets() {
+        let client_fields: [&[(&str, &str)]; 4] = [
+            &[("host", "example.com"), ("accept", "*/*")],
+            &[
+                ("host", "a.test:8443"),
+                ("x-forwarded-for", "10.1.1.1"),
+                ("x-forwarded-for", "10.2.2.2, 10.3.3.3"),
+                ("x-real-ip", "6.6.6.6"),
+                ("forwarded", "for=6.6.6.6"),
+                ("x-forwarded-proto", "gopher"),
+                ("x-forwarded-host", "evil.test"),
+            ],
+            // No Host: a client's X-Forwarded-Host does not pass either way.
+            &[("x-forwarded-host", "evil.test"), ("cookie", "a=b")],
+            &[("host", "quote\"d"), ("x-forwarded-for", " ")],
+        ];
+        let clients: [IpAddr; 2] = ["192.0.2.7".parse().unwrap(), "2001:db8::1".parse().unwrap()];
+        for fields in client_fields {
+            for client in clients {
+                for tls in [false, true] {
+                    let mut map = HeaderMap::new();
+                    for (name, value) in fields {
+                        map.append(
+                            HeaderName::from_static(name),
+                            HeaderValue::from_static(value),
+                        );
+                    }
+                    let mut written = Vec::new();
+                    for (name, value) in &map {
+                        if !is_forwarding(name) {
+                            written.push(format!("{name}: {}", value.to_str().unwrap()));
+                        }
+                    }
+                    let mut lines = Vec::new();
+                    write_forwarded(&map, client, tls, &mut lines);
+                    let lines = String::from_utf8(lines).unwrap();
+                    assert!(lines.ends_with("\r\n"), "{lines:?}");
+                    written.extend(
+                        lines
+                            .trim_end_matches("\r\n")
+                            .split("\r\n")
+                            .map(String::from),
+                    );
+                    add_forwarded(&mut map, client, tls);
+                    let mut expected: Vec<String> = map
+                        .iter()
+                        .map(|(name, value)| format!("{name}: {}", value.to_str().unwrap()))
+                        .collect();
+                    written.sort();
+                    expected.sort();
+                    assert_eq!(written, expected, "{fields:?} from {client}, tls {tls}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_hop_by_hop_match_is_the_list() {
+        for name in HOP_BY_HOP {
+            assert!(is_hop_by_hop(name), "{name}");
+        }
+        for name in [
+            header::HOST,
+            header::CONTENT_LENGTH,
+            header::SEC_WEBSOCKET_KEY,
+            header::PROXY_AUTHORIZATION,
+            HeaderName::from_static("connection-x"),
+            HeaderName::from_static("t"),
+            HeaderName::from_static("tee"),
+        ] {
+            assert!(!is_hop_by_hop(&name), "{name}");
+        }
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use crate::admission::{Scope, ScopeKind, Scopes};
 use crate::balancer::{Pool, Pools};
 use crate::config::{Config, RouteConfig};
+use crate::metrics::RouteHttpMetrics;
 
 #[derive(Debug)]
 pub struct Route {
@@ -14,6 +15,8 @@ pub struct Route {
     pub pool: Arc<Pool>,
     /// The route's per-client tunnel counts and handshake buckets, kept across reloads by name.
     pub scope: Arc<Scope>,
+    /// The route's HTTP request series.
+    pub http_metrics: RouteHttpMetrics,
 }
 
 #[derive(Debug, Default)]
@@ -34,6 +37,7 @@ impl Router {
                     config: r.clone(),
                     pool: Arc::clone(pool),
                     scope: scopes.get(ScopeKind::Route, &r.name, max_tracked),
+                    http_metrics: RouteHttpMetrics::default(),
                 }))
             })
             .collect();

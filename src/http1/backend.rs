@@ -41,7 +41,7 @@ pub async fn send_request<S: AsyncWrite + Unpin>(
 ) -> Result<(), BackendHttpError> {
     let path = target.path_and_query().map_or("/", |p| p.as_str());
     let mut head = Vec::new();
-    encode_request_head(&Method::GET, path, headers, &mut head);
+    encode_request_head(&Method::GET, path, headers, |_| false, |_| {}, &mut head);
     stream.write_all(&head).await?;
     stream.flush().await?;
     Ok(())

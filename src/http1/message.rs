@@ -88,32 +88,56 @@ pub fn leading_line_ends(buf: &[u8]) -> usize {
 /// Whether a head's end (an empty line, CRLF or bare LF as httparse accepts) may be in `buf`, given that
 /// `buf[..searched]` held none: searching the new bytes alone keeps a trickled head linear.
 pub fn head_ends_in(buf: &[u8], searched: usize) -> bool {
-    let from = searched.saturating_sub(3);
+    let from = searched.saturating_sub(3).min(buf.len());
     let tail = &buf[from..];
-    tail.windows(2).any(|w| w == b"\n\n") || tail.windows(3).any(|w| w == b"\n\r\n")
+    // Line feeds are found a word at a time (every answer head goes through here); each is looked at
+    // for the empty line that may follow it.
+    memchr::memchr_iter(b'\n', tail).any(|at| match tail.get(at + 1) {
+        Some(b'\n') => true,
+        Some(b'\r') => tail.get(at + 2) == Some(&b'\n'),
+        _ => false,
+    })
 }
 
-/// Appends a request head: `method target HTTP/1.1`, then `headers` as given.
-pub fn encode_request_head(method: &Method, target: &str, headers: &HeaderMap, out: &mut Vec<u8>) {
+/// Appends a request head: `method target HTTP/1.1`, the `headers` whose names `skip` does not take, the
+/// lines `more` writes (each `name: value` CRLF), and the blank line.
+pub fn encode_request_head(
+    method: &Method,
+    target: &str,
+    headers: &HeaderMap,
+    skip: impl Fn(&HeaderName) -> bool,
+    more: impl FnOnce(&mut Vec<u8>),
+    out: &mut Vec<u8>,
+) {
     let size = headers
         .iter()
         .map(|(n, v)| n.as_str().len() + v.len() + 4)
         .sum::<usize>();
-    out.reserve(method.as_str().len() + target.len() + size + 16);
+    // Room for what `more` adds in the usual case too (the forwarding fields, about 150 bytes).
+    out.reserve(method.as_str().len() + target.len() + size + 256);
     out.extend_from_slice(method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    encode_fields(headers, out);
+    for (name, value) in headers {
+        if !skip(name) {
+            encode_field(name, value, out);
+        }
+    }
+    more(out);
+    out.extend_from_slice(b"\r\n");
+}
+
+fn encode_field(name: &HeaderName, value: &HeaderValue, out: &mut Vec<u8>) {
+    out.extend_from_slice(name.as_str().as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value.as_bytes());
     out.extend_from_slice(b"\r\n");
 }
 
 fn encode_fields(headers: &HeaderMap, out: &mut Vec<u8>) {
     for (name, value) in headers {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        encode_field(name, value, out);
     }
 }
 
@@ -623,7 +647,14 @@ mod tests {
     fn request_heads_are_written_as_given() {
         let mut out = Vec::new();
         let fields = headers(&[("host", "a"), ("x-two", "1"), ("x-two", "2")]);
-        encode_request_head(&Method::POST, "/p?q=1", &fields, &mut out);
+        encode_request_head(
+            &Method::POST,
+            "/p?q=1",
+            &fields,
+            |_| false,
+            |_| {},
+            &mut out,
+        );
         assert_eq!(
             out,
             b"POST /p?q=1 HTTP/1.1\r\nhost: a\r\nx-two: 1\r\nx-two: 2\r\n\r\n"

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{self, HeaderValue};
+use http::header;
 use http::uri::{PathAndQuery, Uri};
 use http::{Method, Request, Response, Version};
 use http_body::Body;
@@ -24,11 +24,10 @@ use crate::balancer::BackendGuard;
 use crate::body::ProxyBody;
 use crate::config::Config;
 use crate::conn::ClientConn;
-use crate::headers::{add_forwarded, has_token, strip_hop_by_hop};
+use crate::headers::{has_token, is_forwarding, strip_hop_by_hop, write_forwarded};
 use crate::http1::message::{
     BodyLength, BodyReader, Head, content_length, encode_request_head, response_length,
 };
-use crate::metrics::status_class;
 use crate::router::Route;
 use crate::state::Shared;
 use crate::upstream::{Exchange, ExchangeError, Patience, PoolKey, Recycle, UpstreamBody};
@@ -41,8 +40,9 @@ pub async fn forward(
     shared: &Shared,
 ) -> Response<ProxyBody> {
     let started = Instant::now();
-    let method = req.method().clone();
-    let path = req.uri().path().to_string();
+    // The access event's fields are taken before the request goes, and only when the event is on.
+    let access = tracing::enabled!(target: "wsgate::access", tracing::Level::INFO)
+        .then(|| (req.method().clone(), req.uri().path().to_string()));
     let route_name = route.config.name.as_str();
     let (result, backend) = proxy(req, route, config, conn, shared).await;
     let response = result.unwrap_or_else(|error| {
@@ -50,27 +50,28 @@ pub async fn forward(
         error.response()
     });
     let status = response.status().as_u16();
-    let metrics = &shared.metrics;
-    metrics
-        .http_requests
-        .with_label_values(&[route_name, status_class(status), conn.protocol()])
-        .inc();
-    metrics
-        .http_request_duration
-        .with_label_values(&[route_name])
-        .observe(started.elapsed().as_secs_f64());
-    tracing::info!(
-        target: "wsgate::access",
-        client = %conn.peer,
-        protocol = conn.protocol(),
-        %method,
-        %path,
+    let elapsed = started.elapsed();
+    route.http_metrics.record(
+        &shared.metrics,
+        route_name,
         status,
-        route = route_name,
-        backend = backend.as_deref().unwrap_or("-"),
-        duration_ms = started.elapsed().as_millis() as u64,
-        "http request"
+        conn.protocol(),
+        elapsed,
     );
+    if let Some((method, path)) = access {
+        tracing::info!(
+            target: "wsgate::access",
+            client = %conn.peer,
+            protocol = conn.protocol(),
+            %method,
+            %path,
+            status,
+            route = route_name,
+            backend = backend.as_deref().unwrap_or("-"),
+            duration_ms = elapsed.as_millis() as u64,
+            "http request"
+        );
+    }
     response
 }
 
@@ -87,19 +88,26 @@ async fn proxy(
     // The sticky key is read before the headers are rewritten (X-Forwarded-For must be the client's).
     let affinity = pool.affinity(&parts.headers, &parts.uri, conn.peer.ip());
     strip_hop_by_hop(&mut parts.headers);
-    add_forwarded(&mut parts.headers, conn.peer.ip(), conn.tls);
     // A body goes with the length the client gave (hyper holds the client to it), else in chunks.
     let chunked = !body.is_end_stream() && !parts.headers.contains_key(header::CONTENT_LENGTH);
-    if chunked {
-        parts.headers.insert(
-            header::TRANSFER_ENCODING,
-            HeaderValue::from_static("chunked"),
-        );
-    }
-    // The head is encoded once, whatever backend it goes to.
+    // The head is encoded once, whatever backend it goes to: the client's fields but the forwarding
+    // ones, which are written from the client's address instead.
     let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let mut head = Vec::new();
-    encode_request_head(&parts.method, target, &parts.headers, &mut head);
+    let more = |out: &mut Vec<u8>| {
+        write_forwarded(&parts.headers, conn.peer.ip(), conn.tls, out);
+        if chunked {
+            out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        }
+    };
+    encode_request_head(
+        &parts.method,
+        target,
+        &parts.headers,
+        is_forwarding,
+        more,
+        &mut head,
+    );
     let head = Bytes::from(head);
     let method = parts.method;
     drop(parts.headers);
