@@ -20,6 +20,7 @@ use hyper_util::rt::TokioIo;
 
 use super::client_io::Replay;
 use super::connection::{ClientStream, start_tunnel};
+use super::quiet::Quiet;
 use crate::body::{BoxError, ProxyBody};
 use crate::config::Config;
 use crate::conn::ClientConn;
@@ -49,7 +50,7 @@ pub async fn serve_http<S: ClientStream>(
     tokio::pin!(connection);
     let result = tokio::select! {
         result = connection.as_mut() => result,
-        _ = shared.shutdown.cancelled() => {
+        _ = Quiet::new(shared.shutdown.cancelled()) => {
             // Finish the request in flight, then close; idle keep-alive connections close at once.
             connection.as_mut().graceful_shutdown();
             connection.await

@@ -33,6 +33,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::task::TaskTracker;
 
 use super::h2_streams::{OpenStream, StreamBody, Streams};
+use super::quiet::Quiet;
 use crate::config::Config;
 use crate::conn::ClientConn;
 use crate::proxy::{self, Answer, Splice};
@@ -84,13 +85,15 @@ pub async fn serve_h2<I>(
     let service = {
         let (conn, shared, streams) =
             (Arc::clone(&conn), Arc::clone(&shared), Arc::clone(&streams));
+        // Boxed: hyper spawns each request's future as a task of its own, moving it several times on
+        // the way; a pointer moves for nothing where the whole exchange's state would be copied each time.
         service_fn(move |req| {
-            handle(
+            Box::pin(handle(
                 req,
                 Arc::clone(&conn),
                 Arc::clone(&shared),
                 Arc::clone(&streams),
-            )
+            ))
         })
     };
     let connection = builder.serve_connection(TokioIo::new(io), service);
@@ -110,13 +113,13 @@ pub async fn serve_h2<I>(
                 connection.as_mut().graceful_shutdown();
                 draining = true;
             }
-            _ = shared.shutdown.cancelled(), if !draining => {
+            _ = Quiet::new(shared.shutdown.cancelled()), if !draining => {
                 // GOAWAY: no new streams; open ones finish (tunnels close on their own shutdown
                 // schedule).
                 connection.as_mut().graceful_shutdown();
                 draining = true;
             }
-            () = reloaded_since(&shared, config), if !draining => {
+            () = Quiet::new(reloaded_since(&shared, config)), if !draining => {
                 // GOAWAY too: the client opens its next streams on a new connection, with the new
                 // config's listener and HTTP/2 settings; open streams (tunnels too) go on here.
                 tracing::debug!(peer = %conn.peer, "config reloaded; HTTP/2 connection draining");

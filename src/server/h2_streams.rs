@@ -18,7 +18,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::body::{BoxError, ProxyBody};
@@ -28,50 +27,62 @@ const NOT_WAITING: u64 = u64::MAX;
 
 /// The streams of one connection.
 pub struct Streams {
-    /// The clock bodies note their waits on (milliseconds since this).
+    /// The clock bodies note their waits on (milliseconds since this), and the idle time is dated by
+    /// (nanoseconds since this).
     epoch: Instant,
     open: AtomicUsize,
-    /// Signalled when a stream opens or closes.
-    changed: Notify,
-    /// The response bodies being sent, for the watchdog; dead ones are pruned as it looks.
-    bodies: Mutex<Vec<Weak<BodySlot>>>,
-    /// Signalled when a body starts waiting for the client.
-    waiting: Notify,
+    /// When the count of open streams last fell to zero (at first: the connection's start), in
+    /// nanoseconds since `epoch`. Streams opening and closing wake no one: the idle wait looks at the
+    /// count when its timer fires, so a request pays one clock read, not a wakeup and a timer.
+    idle_since: AtomicU64,
+    /// The response bodies being sent, for the watchdog; dead ones are pruned as it looks, and when the
+    /// list has doubled since the last pruning (so it holds at most about twice the live ones).
+    bodies: Mutex<Bodies>,
 }
+
+#[derive(Default)]
+struct Bodies {
+    slots: Vec<Weak<BodySlot>>,
+    /// The length at which dead slots are pruned next.
+    prune_at: usize,
+}
+
+/// The fewest slots `Bodies` prunes at.
+const PRUNE_AT_LEAST: usize = 32;
 
 impl Streams {
     pub fn new() -> Arc<Streams> {
         Arc::new(Streams {
             epoch: Instant::now(),
             open: AtomicUsize::new(0),
-            changed: Notify::new(),
+            idle_since: AtomicU64::new(0),
             bodies: Mutex::default(),
-            waiting: Notify::new(),
         })
     }
 
     /// Counts a stream open until the guard is dropped.
     pub fn open(self: &Arc<Self>) -> OpenStream {
         self.open.fetch_add(1, Ordering::AcqRel);
-        self.changed.notify_waiters();
         OpenStream(Arc::clone(self))
     }
 
-    /// Resolves once no stream has been open for `idle`.
+    /// Resolves once no stream has been open for `idle`, counted from this call at the earliest.
     pub async fn idle_for(&self, idle: Duration) {
+        let called = Instant::now();
         loop {
-            let changed = self.changed.notified();
-            tokio::pin!(changed);
-            // Registered before the count is read, so a stream closing in between is not missed.
-            changed.as_mut().enable();
-            if self.open.load(Ordering::Acquire) == 0 {
-                tokio::select! {
-                    () = tokio::time::sleep(idle) => return,
-                    () = changed => {}
-                }
+            // A stream open now cannot close sooner than now, so the connection cannot be idle before
+            // `idle` from now; with none open, it is idle from when the last one closed. Either way
+            // the deadline is never early, and at the last one the count is zero and has stayed so.
+            let deadline = if self.open.load(Ordering::Acquire) == 0 {
+                let since = self.idle_since.load(Ordering::Acquire);
+                (self.epoch + Duration::from_nanos(since)).max(called) + idle
             } else {
-                changed.await;
+                Instant::now() + idle
+            };
+            if deadline <= Instant::now() && self.open.load(Ordering::Acquire) == 0 {
+                return;
             }
+            tokio::time::sleep_until(deadline).await;
         }
     }
 
@@ -87,8 +98,13 @@ impl Streams {
             // waits for the client like any other.
             waiting_since: AtomicU64::new(self.now()),
         });
-        lock(&self.bodies).push(Arc::downgrade(&slot));
-        self.waiting.notify_one();
+        let mut bodies = lock(&self.bodies);
+        if bodies.slots.len() >= bodies.prune_at {
+            bodies.slots.retain(|slot| slot.strong_count() > 0);
+            bodies.prune_at = (bodies.slots.len() * 2).max(PRUNE_AT_LEAST);
+        }
+        bodies.slots.push(Arc::downgrade(&slot));
+        drop(bodies);
         StreamBody {
             slot,
             streams: Arc::clone(self),
@@ -97,40 +113,45 @@ impl Streams {
 
     /// Runs for the connection's life, never returning: drops every body that has waited for its client
     /// for `send`.
+    ///
+    /// Bodies starting to wait wake no one (every response would pay for it): the watchdog looks at
+    /// them at least every `send`, and sooner when the oldest wait runs out. A body that starts waiting
+    /// after a look is due no sooner than `send` after that look, so it is never found late.
     pub async fn release_stalled(&self, send: Duration) {
+        let limit = u64::try_from(send.as_millis()).unwrap_or(u64::MAX);
         loop {
-            let waiting = self.waiting.notified();
-            tokio::pin!(waiting);
-            // Registered before the bodies are looked at, so a body that starts waiting meanwhile wakes
-            // this up.
-            waiting.as_mut().enable();
             let now = self.now();
-            let limit = u64::try_from(send.as_millis()).unwrap_or(u64::MAX);
-            let mut oldest = NOT_WAITING;
-            lock(&self.bodies).retain(|slot| {
-                let Some(slot) = slot.upgrade() else {
-                    return false;
-                };
-                let since = slot.waiting_since.load(Ordering::Acquire);
-                if since != NOT_WAITING && now.saturating_sub(since) >= limit {
-                    if lock(&slot.held).take().is_some() {
-                        tracing::debug!(
-                            waited_ms = now - since,
-                            "HTTP/2 client stopped taking a response; its backend is released"
-                        );
-                    }
-                    return false;
-                }
-                oldest = oldest.min(since);
-                true
-            });
-            if oldest == NOT_WAITING {
-                waiting.await;
-            } else {
-                let deadline = self.epoch + Duration::from_millis(oldest) + send;
-                tokio::time::sleep_until(deadline).await;
-            }
+            let oldest = self.release_waited(now, limit);
+            let next = oldest.min(now);
+            let deadline = self.epoch + Duration::from_millis(next) + send;
+            tokio::time::sleep_until(deadline).await;
         }
+    }
+
+    /// Drops every body that has waited for its client `limit` ms at `now`, and prunes dead ones;
+    /// returns when the longest wait left began (`NOT_WAITING` if none waits).
+    fn release_waited(&self, now: u64, limit: u64) -> u64 {
+        let mut oldest = NOT_WAITING;
+        let mut bodies = lock(&self.bodies);
+        bodies.slots.retain(|slot| {
+            let Some(slot) = slot.upgrade() else {
+                return false;
+            };
+            let since = slot.waiting_since.load(Ordering::Acquire);
+            if since != NOT_WAITING && now.saturating_sub(since) >= limit {
+                if lock(&slot.held).take().is_some() {
+                    tracing::debug!(
+                        waited_ms = now - since,
+                        "HTTP/2 client stopped taking a response; its backend is released"
+                    );
+                }
+                return false;
+            }
+            oldest = oldest.min(since);
+            true
+        });
+        bodies.prune_at = (bodies.slots.len() * 2).max(PRUNE_AT_LEAST);
+        oldest
     }
 
     fn now(&self) -> u64 {
@@ -143,8 +164,25 @@ pub struct OpenStream(Arc<Streams>);
 
 impl Drop for OpenStream {
     fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::AcqRel);
-        self.0.changed.notify_waiters();
+        let streams = &self.0;
+        // The last stream dates the idle time before the count says zero: `idle_for`, seeing zero,
+        // must never read the date of an older idle time.
+        let mut open = streams.open.load(Ordering::Acquire);
+        loop {
+            if open == 1 {
+                let since = u64::try_from(streams.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                streams.idle_since.store(since, Ordering::Release);
+            }
+            match streams.open.compare_exchange_weak(
+                open,
+                open.saturating_sub(1),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => break,
+                Err(now) => open = now,
+            }
+        }
     }
 }
 
@@ -186,9 +224,7 @@ impl Body for StreamBody {
             Poll::Ready(Some(Ok(_))) => {
                 // Waiting for the client from now on (until hyper asks again, which it does at once
                 // while the client's window is open).
-                if waiting_since.swap(self.streams.now(), Ordering::AcqRel) == NOT_WAITING {
-                    self.streams.waiting.notify_one();
-                }
+                waiting_since.store(self.streams.now(), Ordering::Release);
             }
             _ => waiting_since.store(NOT_WAITING, Ordering::Release),
         }
@@ -245,6 +281,30 @@ mod tests {
                 .expect("idle after the second stream");
         });
         assert_eq!(start.elapsed(), idle / 2 + idle + idle);
+        // Of two streams, the first to close leaves the connection busy; the idle time runs from the
+        // second.
+        let (first, second) = (streams.open(), streams.open());
+        let start = Instant::now();
+        let closing = async {
+            tokio::time::sleep(idle / 4).await;
+            drop(first);
+            tokio::time::sleep(idle).await;
+            drop(second);
+        };
+        tokio::join!(closing, async {
+            tokio::time::timeout(idle * 5, streams.idle_for(idle))
+                .await
+                .expect("idle after both streams");
+        });
+        assert_eq!(start.elapsed(), idle / 4 + idle + idle);
+        // Idle since long before the wait began: the wait still lasts `idle` (after a GOAWAY, a client
+        // gets the whole header timeout to close).
+        tokio::time::sleep(idle * 2).await;
+        let start = Instant::now();
+        tokio::time::timeout(idle * 3, streams.idle_for(idle))
+            .await
+            .expect("idle");
+        assert_eq!(start.elapsed(), idle);
     }
 
     #[tokio::test(start_paused = true)]
@@ -273,5 +333,41 @@ mod tests {
         drop(taken);
         assert_eq!(streams.open.load(Ordering::Acquire), 0);
         watchdog.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_starts_waiting_between_looks_is_released_on_time() {
+        let streams = Streams::new();
+        let send = Duration::from_secs(60);
+        let watchdog = tokio::spawn({
+            let streams = Arc::clone(&streams);
+            async move { streams.release_stalled(send).await }
+        });
+        // The watchdog has looked (no body yet) and sleeps until `send`; the body comes a third of the
+        // way and is never asked for a frame: it is due `send` after it came, not at the next look.
+        tokio::time::sleep(send / 3).await;
+        let _stalled = streams.body(body::full("never taken"), Some(streams.open()));
+        tokio::time::sleep(send - Duration::from_millis(1)).await;
+        assert_eq!(streams.open.load(Ordering::Acquire), 1, "not yet");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        assert_eq!(streams.open.load(Ordering::Acquire), 0, "released");
+        watchdog.abort();
+    }
+
+    #[tokio::test]
+    async fn the_list_of_bodies_holds_about_the_live_ones() {
+        let streams = Streams::new();
+        let live: Vec<StreamBody> = (0..10)
+            .map(|_| streams.body(body::full("live"), None))
+            .collect();
+        for _ in 0..10_000 {
+            drop(streams.body(body::full("done"), None));
+        }
+        let held = lock(&streams.bodies).slots.len();
+        assert!(
+            held <= 2 * live.len() + PRUNE_AT_LEAST,
+            "{held} slots for {} live bodies",
+            live.len()
+        );
     }
 }

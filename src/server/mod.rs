@@ -10,5 +10,6 @@ mod h1;
 mod h2;
 mod h2_streams;
 mod listener;
+mod quiet;
 
 pub use listener::ListenerHandle;
