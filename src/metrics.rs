@@ -276,12 +276,20 @@ impl RouteHttpMetrics {
         elapsed: Duration,
     ) {
         let class = status_class(status);
-        let by_protocol = usize::from(protocol == "h2");
-        let by_class = usize::from(class.as_bytes()[0] - b'1');
-        let counter = self
-            .requests
-            .get(by_protocol)
-            .and_then(|row| row.get(by_class));
+        // A protocol without a row of its own is looked up each time, never cached under another's.
+        let row = match protocol {
+            "h1" => self.requests.first(),
+            "h2" => self.requests.get(1),
+            _ => None,
+        };
+        let by_class = match class {
+            "1xx" => 0,
+            "2xx" => 1,
+            "3xx" => 2,
+            "4xx" => 3,
+            _ => 4,
+        };
+        let counter = row.and_then(|row| row.get(by_class));
         match counter {
             Some(cell) => cell
                 .get_or_init(|| {
@@ -315,5 +323,37 @@ pub fn status_class(status: u16) -> &'static str {
         300..=399 => "3xx",
         400..=499 => "4xx",
         _ => "5xx",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_routes_series_are_those_the_labels_name() {
+        let metrics = Metrics::new();
+        let route = RouteHttpMetrics::default();
+        let ms = Duration::from_millis(1);
+        route.record(&metrics, "r", 200, "h1", ms);
+        route.record(&metrics, "r", 204, "h1", ms);
+        route.record(&metrics, "r", 503, "h2", ms);
+        route.record(&metrics, "r", 404, "h3", ms);
+        let count = |class: &str, protocol: &str| {
+            metrics
+                .http_requests
+                .with_label_values(&["r", class, protocol])
+                .get()
+        };
+        assert_eq!(count("2xx", "h1"), 2);
+        assert_eq!(count("5xx", "h2"), 1);
+        assert_eq!(count("4xx", "h3"), 1);
+        assert_eq!(count("2xx", "h2"), 0);
+        assert_eq!(count("4xx", "h1"), 0);
+        let observed = metrics
+            .http_request_duration
+            .with_label_values(&["r"])
+            .get_sample_count();
+        assert_eq!(observed, 4);
     }
 }
