@@ -47,6 +47,10 @@ struct Bodies {
     prune_at: usize,
 }
 
+/// The shortest wait before `idle_for` looks again at a connection with a stream open; the shortest
+/// `send` the watchdog counts with.
+const MIN_RECHECK: Duration = Duration::from_millis(100);
+
 /// The fewest slots `Bodies` prunes at.
 const PRUNE_AT_LEAST: usize = 32;
 
@@ -77,7 +81,9 @@ impl Streams {
                 let since = self.idle_since.load(Ordering::Acquire);
                 (self.epoch + Duration::from_nanos(since)).max(called) + idle
             } else {
-                Instant::now() + idle
+                // Looked at again no sooner than `MIN_RECHECK`: a long stream (a tunnel) under a tiny
+                // timeout must not keep waking the connection.
+                Instant::now() + idle.max(MIN_RECHECK)
             };
             if deadline <= Instant::now() && self.open.load(Ordering::Acquire) == 0 {
                 return;
@@ -123,7 +129,9 @@ impl Streams {
             let now = self.now();
             let oldest = self.release_waited(now, limit);
             let next = oldest.min(now);
-            let deadline = self.epoch + Duration::from_millis(next) + send;
+            // A timeout shorter than `MIN_RECHECK` counts as that long here: a tiny one must not keep an
+            // idle connection waking.
+            let deadline = self.epoch + Duration::from_millis(next) + send.max(MIN_RECHECK);
             tokio::time::sleep_until(deadline).await;
         }
     }
