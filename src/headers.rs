@@ -132,11 +132,12 @@ pub fn check_request(headers: &HeaderMap, upgrade: bool) -> Result<(), BadReques
             }
         }
     }
-    if headers.contains_key(header::TRANSFER_ENCODING) && !only_chunked(headers) {
+    let coded = headers.contains_key(header::TRANSFER_ENCODING);
+    if coded && !only_chunked(headers) {
         return Err(BadRequest::TransferCoding);
     }
     if upgrade
-        && (headers.contains_key(header::TRANSFER_ENCODING)
+        && (coded
             || headers
                 .get(header::CONTENT_LENGTH)
                 .is_some_and(|v| v.as_bytes().trim_ascii() != b"0"))
