@@ -419,7 +419,7 @@ impl Inner {
             ScopeKind::Listener => config.listeners.iter().any(|l| l.name == name),
             ScopeKind::Route => config.routes.iter().any(|r| r.name == name),
         });
-        let stop = &self.shared.shutdown;
+        let stop = self.shared.shutdown.token();
         let state = State::new(config, Some(&old), loaded, (&self.shared.scopes, stop));
         self.shared.state.store(Arc::new(state));
         *self

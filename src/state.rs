@@ -40,6 +40,38 @@ pub struct Loaded {
     pub admin_tokens: Option<AdminTokens>,
 }
 
+/// The gateway's shutdown: the token its tasks wait on, and a flag raised before the token is cancelled,
+/// which can be read without the token's lock (tunnels read it at every wake-up, see
+/// `TunnelContext::stop_epoch`).
+#[derive(Default)]
+pub struct Shutdown {
+    token: CancellationToken,
+    begun: AtomicBool,
+}
+
+impl Shutdown {
+    /// Raises the flag, then cancels the token: whoever the token wakes sees the flag raised.
+    pub fn cancel(&self) {
+        self.begun.store(true, Ordering::Release);
+        self.token.cancel();
+    }
+
+    /// Whether shutdown has begun; no lock taken.
+    pub fn is_cancelled(&self) -> bool {
+        self.begun.load(Ordering::Acquire)
+    }
+
+    pub fn cancelled(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.token.cancelled()
+    }
+
+    /// The token itself, to make children of (listeners' stops, backends' drain signals). Cancel the
+    /// gateway through `cancel`, never through this: the flag would not be raised.
+    pub fn token(&self) -> &CancellationToken {
+        &self.token
+    }
+}
+
 impl State {
     /// `loaded`: the files `config` names (`TlsClients::load`, `AdminTokens::load`). `stop`: the
     /// gateway's shutdown token, the parent of the backends' drain signals.
@@ -98,7 +130,7 @@ pub struct Shared {
     pub buffers: BufferPool,
     pub upstream: Arc<Upstream>,
     /// Cancelled when the gateway shuts down.
-    pub shutdown: CancellationToken,
+    pub shutdown: Shutdown,
     /// Every task the gateway starts (connections, tunnels, listeners, admin, health checks, backend
     /// connections), so shutdown can wait for them.
     pub tasks: TaskTracker,
@@ -131,8 +163,8 @@ impl Shared {
     ) -> Shared {
         let tasks = TaskTracker::new();
         let scopes = Scopes::default();
-        let shutdown = CancellationToken::new();
-        let state = State::new(config, None, loaded, (&scopes, &shutdown));
+        let shutdown = Shutdown::default();
+        let state = State::new(config, None, loaded, (&scopes, shutdown.token()));
         Shared {
             state: ArcSwap::from_pointee(state),
             scopes,

@@ -7,7 +7,13 @@
 //! begins or is given a new spread, the drain ends, or the gateway shuts down): a tunnel that hears it
 //! asks for the verdict again (`Backend::drain_delay`) and listens to the fresh one. A tunnel holds no
 //! state of the drain but its own close moment.
+//!
+//! Each signal has an epoch, which moves on before the signal is replaced and cancelled: a tunnel reads
+//! it (an atomic, without the drain's lock) at every wake-up, and polls its signal, which takes the
+//! token's locks, only when the epoch is no longer its signal's.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio_util::sync::CancellationToken;
@@ -68,6 +74,8 @@ pub(super) struct Drain {
     held: [Option<Held>; 4],
     by: Option<String>,
     signal: CancellationToken,
+    /// The current signal's epoch; shared with the backend, which reads it without this lock.
+    epoch: Arc<AtomicU64>,
     parent: CancellationToken,
 }
 
@@ -77,6 +85,7 @@ impl Drain {
             held: [None; 4],
             by: None,
             signal: parent.child_token(),
+            epoch: Arc::default(),
             parent: parent.clone(),
         }
     }
@@ -89,8 +98,14 @@ impl Drain {
         self.held[cause as usize].is_some()
     }
 
-    pub(super) fn signal(&self) -> CancellationToken {
-        self.signal.clone()
+    /// The current signal and its epoch.
+    pub(super) fn signal(&self) -> (CancellationToken, u64) {
+        (self.signal.clone(), self.epoch.load(Ordering::Acquire))
+    }
+
+    /// The epoch counter, for the backend to read without this lock.
+    pub(super) fn epoch(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.epoch)
     }
 
     /// The drain in force: an operator's if there is one (their word wins, a spread of `none`
@@ -188,6 +203,9 @@ impl Drain {
     fn tell_if_changed(&mut self, before: Option<Held>) {
         let closes = |h: Option<Held>| h.and_then(|h| h.spread.map(|s| (h.since.0, s)));
         if closes(before) != closes(self.effective()) {
+            // The epoch first: a tunnel that sees it unchanged may skip its signal, so the signal must
+            // not be cancelled before the epoch has moved.
+            self.epoch.fetch_add(1, Ordering::Release);
             let old = std::mem::replace(&mut self.signal, self.parent.child_token());
             old.cancel();
         }
@@ -198,6 +216,18 @@ impl Drain {
 mod tests {
     use super::*;
 
+    /// Whether `signal` has been cancelled, checking that its epoch has moved on exactly then (a tunnel
+    /// skips a signal whose epoch is still the current one).
+    fn told(d: &Drain, signal: &(CancellationToken, u64)) -> bool {
+        let cancelled = signal.0.is_cancelled();
+        let moved = d.epoch.load(Ordering::Acquire) != signal.1;
+        assert_eq!(
+            cancelled, moved,
+            "the epoch moves when, and only when, tunnels are told"
+        );
+        cancelled
+    }
+
     #[test]
     fn causes_add_up_and_the_drain_ends_with_the_last() {
         let parent = CancellationToken::new();
@@ -206,23 +236,23 @@ mod tests {
         d.add(DrainCause::Config, None, None);
         assert!(d.is_draining());
         assert!(
-            !first.is_cancelled(),
+            !told(&d, &first),
             "a drain without spread leaves tunnels be"
         );
         assert_eq!(d.delay(), None);
         d.add(DrainCause::Dns, Some(Duration::from_secs(10)), None);
-        assert!(first.is_cancelled(), "a spread is given: tunnels are told");
+        assert!(told(&d, &first), "a spread is given: tunnels are told");
         let delay = d.delay().expect("a moment");
         assert!(delay <= Duration::from_secs(10));
         let second = d.signal();
-        assert!(!second.is_cancelled());
+        assert!(!told(&d, &second));
         assert!(d.remove(DrainCause::Config));
         assert!(
-            !second.is_cancelled(),
+            !told(&d, &second),
             "still draining for DNS: nothing changes"
         );
         assert!(!d.remove(DrainCause::Dns));
-        assert!(second.is_cancelled(), "the drain ended: tunnels are told");
+        assert!(told(&d, &second), "the drain ended: tunnels are told");
         assert_eq!(d.status(), None);
     }
 
@@ -233,7 +263,7 @@ mod tests {
         d.add(DrainCause::Config, Some(Duration::from_secs(600)), None);
         let before = d.signal();
         d.add(DrainCause::Admin, Some(Duration::ZERO), Some("ops"));
-        assert!(before.is_cancelled());
+        assert!(told(&d, &before));
         assert_eq!(d.delay(), Some(Duration::ZERO));
         let status = d.status().expect("draining");
         assert_eq!(status.causes, ["config", "admin"]);
@@ -253,16 +283,13 @@ mod tests {
         let dns = d.signal();
         d.add(DrainCause::Admin, None, Some("ops"));
         assert!(
-            dns.is_cancelled(),
+            told(&d, &dns),
             "the operator's `none` is news to the tunnels"
         );
         assert_eq!(d.delay(), None);
         let admin = d.signal();
         assert!(d.remove(DrainCause::Admin));
-        assert!(
-            admin.is_cancelled(),
-            "back to DNS's window: tunnels are told"
-        );
+        assert!(told(&d, &admin), "back to DNS's window: tunnels are told");
         let delay = d.delay().expect("DNS's window again");
         assert!(delay <= Duration::from_secs(60));
         let status = d.status().expect("draining");
@@ -277,7 +304,7 @@ mod tests {
         let parent = CancellationToken::new();
         let mut d = Drain::new(&parent);
         d.add(DrainCause::Admin, Some(Duration::from_secs(1)), None);
-        let signal = d.signal();
+        let (signal, _) = d.signal();
         parent.cancel();
         assert!(signal.is_cancelled());
     }

@@ -56,6 +56,8 @@ pub struct Backend {
     /// Mirrors `drain.is_draining()`, read on every pick without the lock.
     draining: AtomicBool,
     drain: Mutex<Drain>,
+    /// The drain signal's epoch (`Drain::epoch`), read without the drain's lock.
+    drain_epoch: Arc<AtomicU64>,
     /// Live tunnels (a part of `active`).
     tunnels: AtomicUsize,
     /// The objects of earlier generations this one took over from (the same address reached the same
@@ -94,6 +96,7 @@ impl Backend {
         (tls, proxy_protocol): (Option<BackendTls>, Option<ProxyProtocolOut>),
         (drain_spread, stop): (Option<Duration>, &CancellationToken),
     ) -> Backend {
+        let drain = Drain::new(stop);
         let backend = Backend {
             addr: config.addr.clone(),
             id: config.id.clone(),
@@ -105,7 +108,8 @@ impl Backend {
             discovered: false,
             weight: AtomicU32::new(config.weight.max(1)),
             draining: AtomicBool::new(false),
-            drain: Mutex::new(Drain::new(stop)),
+            drain_epoch: drain.epoch(),
+            drain: Mutex::new(drain),
             tunnels: AtomicUsize::new(0),
             predecessors: Mutex::default(),
             healthy: AtomicBool::new(true),
@@ -182,9 +186,16 @@ impl Backend {
         self.drain_state().has(cause)
     }
 
-    /// What its tunnels listen to: cancelled whenever their verdict changes (see `drain.rs`).
-    pub fn drain_signal(&self) -> CancellationToken {
+    /// What its tunnels listen to, and its epoch: cancelled whenever their verdict changes (see
+    /// `drain.rs`).
+    pub fn drain_signal(&self) -> (CancellationToken, u64) {
         self.drain_state().signal()
+    }
+
+    /// The current drain signal's epoch: it moves on before a signal is cancelled for a drain (not for
+    /// shutdown, which cancels the parent). No lock taken.
+    pub fn drain_epoch(&self) -> u64 {
+        self.drain_epoch.load(Ordering::Acquire)
     }
 
     /// When a tunnel to it is to close for its drain, from now; `None`: not at all (not draining, or
@@ -908,7 +919,7 @@ mod tests {
         let old = Arc::clone(&before.get("a").expect("a").backends()[0]);
         let _guard = old.acquire();
         old.tunnel_started();
-        let signal = old.drain_signal();
+        let (signal, _) = old.drain_signal();
         let after = Pools::build(
             &one_pool("b", "{ addr = \"127.0.0.1:7\", id = \"seven\" }"),
             Some(&before),

@@ -4,15 +4,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio_util::sync::CancellationToken;
-
 use crate::admission::Counted;
 use crate::balancer::BackendGuard;
 use crate::config::WebSocketSettings;
 use crate::conn::ClientConn;
 use crate::router::Route;
 use crate::state::Shared;
-use crate::websocket::tunnel::{Traffic, TunnelContext, TunnelOutcome};
+use crate::websocket::tunnel::{StopSignal, Traffic, TunnelContext, TunnelOutcome};
 use crate::websocket::{BufferPool, EndReason};
 
 /// A live tunnel as the gateway sees it: its route (settings, metrics), the backend it holds, the client
@@ -96,6 +94,12 @@ impl Drop for RouteTunnel {
     }
 }
 
+/// A tunnel's stop epoch: its backend's drain epoch, and whether shutdown has begun (which cancels the
+/// drain signals through their parent, without moving their epoch).
+fn stop_epoch(drain: u64, shutdown: bool) -> u64 {
+    drain << 1 | u64::from(shutdown)
+}
+
 impl TunnelContext for RouteTunnel {
     fn settings(&self) -> &WebSocketSettings {
         &self.route.config.websocket
@@ -117,9 +121,20 @@ impl TunnelContext for RouteTunnel {
         }
     }
 
-    /// The backend's drain signal: a child of the shutdown token, so it hears both.
-    fn stop_signal(&self) -> CancellationToken {
-        self.guard.backend().drain_signal()
+    /// The backend's drain signal: a child of the shutdown token, so it hears both. The shutdown flag
+    /// is read first: a shutdown that comes after it moves `stop_epoch` on.
+    fn stop_signal(&self) -> StopSignal {
+        let shutdown = self.shared.shutdown.is_cancelled();
+        let (token, drain) = self.guard.backend().drain_signal();
+        StopSignal {
+            token,
+            epoch: stop_epoch(drain, shutdown),
+        }
+    }
+
+    fn stop_epoch(&self) -> u64 {
+        let shutdown = self.shared.shutdown.is_cancelled();
+        stop_epoch(self.guard.backend().drain_epoch(), shutdown)
     }
 
     /// Shutdown first: a uniformly random moment within the close spread in force (never past the

@@ -67,7 +67,7 @@ impl ListenerHandle {
             addr,
             fronts,
             limit: Arc::new(ConnLimit::new(max_connections)),
-            stop: shared.shutdown.child_token(),
+            stop: shared.shutdown.token().child_token(),
             loops: TaskTracker::new(),
         };
         tracing::info!(listener = %config.name, %addr, tls = config.tls.is_some(), max_connections, sockets = sockets.len(), "listening");

@@ -10,7 +10,7 @@
 use std::future::poll_fn;
 use std::num::NonZeroU64;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -48,11 +48,22 @@ pub trait TunnelContext: Send {
     /// What the tunnel listens to for the gateway's own reasons to end it (shutdown, its backend
     /// draining). Cancelled whenever the verdict of `stop` may have changed: the tunnel then asks `stop`
     /// again and listens to the signal this gives then.
-    fn stop_signal(&self) -> CancellationToken;
+    fn stop_signal(&self) -> StopSignal;
+    /// Where the stop signals are now, read at every wake-up (so without a lock): it moves on before a
+    /// signal handed out is cancelled, never after. While it is still the epoch of the tunnel's signal,
+    /// that signal has not fired, and the tunnel does not poll it: polling a `CancellationToken` takes
+    /// two locks, and the token is shared by every tunnel to the same backend.
+    fn stop_epoch(&self) -> u64;
     /// Whether, why and after how long the gateway wants this tunnel to close (`None`: it does not, or
     /// no longer). The moment is drawn at random within a spread, so that thousands of clients do not
     /// reconnect in the same instant; drawn at each ask, not stored: every tunnel would carry it.
     fn stop(&self) -> Option<(EndReason, Duration)>;
+}
+
+/// A stop signal and the epoch it belongs to (`TunnelContext::stop_epoch`).
+pub struct StopSignal {
+    pub token: CancellationToken,
+    pub epoch: u64,
 }
 
 /// What a tunnel needs besides its two streams.
@@ -91,7 +102,10 @@ pub fn run<C: Transport, B: Transport, X: TunnelContext>(
         allowed_rsv,
         context,
     } = params;
-    let signal = context.stop_signal();
+    let StopSignal {
+        token: signal,
+        epoch,
+    } = context.stop_signal();
     let stop_at = context
         .stop()
         .map(|(reason, delay)| (Mark::at(now, now + delay), reason));
@@ -127,6 +141,7 @@ pub fn run<C: Transport, B: Transport, X: TunnelContext>(
         // Only shutdown is final. A signal cancelled by a change racing this start is heard at the
         // first poll, and the verdict asked again.
         listening: !matches!(stop_at, Some((_, EndReason::Shutdown))),
+        stop_watch: StopWatch { epoch, waker: None },
         stop_at,
         closed: (false, false),
         context,
@@ -572,11 +587,35 @@ struct Tunnel<C, B, X> {
     /// The stop signal is still worth listening to: false once the verdict is shutdown (its signal then
     /// stays cancelled for good).
     listening: bool,
+    stop_watch: StopWatch,
     /// When and why this tunnel closes on the gateway's initiative (shutdown, its backend draining).
     stop_at: Option<(Mark, EndReason)>,
     /// The streams that have been ended in order (`poll_close`): client, backend.
     closed: (bool, bool),
     context: X,
+}
+
+/// Whether a tunnel must poll its stop signal at a wake-up. The signal's future is registered with the
+/// token once and stays so: it need not be polled again until its signal may have fired (the epoch has
+/// moved on) or until the task's waker is not the one it holds.
+struct StopWatch {
+    /// The epoch of the signal listened to.
+    epoch: u64,
+    /// The waker the signal's future was last polled with: the one its cancellation wakes.
+    waker: Option<Waker>,
+}
+
+impl StopWatch {
+    fn must_poll(&self, epoch_now: u64, waker: &Waker) -> bool {
+        epoch_now != self.epoch || !self.waker.as_ref().is_some_and(|w| w.will_wake(waker))
+    }
+
+    /// The signal's future has been polled with `waker`.
+    fn polled(&mut self, waker: &Waker) {
+        if !self.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            self.waker = Some(waker.clone());
+        }
+    }
 }
 
 impl<C: Transport, B: Transport, X: TunnelContext> Tunnel<C, B, X> {
@@ -603,14 +642,23 @@ impl<C: Transport, B: Transport, X: TunnelContext> Tunnel<C, B, X> {
             // The stop future stays registered between polls, so a quiet tunnel hears it too. The fresh
             // signal is taken before the verdict: a change in between cancels it, and it is heard at
             // once (the loop polls it again), so no change is missed. Only shutdown is final.
-            while self.listening && stop.as_mut().poll(cx).is_ready() {
-                stop.set(self.context.stop_signal().cancelled_owned());
-                let at = Instant::now();
-                self.stop_at = self
-                    .context
-                    .stop()
-                    .map(|(reason, delay)| (Mark::at(self.started, at + delay), reason));
-                self.listening = !matches!(self.stop_at, Some((_, EndReason::Shutdown)));
+            if self.listening
+                && self
+                    .stop_watch
+                    .must_poll(self.context.stop_epoch(), cx.waker())
+            {
+                while self.listening && stop.as_mut().poll(cx).is_ready() {
+                    let signal = self.context.stop_signal();
+                    self.stop_watch.epoch = signal.epoch;
+                    stop.set(signal.token.cancelled_owned());
+                    let at = Instant::now();
+                    self.stop_at = self
+                        .context
+                        .stop()
+                        .map(|(reason, delay)| (Mark::at(self.started, at + delay), reason));
+                    self.listening = !matches!(self.stop_at, Some((_, EndReason::Shutdown)));
+                }
+                self.stop_watch.polled(cx.waker());
             }
             self.queued = false;
             let buffers = self.context.buffers();
@@ -946,8 +994,14 @@ mod tests {
         }
         fn traffic(&self, _: Traffic, _: Traffic) {}
         fn ping_rtt(&self, _: Duration) {}
-        fn stop_signal(&self) -> CancellationToken {
-            CancellationToken::new()
+        fn stop_signal(&self) -> StopSignal {
+            StopSignal {
+                token: CancellationToken::new(),
+                epoch: 0,
+            }
+        }
+        fn stop_epoch(&self) -> u64 {
+            0
         }
         fn stop(&self) -> Option<(EndReason, Duration)> {
             None
@@ -973,21 +1027,63 @@ mod tests {
         }
         fn traffic(&self, _: Traffic, _: Traffic) {}
         fn ping_rtt(&self, _: Duration) {}
-        fn stop_signal(&self) -> CancellationToken {
+        /// The two raced signals have epochs 0 and 1, `later` has 2, shutdown moves the epoch to 3.
+        fn stop_signal(&self) -> StopSignal {
             use std::sync::atomic::Ordering;
-            if self.handed.fetch_add(1, Ordering::SeqCst) < 2 {
+            let handed = self.handed.fetch_add(1, Ordering::SeqCst);
+            if handed < 2 {
                 let raced = CancellationToken::new();
                 raced.cancel();
-                raced
+                StopSignal {
+                    token: raced,
+                    epoch: handed as u64,
+                }
             } else {
-                self.later.clone()
+                StopSignal {
+                    token: self.later.clone(),
+                    epoch: 2,
+                }
             }
+        }
+        fn stop_epoch(&self) -> u64 {
+            use std::sync::atomic::Ordering;
+            let shutdown = self.shutdown.load(Ordering::SeqCst);
+            (self.handed.load(Ordering::SeqCst) as u64).min(2) + u64::from(shutdown)
         }
         fn stop(&self) -> Option<(EndReason, Duration)> {
             self.shutdown
                 .load(std::sync::atomic::Ordering::SeqCst)
                 .then_some((EndReason::Shutdown, Duration::ZERO))
         }
+    }
+
+    /// A waker of its own (two `Arc`s: `will_wake` tells them apart).
+    fn waker() -> Waker {
+        struct Nothing;
+        impl std::task::Wake for Nothing {
+            fn wake(self: std::sync::Arc<Self>) {}
+        }
+        Waker::from(std::sync::Arc::new(Nothing))
+    }
+
+    #[test]
+    fn the_stop_signal_is_polled_only_when_it_may_have_fired() {
+        let (one, other) = (waker(), waker());
+        let mut watch = StopWatch {
+            epoch: 4,
+            waker: None,
+        };
+        assert!(watch.must_poll(4, &one), "never polled: not registered");
+        watch.polled(&one);
+        assert!(!watch.must_poll(4, &one), "registered, and nothing moved");
+        assert!(
+            watch.must_poll(5, &one),
+            "the epoch moved: it may have fired"
+        );
+        assert!(watch.must_poll(4, &other), "registered with another waker");
+        watch.polled(&other);
+        assert!(!watch.must_poll(4, &other));
+        assert!(watch.must_poll(4, &one));
     }
 
     async fn pair() -> (TcpStream, TcpStream) {
