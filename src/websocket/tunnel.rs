@@ -108,7 +108,7 @@ pub fn run<C: Transport, B: Transport, X: TunnelContext>(
     } = context.stop_signal();
     let stop_at = context
         .stop()
-        .map(|(reason, delay)| (Mark::at(now, now + delay), reason));
+        .map(|(reason, delay)| (Mark::START.after(delay), reason));
     let max_message_size = context.settings().max_message_size;
     let (client_ping, backend_ping) = ping_intervals(context.settings());
     // One token for the tunnel's whole life: a late pong to an earlier ping is recognised too.
@@ -152,7 +152,7 @@ pub fn run<C: Transport, B: Transport, X: TunnelContext>(
     if backend_ping.is_some() {
         tunnel.down.scanner.expect_pong(token);
     }
-    let first_deadline = tunnel.next_deadline(now);
+    let first_deadline = tunnel.timer_deadline(Mark::START);
     TunnelFuture {
         tunnel: Some(tunnel),
         sleep: tokio::time::sleep_until(first_deadline),
@@ -288,12 +288,22 @@ impl Mark {
     const START: Mark = Mark(NonZeroU64::MIN);
 
     fn at(started: Instant, now: Instant) -> Mark {
-        let micros = u64::try_from(now.duration_since(started).as_micros()).unwrap_or(u64::MAX - 1);
-        Mark(NonZeroU64::new(micros + 1).unwrap_or(NonZeroU64::MIN))
+        Mark::START.after(now.saturating_duration_since(started))
     }
 
-    fn instant(self, started: Instant) -> Instant {
-        started + Duration::from_micros(self.0.get() - 1)
+    /// `d` later (the end of time, rather than past it).
+    fn after(self, d: Duration) -> Mark {
+        // In `u64` arithmetic: `Duration::as_micros` is `u128`, and a tunnel asks this at every wake-up.
+        let micros = d
+            .as_secs()
+            .saturating_mul(1_000_000)
+            .saturating_add(u64::from(d.subsec_micros()));
+        Mark(self.0.saturating_add(micros))
+    }
+
+    /// Converted back, for the tunnel's timer. `None` past what an `Instant` holds.
+    fn instant(self, started: Instant) -> Option<Instant> {
+        started.checked_add(Duration::from_micros(self.0.get() - 1))
     }
 
     /// How long after `earlier` this is (zero if it is not after it).
@@ -590,9 +600,9 @@ impl Keepalive {
         }
     }
 
-    fn next_ping(&self, interval: Option<Duration>, started: Instant) -> Option<Instant> {
+    fn next_ping(&self, interval: Option<Duration>) -> Option<Mark> {
         match (interval, self.waiting_since, self.queued) {
-            (Some(interval), None, false) => Some(self.last_frame.instant(started) + interval),
+            (Some(interval), None, false) => Some(self.last_frame.after(interval)),
             _ => None,
         }
     }
@@ -618,7 +628,7 @@ impl Keepalive {
 struct Ending {
     reason: EndReason,
     /// After this, TCP is dropped whatever the peers are doing.
-    deadline: Instant,
+    deadline: Mark,
 }
 
 struct Tunnel<C, B, X> {
@@ -711,11 +721,11 @@ impl<C: Transport, B: Transport, X: TunnelContext> Tunnel<C, B, X> {
                     let signal = self.context.stop_signal();
                     self.stop_watch.epoch = signal.epoch;
                     stop.set(signal.token.cancelled_owned());
-                    let at = Instant::now();
+                    let at = Mark::at(self.started, Instant::now());
                     self.stop_at = self
                         .context
                         .stop()
-                        .map(|(reason, delay)| (Mark::at(self.started, at + delay), reason));
+                        .map(|(reason, delay)| (at.after(delay), reason));
                     self.listening = !matches!(self.stop_at, Some((_, EndReason::Shutdown)));
                 }
                 self.stop_watch.polled(cx.waker());
@@ -728,31 +738,30 @@ impl<C: Transport, B: Transport, X: TunnelContext> Tunnel<C, B, X> {
             let down = self
                 .down
                 .pump(cx, &mut self.backend, &mut self.client, buffers);
-            let now = Instant::now();
-            let mark = Mark::at(self.started, now);
-            self.client_alive.track_ping(&self.down, &down, mark);
-            self.backend_alive.track_ping(&self.up, &up, mark);
-            self.up.track_blocking(&up, mark);
-            self.down.track_blocking(&down, mark);
+            let now = Mark::at(self.started, Instant::now());
+            self.client_alive.track_ping(&self.down, &down, now);
+            self.backend_alive.track_ping(&self.up, &up, now);
+            self.up.track_blocking(&up, now);
+            self.down.track_blocking(&down, now);
             let progressed = up.progressed || down.progressed;
             let yielded = up.yielded || down.yielded;
-            self.after_step(Side::Client, up, (now, mark));
-            self.after_step(Side::Backend, down, (now, mark));
+            self.after_step(Side::Client, up, now);
+            self.after_step(Side::Backend, down, now);
             self.check_timers(now);
-            if mark.since(self.last_flush) >= FLUSH_EVERY {
+            if now.since(self.last_flush) >= FLUSH_EVERY {
                 self.flush_traffic();
-                self.last_flush = mark;
+                self.last_flush = now;
             }
             if self.finished(now) {
                 return Poll::Ready(());
             }
             // Re-arming a timer costs more than a spurious wake-up: move it only when it must fire sooner.
-            let deadline = self.next_deadline(now);
+            let deadline = self.timer_deadline(now);
             if deadline < sleep.deadline() {
                 sleep.as_mut().reset(deadline);
             }
             if sleep.as_mut().poll(cx).is_ready() {
-                sleep.as_mut().reset(self.next_deadline(now));
+                sleep.as_mut().reset(self.timer_deadline(now));
                 continue;
             }
             if yielded {
@@ -766,22 +775,22 @@ impl<C: Transport, B: Transport, X: TunnelContext> Tunnel<C, B, X> {
     }
 
     /// Reacts to what one direction (read from `side`) did.
-    fn after_step(&mut self, side: Side, step: Step, (now, mark): (Instant, Mark)) {
+    fn after_step(&mut self, side: Side, step: Step, now: Mark) {
         if step.data || step.forwarded {
-            self.last_data = mark;
+            self.last_data = now;
         }
         let alive = match side {
             Side::Client => &mut self.client_alive,
             Side::Backend => &mut self.backend_alive,
         };
         if step.frames || step.pong_matched {
-            alive.last_frame = mark;
+            alive.last_frame = now;
             alive.waiting_since = None;
         }
         if step.pong_matched
             && let Some(sent) = alive.sent_at.take()
         {
-            self.context.ping_rtt(mark.since(sent));
+            self.context.ping_rtt(now.since(sent));
         }
         if let Some(close) = step.close {
             if side == Side::Backend && self.down.forwarding {
@@ -817,7 +826,7 @@ impl<C: Transport, B: Transport, X: TunnelContext> Tunnel<C, B, X> {
         }
     }
 
-    fn side_gone(&mut self, side: Side, now: Instant) {
+    fn side_gone(&mut self, side: Side, now: Mark) {
         // Nothing more can be written to a side that hung up.
         let (gone, towards) = match side {
             Side::Client => (&mut self.up, &mut self.down),
@@ -842,18 +851,18 @@ impl<C: Transport, B: Transport, X: TunnelContext> Tunnel<C, B, X> {
         }
     }
 
-    fn check_timers(&mut self, now: Instant) {
+    fn check_timers(&mut self, now: Mark) {
         if self.ending.is_some() {
             return;
         }
         if let Some((at, reason)) = self.stop_at
-            && now >= at.instant(self.started)
+            && now >= at
         {
             return self.end(reason, now);
         }
         let settings = self.context.settings();
         if let Some(lifetime) = settings.max_lifetime
-            && now >= self.started + lifetime
+            && now >= Mark::START.after(lifetime)
         {
             return self.end(EndReason::MaxLifetime, now);
         }
@@ -863,7 +872,7 @@ impl<C: Transport, B: Transport, X: TunnelContext> Tunnel<C, B, X> {
                 Side::Backend => &self.backend_alive,
             };
             if let Some(since) = alive.waiting_since
-                && now >= since.instant(self.started) + settings.pong_timeout
+                && now >= since.after(settings.pong_timeout)
             {
                 let reason = match side {
                     Side::Client => EndReason::PongTimeout,
@@ -874,60 +883,60 @@ impl<C: Transport, B: Transport, X: TunnelContext> Tunnel<C, B, X> {
         }
         // A peer that takes nothing written to it is not kept alive by what it sends (its pongs, say).
         if let Some(since) = self.down.blocked_since
-            && now >= since.instant(self.started) + settings.send_timeout
+            && now >= since.after(settings.send_timeout)
         {
             return self.end(EndReason::ClientStalled, now);
         }
         if let Some(since) = self.up.blocked_since
-            && now >= since.instant(self.started) + settings.send_timeout
+            && now >= since.after(settings.send_timeout)
         {
             return self.end(EndReason::BackendStalled, now);
         }
         // Activity is progress: data read from a peer, or a peer's data-frame bytes written on
         // (`after_step`). Bytes waiting to be written are not, nor are control frames (the peers' pings
         // and pongs pass through without keeping a tunnel open), nor a ping of wsgate's own.
-        if now >= self.last_data.instant(self.started) + settings.idle_timeout {
+        if now >= self.last_data.after(settings.idle_timeout) {
             return self.end(EndReason::IdleTimeout, now);
         }
         self.send_pings(now);
     }
 
-    fn send_pings(&mut self, now: Instant) {
+    fn send_pings(&mut self, now: Mark) {
         // Only the keepalive injects outside an ending, so a due ping finds its slot free.
         let (client_ping, backend_ping) = ping_intervals(self.context.settings());
         if self
             .client_alive
-            .next_ping(client_ping, self.started)
+            .next_ping(client_ping)
             .is_some_and(|at| now >= at)
         {
             let ping = ControlFrame::new(OP_PING, &self.token, Role::Server);
             self.down.inject_ping(ping);
             self.queued = true;
             self.client_alive.queued = true;
-            self.client_alive.waiting_since = Some(Mark::at(self.started, now));
+            self.client_alive.waiting_since = Some(now);
         }
         if self
             .backend_alive
-            .next_ping(backend_ping, self.started)
+            .next_ping(backend_ping)
             .is_some_and(|at| now >= at)
         {
             let ping = ControlFrame::new(OP_PING, &self.token, Role::Client);
             self.up.inject_ping(ping);
             self.queued = true;
             self.backend_alive.queued = true;
-            self.backend_alive.waiting_since = Some(Mark::at(self.started, now));
+            self.backend_alive.waiting_since = Some(now);
         }
     }
 
     /// Starts the ending of the tunnel: queues wsgate's own Close frames and stops reading from sides that
     /// have nothing more to say. The first cause wins.
-    fn end(&mut self, reason: EndReason, now: Instant) {
+    fn end(&mut self, reason: EndReason, now: Mark) {
         if self.ending.is_some() {
             return;
         }
         self.ending = Some(Ending {
             reason,
-            deadline: now + self.context.settings().close_timeout,
+            deadline: now.after(self.context.settings().close_timeout),
         });
         self.queued = true;
         let (to_client, to_backend) = reason.own_closes();
@@ -971,7 +980,7 @@ impl<C: Transport, B: Transport, X: TunnelContext> Tunnel<C, B, X> {
     }
 
     /// Whether there is nothing left to wait for.
-    fn finished(&self, now: Instant) -> bool {
+    fn finished(&self, now: Mark) -> bool {
         if self.cut {
             return true;
         }
@@ -987,34 +996,45 @@ impl<C: Transport, B: Transport, X: TunnelContext> Tunnel<C, B, X> {
         settled(&self.up) && settled(&self.down) && flushed(&self.up) && flushed(&self.down)
     }
 
-    fn next_deadline(&self, now: Instant) -> Instant {
-        let far = now + Duration::from_secs(86_400);
+    /// The earliest moment a timer of the tunnel's fires, at most a day from `now`, as the tunnel's
+    /// timer takes it.
+    fn timer_deadline(&self, now: Mark) -> Instant {
+        let far = now.after(Duration::from_secs(86_400));
+        let deadline = self.next_deadline().min(far);
+        // A day from now is within what an `Instant` holds; the fallback is for the type's sake.
+        deadline
+            .instant(self.started)
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400))
+    }
+
+    /// The earliest moment a timer of the tunnel's fires (at the end of time if none would).
+    fn next_deadline(&self) -> Mark {
+        let settings = self.context.settings();
         if let Some(ending) = &self.ending {
             return ending.deadline;
         }
-        let settings = self.context.settings();
-        let mut deadline = far.min(self.last_data.instant(self.started) + settings.idle_timeout);
+        let mut deadline = self.last_data.after(settings.idle_timeout);
         if let Some((at, _)) = self.stop_at {
-            deadline = deadline.min(at.instant(self.started));
+            deadline = deadline.min(at);
         }
         if let Some(lifetime) = settings.max_lifetime {
-            deadline = deadline.min(self.started + lifetime);
+            deadline = deadline.min(Mark::START.after(lifetime));
         }
         let (client_ping, backend_ping) = ping_intervals(settings);
         for (alive, interval) in [
             (&self.client_alive, client_ping),
             (&self.backend_alive, backend_ping),
         ] {
-            if let Some(at) = alive.next_ping(interval, self.started) {
+            if let Some(at) = alive.next_ping(interval) {
                 deadline = deadline.min(at);
             }
             if let Some(since) = alive.waiting_since {
-                deadline = deadline.min(since.instant(self.started) + settings.pong_timeout);
+                deadline = deadline.min(since.after(settings.pong_timeout));
             }
         }
         for half in [&self.up, &self.down] {
             if let Some(since) = half.blocked_since {
-                deadline = deadline.min(since.instant(self.started) + settings.send_timeout);
+                deadline = deadline.min(since.after(settings.send_timeout));
             }
         }
         deadline
