@@ -280,13 +280,15 @@ async fn accept_loop(
         }
         let front = front.load_full();
         let shared2 = Arc::clone(&shared);
-        shared.tasks.spawn(connection::admit(
+        // Boxed: the connection's future is a few KB (its first request is read in it), and spawning
+        // moves a future several times (into the task, and its whole size again when the task ends).
+        shared.tasks.spawn(Box::pin(connection::admit(
             stream,
             peer,
             front,
             (slot, active.clone()),
             shared2,
-        ));
+        )));
     }
 }
 
