@@ -315,6 +315,77 @@ impl std::fmt::Debug for RouteHttpMetrics {
     }
 }
 
+/// One route's series of the WebSocket metrics a handshake and a tunnel update, where the route (with a
+/// direction, or a protocol for successful upgrades) is the only label: looked up the first time each is
+/// needed and kept with the route, as `RouteHttpMetrics` (a handshake would otherwise look up seven).
+#[derive(Default)]
+pub struct RouteWsMetrics {
+    /// Successful upgrades by protocol (h1, h2).
+    upgrades_ok: [OnceLock<IntCounter>; 2],
+    handshake_duration: OnceLock<Histogram>,
+    tunnel_duration: OnceLock<Histogram>,
+    /// Client to backend, backend to client.
+    bytes: [OnceLock<IntCounter>; 2],
+    frames: [OnceLock<IntCounter>; 2],
+}
+
+/// The `direction` label of `ws_bytes` and `ws_frames`, in `RouteWsMetrics`' order.
+const DIRECTIONS: [&str; 2] = ["client_to_backend", "backend_to_client"];
+
+impl RouteWsMetrics {
+    /// Counts an upgrade of `route` with `result` over `protocol`.
+    pub fn upgrade(&self, metrics: &Metrics, route: &str, result: &str, protocol: &'static str) {
+        let cell = match (result, protocol) {
+            ("ok", "h1") => self.upgrades_ok.first(),
+            ("ok", "h2") => self.upgrades_ok.get(1),
+            _ => None,
+        };
+        let lookup = || {
+            metrics
+                .ws_upgrades
+                .with_label_values(&[route, result, protocol])
+        };
+        match cell {
+            Some(cell) => cell.get_or_init(lookup).inc(),
+            None => lookup().inc(),
+        }
+    }
+
+    pub fn handshake_duration(&self, metrics: &Metrics, route: &str) -> &Histogram {
+        self.handshake_duration
+            .get_or_init(|| metrics.ws_handshake_duration.with_label_values(&[route]))
+    }
+
+    pub fn tunnel_duration(&self, metrics: &Metrics, route: &str) -> &Histogram {
+        self.tunnel_duration
+            .get_or_init(|| metrics.ws_tunnel_duration.with_label_values(&[route]))
+    }
+
+    /// Adds a tunnel's traffic since its last report: client to backend, backend to client.
+    pub fn traffic(&self, metrics: &Metrics, route: &str, traffic: [(u64, u64); 2]) {
+        for (((bytes, frames), direction), (b, f)) in self
+            .bytes
+            .iter()
+            .zip(&self.frames)
+            .zip(DIRECTIONS)
+            .zip(traffic)
+        {
+            bytes
+                .get_or_init(|| metrics.ws_bytes.with_label_values(&[route, direction]))
+                .inc_by(b);
+            frames
+                .get_or_init(|| metrics.ws_frames.with_label_values(&[route, direction]))
+                .inc_by(f);
+        }
+    }
+}
+
+impl std::fmt::Debug for RouteWsMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouteWsMetrics").finish_non_exhaustive()
+    }
+}
+
 /// "2xx", "4xx", ...: the status label.
 pub fn status_class(status: u16) -> &'static str {
     match status {
@@ -355,5 +426,41 @@ mod tests {
             .with_label_values(&["r"])
             .get_sample_count();
         assert_eq!(observed, 4);
+    }
+
+    #[test]
+    fn a_routes_websocket_series_are_those_the_labels_name() {
+        let metrics = Metrics::new();
+        let route = RouteWsMetrics::default();
+        route.upgrade(&metrics, "r", "ok", "h1");
+        route.upgrade(&metrics, "r", "ok", "h1");
+        route.upgrade(&metrics, "r", "ok", "h2");
+        route.upgrade(&metrics, "r", "rejected", "h1");
+        route.upgrade(&metrics, "r", "ok", "h3");
+        let upgrades = |result: &str, protocol: &str| {
+            metrics
+                .ws_upgrades
+                .with_label_values(&["r", result, protocol])
+                .get()
+        };
+        assert_eq!(upgrades("ok", "h1"), 2);
+        assert_eq!(upgrades("ok", "h2"), 1);
+        assert_eq!(upgrades("rejected", "h1"), 1);
+        assert_eq!(upgrades("ok", "h3"), 1);
+        route.traffic(&metrics, "r", [(10, 1), (200, 3)]);
+        route.traffic(&metrics, "r", [(5, 1), (0, 0)]);
+        let traffic = |direction: &str| {
+            (
+                metrics.ws_bytes.with_label_values(&["r", direction]).get(),
+                metrics.ws_frames.with_label_values(&["r", direction]).get(),
+            )
+        };
+        assert_eq!(traffic("client_to_backend"), (15, 2));
+        assert_eq!(traffic("backend_to_client"), (200, 3));
+        route.handshake_duration(&metrics, "r").observe(0.5);
+        route.tunnel_duration(&metrics, "r").observe(2.0);
+        let observed = |vec: &HistogramVec| vec.with_label_values(&["r"]).get_sample_count();
+        assert_eq!(observed(&metrics.ws_handshake_duration), 1);
+        assert_eq!(observed(&metrics.ws_tunnel_duration), 1);
     }
 }

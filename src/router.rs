@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crate::admission::{Scope, ScopeKind, Scopes};
 use crate::balancer::{Pool, Pools};
 use crate::config::{Config, RouteConfig};
-use crate::metrics::RouteHttpMetrics;
+use crate::metrics::{RouteHttpMetrics, RouteWsMetrics};
 
 #[derive(Debug)]
 pub struct Route {
@@ -17,6 +17,8 @@ pub struct Route {
     pub scope: Arc<Scope>,
     /// The route's HTTP request series.
     pub http_metrics: RouteHttpMetrics,
+    /// The route's WebSocket series.
+    pub ws_metrics: RouteWsMetrics,
 }
 
 #[derive(Debug, Default)]
@@ -38,6 +40,7 @@ impl Router {
                     pool: Arc::clone(pool),
                     scope: scopes.get(ScopeKind::Route, &r.name, max_tracked),
                     http_metrics: RouteHttpMetrics::default(),
+                    ws_metrics: RouteWsMetrics::default(),
                 }))
             })
             .collect();

@@ -11,12 +11,11 @@
 
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap};
-use http::{Method, StatusCode, Uri};
+use http::{Method, StatusCode};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::message::{
-    BodyReader, Piece, encode_request_head, head_ends_in, leading_line_ends, parse_head,
-    response_length,
+    BodyReader, Piece, head_ends_in, leading_line_ends, parse_head, response_length,
 };
 use super::{MAX_HEAD, MAX_RELAYED_BODY};
 
@@ -32,17 +31,13 @@ pub struct Answer {
     pub rest: Vec<u8>,
 }
 
-/// Writes a GET request head for `target` with `headers`, and flushes it (a TLS session may hold what
-/// it was given until then).
-pub async fn send_request<S: AsyncWrite + Unpin>(
+/// Writes an encoded request head (`message::encode_request_head`) and flushes it (a TLS session may
+/// hold what it was given until then).
+pub async fn send_head<S: AsyncWrite + Unpin>(
     stream: &mut S,
-    target: &Uri,
-    headers: &HeaderMap,
+    head: &[u8],
 ) -> Result<(), BackendHttpError> {
-    let path = target.path_and_query().map_or("/", |p| p.as_str());
-    let mut head = Vec::new();
-    encode_request_head(&Method::GET, path, headers, |_| false, |_| {}, &mut head);
-    stream.write_all(&head).await?;
+    stream.write_all(head).await?;
     stream.flush().await?;
     Ok(())
 }

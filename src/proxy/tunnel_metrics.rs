@@ -67,9 +67,9 @@ impl RouteTunnel {
             .ws_closes
             .with_label_values(&[route_name, outcome.reason.label(), self.conn.protocol()])
             .inc();
-        metrics
-            .ws_tunnel_duration
-            .with_label_values(&[route_name])
+        self.route
+            .ws_metrics
+            .tunnel_duration(metrics, route_name)
             .observe(outcome.duration.as_secs_f64());
         tracing::info!(
             target: "wsgate::access",
@@ -110,15 +110,11 @@ impl TunnelContext for RouteTunnel {
     }
 
     fn traffic(&self, up: Traffic, down: Traffic) {
-        let (m, route) = (&self.shared.metrics, self.route_name());
-        for (direction, traffic) in [("client_to_backend", up), ("backend_to_client", down)] {
-            m.ws_bytes
-                .with_label_values(&[route, direction])
-                .inc_by(traffic.bytes);
-            m.ws_frames
-                .with_label_values(&[route, direction])
-                .inc_by(traffic.frames);
-        }
+        self.route.ws_metrics.traffic(
+            &self.shared.metrics,
+            self.route_name(),
+            [(up.bytes, up.frames), (down.bytes, down.frames)],
+        );
     }
 
     /// The backend's drain signal: a child of the shutdown token, so it hears both. The shutdown flag

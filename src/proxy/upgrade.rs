@@ -20,8 +20,9 @@ use crate::balancer::{Affinity, BackendGuard};
 use crate::body::{self, ProxyBody};
 use crate::config::Config;
 use crate::conn::ClientConn;
-use crate::headers::{add_forwarded, strip_hop_by_hop};
+use crate::headers::{is_forwarding, strip_hop_by_hop, write_forwarded};
 use crate::http1::backend;
+use crate::http1::message::encode_request_head;
 use crate::router::Route;
 use crate::state::Shared;
 use crate::upstream::{self, BackendStream};
@@ -39,11 +40,9 @@ pub async fn handshake(
     let started = Instant::now();
     let route_name = route.config.name.as_str();
     let count = |result: &str| {
-        shared
-            .metrics
-            .ws_upgrades
-            .with_label_values(&[route_name, result, conn.protocol()])
-            .inc();
+        route
+            .ws_metrics
+            .upgrade(&shared.metrics, route_name, result, conn.protocol());
     };
     let refuse = |error: ProxyError, backend: Option<&str>| {
         count(error.upgrade_result());
@@ -75,21 +74,25 @@ pub async fn handshake(
         .pool
         .affinity(&parts.headers, &parts.uri, conn.peer.ip());
     strip_hop_by_hop(&mut parts.headers);
+    // The head is encoded once, whatever backend it goes to, as for a proxied request: the client's
+    // fields but the forwarding ones, written from the client's address instead, and the upgrade's own.
     // `Content-Length: 0` is the only length an upgrade may have (`headers::check_request`): it says
     // nothing the backend needs, and a backend must see no framing it could read a body by.
-    parts.headers.remove(header::CONTENT_LENGTH);
-    add_forwarded(&mut parts.headers, conn.peer.ip(), conn.tls);
-    parts
-        .headers
-        .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    parts
-        .headers
-        .insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    let request = BackendRequest {
-        target: origin_form(&parts.uri),
-        headers: &parts.headers,
-        key: &key,
-    };
+    let target = origin_form(&parts.uri);
+    let target = target.path_and_query().map_or("/", |p| p.as_str());
+    let mut head = Vec::new();
+    encode_request_head(
+        &http::Method::GET,
+        target,
+        &parts.headers,
+        |name| is_forwarding(name) || name == header::CONTENT_LENGTH,
+        |out| {
+            write_forwarded(&parts.headers, conn.peer.ip(), conn.tls, out);
+            out.extend_from_slice(b"upgrade: websocket\r\nconnection: Upgrade\r\n");
+        },
+        &mut head,
+    );
+    let request = BackendRequest { head, key: &key };
     let outcome = match connect_and_send(&route, &affinity, config, conn, &request).await {
         Ok(outcome) => outcome,
         Err((error, backend)) => return refuse(error, backend.as_deref()),
@@ -114,10 +117,9 @@ pub async fn handshake(
         }
         Outcome::Switching(guard, switched) => {
             count("ok");
-            shared
-                .metrics
-                .ws_handshake_duration
-                .with_label_values(&[route_name])
+            route
+                .ws_metrics
+                .handshake_duration(&shared.metrics, route_name)
                 .observe(started.elapsed().as_secs_f64());
             let allowed_rsv = if switched
                 .headers
@@ -152,8 +154,9 @@ pub async fn handshake(
 
 /// The upgrade request as it goes to a backend.
 struct BackendRequest<'a> {
-    target: http::Uri,
-    headers: &'a HeaderMap,
+    /// The encoded head.
+    head: Vec<u8>,
+    /// The key it carries, for the backend's accept.
     key: &'a HeaderValue,
 }
 
@@ -254,7 +257,7 @@ async fn send_upgrade(
     mut stream: BackendStream,
     request: &BackendRequest<'_>,
 ) -> Result<BackendAnswer, ProxyError> {
-    backend::send_request(&mut stream, &request.target, request.headers).await?;
+    backend::send_head(&mut stream, &request.head).await?;
     let mut answer = backend::read_answer(&mut stream).await?;
     if answer.status != StatusCode::SWITCHING_PROTOCOLS {
         let body = backend::read_body(&mut stream, &mut answer).await?;
