@@ -239,6 +239,9 @@ struct Half {
     close: OwnClose,
     /// Read `src` at all (false after its EOF, its Close, or a violation).
     reading: bool,
+    /// `src` had nothing to read at this wake-up of the task: its waker is registered, and asking again
+    /// before the next wake-up would only take the socket's lock to register it again.
+    read_pending: bool,
     /// Write what `src` sends to `dst` (false once wsgate has sent its own Close to `dst`).
     forwarding: bool,
     /// `src` sent a Close.
@@ -350,6 +353,7 @@ impl Half {
             out: None,
             inject: None,
             reading: true,
+            read_pending: false,
             forwarding: true,
             close_received: false,
             gone: false,
@@ -449,7 +453,7 @@ impl Half {
                 }
                 continue;
             }
-            if !self.reading {
+            if !self.reading || self.read_pending {
                 return step;
             }
             if reads == READS_PER_POLL {
@@ -474,7 +478,10 @@ impl Half {
                 continue;
             }
             match src.poll_read_ready(cx) {
-                Poll::Pending => return step,
+                Poll::Pending => {
+                    self.read_pending = true;
+                    return step;
+                }
                 Poll::Ready(Err(_)) => {
                     self.src_gone(&mut step);
                     return step;
@@ -485,7 +492,10 @@ impl Half {
             let carried = self.scanner.prepare(&mut buf);
             match src.poll_read(cx, &mut buf[carried..]) {
                 // Nothing after all (a stream that cannot tell readiness): the buffer goes straight back.
-                Poll::Pending => return step,
+                Poll::Pending => {
+                    self.read_pending = true;
+                    return step;
+                }
                 Poll::Ready(Ok(0)) => {
                     self.src_gone(&mut step);
                     return step;
@@ -708,6 +718,9 @@ impl<C: Transport, B: Transport, X: TunnelContext> Tunnel<C, B, X> {
         mut sleep: Pin<&mut Sleep>,
         mut stop: Pin<&mut WaitForCancellationFutureOwned>,
     ) -> Poll<()> {
+        // A new wake-up: whatever had nothing to read may have now.
+        self.up.read_pending = false;
+        self.down.read_pending = false;
         loop {
             // The stop future stays registered between polls, so a quiet tunnel hears it too. The fresh
             // signal is taken before the verdict: a change in between cancels it, and it is heard at
