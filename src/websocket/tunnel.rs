@@ -316,7 +316,7 @@ impl Mark {
 }
 
 /// What happened in one direction during one poll.
-#[derive(Default)]
+#[derive(Default, PartialEq)]
 struct Step {
     progressed: bool,
     /// Bytes went out to `dst`.
@@ -721,6 +721,9 @@ impl<C: Transport, B: Transport, X: TunnelContext> Tunnel<C, B, X> {
         // A new wake-up: whatever had nothing to read may have now.
         self.up.read_pending = false;
         self.down.read_pending = false;
+        // Whether this round must look at the clocks whatever the streams do: the first (a timer may be
+        // what woke the task), one after the timer fired, one after the stop verdict changed.
+        let mut look = true;
         loop {
             // The stop future stays registered between polls, so a quiet tunnel hears it too. The fresh
             // signal is taken before the verdict: a change in between cancels it, and it is heard at
@@ -740,6 +743,7 @@ impl<C: Transport, B: Transport, X: TunnelContext> Tunnel<C, B, X> {
                         .stop()
                         .map(|(reason, delay)| (at.after(delay), reason));
                     self.listening = !matches!(self.stop_at, Some((_, EndReason::Shutdown)));
+                    look = true;
                 }
                 self.stop_watch.polled(cx.waker());
             }
@@ -751,6 +755,12 @@ impl<C: Transport, B: Transport, X: TunnelContext> Tunnel<C, B, X> {
             let down = self
                 .down
                 .pump(cx, &mut self.backend, &mut self.client, buffers);
+            // A later round in which nothing happened changes nothing the rest looks at: the round
+            // before settled the clocks, the end and the deadline, and registered the timer.
+            if !look && up == Step::default() && down == Step::default() {
+                return Poll::Pending;
+            }
+            look = false;
             let now = Mark::at(self.started, Instant::now());
             self.client_alive.track_ping(&self.down, &down, now);
             self.backend_alive.track_ping(&self.up, &up, now);
@@ -775,6 +785,7 @@ impl<C: Transport, B: Transport, X: TunnelContext> Tunnel<C, B, X> {
             }
             if sleep.as_mut().poll(cx).is_ready() {
                 sleep.as_mut().reset(self.timer_deadline(now));
+                look = true;
                 continue;
             }
             if yielded {
