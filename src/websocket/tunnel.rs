@@ -183,11 +183,11 @@ impl<C: Transport, B: Transport, X: TunnelContext> Future for TunnelFuture<C, B,
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
-        // As an `async` block does: a future is not polled again once it has returned.
-        let tunnel = this
-            .tunnel
-            .as_mut()
-            .expect("a tunnel's future polled after it returned");
+        let Some(tunnel) = this.tunnel.as_mut() else {
+            // Polled again after it returned (nothing here does that): it stays pending, as a fused
+            // future would.
+            return Poll::Pending;
+        };
         if !*this.closing {
             std::task::ready!(tunnel.poll(cx, this.sleep.as_mut(), this.stop.as_mut()));
             // Both streams end in order where they can (`Transport::poll_shutdown`), within the close
@@ -197,8 +197,9 @@ impl<C: Transport, B: Transport, X: TunnelContext> Future for TunnelFuture<C, B,
             *this.closing = true;
         }
         std::task::ready!(tunnel.poll_close(cx, this.sleep.as_mut()));
+        // There since the start of this call.
         let Some(mut tunnel) = this.tunnel.take() else {
-            unreachable!("checked above");
+            return Poll::Pending;
         };
         tunnel.flush_traffic();
         let outcome = TunnelOutcome {
