@@ -119,6 +119,8 @@ for _ in $(seq 1 20); do
     [ -s "$profile" ] && break
     sleep 0.5
 done
-total=$(callgrind_annotate "$profile" 2>/dev/null | grep -m1 "PROGRAM TOTALS" | awk '{gsub(",", "", $1); print $1}')
+# Read from the profile itself: a pipe that stops at the first match would end `callgrind_annotate` with
+# SIGPIPE, which `pipefail` makes this script's failure.
+total=$(awk '/^(totals|summary):/ { print $2; exit }' "$profile")
 echo "instructions: $total over $requests requests: $((total / requests)) per request"
 echo "profile: $profile"
