@@ -276,12 +276,7 @@ impl RouteHttpMetrics {
         elapsed: Duration,
     ) {
         let class = status_class(status);
-        // A protocol without a row of its own is looked up each time, never cached under another's.
-        let row = match protocol {
-            "h1" => self.requests.first(),
-            "h2" => self.requests.get(1),
-            _ => None,
-        };
+        let row = protocol_row(protocol).and_then(|i| self.requests.get(i));
         let by_class = match class {
             "1xx" => 0,
             "2xx" => 1,
@@ -290,19 +285,11 @@ impl RouteHttpMetrics {
             _ => 4,
         };
         let counter = row.and_then(|row| row.get(by_class));
-        match counter {
-            Some(cell) => cell
-                .get_or_init(|| {
-                    metrics
-                        .http_requests
-                        .with_label_values(&[route, class, protocol])
-                })
-                .inc(),
-            None => metrics
+        inc_cached(counter, || {
+            metrics
                 .http_requests
                 .with_label_values(&[route, class, protocol])
-                .inc(),
-        }
+        });
         self.duration
             .get_or_init(|| metrics.http_request_duration.with_label_values(&[route]))
             .observe(elapsed.as_secs_f64());
@@ -312,6 +299,25 @@ impl RouteHttpMetrics {
 impl std::fmt::Debug for RouteHttpMetrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RouteHttpMetrics").finish_non_exhaustive()
+    }
+}
+
+/// The row of a route's cached series for `protocol`. A protocol without a row of its own is looked up
+/// each time, never cached under another's.
+fn protocol_row(protocol: &str) -> Option<usize> {
+    match protocol {
+        "h1" => Some(0),
+        "h2" => Some(1),
+        _ => None,
+    }
+}
+
+/// Counts one on the counter `cell` holds, looked up the first time; looked up every time where there is
+/// no cell. (Not a handle handed out: cloning one would add a shared reference count to every count.)
+fn inc_cached(cell: Option<&OnceLock<IntCounter>>, lookup: impl FnOnce() -> IntCounter) {
+    match cell {
+        Some(cell) => cell.get_or_init(lookup).inc(),
+        None => lookup().inc(),
     }
 }
 
@@ -335,20 +341,14 @@ const DIRECTIONS: [&str; 2] = ["client_to_backend", "backend_to_client"];
 impl RouteWsMetrics {
     /// Counts an upgrade of `route` with `result` over `protocol`.
     pub fn upgrade(&self, metrics: &Metrics, route: &str, result: &str, protocol: &'static str) {
-        let cell = match (result, protocol) {
-            ("ok", "h1") => self.upgrades_ok.first(),
-            ("ok", "h2") => self.upgrades_ok.get(1),
-            _ => None,
-        };
-        let lookup = || {
+        let cell = protocol_row(protocol)
+            .filter(|_| result == "ok")
+            .and_then(|i| self.upgrades_ok.get(i));
+        inc_cached(cell, || {
             metrics
                 .ws_upgrades
                 .with_label_values(&[route, result, protocol])
-        };
-        match cell {
-            Some(cell) => cell.get_or_init(lookup).inc(),
-            None => lookup().inc(),
-        }
+        });
     }
 
     pub fn handshake_duration(&self, metrics: &Metrics, route: &str) -> &Histogram {
