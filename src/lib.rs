@@ -74,10 +74,11 @@ pub mod internals {
     pub use crate::http1::{MAX_CHUNK_LINE, MAX_HEAD, MAX_HEADERS, MAX_RELAYED_BODY};
     pub use crate::origin::{OriginList, OriginPattern, OriginPatternError, OriginRefusal};
     pub use crate::state::{Loaded, State};
-    /// A client's TLS session over any stream, and the sizes its buffers are bounded by: for the
-    /// `tls_session` fuzz target.
+    /// A client's TLS session over any stream, kept by rustls or handed to wsgate's record layer, and
+    /// the sizes its buffers are bounded by: for the `tls_session` fuzz target.
     pub use crate::tls::session::{
-        MAX_INCOMING, READ_SIZE, ServerSession, WRITE_SIZE, accept as tls_accept,
+        Engine, Established, MAX_INCOMING, READ_SIZE, ServerSession, TlsSession, WRITE_SIZE,
+        accept as tls_accept,
     };
     pub use crate::upstream::TlsClients;
     pub use crate::websocket::{BUFFER_SIZE, frame, scanner};

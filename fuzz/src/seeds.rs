@@ -681,6 +681,18 @@ pub fn tls_session() -> Vec<(String, Vec<u8>)> {
         write(&mut s, 10);
         seeds.push((name("stream-errors"), s));
     }
+    // The same client scripts with the session handed over after the handshake (byte 0, bit 3): TLS 1.3
+    // sessions to wsgate's record layer, TLS 1.2 ones staying with rustls.
+    let handed_over: Vec<(String, Vec<u8>)> = seeds
+        .iter()
+        .filter(|(_, bytes)| bytes[0] & 1 == 1)
+        .map(|(name, bytes)| {
+            let mut bytes = bytes.clone();
+            bytes[0] |= 8;
+            (format!("{name}-own"), bytes)
+        })
+        .collect();
+    seeds.extend(handed_over);
     seeds
 }
 

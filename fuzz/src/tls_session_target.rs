@@ -7,8 +7,10 @@
 //! input says so; its writes take what the input's write budget allows and record it. Futures are polled
 //! by hand with a no-op waker: nothing here ever waits.
 //!
-//! Input layout: byte 0 picks the mode (bit 0), the client's protocol (bit 1: TLS 1.2, else 1.3) and
-//! cipher suite (bit 2: ChaCha20-Poly1305, else AES-128-GCM); bytes 1 and 2 the read and write piece
+//! Input layout: byte 0 picks the mode (bit 0), the client's protocol (bit 1: TLS 1.2, else 1.3),
+//! cipher suite (bit 2: ChaCha20-Poly1305, else AES-128-GCM) and whether the session is handed over after
+//! the handshake (bit 3: `ServerSession::establish`, as a tunnel's is, which gives a TLS 1.3 session to
+//! wsgate's record layer, `src/tls/record_layer.rs`, and keeps a TLS 1.2 one with rustls); bytes 1 and 2 the read and write piece
 //! sizes during the handshake (`piece`: 0 is any size, 1–200 bytes, then steps of 512). The rest is a
 //! script of operations, one byte (`% 16`) and its arguments each (`u16`s little-endian), run in order:
 //!
@@ -99,7 +101,9 @@ use rustls::{
     SignatureScheme,
 };
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use wsgate::internals::{MAX_INCOMING, READ_SIZE, ServerSession, WRITE_SIZE, tls_accept};
+use wsgate::internals::{
+    Engine, Established, MAX_INCOMING, READ_SIZE, TlsSession, WRITE_SIZE, tls_accept,
+};
 
 /// The most buffer a session may hold at any time (`buffered_capacity`), from `src/tls/session.rs`:
 ///
@@ -184,6 +188,7 @@ fn configs() -> &'static Configs {
             .expect("server config");
         server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         server.ticketer = rustls::crypto::ring::Ticketer::new().expect("ticketer");
+        server.enable_secret_extraction = true;
         let client = |tls12: bool, chacha: bool| {
             use rustls::crypto::ring::cipher_suite as suites;
             let suite = match (tls12, chacha) {
@@ -806,14 +811,14 @@ impl Run {
                 .is_ok()
     }
 
-    fn check_bound(&self, session: &ServerSession<Io>) {
+    fn check_bound<C: Engine + Unpin>(&self, session: &TlsSession<C, Io>) {
         let held = session.buffered_capacity();
         assert!(held <= BOUND, "the session holds {held} bytes of buffer");
         MOST_HELD.fetch_max(held, Ordering::Relaxed);
     }
 
     /// One server read; checks it against what the client sent.
-    fn read_once(&mut self, session: &mut ServerSession<Io>, size: usize) -> Outcome {
+    fn read_once<C: Engine + Unpin>(&mut self, session: &mut TlsSession<C, Io>, size: usize) -> Outcome {
         if size == 0 {
             // Nothing to read into: answered at once, and nothing changes.
             let mut read_buf = ReadBuf::new(&mut []);
@@ -957,7 +962,7 @@ impl Run {
         outcome
     }
 
-    fn read_all(&mut self, session: &mut ServerSession<Io>, size: usize, reads: usize) -> Outcome {
+    fn read_all<C: Engine + Unpin>(&mut self, session: &mut TlsSession<C, Io>, size: usize, reads: usize) -> Outcome {
         let mut outcome = Outcome::Pending;
         for _ in 0..reads {
             outcome = self.read_once(session, size);
@@ -968,7 +973,7 @@ impl Run {
         outcome
     }
 
-    fn write(&mut self, session: &mut ServerSession<Io>, len: usize) {
+    fn write<C: Engine + Unpin>(&mut self, session: &mut TlsSession<C, Io>, len: usize) {
         let len = len.min(MAX_DATA - self.written);
         let data = &server_data()[self.written..self.written + len];
         let poll = Pin::new(&mut *session).poll_write(&mut Self::cx(), data);
@@ -1015,7 +1020,7 @@ impl Run {
         );
     }
 
-    fn flush(&mut self, session: &mut ServerSession<Io>) -> bool {
+    fn flush<C: Engine + Unpin>(&mut self, session: &mut TlsSession<C, Io>) -> bool {
         let poll = Pin::new(&mut *session).poll_flush(&mut Self::cx());
         let flushed = match poll {
             Poll::Ready(Ok(())) => true,
@@ -1039,7 +1044,7 @@ impl Run {
         flushed
     }
 
-    fn shutdown(&mut self, session: &mut ServerSession<Io>) {
+    fn shutdown<C: Engine + Unpin>(&mut self, session: &mut TlsSession<C, Io>) {
         if !self.shutdown_called {
             self.written_at_shutdown = self.written;
         }
@@ -1117,7 +1122,7 @@ impl Run {
         self.buf = buf;
     }
 
-    fn op(&mut self, session: &mut ServerSession<Io>, op: Op<'_>) {
+    fn op<C: Engine + Unpin>(&mut self, session: &mut TlsSession<C, Io>, op: Op<'_>) {
         match op {
             // A client that closed, or got the server's fatal alert, sends nothing more.
             Op::ClientData { len, record } => {
@@ -1263,7 +1268,7 @@ impl Run {
     }
 
     /// Everything let through and written; the server reads until it can go no further.
-    fn finish(&mut self, session: &mut ServerSession<Io>) {
+    fn finish<C: Engine + Unpin>(&mut self, session: &mut TlsSession<C, Io>) {
         let (read_error, write_error, input_len, eof_at) = {
             let mut wire = self.wire.borrow_mut();
             wire.limit = None;
@@ -1389,7 +1394,7 @@ pub fn run(data: &[u8]) {
         raw(c, piece(read_piece), piece(write_piece));
     } else {
         let client = &configs().clients[usize::from(flags & 2 != 0)][usize::from(flags & 4 != 0)];
-        with_client(c, client, piece(read_piece), piece(write_piece));
+        with_client(c, client, piece(read_piece), piece(write_piece), flags & 8 != 0);
     }
 }
 
@@ -1460,10 +1465,11 @@ fn raw(mut c: Cursor<'_>, read_piece: usize, write_piece: usize) {
 
 /// Client mode: a real client makes the handshake, then the script runs.
 fn with_client(
-    mut c: Cursor<'_>,
+    c: Cursor<'_>,
     config: &Arc<ClientConfig>,
     read_piece: usize,
     write_piece: usize,
+    hand_over: bool,
 ) {
     let client = ClientConnection::new(
         Arc::clone(config),
@@ -1507,7 +1513,7 @@ fn with_client(
         buf: vec![0; MAX_READ],
         records_checked: 0,
     };
-    let mut session = {
+    let session = {
         let mut accept = Box::pin(tls_accept(
             Io(Rc::clone(&wire)),
             Arc::clone(&configs().server),
@@ -1543,6 +1549,24 @@ fn with_client(
     );
     run.tls13 = run.client.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3);
     run.check_bound(&session);
+    if !hand_over {
+        return script(run, session, c);
+    }
+    match session.establish() {
+        Established::Own(session) => {
+            assert!(run.tls13, "a TLS 1.2 session left rustls");
+            script(run, *session, c);
+        }
+        Established::Rustls(session) => {
+            assert!(!run.tls13, "a TLS 1.3 session stayed with rustls");
+            script(run, *session, c);
+        }
+        Established::Lost => panic!("the session was lost at the hand-over"),
+    }
+}
+
+/// The script, then the final phase, on the session as the handshake left it or after its hand-over.
+fn script<C: Engine + Unpin>(mut run: Run, mut session: TlsSession<C, Io>, mut c: Cursor<'_>) {
     while let Some(op) = Op::parse(&mut c) {
         run.op(&mut session, op);
     }

@@ -38,7 +38,7 @@ use crate::proxy::{self, Answer, Splice};
 use crate::proxy_protocol;
 use crate::state::Shared;
 use crate::tls::TlsAcceptor;
-use crate::tls::session::ServerSession;
+use crate::tls::session::{Established, ServerSession};
 use crate::websocket::Transport;
 
 /// How a listener serves the connections it accepts (swapped whole on reload).
@@ -199,18 +199,17 @@ impl ClientStream for ClientIo {
 }
 
 impl ClientStream for ServerSession<ClientIo> {
-    /// The TLS session over the raw socket: `ClientIo`'s timers are off once upgraded, and the session
-    /// tells the tunnel when data is there, so an idle TLS tunnel holds no read buffer either. Boxed:
-    /// inline, the session (rustls' connection is most of it) would move the tunnel's task into a size
-    /// class twice that of a plain tunnel's; apart, the two allocations fill their classes better.
-    type Tunnelled = Box<ServerSession<TcpStream>>;
+    /// The TLS session over the raw socket, with wsgate's record layer where rustls can hand it over
+    /// (`ServerSession::establish`): `ClientIo`'s timers are off once upgraded, and the session tells the
+    /// tunnel when data is there, so an idle TLS tunnel holds no read buffer either.
+    type Tunnelled = Established<TcpStream>;
 
     fn socket(&self) -> &TcpStream {
         self.get_ref().stream()
     }
 
     fn into_tunnelled(self) -> Self::Tunnelled {
-        Box::new(self.map_io(ClientIo::into_stream))
+        self.map_io(ClientIo::into_stream).establish()
     }
 }
 

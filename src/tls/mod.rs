@@ -11,6 +11,7 @@
 //! The loading (`read_certificates`, `load_certified_key`) also serves TLS toward backends
 //! (`upstream/tls_client.rs`): trusted roots, and wsgate's own client certificate.
 
+pub mod record_layer;
 pub mod session;
 
 use std::fmt;
@@ -58,6 +59,9 @@ pub fn acceptor(config: &TlsConfig, alpn: &[Alpn]) -> Result<TlsAcceptor, TlsErr
         .with_cert_resolver(Arc::new(resolver));
     server.alpn_protocols = alpn.iter().map(|id| id.id().to_vec()).collect();
     server.ticketer = ticketer().map_err(|e| error(Path::new("<tls>"), e))?;
+    // rustls may hand an established TLS 1.3 session's keys to wsgate's record layer
+    // (`record_layer.rs`), which keeps less for a long-lived tunnel than rustls' connection does.
+    server.enable_secret_extraction = true;
     Ok(TlsAcceptor {
         config: Arc::new(server),
     })

@@ -23,6 +23,7 @@ use rustls::{CommonState, ServerConfig};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+use super::record_layer::RecordLayer;
 use crate::websocket::Transport;
 
 /// Ciphertext asked of the socket per read: two full records, so that a bulk transfer is read in few
@@ -64,65 +65,104 @@ impl Side for UnbufferedServerConnection {
 /// A client's TLS session, as wsgate's listeners accept it.
 pub type ServerSession<IO> = TlsSession<UnbufferedServerConnection, IO>;
 
-/// Makes a TLS handshake as the server over `io` and returns the session once it is complete.
+/// Makes a TLS handshake as the server over `io` and returns the session once it is complete. With the
+/// config's `enable_secret_extraction`, a TLS 1.3 session may later be handed to wsgate's own record layer
+/// (`ServerSession::establish`).
 pub async fn accept<IO>(io: IO, config: Arc<ServerConfig>) -> io::Result<ServerSession<IO>>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
+    let may_hand_over = config.enable_secret_extraction;
     let conn = UnbufferedServerConnection::new(config).map_err(tls_error)?;
     let mut session = TlsSession::new(conn, io);
+    session.may_hand_over = may_hand_over;
     std::future::poll_fn(|cx| session.poll_handshake(cx)).await?;
     Ok(session)
 }
 
-/// Writes into `outgoing` once the session may send application data (`TlsSession::process`).
+/// Writes into `outgoing` once the session may send application data (`process_records`).
 type Encrypt<'a, D> = dyn FnMut(&mut WriteTraffic<'_, D>, &mut Vec<u8>) -> io::Result<()> + 'a;
 
 /// What processing the received records came to.
-enum Step {
+pub enum Step {
     /// Everything complete has been processed; more bytes are needed (also while the handshake runs).
     Blocked,
     /// Both sides have sent `close_notify`.
     Closed,
 }
 
+/// What turns a session's ciphertext into plaintext and back: rustls' unbuffered connection (any `Side`:
+/// the handshake, then TLS 1.2 or 1.3 traffic), or wsgate's own record layer for an established TLS 1.3
+/// session (`RecordLayer`), which keeps only what traffic needs.
+pub trait Engine {
+    /// Whether the handshake is still under way.
+    fn handshaking(&self) -> bool;
+
+    /// Processes the whole records in `bufs.incoming` until more bytes are needed: decrypted data goes to
+    /// `out` while it has room, the rest to `bufs.plaintext`; what the peer is answered (handshake
+    /// messages, a key update) is queued on `bufs.outgoing`. After an error, the alert telling the peer why
+    /// is queued too (if there is one), and the session is over.
+    fn process(&mut self, bufs: &mut Buffers, out: Option<&mut ReadBuf<'_>>) -> io::Result<Step>;
+
+    /// Encrypts `data` onto `bufs.outgoing`; `false` if the session cannot send application data (yet).
+    fn encrypt(&mut self, bufs: &mut Buffers, data: &[u8]) -> io::Result<bool>;
+
+    /// Queues this side's `close_notify` on `bufs.outgoing`.
+    fn close_notify(&mut self, bufs: &mut Buffers) -> io::Result<()>;
+}
+
+/// What a session holds between calls, whichever engine drives it.
+#[derive(Default)]
+pub struct Buffers {
+    /// Ciphertext read and not yet processed: a partial record, usually nothing (and then no allocation).
+    pub(super) incoming: Received,
+    /// Plaintext decrypted and not yet read, from `plain_pos` on (a record larger than the caller's buffer).
+    pub(super) plaintext: Vec<u8>,
+    plain_pos: usize,
+    /// Ciphertext to write, from `sent` on: records and handshake messages, in order. Freed once written,
+    /// so empty with no capacity whenever nothing waits.
+    pub(super) outgoing: Vec<u8>,
+    sent: usize,
+    /// The peer has sent `close_notify`: reads return EOF once `plaintext` is empty.
+    pub(super) peer_closed: bool,
+}
+
+impl Buffers {
+    fn has_plaintext(&self) -> bool {
+        self.plain_pos < self.plaintext.len()
+    }
+
+    fn has_unsent(&self) -> bool {
+        self.sent < self.outgoing.len()
+    }
+}
+
 pub struct TlsSession<C, IO> {
     conn: C,
     io: IO,
-    /// Ciphertext read and not yet processed: a partial record, usually nothing (and then no allocation).
-    incoming: Received,
-    /// Plaintext decrypted and not yet read, from `plain_pos` on (a record larger than the caller's buffer).
-    plaintext: Vec<u8>,
-    plain_pos: usize,
-    /// Ciphertext to write, from `sent` on: records and handshake messages, in order.
-    outgoing: Vec<u8>,
-    sent: usize,
-    /// The peer has sent `close_notify`: reads return EOF once `plaintext` is empty.
-    peer_closed: bool,
+    bufs: Buffers,
     /// The socket reached EOF.
     eof: bool,
     /// Our `close_notify` has been queued.
     close_queued: bool,
-    /// Processing failed (rustls refused what the peer sent and queued its alert, or reached a state the
-    /// session cannot handle): the session is over. rustls is not called again (it would refuse the same
-    /// record again and queue a second fatal alert); reads return the plaintext decrypted before the
-    /// failure, then this error every time, and writes fail with it.
+    /// The config the session was accepted with lets rustls hand its keys over (`establish`).
+    may_hand_over: bool,
+    /// Processing failed (the engine refused what the peer sent and queued its alert, or reached a state
+    /// the session cannot handle): the session is over. The engine is not called again (rustls would
+    /// refuse the same record again and queue a second fatal alert); reads return the plaintext decrypted
+    /// before the failure, then this error every time, and writes fail with it.
     failed: Option<(io::ErrorKind, String)>,
 }
 
-impl<C: Side, IO> TlsSession<C, IO> {
+impl<C, IO> TlsSession<C, IO> {
     fn new(conn: C, io: IO) -> TlsSession<C, IO> {
         TlsSession {
             conn,
             io,
-            incoming: Received::default(),
-            plaintext: Vec::new(),
-            plain_pos: 0,
-            outgoing: Vec::new(),
-            sent: 0,
-            peer_closed: false,
+            bufs: Buffers::default(),
             eof: false,
             close_queued: false,
+            may_hand_over: false,
             failed: None,
         }
     }
@@ -132,43 +172,49 @@ impl<C: Side, IO> TlsSession<C, IO> {
         &self.io
     }
 
-    /// rustls' view of the session: ALPN, protocol version, cipher suite.
-    pub fn state(&self) -> &CommonState {
-        &self.conn
-    }
-
     /// The same session over another stream (the socket out of a wrapper that is no longer needed).
     pub fn map_io<T>(self, f: impl FnOnce(IO) -> T) -> TlsSession<C, T> {
-        TlsSession {
-            conn: self.conn,
-            io: f(self.io),
-            incoming: self.incoming,
-            plaintext: self.plaintext,
-            plain_pos: self.plain_pos,
-            outgoing: self.outgoing,
-            sent: self.sent,
-            peer_closed: self.peer_closed,
-            eof: self.eof,
-            close_queued: self.close_queued,
-            failed: self.failed,
-        }
+        let (conn, rest) = self.split();
+        rest.join(conn, f)
+    }
+
+    /// The engine apart from the rest of the session.
+    fn split(self) -> (C, TlsSession<(), IO>) {
+        let TlsSession {
+            conn,
+            io,
+            bufs,
+            eof,
+            close_queued,
+            may_hand_over,
+            failed,
+        } = self;
+        let rest = TlsSession {
+            conn: (),
+            io,
+            bufs,
+            eof,
+            close_queued,
+            may_hand_over,
+            failed,
+        };
+        (conn, rest)
     }
 
     /// Bytes of buffer the session holds now (allocated capacity): zero while it is quiet. For tests and
     /// fuzzing (`wsgate::internals`), which check that a quiet session holds none and a busy one a bounded
     /// amount.
     pub fn buffered_capacity(&self) -> usize {
-        self.incoming.capacity() + self.plaintext.capacity() + self.outgoing.capacity()
-    }
-
-    fn has_plaintext(&self) -> bool {
-        self.plain_pos < self.plaintext.len()
+        self.bufs.incoming.capacity()
+            + self.bufs.plaintext.capacity()
+            + self.bufs.outgoing.capacity()
     }
 
     /// Whether processing `incoming` could make progress: it holds a whole record, or a record header
-    /// rustls would refuse (a length no record may have), which is better refused at once than waited for.
+    /// the engine would refuse (a length no record may have), which is better refused at once than waited
+    /// for.
     fn has_record(&self) -> bool {
-        let held = self.incoming.bytes();
+        let held = self.bufs.incoming.bytes();
         if held.len() < 5 {
             return false;
         }
@@ -181,126 +227,87 @@ impl<C: Side, IO> TlsSession<C, IO> {
         let (kind, message) = self.failed.as_ref()?;
         Some(io::Error::new(*kind, message.clone()))
     }
+}
 
-    /// Processes every whole record received, until rustls wants more bytes: decrypted data goes to `out`
-    /// while it has room, the rest to `plaintext`; handshake messages and alerts rustls answers with are
-    /// queued on `outgoing`. With `write`, also encrypts into `outgoing` once the session may send. Once
-    /// this failed, it fails again without processing anything (`failed`).
-    fn process(
+impl<C: Side, IO> TlsSession<C, IO> {
+    /// rustls' view of the session: ALPN, protocol version, cipher suite.
+    pub fn state(&self) -> &CommonState {
+        &self.conn
+    }
+}
+
+impl<IO> ServerSession<IO> {
+    /// The session for the rest of its life, its handshake long over (a tunnel's): wsgate's record layer
+    /// takes it over where rustls can hand it over (TLS 1.3, the config allowing it, nothing left to
+    /// send), so that what stays is the traffic keys rather than rustls' whole connection; else it stays
+    /// rustls'. `Lost` only if rustls refused the hand-over after all (`RecordLayer::takes` asks first).
+    pub fn establish(self) -> Established<IO> {
+        if !self.may_hand_over || self.failed.is_some() || !RecordLayer::takes(&self.conn) {
+            return Established::Rustls(Box::new(self));
+        }
+        let (conn, rest) = self.split();
+        match RecordLayer::take(conn) {
+            Ok(layer) => Established::Own(Box::new(rest.join(layer, |io| io))),
+            Err(error) => {
+                tracing::warn!(%error, "TLS session lost when handed to wsgate's record layer");
+                Established::Lost
+            }
+        }
+    }
+}
+
+impl<IO> TlsSession<(), IO> {
+    /// The session with `conn` as its engine, over the stream `io` makes of its own.
+    fn join<C, T>(self, conn: C, io: impl FnOnce(IO) -> T) -> TlsSession<C, T> {
+        TlsSession {
+            conn,
+            io: io(self.io),
+            bufs: self.bufs,
+            eof: self.eof,
+            close_queued: self.close_queued,
+            may_hand_over: self.may_hand_over,
+            failed: self.failed,
+        }
+    }
+}
+
+/// A client's session after `ServerSession::establish`. Boxed either way: rustls' connection is most of
+/// a session kept by rustls, and inline the session would move a tunnel's task into a size class twice
+/// that of a plain tunnel's.
+pub enum Established<IO> {
+    /// wsgate's own record layer.
+    Own(Box<TlsSession<RecordLayer, IO>>),
+    /// rustls' connection (TLS 1.2).
+    Rustls(Box<ServerSession<IO>>),
+    /// rustls refused to hand the session over: every read and write fails, and the tunnel ends.
+    Lost,
+}
+
+impl<C: Engine, IO> TlsSession<C, IO> {
+    /// Runs `step` on the engine unless the session has failed; an error it returns is the session's
+    /// failure from then on.
+    fn guarded<T>(
         &mut self,
-        out: Option<&mut ReadBuf<'_>>,
-        write: Option<&mut Encrypt<'_, C::Data>>,
-    ) -> io::Result<Step> {
+        step: impl FnOnce(&mut C, &mut Buffers) -> io::Result<T>,
+    ) -> io::Result<T> {
         if let Some(error) = self.failure() {
             return Err(error);
         }
-        let step = self.process_records(out, write);
-        if let Err(error) = &step {
+        let result = step(&mut self.conn, &mut self.bufs);
+        if let Err(error) = &result {
             self.failed = Some((error.kind(), error.to_string()));
         }
-        step
+        result
     }
 
-    fn process_records(
-        &mut self,
-        mut out: Option<&mut ReadBuf<'_>>,
-        mut write: Option<&mut Encrypt<'_, C::Data>>,
-    ) -> io::Result<Step> {
-        loop {
-            let UnbufferedStatus { mut discard, state } =
-                self.conn.process(self.incoming.bytes_mut());
-            let state = match state {
-                Ok(state) => state,
-                Err(error) => {
-                    self.incoming.consume(discard);
-                    self.queue_alerts();
-                    return Err(tls_error(error));
-                }
-            };
-            let step = match state {
-                ConnectionState::ReadTraffic(mut records) => {
-                    while let Some(record) = records.next_record() {
-                        let record = record.map_err(tls_error)?;
-                        discard += record.discard;
-                        deliver(record.payload, &mut out, &mut self.plaintext);
-                    }
-                    None
-                }
-                ConnectionState::EncodeTlsData(mut encode) => {
-                    encode_into(&mut self.outgoing, 512, &mut encode)?;
-                    None
-                }
-                // What was encoded sits in `outgoing`, which is written before the session waits on
-                // anything: for rustls it is as good as sent.
-                ConnectionState::TransmitTlsData(transmit) => {
-                    transmit.done();
-                    None
-                }
-                ConnectionState::PeerClosed => {
-                    self.peer_closed = true;
-                    None
-                }
-                ConnectionState::Closed => {
-                    self.peer_closed = true;
-                    Some(Step::Closed)
-                }
-                ConnectionState::WriteTraffic(mut traffic) => {
-                    if let Some(write) = write.take() {
-                        write(&mut traffic, &mut self.outgoing)?;
-                    }
-                    Some(Step::Blocked)
-                }
-                ConnectionState::BlockedHandshake => Some(Step::Blocked),
-                // Early data (0-RTT) is never enabled (`max_early_data_size` stays 0), and rustls adds
-                // states only in new versions: neither can be handled here.
-                other => {
-                    return Err(io::Error::other(format!("unexpected TLS state {other:?}")));
-                }
-            };
-            self.incoming.consume(discard);
-            if let Some(step) = step {
-                return Ok(step);
-            }
-        }
-    }
-
-    /// After a fatal error rustls has the alert that tells the peer why: queue it, to be written if the
-    /// socket takes it at once. rustls is asked only while it has something to send (it hands that out
-    /// before it looks at any record): with nothing queued it would go back to the records, given none
-    /// here, and a handshake message it was joining in place in the real buffer would be looked for past
-    /// the end of the empty one (rustls panics). The session is over, so what was encoded needs no
-    /// `TransmitTlsData::done`.
-    fn queue_alerts(&mut self) {
-        for _ in 0..4 {
-            if !self.conn.wants_write() {
-                return;
-            }
-            let status = self.conn.process(&mut []);
-            let Ok(ConnectionState::EncodeTlsData(mut encode)) = status.state else {
-                return;
-            };
-            if encode_into(&mut self.outgoing, 64, &mut encode).is_err() {
-                return;
-            }
-        }
+    fn process(&mut self, out: Option<&mut ReadBuf<'_>>) -> io::Result<Step> {
+        self.guarded(|conn, bufs| conn.process(bufs, out))
     }
 
     /// Encrypts as much of `data` as one write takes into `outgoing`; returns how much that is.
     fn encrypt(&mut self, data: &[u8]) -> io::Result<usize> {
         let take = data.len().min(WRITE_SIZE);
-        let mut done = false;
-        let mut write = |traffic: &mut WriteTraffic<'_, C::Data>, outgoing: &mut Vec<u8>| {
-            done = true;
-            grow_into(outgoing, take + overhead(take), |buf| {
-                match traffic.encrypt(&data[..take], buf) {
-                    Ok(n) => Ok(Ok(n)),
-                    Err(EncryptError::InsufficientSize(e)) => Ok(Err(e.required_size)),
-                    Err(e) => Err(io::Error::other(e.to_string())),
-                }
-            })
-        };
-        self.process(None, Some(&mut write))?;
-        if !done {
+        if !self.guarded(|conn, bufs| conn.encrypt(bufs, &data[..take]))? {
             return Err(io::Error::new(
                 io::ErrorKind::NotConnected,
                 "the TLS session cannot send application data",
@@ -310,11 +317,46 @@ impl<C: Side, IO> TlsSession<C, IO> {
     }
 
     /// Queues this side's `close_notify` (once; nothing if the session cannot send any more).
-    fn queue_close_notify(&mut self) -> io::Result<()> {
+    fn queue_close_notify(&mut self) {
         if self.close_queued {
-            return Ok(());
+            return;
         }
         self.close_queued = true;
+        // A session that already failed has nothing left to close properly.
+        let _ = self.guarded(|conn, bufs| conn.close_notify(bufs));
+    }
+}
+
+/// rustls drives the session: every record goes through its connection.
+impl<C: Side> Engine for C {
+    fn handshaking(&self) -> bool {
+        let state: &CommonState = self;
+        state.is_handshaking()
+    }
+
+    fn process(&mut self, bufs: &mut Buffers, out: Option<&mut ReadBuf<'_>>) -> io::Result<Step> {
+        process_records(self, bufs, out, None)
+    }
+
+    fn encrypt(&mut self, bufs: &mut Buffers, data: &[u8]) -> io::Result<bool> {
+        let mut done = false;
+        let mut write = |traffic: &mut WriteTraffic<'_, C::Data>, outgoing: &mut Vec<u8>| {
+            done = true;
+            grow_into(
+                outgoing,
+                data.len() + overhead(data.len()),
+                |buf| match traffic.encrypt(data, buf) {
+                    Ok(n) => Ok(Ok(n)),
+                    Err(EncryptError::InsufficientSize(e)) => Ok(Err(e.required_size)),
+                    Err(e) => Err(io::Error::other(e.to_string())),
+                },
+            )
+        };
+        process_records(self, bufs, None, Some(&mut write))?;
+        Ok(done)
+    }
+
+    fn close_notify(&mut self, bufs: &mut Buffers) -> io::Result<()> {
         let mut write = |traffic: &mut WriteTraffic<'_, C::Data>, outgoing: &mut Vec<u8>| {
             grow_into(outgoing, 64, |buf| match traffic.queue_close_notify(buf) {
                 Ok(n) => Ok(Ok(n)),
@@ -322,62 +364,145 @@ impl<C: Side, IO> TlsSession<C, IO> {
                 Err(e) => Err(io::Error::other(e.to_string())),
             })
         };
-        match self.process(None, Some(&mut write)) {
-            Ok(_) => Ok(()),
-            // A session that already failed has nothing left to close properly.
-            Err(_) => Ok(()),
+        process_records(self, bufs, None, Some(&mut write)).map(drop)
+    }
+}
+
+/// Processes every whole record received through rustls, until it wants more bytes. With `write`, also
+/// encrypts into `outgoing` once the session may send.
+fn process_records<C: Side>(
+    conn: &mut C,
+    bufs: &mut Buffers,
+    mut out: Option<&mut ReadBuf<'_>>,
+    mut write: Option<&mut Encrypt<'_, C::Data>>,
+) -> io::Result<Step> {
+    loop {
+        let UnbufferedStatus { mut discard, state } = conn.process(bufs.incoming.bytes_mut());
+        let state = match state {
+            Ok(state) => state,
+            Err(error) => {
+                bufs.incoming.consume(discard);
+                queue_alerts(conn, &mut bufs.outgoing);
+                return Err(tls_error(error));
+            }
+        };
+        let step = match state {
+            ConnectionState::ReadTraffic(mut records) => {
+                while let Some(record) = records.next_record() {
+                    let record = record.map_err(tls_error)?;
+                    discard += record.discard;
+                    deliver(record.payload, &mut out, &mut bufs.plaintext);
+                }
+                None
+            }
+            ConnectionState::EncodeTlsData(mut encode) => {
+                encode_into(&mut bufs.outgoing, 512, &mut encode)?;
+                None
+            }
+            // What was encoded sits in `outgoing`, which is written before the session waits on anything:
+            // for rustls it is as good as sent.
+            ConnectionState::TransmitTlsData(transmit) => {
+                transmit.done();
+                None
+            }
+            ConnectionState::PeerClosed => {
+                bufs.peer_closed = true;
+                None
+            }
+            ConnectionState::Closed => {
+                bufs.peer_closed = true;
+                Some(Step::Closed)
+            }
+            ConnectionState::WriteTraffic(mut traffic) => {
+                if let Some(write) = write.take() {
+                    write(&mut traffic, &mut bufs.outgoing)?;
+                }
+                Some(Step::Blocked)
+            }
+            ConnectionState::BlockedHandshake => Some(Step::Blocked),
+            // Early data (0-RTT) is never enabled (`max_early_data_size` stays 0), and rustls adds states
+            // only in new versions: neither can be handled here.
+            other => {
+                return Err(io::Error::other(format!("unexpected TLS state {other:?}")));
+            }
+        };
+        bufs.incoming.consume(discard);
+        if let Some(step) = step {
+            return Ok(step);
         }
     }
 }
 
-impl<C: Side, IO: AsyncRead + AsyncWrite + Unpin> TlsSession<C, IO> {
+/// After a fatal error rustls has the alert that tells the peer why: queue it, to be written if the socket
+/// takes it at once. rustls is asked only while it has something to send (it hands that out before it
+/// looks at any record): with nothing queued it would go back to the records, given none here, and a
+/// handshake message it was joining in place in the real buffer would be looked for past the end of the
+/// empty one (rustls panics). The session is over, so what was encoded needs no `TransmitTlsData::done`.
+fn queue_alerts<C: Side>(conn: &mut C, outgoing: &mut Vec<u8>) {
+    for _ in 0..4 {
+        if !conn.wants_write() {
+            return;
+        }
+        let status = conn.process(&mut []);
+        let Ok(ConnectionState::EncodeTlsData(mut encode)) = status.state else {
+            return;
+        };
+        if encode_into(outgoing, 64, &mut encode).is_err() {
+            return;
+        }
+    }
+}
+
+impl<C: Engine, IO: AsyncRead + AsyncWrite + Unpin> TlsSession<C, IO> {
     /// Writes `outgoing` to the socket; ready once it is all written (and then freed).
     fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while self.sent < self.outgoing.len() {
-            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.outgoing[self.sent..]))?;
+        while self.bufs.has_unsent() {
+            let n = ready!(
+                Pin::new(&mut self.io).poll_write(cx, &self.bufs.outgoing[self.bufs.sent..])
+            )?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
-            self.sent += n;
+            self.bufs.sent += n;
         }
-        if self.outgoing.capacity() > 0 {
-            self.outgoing = Vec::new();
-            self.sent = 0;
+        if self.bufs.outgoing.capacity() > 0 {
+            self.bufs.outgoing = Vec::new();
+            self.bufs.sent = 0;
         }
         Poll::Ready(Ok(()))
     }
 
     /// Reads more ciphertext into `incoming`; the count read, 0 at EOF.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        if self.incoming.len() >= MAX_INCOMING {
+        if self.bufs.incoming.len() >= MAX_INCOMING {
             return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 "TLS peer sent more than a record or handshake message can hold",
             )));
         }
-        let room = self.incoming.room();
+        let room = self.bufs.incoming.room();
         let read = match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, room) {
             Poll::Ready(Ok(n)) => n,
             Poll::Ready(Err(error)) => {
-                self.incoming.release();
+                self.bufs.incoming.release();
                 return Poll::Ready(Err(error));
             }
             // Nothing came: a quiet session gives its read buffer back.
             Poll::Pending => {
-                self.incoming.release();
+                self.bufs.incoming.release();
                 return Poll::Pending;
             }
         };
         if read == 0 {
             self.eof = true;
-            self.incoming.release();
+            self.bufs.incoming.release();
         }
         Poll::Ready(Ok(read))
     }
 
     fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
-            let step = match self.process(None, None) {
+            let step = match self.process(None) {
                 Ok(step) => step,
                 Err(error) => {
                     // Best effort: the alert goes out if the socket takes it now.
@@ -386,10 +511,10 @@ impl<C: Side, IO: AsyncRead + AsyncWrite + Unpin> TlsSession<C, IO> {
                 }
             };
             ready!(self.poll_send(cx))?;
-            if !self.conn.is_handshaking() {
+            if !self.conn.handshaking() {
                 return Poll::Ready(Ok(()));
             }
-            if matches!(step, Step::Closed) || self.peer_closed || self.eof {
+            if matches!(step, Step::Closed) || self.bufs.peer_closed || self.eof {
                 return Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     "TLS handshake ended early",
@@ -410,13 +535,15 @@ impl<C: Side, IO: AsyncRead + AsyncWrite + Unpin> TlsSession<C, IO> {
         }
         let before = out.filled().len();
         loop {
-            if self.has_plaintext() {
-                let n = out.remaining().min(self.plaintext.len() - self.plain_pos);
-                out.put_slice(&self.plaintext[self.plain_pos..self.plain_pos + n]);
-                self.plain_pos += n;
-                if !self.has_plaintext() {
-                    self.plaintext = Vec::new();
-                    self.plain_pos = 0;
+            if self.bufs.has_plaintext() {
+                let n = out
+                    .remaining()
+                    .min(self.bufs.plaintext.len() - self.bufs.plain_pos);
+                out.put_slice(&self.bufs.plaintext[self.bufs.plain_pos..self.bufs.plain_pos + n]);
+                self.bufs.plain_pos += n;
+                if !self.bufs.has_plaintext() {
+                    self.bufs.plaintext = Vec::new();
+                    self.bufs.plain_pos = 0;
                 }
                 return Poll::Ready(Ok(()));
             }
@@ -424,10 +551,10 @@ impl<C: Side, IO: AsyncRead + AsyncWrite + Unpin> TlsSession<C, IO> {
                 return Poll::Ready(Err(error));
             }
             if self.has_record() {
-                let processed = self.process(Some(out), None);
+                let processed = self.process(Some(out));
                 // Whatever processing queued (a key update's answer, an alert) goes out now if the socket
                 // takes it, else with the next write or read.
-                let sent = if self.sent < self.outgoing.len() {
+                let sent = if self.bufs.has_unsent() {
                     self.poll_send(cx)
                 } else {
                     Poll::Ready(Ok(()))
@@ -443,11 +570,11 @@ impl<C: Side, IO: AsyncRead + AsyncWrite + Unpin> TlsSession<C, IO> {
                 if let Poll::Ready(Err(error)) = sent {
                     return Poll::Ready(Err(error));
                 }
-                if self.has_plaintext() {
+                if self.bufs.has_plaintext() {
                     continue;
                 }
             }
-            if self.peer_closed {
+            if self.bufs.peer_closed {
                 return Poll::Ready(Ok(()));
             }
             if self.eof {
@@ -475,15 +602,15 @@ impl<C: Side, IO: AsyncRead + AsyncWrite + Unpin> TlsSession<C, IO> {
     }
 
     fn poll_shutdown_plain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if !self.conn.is_handshaking() {
-            self.queue_close_notify()?;
+        if !self.conn.handshaking() {
+            self.queue_close_notify();
         }
         ready!(self.poll_send(cx))?;
         Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
-impl<C: Side + Unpin, IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsSession<C, IO> {
+impl<C: Engine + Unpin, IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsSession<C, IO> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -493,7 +620,7 @@ impl<C: Side + Unpin, IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsSessi
     }
 }
 
-impl<C: Side + Unpin, IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsSession<C, IO> {
+impl<C: Engine + Unpin, IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsSession<C, IO> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -515,25 +642,25 @@ impl<C: Side + Unpin, IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsSess
 
 /// A tunnel over a session on a raw socket: readiness comes from what the session holds, else from the
 /// socket, so an idle tunnel neither reads nor holds a buffer.
-impl<C: Side + Unpin + Send> Transport for TlsSession<C, TcpStream> {
+impl<C: Engine + Unpin + Send> Transport for TlsSession<C, TcpStream> {
     fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         // A failure is ready too: the record that caused it may be gone (rustls consumed it).
-        if self.has_plaintext()
+        if self.bufs.has_plaintext()
             || self.has_record()
-            || self.peer_closed
+            || self.bufs.peer_closed
             || self.eof
             || self.failed.is_some()
         {
             return Poll::Ready(Ok(()));
         }
         // Anything still queued (session tickets, a key update's answer) is written while the tunnel waits.
-        if self.sent < self.outgoing.len() {
+        if self.bufs.has_unsent() {
             let _ = self.poll_send(cx)?;
         }
         let ready = self.io.poll_read_ready(cx);
         if ready.is_pending() {
             // The tunnel waits: a partial record is kept in a buffer of its own size.
-            self.incoming.release();
+            self.bufs.incoming.release();
         }
         ready
     }
@@ -557,25 +684,75 @@ impl<C: Side + Unpin + Send> Transport for TlsSession<C, TcpStream> {
     }
 }
 
+/// A tunnel over an established session: whichever engine it kept.
+impl Transport for Established<TcpStream> {
+    fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            Established::Own(session) => session.poll_read_ready(cx),
+            Established::Rustls(session) => session.poll_read_ready(cx),
+            Established::Lost => Poll::Ready(Ok(())),
+        }
+    }
+
+    fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        match self {
+            Established::Own(session) => Transport::poll_read(session, cx, buf),
+            Established::Rustls(session) => Transport::poll_read(session, cx, buf),
+            Established::Lost => Poll::Ready(Err(lost())),
+        }
+    }
+
+    fn poll_write(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self {
+            Established::Own(session) => Transport::poll_write(session, cx, buf),
+            Established::Rustls(session) => Transport::poll_write(session, cx, buf),
+            Established::Lost => Poll::Ready(Err(lost())),
+        }
+    }
+
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            Established::Own(session) => Transport::poll_flush(session, cx),
+            Established::Rustls(session) => Transport::poll_flush(session, cx),
+            Established::Lost => Poll::Ready(Err(lost())),
+        }
+    }
+
+    fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            Established::Own(session) => Transport::poll_shutdown(session, cx),
+            Established::Rustls(session) => Transport::poll_shutdown(session, cx),
+            Established::Lost => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+fn lost() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionAborted,
+        "TLS session lost at the hand-over",
+    )
+}
+
 /// Ciphertext read and not yet processed: `buf[start..]`. A `Vec` with a start rather than a `BytesMut`
 /// split as records are consumed, so that `capacity` is the allocation held, which `release` compares
 /// with what is left in it.
 #[derive(Default)]
-struct Received {
+pub struct Received {
     buf: Vec<u8>,
     start: usize,
 }
 
 impl Received {
-    fn bytes(&self) -> &[u8] {
+    pub(super) fn bytes(&self) -> &[u8] {
         &self.buf[self.start..]
     }
 
-    fn bytes_mut(&mut self) -> &mut [u8] {
+    pub(super) fn bytes_mut(&mut self) -> &mut [u8] {
         &mut self.buf[self.start..]
     }
 
-    fn len(&self) -> usize {
+    pub(super) fn len(&self) -> usize {
         self.buf.len() - self.start
     }
 
@@ -584,7 +761,7 @@ impl Received {
     }
 
     /// Drops the first `n` bytes (rustls' `discard`: processed records); an emptied buffer is freed.
-    fn consume(&mut self, n: usize) {
+    pub(super) fn consume(&mut self, n: usize) {
         self.start = (self.start + n).min(self.buf.len());
         if self.start == self.buf.len() {
             self.buf = Vec::new();
@@ -623,7 +800,7 @@ impl Received {
 }
 
 /// Copies a decrypted record to the reader's buffer, and what does not fit to the session's own.
-fn deliver(payload: &[u8], out: &mut Option<&mut ReadBuf<'_>>, rest: &mut Vec<u8>) {
+pub(super) fn deliver(payload: &[u8], out: &mut Option<&mut ReadBuf<'_>>, rest: &mut Vec<u8>) {
     let mut payload = payload;
     if rest.is_empty()
         && let Some(out) = out
@@ -637,7 +814,7 @@ fn deliver(payload: &[u8], out: &mut Option<&mut ReadBuf<'_>>, rest: &mut Vec<u8
 
 /// Room for the records `len` bytes of plaintext become: a header, a content type and a tag per record of
 /// at most 16 KiB, with room to spare for TLS 1.2's explicit nonce.
-fn overhead(len: usize) -> usize {
+pub(super) fn overhead(len: usize) -> usize {
     (len / (16 << 10) + 1) * 64
 }
 
@@ -683,7 +860,7 @@ fn grow_into(
     ))
 }
 
-fn tls_error(error: rustls::Error) -> io::Error {
+pub(super) fn tls_error(error: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, error)
 }
 
@@ -700,12 +877,65 @@ mod tests {
 
     const LIMIT: Duration = Duration::from_secs(10);
 
+    /// How a test has its server session driven: kept by rustls, or handed to wsgate's record layer.
+    type Make<C> = fn(ServerSession<TcpStream>) -> TlsSession<C, TcpStream>;
+
+    fn kept(session: ServerSession<TcpStream>) -> ServerSession<TcpStream> {
+        session
+    }
+
+    fn own(session: ServerSession<TcpStream>) -> TlsSession<RecordLayer, TcpStream> {
+        match session.establish() {
+            Established::Own(session) => *session,
+            Established::Rustls(_) => panic!("a TLS 1.3 session stayed with rustls"),
+            Established::Lost => panic!("the session was lost at the hand-over"),
+        }
+    }
+
+    /// Runs each listed test twice: with the session kept by rustls, and handed to the record layer.
+    macro_rules! with_both_engines {
+        ($($test:ident),* $(,)?) => {$(
+            mod $test {
+                #[tokio::test]
+                async fn rustls() {
+                    super::$test(super::kept).await
+                }
+
+                #[tokio::test]
+                async fn own_records() {
+                    super::$test(super::own).await
+                }
+            }
+        )*};
+    }
+
+    with_both_engines!(
+        a_megabyte_each_way_arrives_whole_through_small_and_large_reads,
+        an_idle_session_holds_no_buffer,
+        a_partial_record_waits_in_a_buffer_of_its_size,
+        a_record_trickled_byte_by_byte_is_read_whole,
+        close_notify_ends_reads_cleanly_both_ways,
+        a_socket_closed_without_close_notify_is_an_unexpected_eof,
+        key_updates_are_followed,
+        data_before_a_corrupt_record_is_read_then_reads_keep_failing,
+        a_failed_session_sends_one_alert_and_stays_failed,
+        a_tunnel_reads_the_data_then_the_failure_that_came_with_it,
+        an_oversized_record_header_is_refused_at_once,
+    );
+
     struct Pair {
         server: ServerSession<TcpStream>,
         client: tokio_rustls::client::TlsStream<TcpStream>,
     }
 
     fn configs() -> (Arc<ServerConfig>, Arc<rustls::ClientConfig>) {
+        configs_with(rustls::DEFAULT_VERSIONS)
+    }
+
+    /// A server's config and one for a client that trusts it and offers `client_versions`.
+    fn configs_with(
+        client_versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> (Arc<ServerConfig>, Arc<rustls::ClientConfig>) {
         let key = rcgen::KeyPair::generate().expect("key");
         let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
             .expect("params")
@@ -722,13 +952,16 @@ mod tests {
             )
             .expect("server config");
         server.ticketer = rustls::crypto::ring::Ticketer::new().expect("ticketer");
+        server.enable_secret_extraction = true;
         let mut roots = rustls::RootCertStore::empty();
         roots.add(cert.der().clone()).expect("root");
-        let client = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
+        let mut client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(client_versions)
             .expect("versions")
             .with_root_certificates(roots)
             .with_no_client_auth();
+        // For the tests that seal records of their own with the client's keys (`RawClient`).
+        client.enable_secret_extraction = true;
         (Arc::new(server), Arc::new(client))
     }
 
@@ -759,20 +992,21 @@ mod tests {
     }
 
     /// Reads through `Transport` as a tunnel does: waits for readiness, then reads into a fresh buffer.
-    async fn tunnel_read(
-        session: &mut ServerSession<TcpStream>,
+    async fn tunnel_read<C: Engine + Unpin + Send>(
+        session: &mut TlsSession<C, TcpStream>,
         buf: &mut [u8],
     ) -> io::Result<usize> {
         std::future::poll_fn(|cx| Transport::poll_read_ready(session, cx)).await?;
         std::future::poll_fn(|cx| Transport::poll_read(session, cx, buf)).await
     }
 
-    #[tokio::test]
-    async fn a_megabyte_each_way_arrives_whole_through_small_and_large_reads() {
-        let Pair {
-            mut server,
-            mut client,
-        } = pair().await;
+    async fn a_megabyte_each_way_arrives_whole_through_small_and_large_reads<
+        C: Engine + Unpin + Send,
+    >(
+        make: Make<C>,
+    ) {
+        let Pair { server, mut client } = pair().await;
+        let mut server = make(server);
         let data = pattern(1 << 20);
         let sent = data.clone();
         let writer = tokio::spawn(async move {
@@ -806,12 +1040,9 @@ mod tests {
         assert!(back == data, "the server's bytes arrived changed");
     }
 
-    #[tokio::test]
-    async fn an_idle_session_holds_no_buffer() {
-        let Pair {
-            mut server,
-            mut client,
-        } = pair().await;
+    async fn an_idle_session_holds_no_buffer<C: Engine + Unpin + Send>(make: Make<C>) {
+        let Pair { server, mut client } = pair().await;
+        let mut server = make(server);
         // Session tickets went out with the handshake: nothing is left queued.
         assert_eq!(server.buffered_capacity(), 0);
         let message = pattern(40_000);
@@ -852,9 +1083,11 @@ mod tests {
     /// buffer of its own size rather than in the read's. (Before, the buffer's size was read after the
     /// processed records were split off its front, which counts only what is left: a partial record at the
     /// end of the buffer looked small enough to keep it.)
-    #[tokio::test]
-    async fn a_partial_record_waits_in_a_buffer_of_its_size() {
-        let Pair { mut server, client } = pair().await;
+    async fn a_partial_record_waits_in_a_buffer_of_its_size<C: Engine + Unpin + Send>(
+        make: Make<C>,
+    ) {
+        let Pair { server, client } = pair().await;
+        let mut server = make(server);
         let (mut tcp, mut conn) = client.into_inner();
         let first = pattern(16 << 10);
         std::io::Write::write_all(&mut conn.writer(), &first).expect("plaintext");
@@ -904,8 +1137,7 @@ mod tests {
     }
 
     /// A record that arrives a byte at a time is held until whole, then read.
-    #[tokio::test]
-    async fn a_record_trickled_byte_by_byte_is_read_whole() {
+    async fn a_record_trickled_byte_by_byte_is_read_whole<C: Engine + Unpin + Send>(make: Make<C>) {
         let (server_config, client_config) = configs();
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
@@ -946,10 +1178,11 @@ mod tests {
             tcp
         });
         let (tcp, _) = listener.accept().await.expect("accept");
-        let mut server = tokio::time::timeout(LIMIT, accept(tcp, server_config))
+        let server = tokio::time::timeout(LIMIT, accept(tcp, server_config))
             .await
             .expect("in time")
             .expect("handshake");
+        let mut server = make(server);
         let mut buf = [0u8; 64];
         let n = tokio::time::timeout(LIMIT, tunnel_read(&mut server, &mut buf))
             .await
@@ -959,12 +1192,9 @@ mod tests {
         drop(client.await.expect("client"));
     }
 
-    #[tokio::test]
-    async fn close_notify_ends_reads_cleanly_both_ways() {
-        let Pair {
-            mut server,
-            mut client,
-        } = pair().await;
+    async fn close_notify_ends_reads_cleanly_both_ways<C: Engine + Unpin + Send>(make: Make<C>) {
+        let Pair { server, mut client } = pair().await;
+        let mut server = make(server);
         client.write_all(b"last words").await.expect("write");
         client.shutdown().await.expect("client close_notify");
         let mut got = Vec::new();
@@ -987,9 +1217,11 @@ mod tests {
         assert_eq!(got, b"goodbye");
     }
 
-    #[tokio::test]
-    async fn a_socket_closed_without_close_notify_is_an_unexpected_eof() {
-        let Pair { mut server, client } = pair().await;
+    async fn a_socket_closed_without_close_notify_is_an_unexpected_eof<C: Engine + Unpin + Send>(
+        make: Make<C>,
+    ) {
+        let Pair { server, client } = pair().await;
+        let mut server = make(server);
         let (mut tcp, _) = client.into_inner();
         tcp.shutdown().await.expect("FIN");
         let mut buf = [0u8; 16];
@@ -1003,12 +1235,9 @@ mod tests {
     }
 
     /// A client that updates its keys (and asks the server to update its own) is followed both ways.
-    #[tokio::test]
-    async fn key_updates_are_followed() {
-        let Pair {
-            mut server,
-            mut client,
-        } = pair().await;
+    async fn key_updates_are_followed<C: Engine + Unpin + Send>(make: Make<C>) {
+        let Pair { server, mut client } = pair().await;
+        let mut server = make(server);
         for round in 0..3u8 {
             client
                 .get_mut()
@@ -1059,6 +1288,28 @@ mod tests {
         );
     }
 
+    /// Everything the peer sends until it closes the connection.
+    async fn read_until_closed(tcp: &mut TcpStream) -> Vec<u8> {
+        let mut wire = Vec::new();
+        tokio::time::timeout(LIMIT, tcp.read_to_end(&mut wire))
+            .await
+            .expect("closed in time")
+            .expect("read");
+        wire
+    }
+
+    /// How many records `wire` holds (a partial one at the end counts).
+    fn count_records(wire: &[u8]) -> usize {
+        let mut count = 0;
+        let mut rest = wire;
+        while rest.len() >= 5 {
+            let len = usize::from(u16::from_be_bytes([rest[3], rest[4]]));
+            rest = &rest[(5 + len).min(rest.len())..];
+            count += 1;
+        }
+        count
+    }
+
     /// The records a client connection has queued, as bytes for the wire.
     fn records(conn: &mut rustls::ClientConnection) -> Vec<u8> {
         let mut wire = Vec::new();
@@ -1072,9 +1323,13 @@ mod tests {
     /// is read whole (the reader's buffer is smaller than it), then every read fails. (Found by the
     /// `tls_session` fuzz target: the failing read dropped what it had put in the caller's buffer, and the
     /// next read returned the rest of the record, after the error.)
-    #[tokio::test]
-    async fn data_before_a_corrupt_record_is_read_then_reads_keep_failing() {
-        let Pair { mut server, client } = pair().await;
+    async fn data_before_a_corrupt_record_is_read_then_reads_keep_failing<
+        C: Engine + Unpin + Send,
+    >(
+        make: Make<C>,
+    ) {
+        let Pair { server, client } = pair().await;
+        let mut server = make(server);
         let (mut tcp, mut conn) = client.into_inner();
         let data = pattern(100);
         std::io::Write::write_all(&mut conn.writer(), &data).expect("plaintext");
@@ -1110,13 +1365,15 @@ mod tests {
     /// the session is read and written after it. (Found by the `tls_session` fuzz target: each read
     /// processed the record that had failed once more, and rustls queued another alert; in a debug build
     /// rustls panics on the second, `assertion failed: !self.sent_fatal_alert`.)
-    #[tokio::test]
-    async fn a_failed_session_sends_one_alert_and_stays_failed() {
+    async fn a_failed_session_sends_one_alert_and_stays_failed<C: Engine + Unpin + Send>(
+        make: Make<C>,
+    ) {
         let (server_config, client_config) = configs();
         // No tickets: after the handshake the server has nothing to send but the alert.
         let mut server_config = (*server_config).clone();
         server_config.send_tls13_tickets = 0;
-        let Pair { mut server, client } = pair_with(Arc::new(server_config), client_config).await;
+        let Pair { server, client } = pair_with(Arc::new(server_config), client_config).await;
+        let mut server = make(server);
         let (mut tcp, mut conn) = client.into_inner();
         std::io::Write::write_all(&mut conn.writer(), b"corrupted").expect("plaintext");
         let mut wire = records(&mut conn);
@@ -1138,27 +1395,24 @@ mod tests {
         );
         let _ = server.flush().await;
         drop(server);
-        let mut answer = Vec::new();
-        tokio::time::timeout(LIMIT, tcp.read_to_end(&mut answer))
-            .await
-            .expect("in time")
-            .expect("the server's bytes");
-        let mut count = 0;
-        let mut rest = &answer[..];
-        while rest.len() >= 5 {
-            let len = usize::from(u16::from_be_bytes([rest[3], rest[4]]));
-            rest = &rest[(5 + len).min(rest.len())..];
-            count += 1;
-        }
-        assert_eq!(count, 1, "records after the failure: {answer:?}");
+        let answer = read_until_closed(&mut tcp).await;
+        assert_eq!(
+            count_records(&answer),
+            1,
+            "records after the failure: {answer:?}"
+        );
     }
 
     /// A tunnel waiting for readiness after reading the data that came with a failure is woken for the
     /// failure, not left waiting on a socket with nothing more to come. The client's 33rd key update in a
     /// row is refused (rustls' limit) and consumed, so no record is left to make the session readable.
-    #[tokio::test]
-    async fn a_tunnel_reads_the_data_then_the_failure_that_came_with_it() {
-        let Pair { mut server, client } = pair().await;
+    async fn a_tunnel_reads_the_data_then_the_failure_that_came_with_it<
+        C: Engine + Unpin + Send,
+    >(
+        make: Make<C>,
+    ) {
+        let Pair { server, client } = pair().await;
+        let mut server = make(server);
         let (mut tcp, mut conn) = client.into_inner();
         let data = pattern(100);
         std::io::Write::write_all(&mut conn.writer(), &data).expect("plaintext");
@@ -1185,9 +1439,11 @@ mod tests {
 
     /// A record header announcing more than any record may hold is refused at once, with an alert, not
     /// waited for.
-    #[tokio::test]
-    async fn an_oversized_record_header_is_refused_at_once() {
-        let Pair { mut server, client } = pair().await;
+    async fn an_oversized_record_header_is_refused_at_once<C: Engine + Unpin + Send>(
+        make: Make<C>,
+    ) {
+        let Pair { server, client } = pair().await;
+        let mut server = make(server);
         let (mut tcp, _) = client.into_inner();
         tcp.write_all(&[23, 3, 3, 0xff, 0xff, 1, 2, 3])
             .await
@@ -1254,5 +1510,314 @@ mod tests {
         let mut answer = Vec::new();
         let _ = tokio::time::timeout(LIMIT, client.read_to_end(&mut answer)).await;
         assert_eq!(answer.first(), Some(&21), "no alert record: {answer:?}");
+    }
+
+    /// A server session with no tickets to send, handed to the record layer, and a client that seals
+    /// records of its own making with its half of the keys.
+    async fn raw_pair() -> (TlsSession<RecordLayer, TcpStream>, RawClient) {
+        let (server, tcp, conn) = handed_over().await;
+        let suite = match conn.negotiated_cipher_suite() {
+            Some(rustls::SupportedCipherSuite::Tls13(suite)) => suite,
+            other => panic!("not TLS 1.3: {other:?}"),
+        };
+        let secrets = conn.dangerous_extract_secrets().expect("client secrets");
+        let (tx_key, tx_iv) = super::super::record_layer::keys(secrets.tx.1).expect("keys");
+        let (rx_key, rx_iv) = super::super::record_layer::keys(secrets.rx.1).expect("keys");
+        let client = RawClient {
+            tcp,
+            seal: suite.aead_alg.encrypter(tx_key, tx_iv),
+            tx_seq: secrets.tx.0,
+            open: suite.aead_alg.decrypter(rx_key, rx_iv),
+            rx_seq: secrets.rx.0,
+        };
+        (server, client)
+    }
+
+    /// A server session with no tickets to send, handed to the record layer, and its client's socket and
+    /// connection, apart.
+    async fn handed_over() -> (
+        TlsSession<RecordLayer, TcpStream>,
+        TcpStream,
+        rustls::ClientConnection,
+    ) {
+        let (server_config, client_config) = configs();
+        let mut server_config = (*server_config).clone();
+        server_config.send_tls13_tickets = 0;
+        let Pair { server, client } = pair_with(Arc::new(server_config), client_config).await;
+        let (tcp, conn) = client.into_inner();
+        (own(server), tcp, conn)
+    }
+
+    struct RawClient {
+        tcp: TcpStream,
+        seal: Box<dyn rustls::crypto::cipher::MessageEncrypter>,
+        tx_seq: u64,
+        open: Box<dyn rustls::crypto::cipher::MessageDecrypter>,
+        rx_seq: u64,
+    }
+
+    impl RawClient {
+        /// A record of content type `typ` (inside the protection) carrying `payload`.
+        fn record(&mut self, typ: rustls::ContentType, payload: &[u8]) -> Vec<u8> {
+            let plain = rustls::crypto::cipher::OutboundPlainMessage {
+                typ,
+                version: rustls::ProtocolVersion::TLSv1_2,
+                payload: rustls::crypto::cipher::OutboundChunks::Single(payload),
+            };
+            let sealed = self.seal.encrypt(plain, self.tx_seq).expect("seal");
+            self.tx_seq += 1;
+            sealed.encode()
+        }
+
+        /// Every record the server sends until it closes, opened: (content type, payload).
+        async fn answers(&mut self) -> Vec<(rustls::ContentType, Vec<u8>)> {
+            let mut wire = read_until_closed(&mut self.tcp).await;
+            let mut answers = Vec::new();
+            let mut rest = &mut wire[..];
+            while rest.len() >= 5 {
+                let len = usize::from(u16::from_be_bytes([rest[3], rest[4]]));
+                let (record, after) = rest.split_at_mut(5 + len);
+                let sealed = rustls::crypto::cipher::InboundOpaqueMessage::new(
+                    rustls::ContentType::ApplicationData,
+                    rustls::ProtocolVersion::TLSv1_2,
+                    &mut record[5..],
+                );
+                let plain = self.open.decrypt(sealed, self.rx_seq).expect("open");
+                self.rx_seq += 1;
+                answers.push((plain.typ, plain.payload.to_vec()));
+                rest = after;
+            }
+            assert!(rest.is_empty(), "a partial record at the end");
+            answers
+        }
+    }
+
+    /// What a peer may not send after the handshake is refused with the alert RFC 8446 names, sealed
+    /// under the session's keys; the session ends.
+    #[tokio::test]
+    async fn the_record_layer_refuses_what_a_peer_may_not_send_with_the_right_alert() {
+        use rustls::AlertDescription as A;
+        use rustls::ContentType as T;
+        enum Wire {
+            Sealed(T, Vec<u8>),
+            Raw(Vec<u8>),
+            Corrupt,
+        }
+        let cases = [
+            (
+                "an unprotected record",
+                Wire::Raw(vec![22, 3, 3, 0, 5, 24, 0, 0, 1, 0]),
+                A::UnexpectedMessage,
+            ),
+            (
+                "a NewSessionTicket",
+                Wire::Sealed(T::Handshake, vec![4, 0, 0, 0]),
+                A::UnexpectedMessage,
+            ),
+            (
+                "a KeyUpdate asking neither way",
+                Wire::Sealed(T::Handshake, vec![24, 0, 0, 1, 2]),
+                A::IllegalParameter,
+            ),
+            (
+                "a KeyUpdate of the wrong length",
+                Wire::Sealed(T::Handshake, vec![24, 0, 0, 2, 0, 0]),
+                A::DecodeError,
+            ),
+            (
+                "data after a KeyUpdate",
+                Wire::Sealed(T::Handshake, vec![24, 0, 0, 1, 0, 24]),
+                A::UnexpectedMessage,
+            ),
+            (
+                "a split handshake message",
+                Wire::Sealed(T::Handshake, vec![24, 0]),
+                A::UnexpectedMessage,
+            ),
+            (
+                "an empty handshake record",
+                Wire::Sealed(T::Handshake, vec![]),
+                A::UnexpectedMessage,
+            ),
+            (
+                "an alert of the wrong length",
+                Wire::Sealed(T::Alert, vec![1]),
+                A::DecodeError,
+            ),
+            (
+                "a protected ChangeCipherSpec",
+                Wire::Sealed(T::ChangeCipherSpec, vec![1]),
+                A::UnexpectedMessage,
+            ),
+            (
+                "too much plaintext",
+                Wire::Sealed(T::ApplicationData, vec![0; (16 << 10) + 1]),
+                A::RecordOverflow,
+            ),
+            (
+                "too much ciphertext",
+                Wire::Raw([&[23, 3, 3, 0x41, 0x01][..], &[0; 0x4101]].concat()),
+                A::RecordOverflow,
+            ),
+            (
+                "a record that does not open",
+                Wire::Corrupt,
+                A::BadRecordMac,
+            ),
+        ];
+        for (what, wire, alert) in cases {
+            let (mut server, mut client) = raw_pair().await;
+            let bytes = match wire {
+                Wire::Sealed(typ, payload) => client.record(typ, &payload),
+                Wire::Raw(bytes) => bytes,
+                Wire::Corrupt => {
+                    let mut bytes = client.record(T::ApplicationData, b"hello");
+                    bytes[7] ^= 1;
+                    bytes
+                }
+            };
+            client.tcp.write_all(&bytes).await.expect("send");
+            let mut buf = [0u8; 64];
+            let read = tokio::time::timeout(LIMIT, tunnel_read(&mut server, &mut buf))
+                .await
+                .expect("in time");
+            assert_eq!(
+                read.expect_err(what).kind(),
+                io::ErrorKind::InvalidData,
+                "{what}"
+            );
+            drop(server);
+            let answers = client.answers().await;
+            assert_eq!(
+                answers,
+                [(T::Alert, vec![2, u8::from(alert)])],
+                "{what}: the server's answer"
+            );
+        }
+    }
+
+    /// A peer's own fatal alert ends the session without an answer; `user_canceled` and empty records
+    /// are passed over; what follows `close_notify` is ignored.
+    #[tokio::test]
+    async fn the_record_layer_takes_alerts_and_empty_records_as_rfc_8446_says() {
+        use rustls::ContentType as T;
+        let (mut server, mut client) = raw_pair().await;
+        let wire = [
+            client.record(T::Alert, &[1, 90]),
+            client.record(T::ApplicationData, b""),
+            client.record(T::ApplicationData, b"data"),
+            client.record(T::Alert, &[1, 0]),
+            client.record(T::ApplicationData, b"ignored"),
+        ]
+        .concat();
+        client.tcp.write_all(&wire).await.expect("send");
+        let mut got = Vec::new();
+        tokio::time::timeout(LIMIT, server.read_to_end(&mut got))
+            .await
+            .expect("in time")
+            .expect("a clean end");
+        assert_eq!(got, b"data");
+
+        let (mut server, mut client) = raw_pair().await;
+        let fatal = client.record(T::Alert, &[2, 40]);
+        client.tcp.write_all(&fatal).await.expect("send");
+        let mut buf = [0u8; 8];
+        let read = tokio::time::timeout(LIMIT, server.read(&mut buf))
+            .await
+            .expect("in time");
+        assert_eq!(
+            read.expect_err("a fatal alert").kind(),
+            io::ErrorKind::InvalidData
+        );
+        drop(server);
+        assert_eq!(client.answers().await, [], "an answer to a fatal alert");
+    }
+
+    /// A peer that asks for a key update with each of its messages, while the server sends nothing, gets
+    /// one answer, before the server's next data: the peer (rustls, as a client) refuses more than 32
+    /// `KeyUpdate`s in a row with no data between them. (Found by the `tls_session` fuzz target: the
+    /// record layer answered each request at once, and the client refused the 33rd answer.)
+    #[tokio::test]
+    async fn key_update_requests_are_answered_once_before_the_next_data() {
+        let (mut server, mut tcp, mut conn) = handed_over().await;
+        for round in 0..40u8 {
+            conn.refresh_traffic_keys().expect("key update");
+            // Two asks in one flight, for good measure.
+            if round % 10 == 0 {
+                conn.refresh_traffic_keys().expect("key update");
+            }
+            std::io::Write::write_all(&mut conn.writer(), &[round; 4]).expect("plaintext");
+            tcp.write_all(&records(&mut conn)).await.expect("send");
+            let mut buf = [0u8; 4];
+            tokio::time::timeout(LIMIT, server.read_exact(&mut buf))
+                .await
+                .expect("in time")
+                .expect("read");
+            assert_eq!(buf, [round; 4]);
+        }
+        server.write_all(b"pong").await.expect("write");
+        server.shutdown().await.expect("close");
+        let answers = read_as(&mut tcp, &mut conn).await;
+        assert_eq!(answers.records, 3, "one answer, the data, close_notify");
+        assert_eq!(answers.plaintext, b"pong");
+    }
+
+    /// Keys that have sealed as many records as the suite allows are updated, with a `KeyUpdate` to the
+    /// peer, before the next record.
+    #[tokio::test]
+    async fn keys_are_updated_before_the_suites_limit() {
+        let (mut server, mut tcp, mut conn) = handed_over().await;
+        server.conn.update_keys_every(2);
+        for part in [&b"one "[..], b"two ", b"three ", b"four ", b"five"] {
+            server.write_all(part).await.expect("write");
+        }
+        server.shutdown().await.expect("close");
+        let answers = read_as(&mut tcp, &mut conn).await;
+        // Two records under each keys, then the KeyUpdate: one, two, KeyUpdate, three, four, KeyUpdate,
+        // five, close_notify.
+        assert_eq!(
+            answers.records, 8,
+            "five writes, two KeyUpdates, close_notify"
+        );
+        assert_eq!(answers.plaintext, b"one two three four five");
+    }
+
+    struct Read {
+        records: usize,
+        plaintext: Vec<u8>,
+    }
+
+    /// Everything the server sends until it closes, counted in records and read through `conn`.
+    async fn read_as(tcp: &mut TcpStream, conn: &mut rustls::ClientConnection) -> Read {
+        let wire = read_until_closed(tcp).await;
+        let records = count_records(&wire);
+        let mut fed = &wire[..];
+        while !fed.is_empty() {
+            conn.read_tls(&mut fed).expect("read_tls");
+            conn.process_new_packets()
+                .expect("the client takes every record");
+        }
+        let mut plaintext = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut conn.reader(), &mut plaintext);
+        Read { records, plaintext }
+    }
+
+    /// Only TLS 1.3 sessions, accepted with a config that lets rustls hand them over, leave rustls.
+    #[tokio::test]
+    async fn tls_1_2_and_configs_without_extraction_stay_with_rustls() {
+        let (server_config, tls12) = configs_with(&[&rustls::version::TLS12]);
+        let Pair { server, .. } = pair_with(server_config, tls12).await;
+        assert!(
+            matches!(server.establish(), Established::Rustls(_)),
+            "TLS 1.2"
+        );
+        let (server_config, client_config) = configs();
+        let mut closed = (*server_config).clone();
+        closed.enable_secret_extraction = false;
+        let Pair { server, .. } = pair_with(Arc::new(closed), client_config).await;
+        assert!(
+            matches!(server.establish(), Established::Rustls(_)),
+            "extraction not enabled"
+        );
     }
 }
