@@ -22,7 +22,7 @@ use crate::config::Config;
 use crate::conn::ClientConn;
 use crate::headers::{is_forwarding, strip_hop_by_hop, write_forwarded};
 use crate::http1::backend;
-use crate::http1::message::encode_request_head;
+use crate::http1::message::{BackendHttpError, encode_request_head};
 use crate::router::Route;
 use crate::state::Shared;
 use crate::upstream::{self, BackendStream};
@@ -273,6 +273,10 @@ async fn send_upgrade(
     if !accepts(&answer.headers, request.key.as_bytes()) {
         return Err(ProxyError::BadAccept);
     }
+    // The stream now carries a tunnel: a TLS 1.3 session keeps only its keys from here on. (The hand-over
+    // cannot fail once `RecordLayer::takes` said yes; if rustls refused it all the same, the backend's
+    // session is gone and the upgrade fails like a broken backend connection.)
+    let stream = stream.establish().map_err(BackendHttpError::Io)?;
     Ok(BackendAnswer::Switching(Switched {
         headers: answer.headers,
         stream,

@@ -20,6 +20,7 @@ use http::Response;
 use http::header;
 use http_body_util::BodyExt;
 use prometheus::IntGauge;
+use rustls::server::UnbufferedServerConnection;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -202,7 +203,7 @@ impl ClientStream for ServerSession<ClientIo> {
     /// The TLS session over the raw socket, with wsgate's record layer where rustls can hand it over
     /// (`ServerSession::establish`): `ClientIo`'s timers are off once upgraded, and the session tells the
     /// tunnel when data is there, so an idle TLS tunnel holds no read buffer either.
-    type Tunnelled = Established<TcpStream>;
+    type Tunnelled = Established<UnbufferedServerConnection, TcpStream>;
 
     fn socket(&self) -> &TcpStream {
         self.get_ref().stream()

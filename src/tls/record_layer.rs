@@ -1,6 +1,7 @@
 //! An established TLS 1.3 session's records, sealed and opened by wsgate rather than by rustls'
-//! connection, so that a long-lived `wss://` tunnel keeps the two directions' keys and the secret that
-//! derives the next ones, and not rustls' whole connection (its handshake state, queues and settings).
+//! connection, so that a long-lived tunnel's session (a `wss://` client's, or toward a TLS backend) keeps
+//! the two directions' keys and the secret that derives the next ones, and not rustls' whole connection
+//! (its handshake state, queues and settings).
 //!
 //! rustls still does every cryptographic step. Its connection hands over the traffic keys and a
 //! `KernelConnection` (rustls' API for kTLS), which derives each direction's next keys on a key update;
@@ -11,36 +12,38 @@
 //!   direction's keys are updated (with a `KeyUpdate` to the peer) before its sequence number reaches the
 //!   suite's confidentiality limit;
 //! - what may come in after the handshake: application data; alerts (`close_notify` ends reads,
-//!   `user_canceled` is ignored, any other ends the session, RFC 8446 §6); and, to a server, `KeyUpdate`
-//!   alone: followed, and no more than 32 in a row without application data between them (rustls'
-//!   limit). One that asks for ours is answered, as rustls does, right before the next record of
-//!   application data (RFC 8446 §4.6.3: "prior to sending its next Application Data record"): requests
-//!   that come while wsgate has nothing to send are answered once, and a peer that asks with each of its
-//!   messages never receives more `KeyUpdate`s in a row than it sent data records;
+//!   `user_canceled` is ignored, any other ends the session, RFC 8446 §6); `KeyUpdate`; and, to a client
+//!   (toward a TLS backend), `NewSessionTicket`, whose ticket rustls stores for the next connection to
+//!   resume. A `KeyUpdate` is followed, and no more than 32 are taken in a row without application data
+//!   between them (rustls' limit). One that asks for ours is answered, as rustls does, right before the
+//!   next record of application data (RFC 8446 §4.6.3: "prior to sending its next Application Data
+//!   record"): requests that come while wsgate has nothing to send are answered once, and a peer that
+//!   asks with each of its messages never receives more `KeyUpdate`s in a row than it sent data records;
 //! - anything else is refused with the alert RFC 8446 names, sealed under the current keys: an
 //!   unprotected record or another message (`unexpected_message`), a record that does not open
 //!   (`bad_record_mac`), one too long (`record_overflow`), a malformed alert or `KeyUpdate`
 //!   (`decode_error`, `illegal_parameter`). A handshake message may not span records here (RFC 8446 lets
-//!   it; the only one a server may receive now is five bytes long), nor follow a `KeyUpdate` in its
-//!   record (§5.1: handshake messages must not span a key change).
+//!   it; a `KeyUpdate` is five bytes long, and peers send each ticket whole), nor follow a `KeyUpdate` in
+//!   its record (§5.1: handshake messages must not span a key change).
 //!
 //! Only sessions rustls can hand over are taken (`RecordLayer::takes`); the rest (TLS 1.2) stay rustls'.
 
 use std::io;
 
+use rustls::client::ClientConnectionData;
 use rustls::crypto::cipher::{
     AeadKey, InboundOpaqueMessage, Iv, MessageDecrypter, MessageEncrypter, OutboundChunks,
     OutboundPlainMessage,
 };
 use rustls::kernel::KernelConnection;
-use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
+use rustls::server::ServerConnectionData;
 use rustls::{
     AlertDescription, ConnectionTrafficSecrets, ContentType, HandshakeType, ProtocolVersion,
     SupportedCipherSuite, Tls13CipherSuite,
 };
 use tokio::io::ReadBuf;
 
-use super::session::{Buffers, Engine, Step, deliver, overhead, tls_error};
+use super::session::{Buffers, Engine, Side, Step, deliver, overhead, tls_error};
 
 /// The most ciphertext a TLS 1.3 record may carry: 2^14 bytes of plaintext, its content type, padding
 /// and tag (RFC 8446 §5.2).
@@ -60,10 +63,37 @@ const UPDATE_REQUESTED: u8 = 1;
 const LEVEL_WARNING: u8 = 1;
 const LEVEL_FATAL: u8 = 2;
 
-/// A server's TLS 1.3 session after the handshake (see the file's comment).
-pub struct RecordLayer {
+/// What differs between the two ends after the handshake: the handshake messages a peer may send besides
+/// `KeyUpdate`.
+pub trait Role: Sized {
+    /// Takes a `NewSessionTicket` (its body); `None` where the peer may not send one (to a server).
+    fn ticket(
+        secrets: &mut KernelConnection<Self>,
+        body: &[u8],
+    ) -> Option<Result<(), rustls::Error>>;
+}
+
+impl Role for ServerConnectionData {
+    fn ticket(_: &mut KernelConnection<Self>, _: &[u8]) -> Option<Result<(), rustls::Error>> {
+        None
+    }
+}
+
+/// A backend's tickets go to the client config's session store, for the next connection to resume.
+impl Role for ClientConnectionData {
+    fn ticket(
+        secrets: &mut KernelConnection<Self>,
+        body: &[u8],
+    ) -> Option<Result<(), rustls::Error>> {
+        Some(secrets.handle_new_session_ticket(body))
+    }
+}
+
+/// A TLS 1.3 session after the handshake, the server's (`D` = `ServerConnectionData`) or the client's
+/// (see the file's comment).
+pub struct RecordLayer<D> {
     /// rustls' key schedule after the handshake: derives each direction's next keys.
-    secrets: Box<KernelConnection<ServerConnectionData>>,
+    secrets: Box<KernelConnection<D>>,
     suite: &'static Tls13CipherSuite,
     /// Seals records to the peer under `tx_seq`, the next sequence number.
     seal: Box<dyn MessageEncrypter>,
@@ -80,11 +110,11 @@ pub struct RecordLayer {
     updates_in_a_row: u8,
 }
 
-impl RecordLayer {
+impl<D: Role> RecordLayer<D> {
     /// Whether rustls can hand `conn` over: a TLS 1.3 session whose handshake is over, with nothing left
     /// to send, under a suite whose keys rustls gives out. (The hand-over consumes the connection even
     /// when it fails, so it is asked first; the config must also allow it, which the caller knows.)
-    pub fn takes(conn: &UnbufferedServerConnection) -> bool {
+    pub fn takes<C: Side<Data = D>>(conn: &C) -> bool {
         let Some(SupportedCipherSuite::Tls13(suite)) = conn.negotiated_cipher_suite() else {
             return false;
         };
@@ -98,8 +128,8 @@ impl RecordLayer {
     }
 
     /// Takes `conn` over (see `takes`).
-    pub fn take(conn: UnbufferedServerConnection) -> io::Result<RecordLayer> {
-        let (secrets, kernel) = conn.dangerous_into_kernel_connection().map_err(tls_error)?;
+    pub fn take<C: Side<Data = D>>(conn: C) -> io::Result<RecordLayer<D>> {
+        let (secrets, kernel) = conn.into_kernel().map_err(tls_error)?;
         let SupportedCipherSuite::Tls13(suite) = kernel.negotiated_cipher_suite() else {
             return Err(io::Error::other("TLS session handed over is not TLS 1.3"));
         };
@@ -240,12 +270,24 @@ impl RecordLayer {
             let Some((body, after)) = rest.split_at_checked(len) else {
                 return Err(self.split(outgoing));
             };
-            if HandshakeType::from(typ) != HandshakeType::KeyUpdate {
-                return Err(self.refuse(
-                    outgoing,
-                    AlertDescription::UnexpectedMessage,
-                    "a handshake message other than KeyUpdate after the handshake",
-                ));
+            match HandshakeType::from(typ) {
+                HandshakeType::KeyUpdate => {}
+                HandshakeType::NewSessionTicket => {
+                    match D::ticket(&mut self.secrets, body) {
+                        Some(Ok(())) => {}
+                        Some(Err(error)) => {
+                            return Err(self.refuse(
+                                outgoing,
+                                AlertDescription::DecodeError,
+                                &error.to_string(),
+                            ));
+                        }
+                        None => return Err(self.unexpected(outgoing)),
+                    }
+                    messages = after;
+                    continue;
+                }
+                _ => return Err(self.unexpected(outgoing)),
             }
             let requested = match body {
                 [UPDATE_NOT_REQUESTED] => false,
@@ -285,6 +327,14 @@ impl RecordLayer {
         self.update_at = records;
     }
 
+    fn unexpected(&mut self, outgoing: &mut Vec<u8>) -> io::Error {
+        self.refuse(
+            outgoing,
+            AlertDescription::UnexpectedMessage,
+            "a handshake message this end may not receive after the handshake",
+        )
+    }
+
     fn split(&mut self, outgoing: &mut Vec<u8>) -> io::Error {
         self.refuse(
             outgoing,
@@ -294,7 +344,7 @@ impl RecordLayer {
     }
 }
 
-impl Engine for RecordLayer {
+impl<D: Role> Engine for RecordLayer<D> {
     fn handshaking(&self) -> bool {
         false
     }

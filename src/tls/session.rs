@@ -15,15 +15,18 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
+use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
+use rustls::kernel::KernelConnection;
+use rustls::pki_types::ServerName;
 use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
 use rustls::unbuffered::{
     ConnectionState, EncodeError, EncodeTlsData, EncryptError, UnbufferedStatus, WriteTraffic,
 };
-use rustls::{CommonState, ServerConfig};
+use rustls::{ClientConfig, CommonState, ExtractedSecrets, ServerConfig};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::record_layer::RecordLayer;
+use super::record_layer::{RecordLayer, Role};
 use crate::websocket::Transport;
 
 /// Ciphertext asked of the socket per read: two full records, so that a bulk transfer is read in few
@@ -44,11 +47,16 @@ const MAX_RECORD: usize = (16 << 10) + 2048;
 pub trait Side:
     std::ops::Deref<Target = rustls::unbuffered::UnbufferedConnectionCommon<Self::Data>>
 {
-    type Data;
+    type Data: Role;
     fn process<'c, 'i>(
         &'c mut self,
         incoming: &'i mut [u8],
     ) -> UnbufferedStatus<'c, 'i, Self::Data>;
+
+    /// The traffic keys and what derives the next ones, for a record layer of wsgate's own
+    /// (`RecordLayer::takes` says when rustls gives them).
+    fn into_kernel(self)
+    -> Result<(ExtractedSecrets, KernelConnection<Self::Data>), rustls::Error>;
 }
 
 impl Side for UnbufferedServerConnection {
@@ -60,10 +68,36 @@ impl Side for UnbufferedServerConnection {
     ) -> UnbufferedStatus<'c, 'i, ServerConnectionData> {
         self.process_tls_records(incoming)
     }
+
+    fn into_kernel(
+        self,
+    ) -> Result<(ExtractedSecrets, KernelConnection<ServerConnectionData>), rustls::Error> {
+        self.dangerous_into_kernel_connection()
+    }
+}
+
+impl Side for UnbufferedClientConnection {
+    type Data = ClientConnectionData;
+
+    fn process<'c, 'i>(
+        &'c mut self,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, ClientConnectionData> {
+        self.process_tls_records(incoming)
+    }
+
+    fn into_kernel(
+        self,
+    ) -> Result<(ExtractedSecrets, KernelConnection<ClientConnectionData>), rustls::Error> {
+        self.dangerous_into_kernel_connection()
+    }
 }
 
 /// A client's TLS session, as wsgate's listeners accept it.
 pub type ServerSession<IO> = TlsSession<UnbufferedServerConnection, IO>;
+
+/// A TLS session toward a backend, as wsgate connects it.
+pub type ClientSession<IO> = TlsSession<UnbufferedClientConnection, IO>;
 
 /// Makes a TLS handshake as the server over `io` and returns the session once it is complete. With the
 /// config's `enable_secret_extraction`, a TLS 1.3 session may later be handed to wsgate's own record layer
@@ -74,6 +108,24 @@ where
 {
     let may_hand_over = config.enable_secret_extraction;
     let conn = UnbufferedServerConnection::new(config).map_err(tls_error)?;
+    let mut session = TlsSession::new(conn, io);
+    session.may_hand_over = may_hand_over;
+    std::future::poll_fn(|cx| session.poll_handshake(cx)).await?;
+    Ok(session)
+}
+
+/// Makes a TLS handshake as the client of `name` over `io` and returns the session once it is complete;
+/// as `accept` for the config's `enable_secret_extraction`.
+pub async fn connect<IO>(
+    io: IO,
+    config: Arc<ClientConfig>,
+    name: ServerName<'static>,
+) -> io::Result<ClientSession<IO>>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    let may_hand_over = config.enable_secret_extraction;
+    let conn = UnbufferedClientConnection::new(config, name).map_err(tls_error)?;
     let mut session = TlsSession::new(conn, io);
     session.may_hand_over = may_hand_over;
     std::future::poll_fn(|cx| session.poll_handshake(cx)).await?;
@@ -236,12 +288,12 @@ impl<C: Side, IO> TlsSession<C, IO> {
     }
 }
 
-impl<IO> ServerSession<IO> {
+impl<C: Side, IO> TlsSession<C, IO> {
     /// The session for the rest of its life, its handshake long over (a tunnel's): wsgate's record layer
     /// takes it over where rustls can hand it over (TLS 1.3, the config allowing it, nothing left to
     /// send), so that what stays is the traffic keys rather than rustls' whole connection; else it stays
     /// rustls'. `Lost` only if rustls refused the hand-over after all (`RecordLayer::takes` asks first).
-    pub fn establish(self) -> Established<IO> {
+    pub fn establish(self) -> Established<C, IO> {
         if !self.may_hand_over || self.failed.is_some() || !RecordLayer::takes(&self.conn) {
             return Established::Rustls(Box::new(self));
         }
@@ -271,14 +323,14 @@ impl<IO> TlsSession<(), IO> {
     }
 }
 
-/// A client's session after `ServerSession::establish`. Boxed either way: rustls' connection is most of
-/// a session kept by rustls, and inline the session would move a tunnel's task into a size class twice
-/// that of a plain tunnel's.
-pub enum Established<IO> {
+/// A session after `establish`. Boxed either way: rustls' connection is most of a session kept by
+/// rustls, and inline the session would move a tunnel's task into a size class twice that of a plain
+/// tunnel's.
+pub enum Established<C: Side, IO> {
     /// wsgate's own record layer.
-    Own(Box<TlsSession<RecordLayer, IO>>),
+    Own(Box<TlsSession<RecordLayer<C::Data>, IO>>),
     /// rustls' connection (TLS 1.2).
-    Rustls(Box<ServerSession<IO>>),
+    Rustls(Box<TlsSession<C, IO>>),
     /// rustls refused to hand the session over: every read and write fails, and the tunnel ends.
     Lost,
 }
@@ -685,7 +737,10 @@ impl<C: Engine + Unpin + Send> Transport for TlsSession<C, TcpStream> {
 }
 
 /// A tunnel over an established session: whichever engine it kept.
-impl Transport for Established<TcpStream> {
+impl<C: Side + Unpin + Send> Transport for Established<C, TcpStream>
+where
+    C::Data: Send + Sync,
+{
     fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self {
             Established::Own(session) => session.poll_read_ready(cx),
@@ -877,6 +932,9 @@ mod tests {
 
     const LIMIT: Duration = Duration::from_secs(10);
 
+    /// A server session handed to wsgate's record layer.
+    type OwnServer = TlsSession<RecordLayer<ServerConnectionData>, TcpStream>;
+
     /// How a test has its server session driven: kept by rustls, or handed to wsgate's record layer.
     type Make<C> = fn(ServerSession<TcpStream>) -> TlsSession<C, TcpStream>;
 
@@ -884,7 +942,7 @@ mod tests {
         session
     }
 
-    fn own(session: ServerSession<TcpStream>) -> TlsSession<RecordLayer, TcpStream> {
+    fn own(session: ServerSession<TcpStream>) -> OwnServer {
         match session.establish() {
             Established::Own(session) => *session,
             Established::Rustls(_) => panic!("a TLS 1.3 session stayed with rustls"),
@@ -1514,7 +1572,7 @@ mod tests {
 
     /// A server session with no tickets to send, handed to the record layer, and a client that seals
     /// records of its own making with its half of the keys.
-    async fn raw_pair() -> (TlsSession<RecordLayer, TcpStream>, RawClient) {
+    async fn raw_pair() -> (OwnServer, RawClient) {
         let (server, tcp, conn) = handed_over().await;
         let suite = match conn.negotiated_cipher_suite() {
             Some(rustls::SupportedCipherSuite::Tls13(suite)) => suite,
@@ -1535,11 +1593,7 @@ mod tests {
 
     /// A server session with no tickets to send, handed to the record layer, and its client's socket and
     /// connection, apart.
-    async fn handed_over() -> (
-        TlsSession<RecordLayer, TcpStream>,
-        TcpStream,
-        rustls::ClientConnection,
-    ) {
+    async fn handed_over() -> (OwnServer, TcpStream, rustls::ClientConnection) {
         let (server_config, client_config) = configs();
         let mut server_config = (*server_config).clone();
         server_config.send_tls13_tickets = 0;
@@ -1818,6 +1872,58 @@ mod tests {
         assert!(
             matches!(server.establish(), Established::Rustls(_)),
             "extraction not enabled"
+        );
+    }
+
+    /// A session toward a backend (`connect`) handed over at once, before the backend's tickets have
+    /// been read: the record layer takes them (rustls stores them in the client config), the data goes
+    /// both ways, and the next connection with the same config resumes.
+    #[tokio::test]
+    async fn a_backend_session_handed_over_takes_its_tickets_for_the_next_connection() {
+        let (server_config, client_config) = configs();
+        let acceptor = tokio_rustls::TlsAcceptor::from(server_config);
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let backend = tokio::spawn(async move {
+            for _ in 0..2 {
+                let (tcp, _) = listener.accept().await.expect("accept");
+                let mut tls = acceptor.accept(tcp).await.expect("backend handshake");
+                let mut buf = [0u8; 5];
+                tls.read_exact(&mut buf).await.expect("read");
+                tls.write_all(&buf).await.expect("echo");
+                tls.shutdown().await.expect("close");
+            }
+        });
+        let name = ServerName::try_from("localhost").expect("name");
+        let mut kinds = Vec::new();
+        for _ in 0..2 {
+            let tcp = TcpStream::connect(addr).await.expect("connect");
+            let session = tokio::time::timeout(
+                LIMIT,
+                connect(tcp, Arc::clone(&client_config), name.clone()),
+            )
+            .await
+            .expect("in time")
+            .expect("handshake");
+            kinds.push(session.state().handshake_kind());
+            let Established::Own(mut session) = session.establish() else {
+                panic!("a TLS 1.3 session to a backend stayed with rustls");
+            };
+            session.write_all(b"hello").await.expect("write");
+            let mut back = Vec::new();
+            tokio::time::timeout(LIMIT, session.read_to_end(&mut back))
+                .await
+                .expect("in time")
+                .expect("the backend's tickets, its echo, its close_notify");
+            assert_eq!(back, b"hello");
+        }
+        backend.await.expect("backend");
+        assert_eq!(
+            kinds,
+            [
+                Some(rustls::HandshakeKind::Full),
+                Some(rustls::HandshakeKind::Resumed)
+            ]
         );
     }
 }

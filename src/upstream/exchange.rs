@@ -75,7 +75,7 @@ impl BackendConn {
     pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
         match &self.stream {
             BackendStream::Plain(stream) => stream.local_addr().ok(),
-            BackendStream::Tls(_) => None,
+            BackendStream::Tls(_) | BackendStream::Own(_) => None,
         }
     }
 
@@ -99,7 +99,7 @@ impl Drop for BackendConn {
     fn drop(&mut self) {
         // A TLS backend is told the connection ends (`close_notify`), in one attempt that cannot wait:
         // the alert is small and the socket has room for it unless the backend stopped reading.
-        if matches!(self.stream, BackendStream::Tls(_)) {
+        if self.stream.is_tls() {
             let mut cx = Context::from_waker(Waker::noop());
             let _ = Pin::new(&mut self.stream).poll_shutdown(&mut cx);
         }

@@ -1,30 +1,69 @@
 //! A connection to a backend: a raw `TcpStream`, or a TLS session over one. Everything that talks to a
-//! backend goes through it: the keep-alive HTTP connections (as hyper's IO), the upgrade's handshake, the
-//! tunnel after it (as a `websocket::Transport`) and the health probes.
+//! backend goes through it: the keep-alive HTTP connections, the upgrade's handshake, the tunnel after it
+//! (as a `websocket::Transport`) and the health probes.
 //!
 //! The plain variant costs what a bare `TcpStream` costs: no allocation, and the tunnel still waits on the
-//! socket's readiness, holding no read buffer while idle. The TLS session is boxed (rustls' connection
-//! state is large, and only TLS backends should pay for it); toward the tunnel it behaves like any
-//! buffered stream (`websocket::Buffered`), since rustls may hold records a readiness check cannot see.
+//! socket's readiness, holding no read buffer while idle. The TLS session is wsgate's (`tls/session.rs`,
+//! as for clients): it holds no buffer while quiet and tells readiness from what it holds, so an idle
+//! tunnel to a TLS backend holds no read buffer either. It is boxed (only TLS backends pay for it), and
+//! when a tunnel starts a TLS 1.3 session is handed to wsgate's record layer (`establish`), which keeps
+//! its keys rather than rustls' connection.
 
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio_rustls::client::TlsStream;
 
-use crate::websocket::{Buffered, Transport};
+use crate::tls::record_layer::RecordLayer;
+use crate::tls::session::{ClientSession, Established, TlsSession};
+use crate::websocket::Transport;
 
 pub enum BackendStream {
     Plain(TcpStream),
-    Tls(Box<Buffered<TlsStream<TcpStream>>>),
+    /// Driven by rustls' connection: while pooled for HTTP, and for TLS 1.2.
+    Tls(Box<ClientSession<TcpStream>>),
+    /// Handed to wsgate's record layer (`establish`).
+    Own(Box<TlsSession<RecordLayer<ClientConnectionData>, TcpStream>>),
+}
+
+/// The same call on whichever stream it is.
+macro_rules! each {
+    ($stream:expr, $s:ident => $call:expr) => {
+        match $stream {
+            BackendStream::Plain($s) => $call,
+            BackendStream::Tls($s) => $call,
+            BackendStream::Own($s) => $call,
+        }
+    };
 }
 
 impl BackendStream {
-    pub fn tls(stream: TlsStream<TcpStream>) -> BackendStream {
-        BackendStream::Tls(Box::new(Buffered(stream)))
+    pub fn tls(session: ClientSession<TcpStream>) -> BackendStream {
+        BackendStream::Tls(Box::new(session))
+    }
+
+    pub fn is_tls(&self) -> bool {
+        !matches!(self, BackendStream::Plain(_))
+    }
+
+    /// The stream for the rest of its life (a tunnel's): a TLS 1.3 session is handed to wsgate's record
+    /// layer where rustls can hand it over (`TlsSession::establish`). An error only if rustls refused
+    /// the hand-over after all, and then the session is gone.
+    pub fn establish(self) -> io::Result<BackendStream> {
+        let BackendStream::Tls(session) = self else {
+            return Ok(self);
+        };
+        match session.establish() {
+            Established::Own(session) => Ok(BackendStream::Own(session)),
+            Established::Rustls(session) => Ok(BackendStream::Tls(session)),
+            Established::<UnbufferedClientConnection, _>::Lost => Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "TLS session to the backend lost at the hand-over",
+            )),
+        }
     }
 }
 
@@ -34,10 +73,7 @@ impl AsyncRead for BackendStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            BackendStream::Plain(stream) => Pin::new(stream).poll_read(cx, buf),
-            BackendStream::Tls(tls) => Pin::new(&mut tls.0).poll_read(cx, buf),
-        }
+        each!(self.get_mut(), s => Pin::new(s).poll_read(cx, buf))
     }
 }
 
@@ -47,83 +83,52 @@ impl AsyncWrite for BackendStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            BackendStream::Plain(stream) => Pin::new(stream).poll_write(cx, buf),
-            BackendStream::Tls(tls) => Pin::new(&mut tls.0).poll_write(cx, buf),
-        }
+        each!(self.get_mut(), s => Pin::new(s).poll_write(cx, buf))
     }
 
-    // hyper writes a head and a body chunk in one vectored write when the stream takes them.
     fn poll_write_vectored(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            BackendStream::Plain(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
-            BackendStream::Tls(tls) => Pin::new(&mut tls.0).poll_write_vectored(cx, bufs),
-        }
+        each!(self.get_mut(), s => Pin::new(s).poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
-        match self {
-            BackendStream::Plain(stream) => stream.is_write_vectored(),
-            BackendStream::Tls(tls) => tls.0.is_write_vectored(),
-        }
+        each!(self, s => s.is_write_vectored())
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            BackendStream::Plain(stream) => Pin::new(stream).poll_flush(cx),
-            BackendStream::Tls(tls) => Pin::new(&mut tls.0).poll_flush(cx),
-        }
+        each!(self.get_mut(), s => Pin::new(s).poll_flush(cx))
     }
 
     /// Plain: the socket's write side is shut (FIN). TLS: a `close_notify` alert is sent first, then the
-    /// socket's write side is shut, as tokio-rustls does it.
+    /// socket's write side is shut.
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            BackendStream::Plain(stream) => Pin::new(stream).poll_shutdown(cx),
-            BackendStream::Tls(tls) => Pin::new(&mut tls.0).poll_shutdown(cx),
-        }
+        each!(self.get_mut(), s => Pin::new(s).poll_shutdown(cx))
     }
 }
 
 impl Transport for BackendStream {
     fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self {
-            BackendStream::Plain(stream) => Transport::poll_read_ready(stream, cx),
-            BackendStream::Tls(tls) => tls.poll_read_ready(cx),
-        }
+        each!(self, s => Transport::poll_read_ready(s, cx))
     }
 
     fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
-        match self {
-            BackendStream::Plain(stream) => Transport::poll_read(stream, cx, buf),
-            BackendStream::Tls(tls) => Transport::poll_read(&mut **tls, cx, buf),
-        }
+        each!(self, s => Transport::poll_read(s, cx, buf))
     }
 
     fn poll_write(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        match self {
-            BackendStream::Plain(stream) => Transport::poll_write(stream, cx, buf),
-            BackendStream::Tls(tls) => Transport::poll_write(&mut **tls, cx, buf),
-        }
+        each!(self, s => Transport::poll_write(s, cx, buf))
     }
 
     fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self {
-            BackendStream::Plain(stream) => Transport::poll_flush(stream, cx),
-            BackendStream::Tls(tls) => Transport::poll_flush(&mut **tls, cx),
-        }
+        each!(self, s => Transport::poll_flush(s, cx))
     }
 
     /// A tunnel's end: `close_notify` toward a TLS backend; a plain one needs nothing beyond the close.
     fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self {
-            BackendStream::Plain(stream) => Transport::poll_shutdown(stream, cx),
-            BackendStream::Tls(tls) => Transport::poll_shutdown(&mut **tls, cx),
-        }
+        each!(self, s => Transport::poll_shutdown(s, cx))
     }
 }
 

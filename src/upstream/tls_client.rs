@@ -20,11 +20,10 @@ use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signat
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tokio::net::TcpStream;
-use tokio_rustls::TlsConnector;
-use tokio_rustls::client::TlsStream;
 
 use crate::config::{BackendTlsConfig, Config, ConfigError, ConfigErrors};
 use crate::tls;
+use crate::tls::session::{self, ClientSession};
 
 /// Identifies one client configuration for the keep-alive pool: connections are reused only under the
 /// configuration they were made with.
@@ -41,7 +40,7 @@ impl ClientId {
 /// The client side of one `tls` table, built.
 struct TlsClient {
     id: ClientId,
-    connector: TlsConnector,
+    config: Arc<ClientConfig>,
     /// The certificates its files held: a reload that reads the same keeps this client.
     loaded: Loaded,
 }
@@ -70,14 +69,14 @@ impl BackendTls {
     }
 
     /// The TLS handshake over a connected socket.
-    pub async fn handshake(&self, stream: TcpStream) -> std::io::Result<TlsStream<TcpStream>> {
+    pub async fn handshake(&self, stream: TcpStream) -> std::io::Result<ClientSession<TcpStream>> {
         // Boxed: rustls' connection state is large, and the future of every backend connect (plain ones
         // too) would otherwise be sized for it.
-        Box::pin(
-            self.client
-                .connector
-                .connect(self.server_name.clone(), stream),
-        )
+        Box::pin(session::connect(
+            stream,
+            Arc::clone(&self.client.config),
+            self.server_name.clone(),
+        ))
         .await
     }
 }
@@ -243,9 +242,12 @@ fn client(
         None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // rustls may hand an established TLS 1.3 session's keys to wsgate's record layer when a tunnel
+    // starts (`tls/record_layer.rs`), which keeps less for a long-lived tunnel than rustls' connection.
+    config.enable_secret_extraction = true;
     Ok(Arc::new(TlsClient {
         id: ClientId::next(),
-        connector: TlsConnector::from(Arc::new(config)),
+        config: Arc::new(config),
         loaded,
     }))
 }

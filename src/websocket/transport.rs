@@ -53,10 +53,10 @@ impl Transport for TcpStream {
     }
 }
 
-/// Any tokio stream, e.g. a TLS session.
+/// Any tokio stream that cannot tell readiness without a read (an HTTP/2 stream's upgraded body).
 pub struct Buffered<S>(pub S);
 
-/// A stream kept on the heap (a TLS session: see `ClientStream for ServerSession`).
+/// A stream kept on the heap (a TLS session).
 impl<T: Transport + ?Sized> Transport for Box<T> {
     fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         (**self).poll_read_ready(cx)
