@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
-# Instructions wsgate's own process executes per proxied HTTP/1.1 GET, counted by
+# Instructions wsgate's own process executes per proxied GET, counted by
 # `valgrind --tool=callgrind`: a repeatable figure for A/B comparisons of the
 # request path, where rates and CPU seconds on a shared 2-core machine move by
 # ±10 % between runs. Kernel work (system calls, TCP) is not counted: it is the
 # same for every proxy here (see BENCHMARKS.md, "Plain HTTP: where a request's
 # CPU goes").
 #
-# usage: benches/instructions-per-request.sh [WSGATE_BINARY [REQUESTS]]
+# usage: benches/instructions-per-request.sh [WSGATE_BINARY [REQUESTS [PROTOCOL]]]
 #   WSGATE_BINARY  default target/release/wsgate (built if absent)
-#   REQUESTS       default 20000, over 10 keep-alive connections (h2load --h1)
+#   REQUESTS       default 20000, over 10 keep-alive connections
+#   PROTOCOL       http (default: plain HTTP/1.1, h2load --h1), https (HTTP/1.1
+#                  over TLS 1.3) or h2 (HTTP/2 over TLS 1.3, one stream at a
+#                  time per connection); the backend is plain HTTP/1.1 always
 #
 # Needs nginx (the backend: a fixed 23-byte answer), h2load (nghttp2-client),
-# valgrind and python3: benches/install-peers.sh installs them. Prints the
+# valgrind, python3 and, for TLS, openssl (a self-signed ECDSA P-256
+# certificate): benches/install-peers.sh installs them. Prints the
 # instructions per request, and leaves the callgrind profile in the temporary
 # directory it names (`callgrind_annotate` reads it).
 set -euo pipefail
@@ -19,6 +23,14 @@ set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 bin=${1:-$repo/target/release/wsgate}
 requests=${2:-20000}
+protocol=${3:-http}
+case "$protocol" in
+    http | https | h2) ;;
+    *)
+        echo "instructions-per-request: PROTOCOL is http, https or h2, not $protocol" >&2
+        exit 1
+        ;;
+esac
 if [ ! -x "$bin" ]; then
     (cd "$repo" && cargo build --release --bin wsgate)
 fi
@@ -62,12 +74,29 @@ http {
     }
 }
 EOF
+scheme=http
+h1=--h1
+tls_line=""
+if [ "$protocol" != http ]; then
+    if ! command -v openssl >/dev/null 2>&1; then
+        echo "instructions-per-request: openssl is missing (benches/install-peers.sh installs it)" >&2
+        exit 1
+    fi
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=localhost \
+        -keyout "$dir/key.pem" -out "$dir/cert.pem" 2>/dev/null
+    scheme=https
+    tls_line="tls = { certs = [ { cert = \"$dir/cert.pem\", key = \"$dir/key.pem\" } ] }"
+    if [ "$protocol" = h2 ]; then
+        h1=""
+    fi
+fi
 cat >"$dir/wsgate.toml" <<EOF
 workers = 1
 
 [[listener]]
 name = "bench"
 listen = "127.0.0.1:$proxy_port"
+$tls_line
 
 [[route]]
 name = "all"
@@ -94,10 +123,10 @@ RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$dir/callgrind.out
 wsgate_pid=$!
 pids+=("$wsgate_pid")
 
-url="http://127.0.0.1:$proxy_port/"
+url="$scheme://127.0.0.1:$proxy_port/"
 ready=""
 for _ in $(seq 1 120); do
-    if h2load --h1 -n 1 -c 1 "$url" 2>/dev/null | grep -q "1 succeeded"; then
+    if h2load $h1 -n 1 -c 1 "$url" 2>/dev/null | grep -q "1 succeeded"; then
         ready=yes
         break
     fi
@@ -110,9 +139,9 @@ fi
 
 # A warm-up (connections, pools, caches), then the counters are zeroed and the
 # measured requests run; the dump taken after them holds only those.
-h2load --h1 -n 2000 -c 10 "$url" >/dev/null
+h2load $h1 -n 2000 -c 10 "$url" >/dev/null
 callgrind_control -z "$wsgate_pid" >/dev/null 2>&1
-h2load --h1 -n "$requests" -c 10 "$url" | grep -E "^requests:"
+h2load $h1 -n "$requests" -c 10 "$url" | grep -E "^requests:"
 callgrind_control -d "$wsgate_pid" >/dev/null 2>&1
 profile="$dir/callgrind.out.1"
 for _ in $(seq 1 20); do
@@ -122,5 +151,5 @@ done
 # Read from the profile itself: a pipe that stops at the first match would end `callgrind_annotate` with
 # SIGPIPE, which `pipefail` makes this script's failure.
 total=$(awk '/^(totals|summary):/ { print $2; exit }' "$profile")
-echo "instructions: $total over $requests requests: $((total / requests)) per request"
+echo "instructions: $total over $requests requests ($protocol): $((total / requests)) per request"
 echo "profile: $profile"

@@ -7,12 +7,13 @@
 //! input says so; its writes take what the input's write budget allows and record it. Futures are polled
 //! by hand with a no-op waker: nothing here ever waits.
 //!
-//! Input layout: byte 0 picks the mode (bit 0), the client's protocol (bit 1: TLS 1.2, else 1.3),
-//! cipher suite (bit 2: ChaCha20-Poly1305, else AES-128-GCM) and whether the session is handed over after
-//! the handshake (bit 3: `ServerSession::establish`, as a tunnel's is, which gives a TLS 1.3 session to
-//! wsgate's record layer, `src/tls/record_layer.rs`, and keeps a TLS 1.2 one with rustls); bytes 1 and 2 the read and write piece
-//! sizes during the handshake (`piece`: 0 is any size, 1–200 bytes, then steps of 512). The rest is a
-//! script of operations, one byte (`% 16`) and its arguments each (`u16`s little-endian), run in order:
+//! Input layout: byte 0 picks the mode (bit 0), the client's protocol (bit 1: TLS 1.2, else 1.3), cipher
+//! suite (bit 2: ChaCha20-Poly1305, else AES-128-GCM) and whether the session is handed over after the
+//! handshake (bit 3: `TlsSession::establish`, as wsgate's listeners do, which gives a TLS 1.3 session to
+//! wsgate's record layer, `src/tls/record_layer.rs`, and keeps a TLS 1.2 one with rustls); bytes 1 and 2
+//! the read and write piece sizes during the handshake (`piece`: 0 is any size, 1–200 bytes, then steps of
+//! 512). The rest is a script of operations, one byte (`% 16`) and its arguments each (`u16`s
+//! little-endian), run in order:
 //!
 //! | op | arguments | what |
 //! |---|---|---|
@@ -1561,7 +1562,7 @@ fn with_client(
             assert!(!run.tls13, "a TLS 1.3 session stayed with rustls");
             script(run, *session, c);
         }
-        Established::Lost => panic!("the session was lost at the hand-over"),
+        Established::Lost(_) => panic!("the session was lost at the hand-over"),
     }
 }
 

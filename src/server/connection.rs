@@ -39,7 +39,7 @@ use crate::proxy::{self, Answer, Splice};
 use crate::proxy_protocol;
 use crate::state::Shared;
 use crate::tls::TlsAcceptor;
-use crate::tls::session::{Established, ServerSession};
+use crate::tls::session::Established;
 use crate::websocket::Transport;
 
 /// How a listener serves the connections it accepts (swapped whole on reload).
@@ -163,14 +163,22 @@ async fn serve_tls(
     // The TLS handshake counts against the header timeout, like the request head that follows it. A
     // shutdown lets it finish (within that timeout), so that the session can be closed properly, with a
     // `close_notify`, rather than cut mid-handshake.
-    match tokio::time::timeout(config.timeouts.header, acceptor.accept(io)).await {
-        Ok(Ok(stream)) if stream.state().alpn_protocol() == Some(Alpn::H2.id()) => {
-            let websockets = http.websocket_over_h2;
-            Box::pin(serve_h2(stream, conn, shared, &config, websockets)).await;
+    let session = match tokio::time::timeout(config.timeouts.header, acceptor.accept(io)).await {
+        Ok(Ok(session)) => session,
+        Ok(Err(error)) => {
+            return tracing::debug!(peer = %conn.peer, %error, "TLS handshake failed");
         }
-        Ok(Ok(stream)) => first_request(stream, conn, shared, config, http).await,
-        Ok(Err(error)) => tracing::debug!(peer = %conn.peer, %error, "TLS handshake failed"),
-        Err(_) => tracing::debug!(peer = %conn.peer, "TLS handshake timed out"),
+        Err(_) => return tracing::debug!(peer = %conn.peer, "TLS handshake timed out"),
+    };
+    let h2 = session.state().alpn_protocol() == Some(Alpn::H2.id());
+    // From here on the session only carries traffic: a TLS 1.3 one keeps its keys, not rustls'
+    // connection (`tls/record_layer.rs`), for requests and tunnels alike.
+    let stream = session.establish();
+    if h2 {
+        let websockets = http.websocket_over_h2;
+        Box::pin(serve_h2(stream, conn, shared, &config, websockets)).await;
+    } else {
+        first_request(stream, conn, shared, config, http).await;
     }
 }
 
@@ -199,9 +207,9 @@ impl ClientStream for ClientIo {
     }
 }
 
-impl ClientStream for ServerSession<ClientIo> {
-    /// The TLS session over the raw socket, with wsgate's record layer where rustls can hand it over
-    /// (`ServerSession::establish`): `ClientIo`'s timers are off once upgraded, and the session tells the
+impl ClientStream for Established<UnbufferedServerConnection, ClientIo> {
+    /// The TLS session over the raw socket, with wsgate's record layer for TLS 1.3
+    /// (`TlsSession::establish`): `ClientIo`'s timers are off once upgraded, and the session tells the
     /// tunnel when data is there, so an idle TLS tunnel holds no read buffer either.
     type Tunnelled = Established<UnbufferedServerConnection, TcpStream>;
 
@@ -210,7 +218,7 @@ impl ClientStream for ServerSession<ClientIo> {
     }
 
     fn into_tunnelled(self) -> Self::Tunnelled {
-        self.map_io(ClientIo::into_stream).establish()
+        self.map_io(ClientIo::into_stream)
     }
 }
 

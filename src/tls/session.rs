@@ -101,7 +101,7 @@ pub type ClientSession<IO> = TlsSession<UnbufferedClientConnection, IO>;
 
 /// Makes a TLS handshake as the server over `io` and returns the session once it is complete. With the
 /// config's `enable_secret_extraction`, a TLS 1.3 session may later be handed to wsgate's own record layer
-/// (`ServerSession::establish`).
+/// (`TlsSession::establish`).
 pub async fn accept<IO>(io: IO, config: Arc<ServerConfig>) -> io::Result<ServerSession<IO>>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
@@ -302,7 +302,7 @@ impl<C: Side, IO> TlsSession<C, IO> {
             Ok(layer) => Established::Own(Box::new(rest.join(layer, |io| io))),
             Err(error) => {
                 tracing::warn!(%error, "TLS session lost when handed to wsgate's record layer");
-                Established::Lost
+                Established::Lost(Box::new(rest.io))
             }
         }
     }
@@ -331,8 +331,90 @@ pub enum Established<C: Side, IO> {
     Own(Box<TlsSession<RecordLayer<C::Data>, IO>>),
     /// rustls' connection (TLS 1.2).
     Rustls(Box<TlsSession<C, IO>>),
-    /// rustls refused to hand the session over: every read and write fails, and the tunnel ends.
-    Lost,
+    /// rustls refused to hand the session over: every read and write fails, and the connection ends.
+    /// The stream is kept for what is asked of it (its socket's address).
+    Lost(Box<IO>),
+}
+
+impl<C: Side, IO> Established<C, IO> {
+    /// The stream underneath.
+    pub fn get_ref(&self) -> &IO {
+        match self {
+            Established::Own(session) => session.get_ref(),
+            Established::Rustls(session) => session.get_ref(),
+            Established::Lost(io) => io,
+        }
+    }
+
+    /// The same session over another stream (the socket out of a wrapper that is no longer needed).
+    pub fn map_io<T>(self, f: impl FnOnce(IO) -> T) -> Established<C, T> {
+        match self {
+            Established::Own(session) => Established::Own(Box::new(session.map_io(f))),
+            Established::Rustls(session) => Established::Rustls(Box::new(session.map_io(f))),
+            Established::Lost(io) => Established::Lost(Box::new(f(*io))),
+        }
+    }
+}
+
+/// The same call on whichever engine the session kept; `lost` for a session that was lost.
+macro_rules! established {
+    ($session:expr, $s:ident => $call:expr, lost => $lost:expr) => {
+        match $session {
+            Established::Own($s) => $call,
+            Established::Rustls($s) => $call,
+            Established::Lost(_) => $lost,
+        }
+    };
+}
+
+impl<C: Side + Unpin, IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for Established<C, IO>
+where
+    RecordLayer<C::Data>: Unpin,
+{
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        established!(
+            self.get_mut(),
+            s => Pin::new(&mut **s).poll_read(cx, buf),
+            lost => Poll::Ready(Err(lost()))
+        )
+    }
+}
+
+impl<C: Side + Unpin, IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Established<C, IO>
+where
+    RecordLayer<C::Data>: Unpin,
+{
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        established!(
+            self.get_mut(),
+            s => Pin::new(&mut **s).poll_write(cx, buf),
+            lost => Poll::Ready(Err(lost()))
+        )
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        established!(
+            self.get_mut(),
+            s => Pin::new(&mut **s).poll_flush(cx),
+            lost => Poll::Ready(Err(lost()))
+        )
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        established!(
+            self.get_mut(),
+            s => Pin::new(&mut **s).poll_shutdown(cx),
+            lost => Poll::Ready(Ok(()))
+        )
+    }
 }
 
 impl<C: Engine, IO> TlsSession<C, IO> {
@@ -742,43 +824,23 @@ where
     C::Data: Send + Sync,
 {
     fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self {
-            Established::Own(session) => session.poll_read_ready(cx),
-            Established::Rustls(session) => session.poll_read_ready(cx),
-            Established::Lost => Poll::Ready(Ok(())),
-        }
+        established!(self, s => s.poll_read_ready(cx), lost => Poll::Ready(Ok(())))
     }
 
     fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
-        match self {
-            Established::Own(session) => Transport::poll_read(session, cx, buf),
-            Established::Rustls(session) => Transport::poll_read(session, cx, buf),
-            Established::Lost => Poll::Ready(Err(lost())),
-        }
+        established!(self, s => Transport::poll_read(s, cx, buf), lost => Poll::Ready(Err(lost())))
     }
 
     fn poll_write(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        match self {
-            Established::Own(session) => Transport::poll_write(session, cx, buf),
-            Established::Rustls(session) => Transport::poll_write(session, cx, buf),
-            Established::Lost => Poll::Ready(Err(lost())),
-        }
+        established!(self, s => Transport::poll_write(s, cx, buf), lost => Poll::Ready(Err(lost())))
     }
 
     fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self {
-            Established::Own(session) => Transport::poll_flush(session, cx),
-            Established::Rustls(session) => Transport::poll_flush(session, cx),
-            Established::Lost => Poll::Ready(Err(lost())),
-        }
+        established!(self, s => Transport::poll_flush(s, cx), lost => Poll::Ready(Err(lost())))
     }
 
     fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self {
-            Established::Own(session) => Transport::poll_shutdown(session, cx),
-            Established::Rustls(session) => Transport::poll_shutdown(session, cx),
-            Established::Lost => Poll::Ready(Ok(())),
-        }
+        established!(self, s => Transport::poll_shutdown(s, cx), lost => Poll::Ready(Ok(())))
     }
 }
 
@@ -946,7 +1008,7 @@ mod tests {
         match session.establish() {
             Established::Own(session) => *session,
             Established::Rustls(_) => panic!("a TLS 1.3 session stayed with rustls"),
-            Established::Lost => panic!("the session was lost at the hand-over"),
+            Established::Lost(_) => panic!("the session was lost at the hand-over"),
         }
     }
 

@@ -13,7 +13,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
+use rustls::client::ClientConnectionData;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
@@ -59,7 +59,7 @@ impl BackendStream {
         match session.establish() {
             Established::Own(session) => Ok(BackendStream::Own(session)),
             Established::Rustls(session) => Ok(BackendStream::Tls(session)),
-            Established::<UnbufferedClientConnection, _>::Lost => Err(io::Error::new(
+            Established::Lost(_) => Err(io::Error::new(
                 io::ErrorKind::ConnectionAborted,
                 "TLS session to the backend lost at the hand-over",
             )),
