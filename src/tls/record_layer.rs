@@ -47,7 +47,7 @@ use super::session::{Buffers, Engine, Side, Step, deliver, overhead, tls_error};
 
 /// The most ciphertext a TLS 1.3 record may carry: 2^14 bytes of plaintext, its content type, padding
 /// and tag (RFC 8446 §5.2).
-pub const MAX_CIPHERTEXT: usize = (16 << 10) + 256;
+const MAX_CIPHERTEXT: usize = (16 << 10) + 256;
 /// The most plaintext a record carries.
 const MAX_FRAGMENT: usize = 16 << 10;
 /// A direction's keys are updated before its sequence number passes this, whatever the suite's limit:

@@ -1,11 +1,14 @@
-//! A TLS session over a socket, driven through rustls' unbuffered API, so that wsgate owns every buffer the
-//! session uses and holds none while the session is quiet.
+//! A TLS session over a socket, a client's (`accept`) or toward a backend (`connect`), driven through
+//! rustls' unbuffered API, so that wsgate owns every buffer the session uses and holds none while the
+//! session is quiet.
 //!
 //! rustls' buffered connection keeps a receive buffer (at least 4 KiB) and its queues for the session's
 //! whole life, and an idle `wss://` tunnel would carry them as long as it stays open. Here the ciphertext
 //! read from the socket, the plaintext not yet read by the caller and the ciphertext not yet written are
-//! held only while there is something in them: each is freed once it is empty. What an idle session keeps
-//! is rustls' state and traffic keys.
+//! held only while there is something in them: each is freed once it is empty (`Buffers`). Whatever
+//! turns records into plaintext and back (`Engine`) uses those buffers: rustls' connection for the
+//! handshake, then, for TLS 1.3, wsgate's record layer (`establish`, `record_layer.rs`), so that what an
+//! idle session keeps is its traffic keys and the secret that derives the next ones.
 //!
 //! A tunnel waits on the socket's readiness before it borrows a read buffer (`websocket::Transport`); a
 //! session knows what it holds, so it can say when a read would find data without trying one.
@@ -286,13 +289,11 @@ impl<C: Side, IO> TlsSession<C, IO> {
     pub fn state(&self) -> &CommonState {
         &self.conn
     }
-}
 
-impl<C: Side, IO> TlsSession<C, IO> {
-    /// The session for the rest of its life, its handshake long over (a tunnel's): wsgate's record layer
-    /// takes it over where rustls can hand it over (TLS 1.3, the config allowing it, nothing left to
-    /// send), so that what stays is the traffic keys rather than rustls' whole connection; else it stays
-    /// rustls'. `Lost` only if rustls refused the hand-over after all (`RecordLayer::takes` asks first).
+    /// The session for the rest of its life, its handshake over: wsgate's record layer takes it over
+    /// where rustls can hand it over (TLS 1.3, the config allowing it, nothing left to send), so that what
+    /// stays is the traffic keys rather than rustls' whole connection; else it stays rustls'. `Lost` only
+    /// if rustls refused the hand-over after all (`RecordLayer::takes` asks first).
     pub fn establish(self) -> Established<C, IO> {
         if !self.may_hand_over || self.failed.is_some() || !RecordLayer::takes(&self.conn) {
             return Established::Rustls(Box::new(self));
