@@ -77,7 +77,9 @@ pub async fn handle_upgrade(
 /// header rules once its head is made an HTTP/1.1 one; a CONNECT is a WebSocket (`extended_connect`).
 pub async fn handle_h2(req: Request<Incoming>, conn: &ClientConn, shared: &Shared) -> Answer {
     if req.method() == Method::CONNECT {
-        return handle_extended_connect(req, conn, shared).await;
+        // Boxed: the upgrade's future is the larger, and every stream's task (which hyper spawns and
+        // moves) would otherwise be sized for it.
+        return Box::pin(handle_extended_connect(req, conn, shared)).await;
     }
     let size = head_size(&req);
     let (mut parts, body) = req.into_parts();
