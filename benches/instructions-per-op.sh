@@ -2,8 +2,9 @@
 # Instructions wsgate's own process executes per operation of a wsgate-bench
 # scenario, counted by `valgrind --tool=callgrind` over the whole process and
 # divided by the operations the bench counted: per echoed message for `echo64`
-# or `echo16k`, per handshake (connect, upgrade, one echo, close) for
-# `handshake`. A repeatable figure for A/B comparisons of the tunnel and the
+# or `echo16k` (and over TLS `wss64`, `wss16k`, `wss16k_tls_backend`), per
+# handshake (connect, upgrade, one echo, close) for `handshake` (over TLS
+# `tls_handshake`, `tls_resume`). A repeatable figure for A/B comparisons of the tunnel and the
 # upgrade path, where rates and CPU seconds on a shared 2-core machine move by
 # 10-30 % between runs. Kernel work is not counted (BENCHMARKS.md, "Tunnels
 # without shared locks", says how much of a message's CPU that is). Start-up
@@ -11,7 +12,8 @@
 # are a small part.
 #
 # usage: benches/instructions-per-op.sh SCENARIO [WSGATE_BINARY [SECONDS]]
-#   SCENARIO       echo64, echo16k or handshake (one worker)
+#   SCENARIO       a wsgate-bench load scenario, e.g. echo64, echo16k,
+#                  handshake, wss64, tls_handshake (one worker)
 #   WSGATE_BINARY  default target/release/wsgate (built if absent)
 #   SECONDS        default 8
 #
