@@ -1,7 +1,7 @@
 //! An established TLS 1.3 session's records, sealed and opened by wsgate rather than by rustls'
-//! connection, so that a long-lived tunnel's session (a `wss://` client's, or toward a TLS backend) keeps
-//! the two directions' keys and the secret that derives the next ones, and not rustls' whole connection
-//! (its handshake state, queues and settings).
+//! connection, so that a long-lived session (a client's, from its handshake on; a TLS backend's, from its
+//! tunnel's start) keeps the two directions' keys and the secret that derives the next ones, and not
+//! rustls' whole connection (its handshake state, queues and settings).
 //!
 //! rustls still does every cryptographic step. Its connection hands over the traffic keys and a
 //! `KernelConnection` (rustls' API for kTLS), which derives each direction's next keys on a key update;
