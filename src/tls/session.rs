@@ -368,10 +368,7 @@ macro_rules! established {
     };
 }
 
-impl<C: Side + Unpin, IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for Established<C, IO>
-where
-    RecordLayer<C::Data>: Unpin,
-{
+impl<C: Side + Unpin, IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for Established<C, IO> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -385,10 +382,7 @@ where
     }
 }
 
-impl<C: Side + Unpin, IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Established<C, IO>
-where
-    RecordLayer<C::Data>: Unpin,
-{
+impl<C: Side + Unpin, IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Established<C, IO> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
