@@ -13,6 +13,7 @@
 //! A tunnel waits on the socket's readiness before it borrows a read buffer (`websocket::Transport`); a
 //! session knows what it holds, so it can say when a read would find data without trying one.
 
+use std::cell::Cell;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -846,6 +847,15 @@ fn lost() -> io::Error {
     )
 }
 
+thread_local! {
+    /// One empty read buffer per thread (`READ_SIZE`), for the next session on the thread that reads. A
+    /// session gives its buffer up whenever it is emptied or the session waits, so that quiet sessions
+    /// hold none; a busy connection empties and refills it several times per request (every read that
+    /// finds nothing included), and without this slot each refill would allocate and free 32 KiB again.
+    /// At most one per thread, whatever the number of sessions.
+    static SPARE_READ_BUFFER: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
+}
+
 /// Ciphertext read and not yet processed: `buf[start..]`. A `Vec` with a start rather than a `BytesMut`
 /// split as records are consumed, so that `capacity` is the allocation held, which `release` compares
 /// with what is left in it.
@@ -872,12 +882,20 @@ impl Received {
         self.buf.capacity()
     }
 
-    /// Drops the first `n` bytes (rustls' `discard`: processed records); an emptied buffer is freed.
+    /// Drops the first `n` bytes (rustls' `discard`: processed records); an emptied buffer is given up.
     pub(super) fn consume(&mut self, n: usize) {
         self.start = (self.start + n).min(self.buf.len());
         if self.start == self.buf.len() {
-            self.buf = Vec::new();
-            self.start = 0;
+            self.give_up();
+        }
+    }
+
+    /// Gives the (empty) buffer up: to the thread's spare slot if it is the usual size, else freed.
+    fn give_up(&mut self) {
+        let buf = std::mem::take(&mut self.buf);
+        self.start = 0;
+        if buf.capacity() == READ_SIZE {
+            SPARE_READ_BUFFER.with(|spare| spare.set(buf));
         }
     }
 
@@ -885,6 +903,10 @@ impl Received {
     /// first, then room for a whole read is added (exactly: the allocation stays under `MAX_INCOMING` plus
     /// a read).
     fn room(&mut self) -> &mut Vec<u8> {
+        if self.buf.capacity() == 0 {
+            self.buf = SPARE_READ_BUFFER.with(Cell::take);
+            self.buf.clear();
+        }
         if self.buf.capacity() - self.buf.len() < READ_SIZE / 2 {
             if self.start > 0 {
                 self.buf.copy_within(self.start.., 0);
@@ -902,8 +924,7 @@ impl Received {
     /// buffer many times its size into one of its own.
     fn release(&mut self) {
         if self.len() == 0 {
-            self.buf = Vec::new();
-            self.start = 0;
+            self.give_up();
         } else if self.buf.capacity() > SHRINK_FACTOR * self.len() {
             self.buf = self.bytes().to_vec();
             self.start = 0;
@@ -1153,6 +1174,43 @@ mod tests {
             .expect("in time")
             .expect("task");
         assert!(back == data, "the server's bytes arrived changed");
+    }
+
+    /// An emptied read buffer of the usual size waits in the thread's slot for the next read, and one of
+    /// another size (grown for a large handshake message) is freed rather than kept.
+    #[test]
+    fn an_emptied_read_buffer_is_kept_for_the_next_read() {
+        SPARE_READ_BUFFER.with(Cell::take);
+        let mut first = Received::default();
+        first.room().extend_from_slice(b"record");
+        let held = first.buf.as_ptr();
+        first.consume(6);
+        assert_eq!(
+            first.capacity(),
+            0,
+            "an emptied buffer stayed with its session"
+        );
+        let mut second = Received::default();
+        let room = second.room();
+        assert!(room.is_empty());
+        assert_eq!(room.capacity(), READ_SIZE);
+        assert_eq!(
+            room.as_ptr(),
+            held,
+            "the next read allocated a buffer of its own"
+        );
+        // Taken: the slot is empty until the buffer is given up again.
+        assert_eq!(SPARE_READ_BUFFER.with(Cell::take).capacity(), 0);
+        second.room().resize(READ_SIZE, 0);
+        second.room();
+        assert!(second.capacity() > READ_SIZE);
+        second.release();
+        second.consume(READ_SIZE);
+        assert_eq!(
+            SPARE_READ_BUFFER.with(Cell::take).capacity(),
+            0,
+            "a grown buffer was kept"
+        );
     }
 
     async fn an_idle_session_holds_no_buffer<C: Engine + Unpin + Send>(make: Make<C>) {
