@@ -153,13 +153,92 @@ pub fn only_chunked(headers: &HeaderMap) -> bool {
     let mut codings = headers
         .get_all(header::TRANSFER_ENCODING)
         .iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-        .map(|c| c.trim_ascii())
-        .filter(|c| !c.is_empty());
+        .flat_map(codings);
     codings
         .next()
         .is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"))
         && codings.next().is_none()
+}
+
+/// What the hop-by-hop fields of an answer head say, gathered as the head is read so that those fields
+/// never enter the map passed on to the client (`Hop::take`): whether the body is in a transfer coding,
+/// whether the backend closes the connection, and which other fields `Connection` names. The result is
+/// the map `strip_hop_by_hop` would leave, without building the fields only to remove them again.
+#[derive(Debug, Default)]
+pub struct HopByHop {
+    /// `Transfer-Encoding` was sent.
+    pub coded: bool,
+    /// The transfer codings named over all its lines, and whether the first was `chunked`.
+    codings: usize,
+    first_chunked: bool,
+    /// `Connection` lists `close`.
+    pub close: bool,
+    /// The other fields `Connection` names (`PROTECTED` ones left out): removed once the head is read.
+    listed: Vec<HeaderName>,
+}
+
+impl HopByHop {
+    /// Takes a field of the head if it is hop-by-hop (it is then not passed on); false if it is not.
+    pub fn take(&mut self, name: &HeaderName, value: &HeaderValue) -> bool {
+        if !is_hop_by_hop(name) {
+            return false;
+        }
+        if *name == header::CONNECTION {
+            let tokens = value.to_str().ok().into_iter().flat_map(|v| v.split(','));
+            for token in tokens.map(str::trim) {
+                if token.eq_ignore_ascii_case("close") {
+                    self.close = true;
+                } else if let Some(name) = listed_name(token) {
+                    self.listed.push(name);
+                }
+            }
+        } else if *name == header::TRANSFER_ENCODING {
+            self.coded = true;
+            for coding in codings(value) {
+                if self.codings == 0 {
+                    self.first_chunked = coding.eq_ignore_ascii_case(b"chunked");
+                }
+                self.codings += 1;
+            }
+        }
+        true
+    }
+
+    /// Whether the transfer codings are `chunked` alone (as `only_chunked` says of a map).
+    pub fn only_chunked(&self) -> bool {
+        self.codings == 1 && self.first_chunked
+    }
+
+    /// Removes from the head's other fields those `Connection` named.
+    pub fn strip_listed(&self, headers: &mut HeaderMap) {
+        for name in &self.listed {
+            headers.remove(name);
+        }
+    }
+}
+
+/// The transfer codings a `Transfer-Encoding` value names (empty list items skipped).
+fn codings(value: &HeaderValue) -> impl Iterator<Item = &[u8]> {
+    value
+        .as_bytes()
+        .split(|&b| b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|c| !c.is_empty())
+}
+
+/// The field a token of `Connection` names, to be removed, if any: not `close` (an option, no field's
+/// name), not a hop-by-hop field (removed anyway), not one of the `PROTECTED` ones.
+fn listed_name(token: &str) -> Option<HeaderName> {
+    if token.eq_ignore_ascii_case("close")
+        || HOP_BY_HOP
+            .iter()
+            .any(|h| h.as_str().eq_ignore_ascii_case(token))
+    {
+        return None;
+    }
+    HeaderName::from_bytes(token.as_bytes())
+        .ok()
+        .filter(|name| !PROTECTED.contains(&name))
 }
 
 /// Whether `name` is on the `HOP_BY_HOP` list: matched as text (one comparison by length, then the
@@ -199,20 +278,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|token| {
-            !token.eq_ignore_ascii_case("close")
-                && !HOP_BY_HOP
-                    .iter()
-                    .any(|h| h.as_str().eq_ignore_ascii_case(token))
-        });
-    for token in listed {
-        if let Ok(name) = HeaderName::from_bytes(token.as_bytes())
-            && !PROTECTED.contains(&&name)
-        {
-            doomed.push(name);
-        }
-    }
+        .filter_map(|token| listed_name(token.trim()));
+    doomed.extend(listed);
     for name in doomed {
         headers.remove(name);
     }

@@ -64,11 +64,13 @@ pub use tls::TlsError;
 pub mod internals {
     pub use crate::admission::Scopes;
     pub use crate::config::AdminTokens;
-    pub use crate::headers::{BadRequest, check_request, has_token};
+    pub use crate::headers::{
+        BadRequest, HopByHop, check_request, has_token, only_chunked, strip_hop_by_hop,
+    };
     pub use crate::http1::backend::{BackendHttpError, BodyDecoder};
     pub use crate::http1::message::{
         BodyLength, BodyReader, Head, Piece, content_length, encode_chunk, encode_last_chunk,
-        leading_line_ends, parse_head, response_length,
+        framing, leading_line_ends, parse_head, parse_head_with, response_length,
     };
     pub use crate::http1::request::{First, parse as parse_first_request};
     pub use crate::http1::{MAX_CHUNK_LINE, MAX_HEAD, MAX_HEADERS, MAX_RELAYED_BODY};

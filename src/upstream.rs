@@ -11,7 +11,9 @@ mod exchange;
 mod stream;
 mod tls_client;
 
-pub use exchange::{BackendConn, Exchange, ExchangeError, Patience, Recycle, Reuse, UpstreamBody};
+pub use exchange::{
+    Answer, BackendConn, Exchange, ExchangeError, Patience, Recycle, Reuse, UpstreamBody,
+};
 pub use stream::BackendStream;
 pub use tls_client::{BackendTls, ClientId, TlsClients};
 

@@ -7,10 +7,11 @@
 //! (`http_target::reads`): how many read lengths follow, the lengths, the stream.
 
 use bytes::{Buf, BytesMut};
-use http::{HeaderMap, HeaderValue, Method};
+use http::{HeaderMap, HeaderValue, Method, header};
 use wsgate::internals::{
-    BodyLength, BodyReader, MAX_HEAD, Piece, encode_chunk, encode_last_chunk, leading_line_ends,
-    parse_head, response_length,
+    BodyLength, BodyReader, Head, HopByHop, MAX_HEAD, Piece, encode_chunk, encode_last_chunk,
+    framing, has_token, leading_line_ends, parse_head, parse_head_with, response_length,
+    strip_hop_by_hop,
 };
 
 use crate::http_target::{Reader, has_head_end, reads, reference_chunks};
@@ -35,6 +36,39 @@ enum Outcome {
     },
 }
 
+/// The forwarding path reads an answer head with its hop-by-hop fields taken out as they are parsed
+/// (`HopByHop`, in `src/upstream/exchange.rs`): it must come to the fields, framing and connection
+/// verdict that reading the whole head and then stripping it (`strip_hop_by_hop`) gives.
+fn check_hop_by_hop(buf: &[u8], reference: &Head, method: &Method) {
+    let mut hop = HopByHop::default();
+    let read = parse_head_with(buf, |name, value| hop.take(name, value));
+    let Ok(Some(read)) = read else {
+        panic!("a head parsed whole fails when its hop-by-hop fields are taken: {read:?}");
+    };
+    assert_eq!(read.len, reference.len);
+    let mut expected = reference.headers.clone();
+    strip_hop_by_hop(&mut expected);
+    let mut kept = read.headers.clone();
+    hop.strip_listed(&mut kept);
+    assert_eq!(kept, expected, "fields passed on differ");
+    assert_eq!(
+        hop.coded,
+        reference.headers.contains_key(header::TRANSFER_ENCODING)
+    );
+    assert_eq!(
+        hop.close,
+        has_token(&reference.headers, header::CONNECTION, "close")
+    );
+    let coding = hop.coded.then(|| hop.only_chunked());
+    let fused = framing(method, reference.status, coding, &read.headers);
+    let whole = response_length(method, reference.status, &reference.headers);
+    match (fused, whole) {
+        (Ok(a), Ok(b)) => assert_eq!(a, b, "framing differs"),
+        (Err(_), Err(_)) => {}
+        (a, b) => panic!("framing differs: {a:?} read as it comes, {b:?} from the whole head"),
+    }
+}
+
 /// Reads the response in the given reads. After every read the decoder asks more for, what the buffer
 /// still holds is checked: nothing outside a trailer section (a chunk-size line is taken apart as it
 /// comes), and a trailer section within `MAX_HEAD`.
@@ -52,6 +86,7 @@ fn read_response(stream: &[u8], reads: &[usize], method: &Method) -> Outcome {
             match parse_head(&buf) {
                 Err(_) => return Outcome::BadHead,
                 Ok(Some(head)) => {
+                    check_hop_by_hop(&buf, &head, method);
                     let _ = buf.split_to(head.len);
                     if head.status == http::StatusCode::SWITCHING_PROTOCOLS {
                         return Outcome::BadHead;

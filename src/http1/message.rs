@@ -40,6 +40,14 @@ pub struct Head {
 
 /// Parses a complete answer head at the start of `buf`; `None` while it is incomplete.
 pub fn parse_head(buf: &[u8]) -> Result<Option<Head>, BackendHttpError> {
+    parse_head_with(buf, |_, _| false)
+}
+
+/// `parse_head`, with each field offered to `take` first: the fields it takes stay out of the map.
+pub fn parse_head_with(
+    buf: &[u8],
+    take: impl FnMut(&HeaderName, &HeaderValue) -> bool,
+) -> Result<Option<Head>, BackendHttpError> {
     let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut response = httparse::Response::new(&mut slots);
     let len = match response.parse(buf) {
@@ -55,7 +63,7 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<Head>, BackendHttpError> {
         Some(0) => Version::HTTP_10,
         _ => Version::HTTP_11,
     };
-    let headers = header_map(response.headers)?;
+    let headers = header_map(response.headers, take)?;
     Ok(Some(Head {
         status,
         version,
@@ -64,14 +72,19 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<Head>, BackendHttpError> {
     }))
 }
 
-fn header_map(fields: &[httparse::Header<'_>]) -> Result<HeaderMap, BackendHttpError> {
+fn header_map(
+    fields: &[httparse::Header<'_>],
+    mut take: impl FnMut(&HeaderName, &HeaderValue) -> bool,
+) -> Result<HeaderMap, BackendHttpError> {
     let mut headers = HeaderMap::with_capacity(fields.len());
     for h in fields {
         let name = HeaderName::from_bytes(h.name.as_bytes())
             .map_err(|_| BackendHttpError::Invalid("bad header name"))?;
         let value = HeaderValue::from_bytes(h.value)
             .map_err(|_| BackendHttpError::Invalid("bad header value"))?;
-        headers.append(name, value);
+        if !take(&name, &value) {
+            headers.append(name, value);
+        }
     }
     Ok(headers)
 }
@@ -185,18 +198,33 @@ pub fn response_length(
     status: StatusCode,
     headers: &HeaderMap,
 ) -> Result<BodyLength, BackendHttpError> {
+    let coding = headers
+        .contains_key(header::TRANSFER_ENCODING)
+        .then(|| only_chunked(headers));
+    framing(method, status, coding, headers)
+}
+
+/// `response_length` from what was read of `Transfer-Encoding` (`None`: absent; `Some(true)`: `chunked`
+/// alone) and the other fields: for a head whose hop-by-hop fields were taken out as it was read
+/// (`HopByHop`).
+pub fn framing(
+    method: &Method,
+    status: StatusCode,
+    coding: Option<bool>,
+    headers: &HeaderMap,
+) -> Result<BodyLength, BackendHttpError> {
     if *method == Method::HEAD || status.is_informational() || matches!(status.as_u16(), 204 | 304)
     {
         return Ok(BodyLength::Empty);
     }
-    if headers.contains_key(header::TRANSFER_ENCODING) {
-        return if only_chunked(headers) {
-            Ok(BodyLength::Chunked)
-        } else {
-            Err(BackendHttpError::Invalid(
+    match coding {
+        Some(true) => return Ok(BodyLength::Chunked),
+        Some(false) => {
+            return Err(BackendHttpError::Invalid(
                 "transfer coding other than chunked",
-            ))
-        };
+            ));
+        }
+        None => {}
     }
     Ok(match content_length(headers)? {
         Some(0) => BodyLength::Empty,
@@ -456,7 +484,9 @@ impl BodyReader {
         };
         let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let fields = match httparse::parse_headers(&buf[..end], &mut slots) {
-            Ok(httparse::Status::Complete((used, fields))) if used == end => header_map(fields)?,
+            Ok(httparse::Status::Complete((used, fields))) if used == end => {
+                header_map(fields, |_, _| false)?
+            }
             _ => return Err(BackendHttpError::Invalid("malformed trailer section")),
         };
         buf.advance(end);
@@ -671,6 +701,64 @@ mod tests {
         );
         assert!(parse_head(&text[..10]).unwrap().is_none());
         assert!(parse_head(b"NOT HTTP\r\n\r\n").is_err());
+    }
+
+    /// The forwarding path's read of an answer head (its hop-by-hop fields taken as they are parsed) comes
+    /// to what reading it whole and stripping it does: the fields passed on, the framing, the verdict on
+    /// the connection.
+    #[test]
+    fn an_answer_read_with_its_hop_by_hop_fields_taken_matches_one_stripped_whole() {
+        use crate::headers::{HopByHop, has_token, strip_hop_by_hop};
+        let heads: [&[u8]; 6] = [
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nConnection: X-Secret, close\r\nX-Secret: 1\r\nX-Kept: 2\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: , Chunked ,\r\nContent-Length: 5\r\n\r\n",
+            b"HTTP/1.1 204 No Content\r\nConnection: content-length, upgrade\r\nContent-Length: 0\r\nUpgrade: h2c\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nConnection: Close\r\nProxy-Authenticate: Basic\r\nTrailer: x\r\nTE: trailers\r\n\r\n",
+        ];
+        for text in heads {
+            let whole = parse_head(text).unwrap().unwrap();
+            let mut hop = HopByHop::default();
+            let read = parse_head_with(text, |n, v| hop.take(n, v))
+                .unwrap()
+                .unwrap();
+            let mut expected = whole.headers.clone();
+            strip_hop_by_hop(&mut expected);
+            let mut kept = read.headers.clone();
+            hop.strip_listed(&mut kept);
+            let shown = String::from_utf8_lossy(text);
+            assert_eq!(kept, expected, "{shown}");
+            assert_eq!(
+                hop.close,
+                has_token(&whole.headers, header::CONNECTION, "close"),
+                "{shown}"
+            );
+            let coding = hop.coded.then(|| hop.only_chunked());
+            assert_eq!(
+                framing(&Method::GET, whole.status, coding, &read.headers).ok(),
+                response_length(&Method::GET, whole.status, &whole.headers).ok(),
+                "{shown}"
+            );
+        }
+        // What each came to, spelled out for two of them.
+        let mut hop = HopByHop::default();
+        let read = parse_head_with(heads[1], |n, v| hop.take(n, v))
+            .unwrap()
+            .unwrap();
+        assert!(hop.close && !hop.coded);
+        let mut kept = read.headers;
+        assert!(
+            kept.contains_key("x-secret"),
+            "removed once the head is read"
+        );
+        hop.strip_listed(&mut kept);
+        assert!(!kept.contains_key("x-secret") && kept.contains_key("x-kept"));
+        let mut hop = HopByHop::default();
+        let read = parse_head_with(heads[3], |n, v| hop.take(n, v))
+            .unwrap()
+            .unwrap();
+        assert!(hop.coded && hop.only_chunked() && !read.headers.contains_key("transfer-encoding"));
     }
 
     #[test]

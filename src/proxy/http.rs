@@ -24,13 +24,13 @@ use crate::balancer::BackendGuard;
 use crate::body::ProxyBody;
 use crate::config::Config;
 use crate::conn::ClientConn;
-use crate::headers::{has_token, is_forwarding, strip_hop_by_hop, write_forwarded};
+use crate::headers::{is_forwarding, strip_hop_by_hop, write_forwarded};
 use crate::http1::message::{
-    BodyLength, BodyReader, Head, content_length, encode_request_head, response_length,
+    BodyLength, BodyReader, Head, content_length, encode_request_head, framing,
 };
 use crate::router::Route;
 use crate::state::Shared;
-use crate::upstream::{Exchange, ExchangeError, Patience, PoolKey, Recycle, UpstreamBody};
+use crate::upstream::{Answer, Exchange, ExchangeError, Patience, PoolKey, Recycle, UpstreamBody};
 
 pub async fn forward(
     req: Request<Incoming>,
@@ -198,36 +198,43 @@ async fn proxy(
 /// The client's response from the backend's answer head: its body framed as the answer says (read from
 /// the connection as the client takes it), hop-by-hop headers removed.
 fn response(
-    answer: Head,
+    answer: Answer,
     method: &Method,
     exchange: Exchange,
     recycle: impl FnOnce(bool) -> Recycle,
     guard: BackendGuard,
     pause: Duration,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let Head {
-        status,
-        version,
-        mut headers,
-        ..
+    let Answer {
+        head:
+            Head {
+                status,
+                version,
+                mut headers,
+                ..
+            },
+        hop,
     } = answer;
-    let length = response_length(method, status, &headers)?;
-    let chunked = headers.contains_key(header::TRANSFER_ENCODING);
+    let chunked = hop.coded;
+    let length = framing(
+        method,
+        status,
+        chunked.then(|| hop.only_chunked()),
+        &headers,
+    )?;
     // An answer framed two ways (RFC 9112 §6.3 calls it an error), or a body announced where none may
     // be (204, 304), leaves it unsure where the backend thinks the answer ends: its connection ends
     // with it.
     let ambiguous = (chunked && headers.contains_key(header::CONTENT_LENGTH))
         || (matches!(status.as_u16(), 204 | 304)
             && (chunked || !matches!(content_length(&headers), Ok(None | Some(0)))));
-    let keep_alive = version == Version::HTTP_11
-        && length != BodyLength::UntilClose
-        && !ambiguous
-        && !has_token(&headers, header::CONNECTION, "close");
+    let keep_alive =
+        version == Version::HTTP_11 && length != BodyLength::UntilClose && !ambiguous && !hop.close;
     // A length beside a transfer coding is not the body's (RFC 9112 §6.3): the client must not see it.
     if chunked {
         headers.remove(header::CONTENT_LENGTH);
     }
-    strip_hop_by_hop(&mut headers);
+    hop.strip_listed(&mut headers);
     let reader = BodyReader::new(length);
     let body = UpstreamBody::new(exchange, reader, recycle(keep_alive), guard, pause);
     let mut response = Response::new(body.boxed());

@@ -29,11 +29,11 @@ use tokio_util::io::poll_read_buf;
 
 use super::{BackendStream, PoolKey, Upstream};
 use crate::body::BoxError;
-use crate::headers::strip_hop_by_hop;
+use crate::headers::{HopByHop, strip_hop_by_hop};
 use crate::http1::MAX_HEAD;
 use crate::http1::message::{
     BackendHttpError, BodyReader, Head, Piece, encode_chunk, head_ends_in, leading_line_ends,
-    parse_head,
+    parse_head_with,
 };
 
 /// Room made in the read buffer when it runs low: a response's data is split off it in pieces of up to
@@ -225,6 +225,14 @@ pub enum ExchangeError {
     BackendTimeout,
 }
 
+/// The final answer head, its hop-by-hop fields taken out as it was read (`HopByHop`): the map holds what
+/// the client may see, less the fields `Connection` named (`HopByHop::strip_listed`).
+#[derive(Debug)]
+pub struct Answer {
+    pub head: Head,
+    pub hop: HopByHop,
+}
+
 /// How long each side may keep an exchange waiting before the answer head, each clock counting from
 /// the moment that side was last waited on and made progress.
 #[derive(Debug, Clone, Copy)]
@@ -305,7 +313,7 @@ impl Exchange {
     /// moving), a full socket toward the backend is the backend's, and the answer's clock starts once
     /// the request is written whole. The clock is read only when the exchange has to wait and something
     /// moved since it last did.
-    pub async fn head(&mut self, patience: Patience) -> Result<Head, ExchangeError> {
+    pub async fn head(&mut self, patience: Patience) -> Result<Answer, ExchangeError> {
         let mut timer = pin!(None::<Sleep>);
         poll_fn(|cx| {
             if let Poll::Ready(result) = self.poll_head(cx) {
@@ -349,7 +357,7 @@ impl Exchange {
         }
     }
 
-    fn poll_head(&mut self, cx: &mut Context<'_>) -> Poll<Result<Head, ExchangeError>> {
+    fn poll_head(&mut self, cx: &mut Context<'_>) -> Poll<Result<Answer, ExchangeError>> {
         if let Poll::Ready(Err(UploadError::Client(error))) = self.poll_upload(cx) {
             return Poll::Ready(Err(ExchangeError::Client(error)));
         }
@@ -361,7 +369,9 @@ impl Exchange {
                 self.searched = self.searched.saturating_sub(blank);
             }
             if head_ends_in(buf, self.searched) {
-                let parsed = parse_head(buf).map_err(ExchangeError::Backend)?;
+                let mut hop = HopByHop::default();
+                let parsed = parse_head_with(buf, |name, value| hop.take(name, value))
+                    .map_err(ExchangeError::Backend)?;
                 if let Some(head) = parsed {
                     buf.advance(head.len);
                     self.searched = 0;
@@ -374,7 +384,7 @@ impl Exchange {
                         continue;
                     }
                     self.answered_early = !self.upload.is_complete();
-                    return Poll::Ready(Ok(head));
+                    return Poll::Ready(Ok(Answer { head, hop }));
                 }
             }
             if buf.len() >= MAX_HEAD {
