@@ -98,7 +98,10 @@ pub async fn serve_h2<I>(
     };
     let connection = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(connection);
-    let watchdog = streams.release_stalled(config.timeouts.send);
+    // The connection's timers are `Quiet`: a task polls every branch of its `select!` each time it wakes,
+    // which for a busy connection is a few times per request, and a timer need not be asked again
+    // before it fires.
+    let watchdog = Quiet::new(streams.release_stalled(config.timeouts.send));
     tokio::pin!(watchdog);
     let timeouts = &config.timeouts;
     let mut draining = false;
@@ -108,7 +111,7 @@ pub async fn serve_h2<I>(
             // Runs for the connection's life (it never returns): releases the backends of responses
             // whose client stopped taking them (`h2_streams.rs`).
             () = watchdog.as_mut() => {}
-            () = streams.idle_for(timeouts.http_idle), if !draining => {
+            () = Quiet::new(streams.idle_for(timeouts.http_idle)), if !draining => {
                 tracing::debug!(peer = %conn.peer, "HTTP/2 connection idle; closing");
                 connection.as_mut().graceful_shutdown();
                 draining = true;
