@@ -32,6 +32,9 @@ pub struct ClientIo {
     header_timeout: Duration,
     idle_timeout: Duration,
     send_timeout: Duration,
+    /// When the phase's time is up (`header` or `http_idle`); read while the client sends nothing.
+    deadline: Instant,
+    /// Fires at `deadline` or before it (`set_deadline`).
     timer: Pin<Box<Sleep>>,
     /// Runs while a write is blocked; made at the first blocked write (most connections never have one).
     write_timer: Option<Pin<Box<Sleep>>>,
@@ -53,6 +56,7 @@ impl ClientIo {
             header_timeout,
             idle_timeout,
             send_timeout,
+            deadline: Instant::now() + header_timeout,
             timer: Box::pin(tokio::time::sleep(header_timeout)),
             write_timer: None,
             write_blocked: false,
@@ -92,6 +96,30 @@ impl ClientIo {
         Poll::Pending
     }
 
+    /// Moves the read deadline. The timer is reset only when the deadline comes sooner than it is set
+    /// for: a busy keep-alive connection moves the deadline later twice per request (idle, then a head
+    /// arriving), and resetting a timer takes it out of the runtime's wheel and puts it back. A timer
+    /// that fires before the deadline is set for it then (`deadline_passed`), once per timeout at most.
+    fn set_deadline(&mut self, deadline: Instant) {
+        self.deadline = deadline;
+        if deadline < self.timer.deadline() {
+            self.timer.as_mut().reset(deadline);
+        }
+    }
+
+    /// Whether the read deadline has passed; otherwise the timer is registered to wake the task at it.
+    fn deadline_passed(&mut self, cx: &mut Context<'_>) -> bool {
+        while self.timer.as_mut().poll(cx).is_ready() {
+            if self.timer.deadline() >= self.deadline {
+                return true;
+            }
+            // Fired early: the deadline moved later since the timer was set.
+            let deadline = self.deadline;
+            self.timer.as_mut().reset(deadline);
+        }
+        false
+    }
+
     pub fn into_stream(self) -> TcpStream {
         self.stream
     }
@@ -112,9 +140,7 @@ impl AsyncRead for ClientIo {
         this.conn.phase.register_reader(cx.waker());
         let mut phase = this.conn.phase.get();
         if phase == Stage::IdleStarted {
-            this.timer
-                .as_mut()
-                .reset(Instant::now() + this.idle_timeout);
+            this.set_deadline(Instant::now() + this.idle_timeout);
             this.conn.phase.set(Stage::Idle);
             phase = Stage::Idle;
         }
@@ -122,9 +148,7 @@ impl AsyncRead for ClientIo {
         match Pin::new(&mut this.stream).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
                 if buf.filled().len() > before && phase == Stage::Idle {
-                    this.timer
-                        .as_mut()
-                        .reset(Instant::now() + this.header_timeout);
+                    this.set_deadline(Instant::now() + this.header_timeout);
                     this.conn.phase.set(Stage::Headers);
                 } else if buf.filled().len() > before && phase == Stage::WaitingFirst {
                     // The header timer of a new connection runs from the accept; it keeps running.
@@ -134,7 +158,7 @@ impl AsyncRead for ClientIo {
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => {
-                if phase < Stage::Busy && this.timer.as_mut().poll(cx).is_ready() {
+                if phase < Stage::Busy && this.deadline_passed(cx) {
                     let what = if phase == Stage::Idle {
                         "keep-alive idle timeout"
                     } else {

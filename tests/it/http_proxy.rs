@@ -346,6 +346,36 @@ async fn slowloris_client_is_cut_off_after_the_header_timeout() {
     assert_eq!(status, StatusCode::OK);
 }
 
+/// On a keep-alive connection the head of each request is held to the header timeout from its first
+/// byte, whether it comes at once after the last response or after an idle pause longer than that
+/// timeout, and however long the idle timeout is: the header deadline comes sooner than the idle one.
+#[tokio::test(start_paused = true)]
+async fn a_later_request_head_is_held_to_the_header_timeout() {
+    let header = ms(500);
+    let backend = TestBackend::start("b1").await;
+    let (_gateway, addr) = gateway(&config_with_timeouts(
+        &[backend.addr],
+        "header = \"500ms\"\nhttp_idle = \"5s\"",
+    ))
+    .await;
+    let request = format!("GET / HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    let half = format!("GET / HTTP/1.1\r\nHost: {addr}\r\n");
+    for pause in [Duration::ZERO, ms(1_200)] {
+        let mut stream = tcp_connect(addr).await;
+        raw_write(&mut stream, request.as_bytes()).await;
+        assert_eq!(read_response(&mut stream).await.status, 200);
+        tokio::time::sleep(pause).await;
+        let started = Instant::now();
+        raw_write(&mut stream, half.as_bytes()).await;
+        assert!(closed_by_server(&mut stream).await, "half a head kept open");
+        assert_at(
+            &format!("half a second head, {pause:?} after the first answer"),
+            started.elapsed(),
+            header,
+        );
+    }
+}
+
 /// Streams a chunked body: `chunks` chunks, `gap` apart.
 async fn slow_backend(chunks: usize, gap: Duration) -> RawBackend {
     RawBackend::start(move |mut stream| async move {
