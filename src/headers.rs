@@ -229,7 +229,9 @@ fn codings(value: &HeaderValue) -> impl Iterator<Item = &[u8]> {
 /// The field a token of `Connection` names, to be removed, if any: not `close` (an option, no field's
 /// name), not a hop-by-hop field (removed anyway), not one of the `PROTECTED` ones.
 fn listed_name(token: &str) -> Option<HeaderName> {
-    if token.eq_ignore_ascii_case("close")
+    // `keep-alive`, the token nearly every answer's `Connection` carries, first.
+    if token.eq_ignore_ascii_case("keep-alive")
+        || token.eq_ignore_ascii_case("close")
         || HOP_BY_HOP
             .iter()
             .any(|h| h.as_str().eq_ignore_ascii_case(token))
