@@ -161,9 +161,9 @@ pub fn only_chunked(headers: &HeaderMap) -> bool {
 }
 
 /// What the hop-by-hop fields of an answer head say, gathered as the head is read so that those fields
-/// never enter the map passed on to the client (`Hop::take`): whether the body is in a transfer coding,
-/// whether the backend closes the connection, and which other fields `Connection` names. The result is
-/// the map `strip_hop_by_hop` would leave, without building the fields only to remove them again.
+/// never enter the map passed on to the client (`HopByHop::take`): whether the body is in a transfer
+/// coding, whether the backend closes the connection, and which other fields `Connection` names. The
+/// result is the map `strip_hop_by_hop` would leave, without building the fields only to remove them.
 #[derive(Debug, Default)]
 pub struct HopByHop {
     /// `Transfer-Encoding` was sent.
