@@ -426,10 +426,23 @@ where
     .await
 }
 
-/// An address on 127.0.0.1 with nothing listening (bound, then released).
+/// An address on 127.0.0.1 where nothing listens and nothing else may bind while the tests run.
 pub fn dead_addr() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("addr")
+    // Bound and never listening, and kept so for the test process's life: a connection is refused, and
+    // no other test's listener (tests run in parallel) can be given the port, as it could if the socket
+    // were closed again (the port handed back, and a backend of another test answering here).
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket
+        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .expect("bind");
+    let addr = socket
+        .local_addr()
+        .expect("addr")
+        .as_socket()
+        .expect("an IP address");
+    std::mem::forget(socket);
+    addr
 }
 
 /// Reads a request or response head (through the blank line); returns it and the bytes read past it.

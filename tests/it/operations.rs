@@ -566,9 +566,8 @@ async fn the_binary_reloads_on_sighup_and_drains_on_sigterm() {
 #[tokio::test(start_paused = true)]
 async fn shutdown_does_not_wait_for_pooled_backend_connections_or_idle_admin_clients() {
     let backend = TestBackend::start("b1").await;
-    let admin = dead_addr();
     let text = config_text(&[backend.addr], "")
-        + &format!("\n[admin]\nlisten = \"{admin}\"\n[timeouts]\ndrain = \"600s\"\n");
+        + "\n[admin]\nlisten = \"127.0.0.1:0\"\n[timeouts]\ndrain = \"600s\"\n";
     let (gateway, addr) = gateway(&text).await;
     let admin = gateway.admin_addr().expect("admin listener");
     for _ in 0..3 {
