@@ -168,8 +168,9 @@ pub fn only_chunked(headers: &HeaderMap) -> bool {
 pub struct HopByHop {
     /// `Transfer-Encoding` was sent.
     pub coded: bool,
-    /// The transfer codings named over all its lines, and whether the first was `chunked`.
+    /// How many transfer codings its lines name.
     codings: usize,
+    /// The first of them was `chunked`.
     first_chunked: bool,
     /// `Connection` lists `close`.
     pub close: bool,

@@ -50,14 +50,15 @@ impl ClientIo {
         idle_timeout: Duration,
         send_timeout: Duration,
     ) -> ClientIo {
+        let deadline = Instant::now() + header_timeout;
         ClientIo {
             stream,
             conn,
             header_timeout,
             idle_timeout,
             send_timeout,
-            deadline: Instant::now() + header_timeout,
-            timer: Box::pin(tokio::time::sleep(header_timeout)),
+            deadline,
+            timer: Box::pin(tokio::time::sleep_until(deadline)),
             write_timer: None,
             write_blocked: false,
         }

@@ -133,7 +133,7 @@ pub async fn serve_h2<I>(
             // the client's own included. Once none of wsgate's is left, the client gets the header
             // timeout to close, then the connection is dropped: a client that never answers, or a
             // stream that never ends on its side, does not hold it.
-            () = streams.idle_for(timeouts.header), if draining => {
+            () = Quiet::new(streams.idle_for(timeouts.header)), if draining => {
                 tracing::debug!(peer = %conn.peer, "HTTP/2 connection did not close after GOAWAY; dropped");
                 return;
             }

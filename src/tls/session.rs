@@ -5,7 +5,8 @@
 //! rustls' buffered connection keeps a receive buffer (at least 4 KiB) and its queues for the session's
 //! whole life, and an idle `wss://` tunnel would carry them as long as it stays open. Here the ciphertext
 //! read from the socket, the plaintext not yet read by the caller and the ciphertext not yet written are
-//! held only while there is something in them: each is freed once it is empty (`Buffers`). Whatever
+//! held only while there is something in them: each is given up once it is empty (`Buffers`; an emptied
+//! read buffer waits in a per-thread slot for the thread's next read, `SPARE_READ_BUFFER`). Whatever
 //! turns records into plaintext and back (`Engine`) uses those buffers: rustls' connection for the
 //! handshake, then, for TLS 1.3, wsgate's record layer (`establish`, `record_layer.rs`), so that what an
 //! idle session keeps is its traffic keys and the secret that derives the next ones.
@@ -892,11 +893,8 @@ impl Received {
 
     /// Gives the (empty) buffer up: to the thread's spare slot if it is the usual size, else freed.
     fn give_up(&mut self) {
-        let buf = std::mem::take(&mut self.buf);
         self.start = 0;
-        if buf.capacity() == READ_SIZE {
-            SPARE_READ_BUFFER.with(|spare| spare.set(buf));
-        }
+        spare(std::mem::take(&mut self.buf));
     }
 
     /// The buffer to read into, with room for half a read at least: what is left is moved to the front
@@ -904,7 +902,8 @@ impl Received {
     /// a read).
     fn room(&mut self) -> &mut Vec<u8> {
         if self.buf.capacity() == 0 {
-            self.buf = SPARE_READ_BUFFER.with(Cell::take);
+            // Empty if the thread is past its thread-locals (nothing reads then).
+            self.buf = SPARE_READ_BUFFER.try_with(Cell::take).unwrap_or_default();
             self.buf.clear();
         }
         if self.buf.capacity() - self.buf.len() < READ_SIZE / 2 {
@@ -920,15 +919,25 @@ impl Received {
         &mut self.buf
     }
 
-    /// For a session about to wait: frees the buffer if it is empty, and moves a partial record out of a
-    /// buffer many times its size into one of its own.
+    /// For a session about to wait: gives the buffer up if it is empty (`give_up`), and moves a partial
+    /// record out of a buffer many times its size into one of its own.
     fn release(&mut self) {
         if self.len() == 0 {
             self.give_up();
         } else if self.buf.capacity() > SHRINK_FACTOR * self.len() {
-            self.buf = self.bytes().to_vec();
+            let own = self.bytes().to_vec();
             self.start = 0;
+            spare(std::mem::replace(&mut self.buf, own));
         }
+    }
+}
+
+/// Keeps an emptied read buffer of the usual size in the thread's slot (`SPARE_READ_BUFFER`); frees any
+/// other.
+fn spare(buf: Vec<u8>) {
+    if buf.capacity() == READ_SIZE {
+        // Past the thread's thread-locals the buffer is simply freed.
+        let _ = SPARE_READ_BUFFER.try_with(|slot| slot.set(buf));
     }
 }
 
@@ -1210,6 +1219,19 @@ mod tests {
             SPARE_READ_BUFFER.with(Cell::take).capacity(),
             0,
             "a grown buffer was kept"
+        );
+        // A partial record moved into a buffer of its own leaves the usual one to the slot.
+        let mut third = Received::default();
+        third.room().extend_from_slice(b"part of a record");
+        let usual = third.buf.as_ptr();
+        third.release();
+        assert_eq!(third.bytes(), b"part of a record");
+        assert!(third.capacity() < READ_SIZE);
+        let kept = SPARE_READ_BUFFER.with(Cell::take);
+        assert_eq!(
+            (kept.capacity(), kept.as_ptr()),
+            (READ_SIZE, usual),
+            "the buffer the record left was not kept"
         );
     }
 

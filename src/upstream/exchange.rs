@@ -225,8 +225,9 @@ pub enum ExchangeError {
     BackendTimeout,
 }
 
-/// The final answer head, its hop-by-hop fields taken out as it was read (`HopByHop`): the map holds what
-/// the client may see, less the fields `Connection` named (`HopByHop::strip_listed`).
+/// The final answer head, its hop-by-hop fields taken out as it was read (`HopByHop`). The map still holds
+/// the fields `Connection` named and, if the body is in a transfer coding, `Content-Length`: both are
+/// removed when the client's response is made (`proxy::http`).
 #[derive(Debug)]
 pub struct Answer {
     pub head: Head,
