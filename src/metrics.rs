@@ -20,6 +20,7 @@ pub struct Metrics {
     pub ws_upgrades: IntCounterVec,
     pub ws_handshake_duration: HistogramVec,
     pub ws_tunnels_active: IntGaugeVec,
+    pub ws_tunnels_parked: IntGauge,
     pub ws_tunnel_duration: HistogramVec,
     pub ws_closes: IntCounterVec,
     pub ws_bytes: IntCounterVec,
@@ -99,6 +100,14 @@ impl Metrics {
         registry
             .register(Box::new(last_reload.clone()))
             .expect("metric registered once");
+        let parked = IntGauge::new(
+            "wsgate_ws_tunnels_parked",
+            "Live WebSocket tunnels parked: quiet, waiting without a task of their own (counted in wsgate_ws_tunnels_active too)",
+        )
+        .expect("static metric definition");
+        registry
+            .register(Box::new(parked.clone()))
+            .expect("metric registered once");
         let generation = IntGauge::new(
             "wsgate_config_generation",
             "The config generation: 1 at start, one more at every successful reload",
@@ -157,6 +166,7 @@ impl Metrics {
                 "Live WebSocket tunnels",
                 &["route", "backend", "protocol"],
             ),
+            ws_tunnels_parked: parked,
             ws_tunnel_duration: histogram(
                 "wsgate_ws_tunnel_duration_seconds",
                 "Lifetime of ended tunnels",

@@ -514,28 +514,15 @@ impl Checker<'_> {
         send_timeout: Duration,
     ) -> WebSocketSettings {
         let d = WebSocketSettings::default();
-        let ping_interval = match &w.ping_interval {
-            None => d.ping_interval,
-            Some(text) => match units::parse_duration(text.get_ref()) {
-                Ok(Duration::ZERO) => None,
-                Ok(v) => Some(v),
-                Err(e) => {
-                    self.error(text.span().start, format!("{key}.ping_interval"), e);
-                    d.ping_interval
-                }
-            },
-        };
-        let max_lifetime = match &w.max_lifetime {
-            None => None,
-            Some(text) => match units::parse_duration(text.get_ref()) {
-                Ok(Duration::ZERO) => None,
-                Ok(v) => Some(v),
-                Err(e) => {
-                    self.error(text.span().start, format!("{key}.max_lifetime"), e);
-                    None
-                }
-            },
-        };
+        let ping_interval = self.optional_duration(
+            &w.ping_interval,
+            &format!("{key}.ping_interval"),
+            d.ping_interval,
+        );
+        let max_lifetime =
+            self.optional_duration(&w.max_lifetime, &format!("{key}.max_lifetime"), None);
+        let park_after =
+            self.optional_duration(&w.park_after, &format!("{key}.park_after"), d.park_after);
         let max_message_size = match &w.max_message_size {
             None => d.max_message_size,
             Some(text) => match units::parse_size(text.get_ref()) {
@@ -579,6 +566,7 @@ impl Checker<'_> {
                 &format!("{key}.send_timeout"),
                 send_timeout,
             ),
+            park_after,
         }
     }
 
@@ -1003,6 +991,24 @@ impl Checker<'_> {
             drain: b.drain,
             tls,
         })
+    }
+
+    /// A duration where `"0s"` means none; `default` when the key is absent or wrong.
+    fn optional_duration(
+        &mut self,
+        value: &Option<Text>,
+        key: &str,
+        default: Option<Duration>,
+    ) -> Option<Duration> {
+        let Some(text) = value else { return default };
+        match units::parse_duration(text.get_ref()) {
+            Ok(Duration::ZERO) => None,
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.error(text.span().start, key, e);
+                default
+            }
+        }
     }
 
     /// A timeout that must be larger than zero.

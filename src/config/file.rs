@@ -141,6 +141,7 @@ pub struct FileWebSocket {
     pub ping_backend: Option<bool>,
     pub max_lifetime: Option<Text>,
     pub send_timeout: Option<Text>,
+    pub park_after: Option<Text>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -348,6 +348,9 @@ pub struct WebSocketSettings {
     /// Bytes for a peer that makes no progress taking them for this long (it stopped reading) end the
     /// tunnel: a peer that does not read is not kept alive by what it sends.
     pub send_timeout: Duration,
+    /// A plain tunnel with nothing moving either way for this long leaves its task for the worker's park
+    /// (`websocket::park`), which watches its sockets and timers until it has work again; `None`: never.
+    pub park_after: Option<Duration>,
 }
 
 impl Default for WebSocketSettings {
@@ -361,6 +364,7 @@ impl Default for WebSocketSettings {
             ping_backend: false,
             max_lifetime: None,
             send_timeout: Timeouts::default().send,
+            park_after: Some(Duration::from_secs(5)),
         }
     }
 }

@@ -82,6 +82,7 @@ fn websocket_defaults() {
     assert_eq!(w.close_timeout, secs(2));
     assert!(!w.ping_backend);
     assert_eq!(w.max_lifetime, None, "unbounded");
+    assert_eq!(w.park_after, Some(secs(5)));
     assert_eq!(*w, WebSocketSettings::default());
 }
 
@@ -119,7 +120,7 @@ fn health_check_defaults() {
 fn zero_means_off_where_documented() {
     let text = MINIMAL.replace(
         "pool = \"p\"\n",
-        "pool = \"p\"\nwebsocket = { ping_interval = \"0s\", max_lifetime = \"0s\" }\n",
+        "pool = \"p\"\nwebsocket = { ping_interval = \"0s\", max_lifetime = \"0s\", park_after = \"0s\" }\n",
     );
     let text = format!("workers = 0\n{text}");
     let c = parse(&text);
@@ -129,6 +130,7 @@ fn zero_means_off_where_documented() {
         "0s disables pings"
     );
     assert_eq!(c.routes[0].websocket.max_lifetime, None, "0s: unbounded");
+    assert_eq!(c.routes[0].websocket.park_after, None, "0s: never parked");
     // close_spread is a window, not a timeout: zero is allowed and means "all at once".
     let c = parse(&format!("[timeouts]\nclose_spread = \"0s\"\n{MINIMAL}"));
     assert_eq!(c.timeouts.close_spread, Duration::ZERO);
@@ -298,4 +300,35 @@ fn the_runtime_model_is_one_of_two_names() {
     let text = format!("runtime = 2\n{MINIMAL}");
     let errors = Config::from_toml(&text, "t.toml").expect_err("a number").0;
     assert_eq!((errors[0].line, errors[0].key.as_str()), (1, "runtime"));
+}
+
+#[test]
+fn a_wrong_park_after_names_its_key_and_keeps_the_default() {
+    let text = MINIMAL.replace(
+        "pool = \"p\"\n",
+        "pool = \"p\"\nwebsocket = { park_after = \"soon\" }\n",
+    );
+    let errors = Config::from_toml(&text, "t.toml")
+        .expect_err("not a duration")
+        .0;
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    let e = &errors[0];
+    assert_eq!(e.file, "t.toml");
+    assert_eq!(e.key, "route[0].websocket.park_after");
+    assert_eq!(
+        text.lines()
+            .nth(e.line - 1)
+            .map(|l| l.contains("park_after")),
+        Some(true),
+        "line {} names it",
+        e.line
+    );
+    let c = parse(&MINIMAL.replace(
+        "pool = \"p\"\n",
+        "pool = \"p\"\nwebsocket = { park_after = \"250ms\" }\n",
+    ));
+    assert_eq!(
+        c.routes[0].websocket.park_after,
+        Some(Duration::from_millis(250))
+    );
 }

@@ -5,7 +5,6 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures_util::FutureExt;
 
 use super::tunnel_metrics::RouteTunnel;
 use crate::admission::Counted;
@@ -67,7 +66,6 @@ impl Splice {
         };
         let backend_early = detach(self.backend_early);
         tunnel::run(client, detach(early), self.backend, backend_early, params)
-            .map(|(outcome, context)| context.ended(&outcome))
     }
 }
 

@@ -12,6 +12,7 @@ use crate::router::Route;
 use crate::state::Shared;
 use crate::websocket::tunnel::{StopSignal, Traffic, TunnelContext, TunnelOutcome};
 use crate::websocket::{BufferPool, EndReason};
+use tokio_util::task::task_tracker::TaskTrackerToken;
 
 /// A live tunnel as the gateway sees it: its route (settings, metrics), the backend it holds, the client
 /// connection it came on. Counted in `wsgate_ws_tunnels_active` from creation to drop.
@@ -58,33 +59,6 @@ impl RouteTunnel {
             self.conn.protocol(),
         ])
     }
-
-    /// Counts the ending and writes the tunnel's access event.
-    pub fn ended(self, outcome: &TunnelOutcome) {
-        let route_name = self.route_name();
-        let metrics = &self.shared.metrics;
-        metrics
-            .ws_closes
-            .with_label_values(&[route_name, outcome.reason.label(), self.conn.protocol()])
-            .inc();
-        self.route
-            .ws_metrics
-            .tunnel_duration(metrics, route_name)
-            .observe(outcome.duration.as_secs_f64());
-        tracing::info!(
-            target: "wsgate::access",
-            client = %self.conn.peer,
-            protocol = self.conn.protocol(),
-            route = route_name,
-            backend = self.guard.backend().addr.as_str(),
-            duration_ms = outcome.duration.as_millis() as u64,
-            bytes_client_to_backend = outcome.client_to_backend.bytes,
-            bytes_backend_to_client = outcome.backend_to_client.bytes,
-            close_code = outcome.close_code,
-            reason = outcome.reason.label(),
-            "tunnel ended"
-        );
-    }
 }
 
 impl Drop for RouteTunnel {
@@ -125,6 +99,8 @@ impl TunnelContext for RouteTunnel {
         StopSignal {
             token,
             epoch: stop_epoch(drain, shutdown),
+            // The backend's drain state hands out the token: one per backend (and epoch).
+            source: Arc::as_ptr(self.guard.backend()) as usize,
         }
     }
 
@@ -145,6 +121,45 @@ impl TunnelContext for RouteTunnel {
             .backend()
             .drain_delay()
             .map(|delay| (EndReason::BackendDrain, delay))
+    }
+
+    fn tracked(&self) -> TaskTrackerToken {
+        self.shared.tasks.token()
+    }
+
+    fn parked(&self, parked: bool) {
+        if parked {
+            self.shared.metrics.ws_tunnels_parked.inc();
+        } else {
+            self.shared.metrics.ws_tunnels_parked.dec();
+        }
+    }
+
+    /// Counts the ending and writes the tunnel's access event.
+    fn ended(self, outcome: &TunnelOutcome) {
+        let route_name = self.route_name();
+        let metrics = &self.shared.metrics;
+        metrics
+            .ws_closes
+            .with_label_values(&[route_name, outcome.reason.label(), self.conn.protocol()])
+            .inc();
+        self.route
+            .ws_metrics
+            .tunnel_duration(metrics, route_name)
+            .observe(outcome.duration.as_secs_f64());
+        tracing::info!(
+            target: "wsgate::access",
+            client = %self.conn.peer,
+            protocol = self.conn.protocol(),
+            route = route_name,
+            backend = self.guard.backend().addr.as_str(),
+            duration_ms = outcome.duration.as_millis() as u64,
+            bytes_client_to_backend = outcome.client_to_backend.bytes,
+            bytes_backend_to_client = outcome.backend_to_client.bytes,
+            close_code = outcome.close_code,
+            reason = outcome.reason.label(),
+            "tunnel ended"
+        );
     }
 
     fn ping_rtt(&self, rtt: Duration) {

@@ -130,6 +130,22 @@ impl Transport for BackendStream {
     fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         each!(self, s => Transport::poll_shutdown(s, cx))
     }
+
+    /// A plain backend only: a TLS session holds its keys and record state beside the socket.
+    fn parkable(&self) -> bool {
+        matches!(self, BackendStream::Plain(_))
+    }
+
+    fn into_socket(self) -> io::Result<std::net::TcpStream> {
+        match self {
+            BackendStream::Plain(s) => s.into_std(),
+            _ => Err(io::Error::other("a TLS backend stream cannot be parked")),
+        }
+    }
+
+    fn from_socket(socket: std::net::TcpStream) -> io::Result<Self> {
+        TcpStream::from_std(socket).map(BackendStream::Plain)
+    }
 }
 
 #[cfg(test)]

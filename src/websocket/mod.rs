@@ -1,13 +1,14 @@
 //! The WebSocket protocol as the tunnel needs it, knowing neither hyper nor the gateway: the opening
 //! handshake's rules (`handshake.rs`), frame headers and wsgate's own control frames (`frame.rs`), an
 //! in-place stream scanner (`scanner.rs`), the frame-aware tunnel (`tunnel.rs`) over raw sockets or TLS
-//! sessions (`transport.rs`), how a tunnel ends (`end.rs`), and read buffers lent only while data moves
-//! (`buffers.rs`).
+//! sessions (`transport.rs`), where quiet tunnels wait without a task (`park.rs`), how a tunnel ends
+//! (`end.rs`), and read buffers lent only while data moves (`buffers.rs`).
 
 mod buffers;
 mod end;
 pub mod frame;
 mod handshake;
+mod park;
 pub mod scanner;
 mod transport;
 pub mod tunnel;

@@ -25,6 +25,29 @@ pub trait Transport: Send + Unpin {
     /// Ends the stream in order, once the tunnel is over: a TLS session's `close_notify` (RFC 8446 §6.1),
     /// an HTTP/2 stream's END_STREAM. A raw socket needs nothing beyond the close that dropping it does.
     fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+
+    /// Whether the stream is a bare socket that a quiet tunnel may hand to the park (`park.rs`): one that
+    /// holds nothing but the socket, which the park can watch. Other streams keep their task.
+    fn parkable(&self) -> bool {
+        false
+    }
+
+    /// The socket alone, out of the runtime's reactor, for the park. Only called when `parkable`.
+    fn into_socket(self) -> io::Result<std::net::TcpStream>
+    where
+        Self: Sized,
+    {
+        Err(io::Error::other("this stream cannot be parked"))
+    }
+
+    /// The stream again, registered with the current runtime's reactor, from what `into_socket` gave.
+    fn from_socket(socket: std::net::TcpStream) -> io::Result<Self>
+    where
+        Self: Sized,
+    {
+        drop(socket);
+        Err(io::Error::other("this stream cannot be parked"))
+    }
 }
 
 impl Transport for TcpStream {
@@ -50,6 +73,19 @@ impl Transport for TcpStream {
 
     fn poll_shutdown(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Poll::Ready(Ok(()))
+    }
+
+    fn parkable(&self) -> bool {
+        true
+    }
+
+    fn into_socket(self) -> io::Result<std::net::TcpStream> {
+        self.into_std()
+    }
+
+    fn from_socket(socket: std::net::TcpStream) -> io::Result<Self> {
+        // `into_std` left it non-blocking, as the reactor needs it.
+        TcpStream::from_std(socket)
     }
 }
 

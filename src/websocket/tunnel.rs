@@ -5,10 +5,15 @@
 //! reads, lets the direction's [`Scanner`] walk the frames in place, writes the result, and gives the buffer
 //! back. A direction reads nothing more until its last chunk is written, so a slow reader slows its writer
 //! and memory stays bounded. wsgate's own frames (keepalive pings, Close) go in only at frame boundaries.
-//! Timers (keepalive, pong, idle, lifetime, close) share one `Sleep`, re-armed lazily.
+//! Timers (keepalive, pong, idle, lifetime, close) share one `Sleep`, re-armed lazily. A plain tunnel
+//! quiet for its route's `park_after` leaves its task for the worker's park (`park.rs`) and gets a new
+//! one when there is work again.
 
 use std::future::Future;
+use std::io;
+use std::marker::PhantomData;
 use std::num::NonZeroU64;
+use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -16,11 +21,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use super::buffers::{Buffer, BufferPool};
 use super::end::EndReason;
 use super::end::OwnClose;
 use super::frame::{ClosePayload, ControlFrame, OP_PING, Role};
+use super::park::{Park, Parked};
 use super::scanner::{Scanner, Violation};
 use super::transport::Transport;
 use crate::config::WebSocketSettings;
@@ -38,8 +45,8 @@ pub struct Traffic {
 }
 
 /// What a tunnel needs from the gateway around it. The tunnel owns it for its whole life and hands it
-/// back when it ends, so the task running a tunnel holds nothing beside the tunnel.
-pub trait TunnelContext: Send {
+/// back when it ends (`ended`), so the task running a tunnel holds nothing beside the tunnel.
+pub trait TunnelContext: Send + 'static {
     fn settings(&self) -> &WebSocketSettings;
     fn buffers(&self) -> &BufferPool;
     /// Counters since the last call; called at most every `FLUSH_EVERY` while busy, and at the end.
@@ -58,12 +65,22 @@ pub trait TunnelContext: Send {
     /// no longer). The moment is drawn at random within a spread, so that thousands of clients do not
     /// reconnect in the same instant; drawn at each ask, not stored: every tunnel would carry it.
     fn stop(&self) -> Option<(EndReason, Duration)>;
+    /// What keeps the gateway's shutdown waiting for the tunnel while it is parked (`park.rs`), when no
+    /// task of the gateway's tracks it; its tracker runs the tunnel's next task.
+    fn tracked(&self) -> TaskTrackerToken;
+    /// The tunnel went into the park (`true`) or came out of it.
+    fn parked(&self, parked: bool);
+    /// The tunnel is over: how it ended.
+    fn ended(self, outcome: &TunnelOutcome);
 }
 
 /// A stop signal and the epoch it belongs to (`TunnelContext::stop_epoch`).
 pub struct StopSignal {
     pub token: CancellationToken,
     pub epoch: u64,
+    /// The same for every tunnel handed the same token (those to one backend): the park waits once per
+    /// source and epoch, not once per tunnel.
+    pub source: usize,
 }
 
 /// What a tunnel needs besides its two streams.
@@ -84,13 +101,14 @@ pub struct TunnelOutcome {
     pub duration: Duration,
 }
 
-/// Relays frames between `client` and `backend` until the connection ends, then returns how it ended
-/// and the context. `client_early` and `backend_early` are bytes each side sent right behind its
-/// handshake, already read by the HTTP layer.
+/// Relays frames between `client` and `backend` until the connection ends, then tells the context how it
+/// ended (`TunnelContext::ended`). `client_early` and `backend_early` are bytes each side sent right
+/// behind its handshake, already read by the HTTP layer. The future may return earlier, the tunnel parked
+/// (`park.rs`): it goes on in a task of its own when there is work again, and ends the same way.
 ///
 /// Not an `async fn`: the state is built here and moved whole into the future, which then holds nothing
 /// twice (an `async fn` keeps its arguments' slots next to the state built from them).
-pub fn run<C: Transport, B: Transport, X: TunnelContext>(
+pub fn run<C: Transport + 'static, B: Transport + 'static, X: TunnelContext>(
     client: C,
     client_early: Bytes,
     backend: B,
@@ -105,6 +123,7 @@ pub fn run<C: Transport, B: Transport, X: TunnelContext>(
     let StopSignal {
         token: signal,
         epoch,
+        ..
     } = context.stop_signal();
     let stop_at = context
         .stop()
@@ -144,6 +163,8 @@ pub fn run<C: Transport, B: Transport, X: TunnelContext>(
         stop_watch: StopWatch { epoch, waker: None },
         stop_at,
         closed: (false, false),
+        may_park: true,
+        resumed: Mark::START,
         context,
     };
     if client_ping.is_some() {
@@ -152,7 +173,7 @@ pub fn run<C: Transport, B: Transport, X: TunnelContext>(
     if backend_ping.is_some() {
         tunnel.down.scanner.expect_pong(token);
     }
-    let first_deadline = tunnel.timer_deadline(Mark::START);
+    let first_deadline = tunnel.timer_deadline(tunnel.next_deadline(), Mark::START);
     TunnelFuture {
         tunnel: Some(tunnel),
         sleep: tokio::time::sleep_until(first_deadline),
@@ -162,9 +183,9 @@ pub fn run<C: Transport, B: Transport, X: TunnelContext>(
 }
 
 pin_project_lite::pin_project! {
-    /// A tunnel's whole life (`run`): relaying, then ending both streams within the close timeout.
-    /// Written out rather than as an `async` block, which would keep the values it captures and
-    /// references to its pinned locals beside them, in every idle tunnel.
+    /// A tunnel's life in one task (`run`): relaying, then ending both streams within the close timeout,
+    /// unless it is parked first. Written out rather than as an `async` block, which would keep the
+    /// values it captures and references to its pinned locals beside them, in every idle tunnel.
     pub struct TunnelFuture<C, B, X> {
         // `None` once it has returned.
         tunnel: Option<Tunnel<C, B, X>>,
@@ -178,18 +199,70 @@ pin_project_lite::pin_project! {
     }
 }
 
-impl<C: Transport, B: Transport, X: TunnelContext> Future for TunnelFuture<C, B, X> {
-    type Output = (TunnelOutcome, X);
+impl<C: Transport + 'static, B: Transport + 'static, X: TunnelContext> TunnelFuture<C, B, X> {
+    /// A tunnel back from the park, in a new task: its timer set for its next deadline, listening to
+    /// the stop signal in force (asking the verdict again at once if the signal moved on meanwhile).
+    fn resumed(mut tunnel: Tunnel<C, B, X>) -> Self {
+        let signal = tunnel.context.stop_signal();
+        let stop = if signal.epoch == tunnel.stop_watch.epoch {
+            signal.token
+        } else {
+            let moved = CancellationToken::new();
+            moved.cancel();
+            moved
+        };
+        tunnel.stop_watch.waker = None;
+        let now = Mark::at(tunnel.started, Instant::now());
+        tunnel.resumed = now;
+        let deadline = tunnel.timer_deadline(tunnel.next_deadline(), now);
+        TunnelFuture {
+            tunnel: Some(tunnel),
+            sleep: tokio::time::sleep_until(deadline),
+            stop: stop.cancelled_owned(),
+            closing: false,
+        }
+    }
+}
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+impl<C: Transport + 'static, B: Transport + 'static, X: TunnelContext> Future
+    for TunnelFuture<C, B, X>
+{
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let mut this = self.project();
-        let Some(tunnel) = this.tunnel.as_mut() else {
+        let Some(mut tunnel) = this.tunnel.as_mut() else {
             // Polled again after it returned (nothing here does that): it stays pending, as a fused
             // future would.
             return Poll::Pending;
         };
         if !*this.closing {
-            std::task::ready!(tunnel.poll(cx, this.sleep.as_mut(), this.stop.as_mut()));
+            loop {
+                match std::task::ready!(tunnel.poll(cx, this.sleep.as_mut(), this.stop.as_mut())) {
+                    Turn::Over => break,
+                    Turn::Park => {}
+                }
+                // There since the start of this call.
+                let Some(quiet) = this.tunnel.take() else {
+                    return Poll::Pending;
+                };
+                match park(quiet) {
+                    Parking::Parked => return Poll::Ready(()),
+                    Parking::Lost(outcome, context) => {
+                        context.ended(&outcome);
+                        return Poll::Ready(());
+                    }
+                    Parking::NotNow(back) => {
+                        // Its stop signal is moving: the change wakes the task, and it asks again then.
+                        *this.tunnel = Some(back);
+                        return Poll::Pending;
+                    }
+                    Parking::Failed(mut back) => {
+                        back.may_park = false;
+                        tunnel = this.tunnel.insert(back);
+                    }
+                }
+            }
             // Both streams end in order where they can (`Transport::poll_shutdown`), within the close
             // timeout: a peer that reads nothing does not hold the tunnel.
             let close_timeout = tunnel.context.settings().close_timeout;
@@ -198,18 +271,131 @@ impl<C: Transport, B: Transport, X: TunnelContext> Future for TunnelFuture<C, B,
         }
         std::task::ready!(tunnel.poll_close(cx, this.sleep.as_mut()));
         // There since the start of this call.
-        let Some(mut tunnel) = this.tunnel.take() else {
+        let Some(tunnel) = this.tunnel.take() else {
             return Poll::Pending;
         };
-        tunnel.flush_traffic();
-        let outcome = TunnelOutcome {
-            reason: tunnel.ending.map_or(EndReason::ClientGone, |e| e.reason),
-            close_code: tunnel.client_close_code,
-            client_to_backend: tunnel.up.traffic,
-            backend_to_client: tunnel.down.traffic,
-            duration: tunnel.started.elapsed(),
+        let (outcome, context) = tunnel.outcome(None);
+        context.ended(&outcome);
+        Poll::Ready(())
+    }
+}
+
+/// How parking a quiet tunnel went.
+enum Parking<C, B, X> {
+    Parked,
+    /// Its stop signal moved under it: it stays in its task, which the change wakes.
+    NotNow(Tunnel<C, B, X>),
+    /// No park could take it: it keeps its task for good.
+    Failed(Tunnel<C, B, X>),
+    /// A socket was lost on the way (the reactor would not let it go or take it back): it is over.
+    Lost(TunnelOutcome, X),
+}
+
+/// Hands a quiet tunnel (`Tunnel::park_at`) to this worker's park: its sockets out of the runtime's
+/// reactor, the tunnel boxed without its task, its timers and stop signal watched by the park.
+fn park<C: Transport + 'static, B: Transport + 'static, X: TunnelContext>(
+    tunnel: Tunnel<C, B, X>,
+) -> Parking<C, B, X> {
+    let signal = tunnel.context.stop_signal();
+    if signal.epoch != tunnel.stop_watch.epoch || signal.token.is_cancelled() {
+        return Parking::NotNow(tunnel);
+    }
+    let Some(park) = Park::here() else {
+        return Parking::Failed(tunnel);
+    };
+    let now = Mark::at(tunnel.started, Instant::now());
+    let deadline = tunnel.timer_deadline(tunnel.next_deadline(), now);
+    let held = tunnel.context.tracked();
+    let (tunnel, client, backend) = tunnel.swap_streams((), ());
+    let client = match client.into_socket() {
+        Ok(socket) => socket,
+        Err(error) => {
+            let (outcome, context) = tunnel.lost(Side::Client, &error);
+            return Parking::Lost(outcome, context);
+        }
+    };
+    let backend = match backend.into_socket() {
+        Ok(socket) => socket,
+        Err(error) => {
+            let (outcome, context) = tunnel.lost(Side::Backend, &error);
+            return Parking::Lost(outcome, context);
+        }
+    };
+    let (tunnel, (), ()) = tunnel.swap_streams(client, backend);
+    tunnel.context.parked(true);
+    let parked: Box<ParkedTunnel<C, B, X>> = Box::new(ParkedTunnel {
+        tunnel,
+        held,
+        streams: PhantomData,
+    });
+    match park.admit(parked, deadline, signal) {
+        Ok(()) => Parking::Parked,
+        Err(refused) => {
+            let ParkedTunnel { tunnel, .. } = *refused;
+            tunnel.context.parked(false);
+            match tunnel.restore::<C, B>() {
+                Ok(tunnel) => Parking::Failed(tunnel),
+                Err((outcome, context)) => Parking::Lost(outcome, context),
+            }
+        }
+    }
+}
+
+/// A parked tunnel: its sockets out of the reactor, its task gone.
+struct ParkedTunnel<C, B, X> {
+    tunnel: Tunnel<std::net::TcpStream, std::net::TcpStream, X>,
+    /// Keeps shutdown waiting for the tunnel, and runs its next task.
+    held: TaskTrackerToken,
+    /// The stream types it goes back to.
+    streams: PhantomData<fn() -> (C, B)>,
+}
+
+impl<C: Transport + 'static, B: Transport + 'static, X: TunnelContext> Parked
+    for ParkedTunnel<C, B, X>
+{
+    fn sockets(&self) -> [RawFd; 2] {
+        [
+            self.tunnel.client.as_raw_fd(),
+            self.tunnel.backend.as_raw_fd(),
+        ]
+    }
+
+    fn resume(self: Box<Self>) {
+        let ParkedTunnel { tunnel, held, .. } = *self;
+        tunnel.context.parked(false);
+        match tunnel.restore::<C, B>() {
+            // Spawned before `held` goes: the tracker never sees the tunnel untracked.
+            Ok(tunnel) => drop(held.task_tracker().spawn(TunnelFuture::resumed(tunnel))),
+            Err((outcome, context)) => context.ended(&outcome),
+        }
+    }
+}
+
+impl<X: TunnelContext> Tunnel<std::net::TcpStream, std::net::TcpStream, X> {
+    /// The sockets back in the current runtime's reactor, as the streams they were.
+    fn restore<C: Transport, B: Transport>(self) -> Result<Tunnel<C, B, X>, (TunnelOutcome, X)> {
+        let (tunnel, client, backend) = self.swap_streams((), ());
+        let client = match C::from_socket(client) {
+            Ok(stream) => stream,
+            Err(error) => return Err(tunnel.lost(Side::Client, &error)),
         };
-        Poll::Ready((outcome, tunnel.context))
+        let backend = match B::from_socket(backend) {
+            Ok(stream) => stream,
+            Err(error) => return Err(tunnel.lost(Side::Backend, &error)),
+        };
+        Ok(tunnel.swap_streams(client, backend).0)
+    }
+}
+
+impl<X: TunnelContext> Tunnel<(), (), X> {
+    /// A stream that could not leave the reactor or go back to it is gone, and the tunnel with it.
+    fn lost(self, side: Side, error: &io::Error) -> (TunnelOutcome, X) {
+        tracing::warn!(?side, %error, "a tunnel's socket was lost moving it in or out of the park");
+        let reason = match side {
+            Side::Client => EndReason::ClientGone,
+            Side::Backend => EndReason::BackendGone,
+        };
+        self.outcome(Some(reason))
     }
 }
 
@@ -586,6 +772,18 @@ impl Half {
     fn nothing_queued(&self) -> bool {
         self.inject.is_none() && self.close.is_none()
     }
+
+    /// Nothing in flight either way and nothing unusual: all it holds is its scanner's state.
+    fn parkable(&self) -> bool {
+        self.idle()
+            && self.reading
+            && self.forwarding
+            && !self.close_received
+            && !self.gone
+            && !self.unflushed
+            && self.early.is_none()
+            && self.blocked_since.is_none()
+    }
 }
 
 /// wsgate's own pings to one side. The interval is the tunnel's setting (`ping_intervals`).
@@ -673,7 +871,20 @@ struct Tunnel<C, B, X> {
     stop_at: Option<(Mark, EndReason)>,
     /// The streams that have been ended in order (`poll_close`): client, backend.
     closed: (bool, bool),
+    /// Whether it may still go to the park when quiet: false once no park could take it.
+    may_park: bool,
+    /// When it last came back from the park: it stays in its task at least `park_after` from then,
+    /// which gives the reactor time to report what woke it.
+    resumed: Mark,
     context: X,
+}
+
+/// What a tunnel's relaying came to, for the task running it.
+enum Turn {
+    /// It is ending: the streams are to be closed.
+    Over,
+    /// It has been quiet for its `park_after`: it is to leave its task for the park.
+    Park,
 }
 
 /// Whether a tunnel must poll its stop signal at a wake-up. The signal's future is registered with the
@@ -699,6 +910,91 @@ impl StopWatch {
     }
 }
 
+impl<C, B, X: TunnelContext> Tunnel<C, B, X> {
+    /// The same tunnel over other streams, and the streams it had (the park's sockets in and out).
+    fn swap_streams<C2, B2>(self, client: C2, backend: B2) -> (Tunnel<C2, B2, X>, C, B) {
+        let Tunnel {
+            client: old_client,
+            backend: old_backend,
+            up,
+            down,
+            client_alive,
+            backend_alive,
+            started,
+            last_data,
+            last_flush,
+            flushed,
+            ending,
+            cut,
+            client_close_code,
+            queued,
+            token,
+            listening,
+            stop_watch,
+            stop_at,
+            closed,
+            may_park,
+            resumed,
+            context,
+        } = self;
+        let tunnel = Tunnel {
+            client,
+            backend,
+            up,
+            down,
+            client_alive,
+            backend_alive,
+            started,
+            last_data,
+            last_flush,
+            flushed,
+            ending,
+            cut,
+            client_close_code,
+            queued,
+            token,
+            listening,
+            stop_watch,
+            stop_at,
+            closed,
+            may_park,
+            resumed,
+            context,
+        };
+        (tunnel, old_client, old_backend)
+    }
+
+    /// Hands the traffic counted since the last flush to the context.
+    fn flush_traffic(&mut self) {
+        let (up, down) = (self.up.traffic, self.down.traffic);
+        let delta = |now: Traffic, before: Traffic| Traffic {
+            bytes: now.bytes - before.bytes,
+            frames: now.frames - before.frames,
+        };
+        let (up_delta, down_delta) = (delta(up, self.flushed.0), delta(down, self.flushed.1));
+        if up_delta != Traffic::default() || down_delta != Traffic::default() {
+            self.context.traffic(up_delta, down_delta);
+        }
+        self.flushed = (up, down);
+    }
+
+    /// How it ended (`reason` if given, else its ending's), its last traffic handed over, and its
+    /// context back.
+    fn outcome(mut self, reason: Option<EndReason>) -> (TunnelOutcome, X) {
+        self.flush_traffic();
+        let outcome = TunnelOutcome {
+            reason: reason
+                .or(self.ending.map(|e| e.reason))
+                .unwrap_or(EndReason::ClientGone),
+            close_code: self.client_close_code,
+            client_to_backend: self.up.traffic,
+            backend_to_client: self.down.traffic,
+            duration: self.started.elapsed(),
+        };
+        (outcome, self.context)
+    }
+}
+
 impl<C: Transport, B: Transport, X: TunnelContext> Tunnel<C, B, X> {
     /// Ends both streams in order (a failure counts as ended: there is nothing more to do for that
     /// stream), or gives up when `sleep` fires.
@@ -718,7 +1014,7 @@ impl<C: Transport, B: Transport, X: TunnelContext> Tunnel<C, B, X> {
         cx: &mut Context<'_>,
         mut sleep: Pin<&mut Sleep>,
         mut stop: Pin<&mut WaitForCancellationFutureOwned>,
-    ) -> Poll<()> {
+    ) -> Poll<Turn> {
         // A new wake-up: whatever had nothing to read may have now.
         self.up.read_pending = false;
         self.down.read_pending = false;
@@ -777,15 +1073,25 @@ impl<C: Transport, B: Transport, X: TunnelContext> Tunnel<C, B, X> {
                 self.last_flush = now;
             }
             if self.finished(now) {
-                return Poll::Ready(());
+                return Poll::Ready(Turn::Over);
+            }
+            let mut due = self.next_deadline();
+            let park_at = self.park_at();
+            if let Some(at) = park_at {
+                due = due.min(at);
             }
             // Re-arming a timer costs more than a spurious wake-up: move it only when it must fire sooner.
-            let deadline = self.timer_deadline(now);
+            let deadline = self.timer_deadline(due, now);
             if deadline < sleep.deadline() {
                 sleep.as_mut().reset(deadline);
             }
+            if park_at.is_some_and(|at| now >= at) {
+                return Poll::Ready(Turn::Park);
+            }
             if sleep.as_mut().poll(cx).is_ready() {
-                sleep.as_mut().reset(self.timer_deadline(now));
+                sleep
+                    .as_mut()
+                    .reset(self.timer_deadline(self.next_deadline(), now));
                 look = true;
                 continue;
             }
@@ -1021,11 +1327,11 @@ impl<C: Transport, B: Transport, X: TunnelContext> Tunnel<C, B, X> {
         settled(&self.up) && settled(&self.down) && flushed(&self.up) && flushed(&self.down)
     }
 
-    /// The earliest moment a timer of the tunnel's fires, at most a day from `now`, as the tunnel's
-    /// timer takes it.
-    fn timer_deadline(&self, now: Mark) -> Instant {
+    /// `due` (`next_deadline`, or the moment to park), at most a day from `now`, as the tunnel's timer
+    /// takes it.
+    fn timer_deadline(&self, due: Mark, now: Mark) -> Instant {
         let far = now.after(Duration::from_secs(86_400));
-        let deadline = self.next_deadline().min(far);
+        let deadline = due.min(far);
         // A day from now is within what an `Instant` holds; the fallback is for the type's sake.
         deadline
             .instant(self.started)
@@ -1065,33 +1371,47 @@ impl<C: Transport, B: Transport, X: TunnelContext> Tunnel<C, B, X> {
         deadline
     }
 
-    /// Hands the traffic counted since the last flush to the context.
-    fn flush_traffic(&mut self) {
-        let (up, down) = (self.up.traffic, self.down.traffic);
-        let delta = |now: Traffic, before: Traffic| Traffic {
-            bytes: now.bytes - before.bytes,
-            frames: now.frames - before.frames,
-        };
-        let (up_delta, down_delta) = (delta(up, self.flushed.0), delta(down, self.flushed.1));
-        if up_delta != Traffic::default() || down_delta != Traffic::default() {
-            self.context.traffic(up_delta, down_delta);
+    /// When the tunnel is to leave its task for the park: `park_after` after the last thing that moved
+    /// either way, if it is quiet (nothing queued or half-written either way, no ending under way, the
+    /// stop verdict not final) and both streams are bare sockets. `None`: not while it is as it is.
+    fn park_at(&self) -> Option<Mark> {
+        let after = self.context.settings().park_after?;
+        let quiet = self.may_park
+            && self.listening
+            && self.ending.is_none()
+            && !self.cut
+            && self.up.parkable()
+            && self.down.parkable()
+            && !self.client_alive.queued
+            && !self.backend_alive.queued;
+        if !(quiet && self.client.parkable() && self.backend.parkable()) {
+            return None;
         }
-        self.flushed = (up, down);
+        let moved = [
+            self.resumed,
+            self.last_data,
+            self.client_alive.last_frame,
+            self.backend_alive.last_frame,
+            self.client_alive.sent_at.unwrap_or(Mark::START),
+            self.backend_alive.sent_at.unwrap_or(Mark::START),
+        ];
+        moved.into_iter().max().map(|last| last.after(after))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
     use tokio::net::TcpStream;
 
     /// A context of two references, as small as one can be: the bound below is the tunnel's own size.
-    struct Quiet<'a> {
-        settings: &'a WebSocketSettings,
-        buffers: &'a BufferPool,
+    struct Quiet {
+        settings: &'static WebSocketSettings,
+        buffers: &'static BufferPool,
     }
 
-    impl TunnelContext for Quiet<'_> {
+    impl TunnelContext for Quiet {
         fn settings(&self) -> &WebSocketSettings {
             self.settings
         }
@@ -1104,6 +1424,7 @@ mod tests {
             StopSignal {
                 token: CancellationToken::new(),
                 epoch: 0,
+                source: 0,
             }
         }
         fn stop_epoch(&self) -> u64 {
@@ -1112,6 +1433,11 @@ mod tests {
         fn stop(&self) -> Option<(EndReason, Duration)> {
             None
         }
+        fn tracked(&self) -> TaskTrackerToken {
+            tokio_util::task::TaskTracker::new().token()
+        }
+        fn parked(&self, _: bool) {}
+        fn ended(self, _: &TunnelOutcome) {}
     }
 
     /// A context whose stop signal is handed out already cancelled, as when a drain's change (another
@@ -1122,9 +1448,10 @@ mod tests {
         handed: std::sync::atomic::AtomicUsize,
         later: CancellationToken,
         shutdown: std::sync::atomic::AtomicBool,
+        ended: std::sync::Mutex<Option<EndReason>>,
     }
 
-    impl TunnelContext for &Racy {
+    impl TunnelContext for Arc<Racy> {
         fn settings(&self) -> &WebSocketSettings {
             &self.settings
         }
@@ -1143,11 +1470,13 @@ mod tests {
                 StopSignal {
                     token: raced,
                     epoch: handed as u64,
+                    source: 0,
                 }
             } else {
                 StopSignal {
                     token: self.later.clone(),
                     epoch: 2,
+                    source: 0,
                 }
             }
         }
@@ -1160,6 +1489,13 @@ mod tests {
             self.shutdown
                 .load(std::sync::atomic::Ordering::SeqCst)
                 .then_some((EndReason::Shutdown, Duration::ZERO))
+        }
+        fn tracked(&self) -> TaskTrackerToken {
+            tokio_util::task::TaskTracker::new().token()
+        }
+        fn parked(&self, _: bool) {}
+        fn ended(self, outcome: &TunnelOutcome) {
+            *self.ended.lock().unwrap() = Some(outcome.reason);
         }
     }
 
@@ -1204,20 +1540,22 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_signal_cancelled_by_a_racing_change_is_not_the_last_one_heard() {
         use std::sync::atomic::Ordering;
-        let context = Racy {
+        let context = Arc::new(Racy {
             settings: WebSocketSettings {
                 ping_interval: None,
+                park_after: None,
                 ..WebSocketSettings::default()
             },
             buffers: BufferPool::default(),
             handed: Default::default(),
             later: CancellationToken::new(),
             shutdown: Default::default(),
-        };
+            ended: Default::default(),
+        });
         let ((client, _client_peer), (backend, _backend_peer)) = (pair().await, pair().await);
         let params = TunnelParams {
             allowed_rsv: 0,
-            context: &context,
+            context: Arc::clone(&context),
         };
         let tunnel = run(client, Bytes::new(), backend, Bytes::new(), params);
         let mut tunnel = std::pin::pin!(tunnel);
@@ -1231,8 +1569,221 @@ mod tests {
         context.shutdown.store(true, Ordering::SeqCst);
         context.later.cancel();
         let ended = tokio::time::timeout(Duration::from_secs(60), tunnel).await;
-        let (outcome, _) = ended.expect("the shutdown was heard");
+        ended.expect("the shutdown was heard");
+        assert_eq!(*context.ended.lock().unwrap(), Some(EndReason::Shutdown));
+    }
+
+    /// Records what a tunnel tells its context, for the park's tests.
+    struct Recorder {
+        settings: WebSocketSettings,
+        buffers: BufferPool,
+        stop: CancellationToken,
+        shutdown: std::sync::atomic::AtomicBool,
+        tasks: tokio_util::task::TaskTracker,
+        parked: std::sync::atomic::AtomicIsize,
+        parks: std::sync::atomic::AtomicUsize,
+        changed: tokio::sync::Notify,
+        ended: std::sync::Mutex<Option<TunnelOutcome>>,
+    }
+
+    impl Recorder {
+        fn new(settings: WebSocketSettings) -> Arc<Recorder> {
+            Arc::new(Recorder {
+                settings,
+                buffers: BufferPool::default(),
+                stop: CancellationToken::new(),
+                shutdown: Default::default(),
+                tasks: tokio_util::task::TaskTracker::new(),
+                parked: Default::default(),
+                parks: Default::default(),
+                changed: tokio::sync::Notify::new(),
+                ended: Default::default(),
+            })
+        }
+
+        /// (parked now, times parked)
+        fn parking(&self) -> (isize, usize) {
+            use std::sync::atomic::Ordering::SeqCst;
+            (self.parked.load(SeqCst), self.parks.load(SeqCst))
+        }
+
+        async fn until(&self, what: &str, done: impl Fn(&Recorder) -> bool) {
+            let waited = tokio::time::timeout(Duration::from_secs(600), async {
+                while !done(self) {
+                    self.changed.notified().await;
+                }
+            });
+            waited
+                .await
+                .unwrap_or_else(|_| panic!("never came: {what}"));
+        }
+    }
+
+    impl TunnelContext for Arc<Recorder> {
+        fn settings(&self) -> &WebSocketSettings {
+            &self.settings
+        }
+        fn buffers(&self) -> &BufferPool {
+            &self.buffers
+        }
+        fn traffic(&self, _: Traffic, _: Traffic) {}
+        fn ping_rtt(&self, _: Duration) {}
+        fn stop_signal(&self) -> StopSignal {
+            StopSignal {
+                token: self.stop.clone(),
+                epoch: self.stop_epoch(),
+                source: 1,
+            }
+        }
+        fn stop_epoch(&self) -> u64 {
+            u64::from(self.shutdown.load(std::sync::atomic::Ordering::SeqCst))
+        }
+        fn stop(&self) -> Option<(EndReason, Duration)> {
+            self.shutdown
+                .load(std::sync::atomic::Ordering::SeqCst)
+                .then_some((EndReason::Shutdown, Duration::ZERO))
+        }
+        fn tracked(&self) -> TaskTrackerToken {
+            self.tasks.token()
+        }
+        fn parked(&self, parked: bool) {
+            use std::sync::atomic::Ordering::SeqCst;
+            if parked {
+                self.parked.fetch_add(1, SeqCst);
+                self.parks.fetch_add(1, SeqCst);
+            } else {
+                self.parked.fetch_sub(1, SeqCst);
+            }
+            self.changed.notify_one();
+        }
+        fn ended(self, outcome: &TunnelOutcome) {
+            *self.ended.lock().unwrap() = Some(outcome.clone());
+            self.changed.notify_one();
+        }
+    }
+
+    /// Reads exactly `n` bytes, within a time bound.
+    async fn read_n(stream: &mut TcpStream, n: usize) -> Vec<u8> {
+        use tokio::io::AsyncReadExt;
+        let mut buf = vec![0; n];
+        tokio::time::timeout(Duration::from_secs(60), stream.read_exact(&mut buf))
+            .await
+            .expect("bytes in time")
+            .expect("bytes");
+        buf
+    }
+
+    /// A client frame (masked with `key`).
+    fn masked(opcode: u8, payload: &[u8], key: [u8; 4]) -> Vec<u8> {
+        let mut frame = vec![0x80 | opcode, 0x80 | payload.len() as u8];
+        frame.extend_from_slice(&key);
+        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+        frame
+    }
+
+    fn start_recorded(
+        client: TcpStream,
+        backend: TcpStream,
+        settings: WebSocketSettings,
+    ) -> Arc<Recorder> {
+        let recorder = Recorder::new(settings);
+        let params = TunnelParams {
+            allowed_rsv: 0,
+            context: Arc::clone(&recorder),
+        };
+        recorder
+            .tasks
+            .spawn(run(client, Bytes::new(), backend, Bytes::new(), params));
+        recorder
+    }
+
+    /// A quiet tunnel leaves its task for the park, and comes back for what either side sends, which
+    /// goes through unchanged; a hang-up reaches it in the park too.
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_tunnel_parks_and_comes_back_when_either_side_sends() {
+        use tokio::io::AsyncWriteExt;
+        let ((client, mut client_peer), (backend, mut backend_peer)) = (pair().await, pair().await);
+        let settings = WebSocketSettings {
+            ping_interval: None,
+            park_after: Some(Duration::from_secs(1)),
+            ..WebSocketSettings::default()
+        };
+        let recorder = start_recorded(client, backend, settings);
+        recorder.until("parked", |r| r.parking() == (1, 1)).await;
+
+        let frame = masked(0x1, b"hi", [1, 2, 3, 4]);
+        client_peer.write_all(&frame).await.unwrap();
+        assert_eq!(read_n(&mut backend_peer, frame.len()).await, frame);
+        recorder
+            .until("parked again", |r| r.parking() == (1, 2))
+            .await;
+
+        backend_peer
+            .write_all(&[0x81, 0x02, b'o', b'k'])
+            .await
+            .unwrap();
+        assert_eq!(read_n(&mut client_peer, 4).await, [0x81, 0x02, b'o', b'k']);
+        recorder
+            .until("parked a third time", |r| r.parking() == (1, 3))
+            .await;
+
+        drop(client_peer);
+        recorder
+            .until("ended", |r| r.ended.lock().unwrap().is_some())
+            .await;
+        let outcome = recorder.ended.lock().unwrap().clone().unwrap();
+        assert_eq!(outcome.reason, EndReason::ClientGone);
+        assert_eq!(outcome.client_to_backend.bytes, frame.len() as u64);
+        assert_eq!(outcome.backend_to_client.bytes, 4);
+        // The backend is told, with wsgate's own Close.
+        assert_eq!(read_n(&mut backend_peer, 1).await, [0x88]);
+        assert_eq!(recorder.parking().0, 0, "nothing left in the park");
+    }
+
+    /// A parked tunnel's timers run (its keepalive ping goes out on time) and its stop signal is
+    /// heard: shutdown ends it with a Close.
+    #[tokio::test(start_paused = true)]
+    async fn a_parked_tunnel_keeps_its_timers_and_hears_its_stop_signal() {
+        use tokio::io::AsyncWriteExt;
+        let ((client, mut client_peer), (backend, _backend_peer)) = (pair().await, pair().await);
+        let settings = WebSocketSettings {
+            ping_interval: Some(Duration::from_secs(10)),
+            park_after: Some(Duration::from_secs(1)),
+            ..WebSocketSettings::default()
+        };
+        let started = Instant::now();
+        let recorder = start_recorded(client, backend, settings);
+        recorder.until("parked", |r| r.parking() == (1, 1)).await;
+
+        let ping = read_n(&mut client_peer, 10).await;
+        assert_eq!(ping[..2], [0x89, 0x08], "wsgate's keepalive ping");
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_secs(10) && waited < Duration::from_secs(11),
+            "the ping went out at its interval, not {waited:?}"
+        );
+        client_peer
+            .write_all(&masked(0xA, &ping[2..], [9, 8, 7, 6]))
+            .await
+            .unwrap();
+        recorder
+            .until("parked again", |r| r.parking() == (1, 2))
+            .await;
+
+        recorder
+            .shutdown
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        recorder.stop.cancel();
+        recorder
+            .until("ended", |r| r.ended.lock().unwrap().is_some())
+            .await;
+        let outcome = recorder.ended.lock().unwrap().clone().unwrap();
         assert_eq!(outcome.reason, EndReason::Shutdown);
+        assert_eq!(
+            read_n(&mut client_peer, 1).await,
+            [0x88],
+            "a Close to the client"
+        );
     }
 
     /// Memory per idle tunnel is a figure wsgate competes on (BENCHMARKS.md): the whole state of a tunnel is
@@ -1243,13 +1794,11 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let client = TcpStream::connect(addr).await.unwrap();
         let backend = TcpStream::connect(addr).await.unwrap();
-        let settings = WebSocketSettings::default();
-        let buffers = BufferPool::default();
         let params = TunnelParams {
             allowed_rsv: 0,
             context: Quiet {
-                settings: &settings,
-                buffers: &buffers,
+                settings: Box::leak(Box::default()),
+                buffers: Box::leak(Box::default()),
             },
         };
         let future = run(client, Bytes::new(), backend, Bytes::new(), params);

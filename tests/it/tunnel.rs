@@ -788,6 +788,38 @@ async fn shutdown_closes_both_sides_with_1001_going_away() {
     assert!(monitor.metrics_text().contains(&closes("shutdown", 1)));
 }
 
+/// Quiet tunnels leave their tasks for the park (`wsgate_ws_tunnels_parked`), come back for what either
+/// side sends, which goes through unchanged, and are closed in order from there by shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_tunnels_relay_both_ways_and_close_in_order_at_shutdown() {
+    let backend = WsBackend::bind().await;
+    let websocket = format!(r#"{NO_PINGS}, park_after = "50ms""#);
+    let text = config_text(&[backend.addr], &websocket) + "\n[timeouts]\nclose_spread = \"0s\"\n";
+    let (gateway, addr) = gateway(&text).await;
+    let (mut client, mut server) = raw_pair(addr, &backend).await;
+    wait_metric(&gateway, "wsgate_ws_tunnels_parked 1").await;
+    let sent = client.write_frame(true, OP_TEXT, b"out of the park").await;
+    assert_eq!(server.read_bytes(sent.len()).await, sent);
+    // Back in the park once quiet again, and out of it for the backend's message.
+    wait_metric(&gateway, "wsgate_ws_tunnels_parked 1").await;
+    let sent = server.write_frame(true, OP_BINARY, &[7; 300]).await;
+    assert_eq!(client.read_bytes(sent.len()).await, sent);
+    wait_metric(&gateway, "wsgate_ws_tunnels_parked 1").await;
+
+    let monitor = gateway.monitor();
+    let shutdown = tokio::spawn(gateway.shutdown());
+    tokio::join!(
+        client.expect_close(1001, "going away"),
+        server.expect_close(1001, "going away"),
+    );
+    client.send_close(1001, "").await;
+    server.send_close(1001, "").await;
+    within("shutdown", shutdown).await.expect("shutdown task");
+    let metrics = monitor.metrics_text();
+    assert!(metrics.contains(&closes("shutdown", 1)), "{metrics}");
+    assert!(metrics.contains("wsgate_ws_tunnels_parked 0"), "{metrics}");
+}
+
 #[tokio::test(start_paused = true)]
 async fn max_lifetime_closes_both_sides_with_1001() {
     let (gateway, addr, backend) =
