@@ -82,6 +82,7 @@ METRICS = {
                                   "protocol": PROTOCOLS}),
     "wsgate_ws_handshake_duration_seconds": ("histogram", {"route"}, {}),
     "wsgate_ws_tunnels_active": ("gauge", {"route", "backend", "protocol"}, {"protocol": PROTOCOLS}),
+    "wsgate_ws_tunnels_parked": ("gauge", set(), {}),
     "wsgate_ws_tunnel_duration_seconds": ("histogram", {"route"}, {}),
     "wsgate_ws_closes_total": ("counter", {"route", "reason", "protocol"},
                                {"reason": CLOSE_REASONS, "protocol": PROTOCOLS}),

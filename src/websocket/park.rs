@@ -16,7 +16,7 @@
 //! and the park's own wake-ups take: never on a busy tunnel's path.
 
 use std::cell::RefCell;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::io;
 use std::os::fd::RawFd;
@@ -240,16 +240,17 @@ impl Future for Watch {
                     this.due.push(tunnel);
                 }
             }
-            let fired: Vec<GroupKey> = table
+            let fired: HashSet<GroupKey> = table
                 .groups
                 .iter_mut()
                 .filter_map(|(key, group)| group.stop.as_mut().poll(cx).is_ready().then_some(*key))
                 .collect();
-            for group in fired {
+            if !fired.is_empty() {
+                // Rare (a drain changing, shutdown): one pass over the table for all of them.
                 let members: Vec<usize> = table
                     .entries
                     .iter()
-                    .filter(|(_, e)| e.group == group)
+                    .filter(|(_, e)| fired.contains(&e.group))
                     .map(|(key, _)| key)
                     .collect();
                 for key in members {

@@ -402,6 +402,9 @@ fn progress_line(sc: Scenario, run: u32, runs: u32, r: &Record) -> String {
     if let Some(m) = r.rss_per_conn_bytes {
         s.push_str(&format!("  rss/conn {m:.0} B"));
     }
+    if let Some(m) = r.rss_per_conn_held_bytes {
+        s.push_str(&format!(" ({m:.0} B at the end of the hold)"));
+    }
     if let Some(t) = &r.tls {
         s.push_str(&tls_progress(t));
     }

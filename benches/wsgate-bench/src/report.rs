@@ -33,6 +33,11 @@ pub struct Record {
     pub rss_before_bytes: Option<u64>,
     pub rss_after_bytes: Option<u64>,
     pub rss_after_close_bytes: Option<u64>,
+    /// Idle scenarios: RSS at the end of the hold, and the growth per connection then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rss_held_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rss_per_conn_held_bytes: Option<f64>,
     /// `idle_h2`: WebSockets asked for per HTTP/2 connection (`--h2-streams`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub h2_streams: Option<u64>,
@@ -98,6 +103,8 @@ impl Record {
             rss_before_bytes: o.rss_before_bytes,
             rss_after_bytes: o.rss_after_bytes,
             rss_after_close_bytes: o.rss_after_close_bytes,
+            rss_held_bytes: o.rss_held_bytes,
+            rss_per_conn_held_bytes: o.rss_per_conn_held_bytes,
             h2_streams: o.h2_streams,
             h2_conns: o.h2_conns,
             rss_per_h2_conn_bytes: o.rss_per_h2_conn_bytes,

@@ -311,6 +311,7 @@ where
     tokio::time::sleep(SETTLE.min(hold)).await;
     let rss_after = probe.rss();
     tokio::time::sleep(hold.saturating_sub(SETTLE)).await;
+    let rss_held = probe.rss();
 
     // Every held connection must still echo.
     let payload = Bytes::from_static(b"still-there-0123");
@@ -356,6 +357,12 @@ where
     out.proxy_cpu_s = cpu0.zip(cpu1).map(|(a, b)| b - a);
     out.rss_before_bytes = rss_before;
     out.rss_after_bytes = rss_after;
+    out.rss_held_bytes = rss_held;
+    if let (Some(b), Some(h)) = (rss_before, rss_held)
+        && opened > 0
+    {
+        out.rss_per_conn_held_bytes = Some((h as f64 - b as f64) / opened as f64);
+    }
     if let (Some(b), Some(a)) = (rss_before, rss_after)
         && opened > 0
     {

@@ -258,6 +258,11 @@ pub struct Outcome {
     pub rss_after_bytes: Option<u64>,
     pub rss_after_close_bytes: Option<u64>,
     pub rss_per_conn_bytes: Option<f64>,
+    /// Idle scenarios: the proxy's RSS at the end of the hold, just before the echo check, and the
+    /// growth per connection then (after what the proxy does with connections that stay quiet, such
+    /// as wsgate's park).
+    pub rss_held_bytes: Option<u64>,
+    pub rss_per_conn_held_bytes: Option<f64>,
     /// `idle_h2`: WebSockets asked for per HTTP/2 connection.
     pub h2_streams: Option<u64>,
     /// `idle_h2`: HTTP/2 connections that carried the held WebSockets.
