@@ -349,8 +349,7 @@ pub struct WebSocketSettings {
     /// tunnel: a peer that does not read is not kept alive by what it sends.
     pub send_timeout: Duration,
     /// A plain tunnel with nothing moving either way for this long leaves its task for the worker's park
-    /// (`websocket::park`), which watches its sockets and timers until it has work again; `None` (the
-    /// default): never.
+    /// (`websocket::park`), which watches its sockets and timers until it has work again; `None`: never.
     pub park_after: Option<Duration>,
 }
 
@@ -365,8 +364,7 @@ impl Default for WebSocketSettings {
             ping_backend: false,
             max_lifetime: None,
             send_timeout: Timeouts::default().send,
-            // Off until it shows a memory gain in a benchmark (BENCHMARKS.md, "Parked tunnels").
-            park_after: None,
+            park_after: Some(Duration::from_secs(5)),
         }
     }
 }

@@ -82,7 +82,7 @@ fn websocket_defaults() {
     assert_eq!(w.close_timeout, secs(2));
     assert!(!w.ping_backend);
     assert_eq!(w.max_lifetime, None, "unbounded");
-    assert_eq!(w.park_after, None, "tunnels keep their tasks");
+    assert_eq!(w.park_after, Some(secs(5)));
     assert_eq!(*w, WebSocketSettings::default());
 }
 

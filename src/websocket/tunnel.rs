@@ -132,6 +132,7 @@ pub fn run<C: Transport + 'static, B: Transport + 'static, X: TunnelContext>(
     let (client_ping, backend_ping) = ping_intervals(context.settings());
     // One token for the tunnel's whole life: a late pong to an earlier ping is recognised too.
     let token = fastrand::u64(..).to_be_bytes();
+    let may_park = client.parkable() && backend.parkable();
     let mut tunnel = Tunnel {
         client,
         backend,
@@ -163,7 +164,7 @@ pub fn run<C: Transport + 'static, B: Transport + 'static, X: TunnelContext>(
         stop_watch: StopWatch { epoch, waker: None },
         stop_at,
         closed: (false, false),
-        may_park: true,
+        may_park,
         resumed: Mark::START,
         context,
     };
@@ -173,7 +174,7 @@ pub fn run<C: Transport + 'static, B: Transport + 'static, X: TunnelContext>(
     if backend_ping.is_some() {
         tunnel.down.scanner.expect_pong(token);
     }
-    let first_deadline = tunnel.timer_deadline(tunnel.next_deadline(), Mark::START);
+    let first_deadline = tunnel.timer_deadline(tunnel.due(), Mark::START);
     TunnelFuture {
         tunnel: Some(tunnel),
         sleep: tokio::time::sleep_until(first_deadline),
@@ -214,7 +215,7 @@ impl<C: Transport + 'static, B: Transport + 'static, X: TunnelContext> TunnelFut
         tunnel.stop_watch.waker = None;
         let now = Mark::at(tunnel.started, Instant::now());
         tunnel.resumed = now;
-        let deadline = tunnel.timer_deadline(tunnel.next_deadline(), now);
+        let deadline = tunnel.timer_deadline(tunnel.due(), now);
         TunnelFuture {
             tunnel: Some(tunnel),
             sleep: tokio::time::sleep_until(deadline),
@@ -294,7 +295,7 @@ enum Parking<C, B, X> {
 /// Hands a quiet tunnel (`Tunnel::park_at`) to this worker's park: its sockets out of the runtime's
 /// reactor, the tunnel boxed without its task, its timers and stop signal watched by the park.
 fn park<C: Transport + 'static, B: Transport + 'static, X: TunnelContext>(
-    tunnel: Tunnel<C, B, X>,
+    mut tunnel: Tunnel<C, B, X>,
 ) -> Parking<C, B, X> {
     let signal = tunnel.context.stop_signal();
     if signal.epoch != tunnel.stop_watch.epoch || signal.token.is_cancelled() {
@@ -306,6 +307,8 @@ fn park<C: Transport + 'static, B: Transport + 'static, X: TunnelContext>(
     let now = Mark::at(tunnel.started, Instant::now());
     let deadline = tunnel.timer_deadline(tunnel.next_deadline(), now);
     let held = tunnel.context.tracked();
+    // The waker of the task it leaves: kept, it would keep that whole task allocated.
+    tunnel.stop_watch.waker = None;
     let (tunnel, client, backend) = tunnel.swap_streams((), ());
     let client = match client.into_socket() {
         Ok(socket) => socket,
@@ -871,7 +874,8 @@ struct Tunnel<C, B, X> {
     stop_at: Option<(Mark, EndReason)>,
     /// The streams that have been ended in order (`poll_close`): client, backend.
     closed: (bool, bool),
-    /// Whether it may still go to the park when quiet: false once no park could take it.
+    /// Whether it may go to the park when quiet: both streams are bare sockets, and no park has failed
+    /// to take it.
     may_park: bool,
     /// When it last came back from the park: it stays in its task at least `park_after` from then,
     /// which gives the reactor time to report what woke it.
@@ -1075,23 +1079,35 @@ impl<C: Transport, B: Transport, X: TunnelContext> Tunnel<C, B, X> {
             if self.finished(now) {
                 return Poll::Ready(Turn::Over);
             }
+            // The moment to park is worked out only in a round where nothing moved, so a busy tunnel does
+            // not pay for it. After a round that moved something the tunnel cannot be quiet enough
+            // before `park_after` from now: the timer is set no later than that, and looks again then.
             let mut due = self.next_deadline();
-            let park_at = self.park_at();
-            if let Some(at) = park_at {
-                due = due.min(at);
+            if self.may_park
+                && let Some(after) = self.context.settings().park_after
+            {
+                if progressed {
+                    due = due.min(now.after(after));
+                } else if let Some(at) = self.park_at() {
+                    if now >= at {
+                        // Its timer set for its own next deadline, should it stay in its task after all.
+                        sleep.as_mut().reset(self.timer_deadline(due, now));
+                        if sleep.as_mut().poll(cx).is_pending() {
+                            return Poll::Ready(Turn::Park);
+                        }
+                        look = true;
+                        continue;
+                    }
+                    due = due.min(at);
+                }
             }
             // Re-arming a timer costs more than a spurious wake-up: move it only when it must fire sooner.
             let deadline = self.timer_deadline(due, now);
             if deadline < sleep.deadline() {
                 sleep.as_mut().reset(deadline);
             }
-            if park_at.is_some_and(|at| now >= at) {
-                return Poll::Ready(Turn::Park);
-            }
             if sleep.as_mut().poll(cx).is_ready() {
-                sleep
-                    .as_mut()
-                    .reset(self.timer_deadline(self.next_deadline(), now));
+                sleep.as_mut().reset(self.timer_deadline(self.due(), now));
                 look = true;
                 continue;
             }
@@ -1371,6 +1387,12 @@ impl<C: Transport, B: Transport, X: TunnelContext> Tunnel<C, B, X> {
         deadline
     }
 
+    /// What the tunnel's timer is set for: its next deadline, or the moment to park if that comes first.
+    fn due(&self) -> Mark {
+        let deadline = self.next_deadline();
+        self.park_at().map_or(deadline, |at| deadline.min(at))
+    }
+
     /// When the tunnel is to leave its task for the park: `park_after` after the last thing that moved
     /// either way, if it is quiet (nothing queued or half-written either way, no ending under way, the
     /// stop verdict not final) and both streams are bare sockets. `None`: not while it is as it is.
@@ -1384,7 +1406,7 @@ impl<C: Transport, B: Transport, X: TunnelContext> Tunnel<C, B, X> {
             && self.down.parkable()
             && !self.client_alive.queued
             && !self.backend_alive.queued;
-        if !(quiet && self.client.parkable() && self.backend.parkable()) {
+        if !quiet {
             return None;
         }
         let moved = [
