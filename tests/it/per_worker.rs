@@ -460,3 +460,51 @@ async fn the_command_line_chooses_the_runtime_model() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Quiet tunnels park on whichever worker runtime runs them (each worker has a park of its own), come
+/// back to echo from there, and shutdown still closes every one of them in order.
+#[tokio::test]
+async fn tunnels_park_on_every_worker_and_come_back() {
+    let (ws_backend, http_backend) = (TestBackend::start("b1").await, ok_backend().await);
+    let threads = WorkerThreads::start(2);
+    let top = "[timeouts]\ndrain = \"20s\"\nclose_spread = \"200ms\"\n";
+    let text = config_text_of(ws_backend.addr, http_backend.addr, top, "").replace(
+        "pool = \"ws\"\n",
+        "pool = \"ws\"\nwebsocket = { park_after = \"50ms\" }\n",
+    );
+    let gateway = Gateway::start_on(parse(&text), threads.workers())
+        .await
+        .expect("gateway starts");
+    let addr = gateway.listener_addr("main").expect("listener `main`");
+    let mut clients = tunnels(addr, 20).await;
+    let spread = by_worker(&gateway, "main");
+    assert!(
+        spread.iter().all(|&n| n > 0),
+        "tunnels on one worker only: {spread:?}"
+    );
+    let all_parked = async {
+        while !gateway
+            .metrics_text()
+            .lines()
+            .any(|l| l == "wsgate_ws_tunnels_parked 20")
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    within("every tunnel parked", all_parked).await;
+    for (i, ws) in clients.iter_mut().enumerate() {
+        echo(ws, &format!("back from the park {i}")).await;
+    }
+
+    let shutdown = tokio::spawn(gateway.shutdown());
+    let waiters: Vec<_> = clients
+        .into_iter()
+        .map(|mut ws| tokio::spawn(async move { close_of(&mut ws).await }))
+        .collect();
+    for waiter in waiters {
+        let (code, reason) = within("a client", waiter).await.expect("client task");
+        assert_eq!((code, reason.as_str()), (1001, "going away"));
+    }
+    within("shutdown", shutdown).await.expect("shutdown task");
+    threads.stop().await;
+}

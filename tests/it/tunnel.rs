@@ -776,6 +776,17 @@ async fn shutdown_closes_both_sides_with_1001_going_away() {
     let text = config_text(&[backend.addr], NO_PINGS) + "\n[timeouts]\nclose_spread = \"0s\"\n";
     let (gateway, addr) = gateway(&text).await;
     let (mut client, mut server) = raw_pair(addr, &backend).await;
+    let metrics = shut_down_in_order(gateway, &mut client, &mut server).await;
+    assert!(metrics.contains(&closes("shutdown", 1)), "{metrics}");
+}
+
+/// Shuts `gateway` down while the tunnel between `client` and `server` is open: both get Close 1001
+/// "going away" and answer it, and shutdown completes. The metrics as they are then.
+async fn shut_down_in_order(
+    gateway: wsgate::Gateway,
+    client: &mut RawPeer,
+    server: &mut RawPeer,
+) -> String {
     let monitor = gateway.monitor();
     let shutdown = tokio::spawn(gateway.shutdown());
     tokio::join!(
@@ -785,7 +796,7 @@ async fn shutdown_closes_both_sides_with_1001_going_away() {
     client.send_close(1001, "").await;
     server.send_close(1001, "").await;
     within("shutdown", shutdown).await.expect("shutdown task");
-    assert!(monitor.metrics_text().contains(&closes("shutdown", 1)));
+    monitor.metrics_text()
 }
 
 /// Quiet tunnels leave their tasks for the park (`wsgate_ws_tunnels_parked`), come back for what either
@@ -806,16 +817,7 @@ async fn parked_tunnels_relay_both_ways_and_close_in_order_at_shutdown() {
     assert_eq!(client.read_bytes(sent.len()).await, sent);
     wait_metric(&gateway, "wsgate_ws_tunnels_parked 1").await;
 
-    let monitor = gateway.monitor();
-    let shutdown = tokio::spawn(gateway.shutdown());
-    tokio::join!(
-        client.expect_close(1001, "going away"),
-        server.expect_close(1001, "going away"),
-    );
-    client.send_close(1001, "").await;
-    server.send_close(1001, "").await;
-    within("shutdown", shutdown).await.expect("shutdown task");
-    let metrics = monitor.metrics_text();
+    let metrics = shut_down_in_order(gateway, &mut client, &mut server).await;
     assert!(metrics.contains(&closes("shutdown", 1)), "{metrics}");
     assert!(metrics.contains("wsgate_ws_tunnels_parked 0"), "{metrics}");
 }
