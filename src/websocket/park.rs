@@ -37,6 +37,9 @@ use super::tunnel::StopSignal;
 
 /// Socket events taken from the park's epoll set per system call.
 const EVENTS: usize = 256;
+/// Tunnels resumed per wake-up of the park's task before it yields: a drain or shutdown that wakes a
+/// hundred thousand tunnels at once does not hold the worker thread (or the table's lock) meanwhile.
+const RESUMES_PER_POLL: usize = 1024;
 
 /// A tunnel in the park.
 pub(super) trait Parked: Send + 'static {
@@ -44,6 +47,8 @@ pub(super) trait Parked: Send + 'static {
     fn sockets(&self) -> [RawFd; 2];
     /// Back to a task of its own, on the current runtime.
     fn resume(self: Box<Self>);
+    /// Ended where it is: the runtime is going away (shutdown did not finish within its drain timeout).
+    fn abandon(self: Box<Self>);
 }
 
 /// Tunnels handed the same stop signal (every tunnel to a backend, until its next drain change): the
@@ -99,8 +104,8 @@ pub(super) struct Park {
     /// The park's epoll set, shared with its task (which waits on it).
     registry: mio::Registry,
     table: Mutex<Table>,
-    /// Cleared when the park's task is dropped (its runtime shut down): the thread's next tunnel to
-    /// park starts a new park.
+    /// Cleared, under the table's lock, when the park's task is dropped (its runtime shut down): the
+    /// park takes no tunnel in after that, and the thread's next tunnel to park starts a new park.
     alive: AtomicBool,
 }
 
@@ -168,6 +173,9 @@ impl Park {
         stop: StopSignal,
     ) -> Result<(), Box<P>> {
         let mut table = self.table();
+        if !self.alive.load(Ordering::Acquire) {
+            return Err(tunnel);
+        }
         let slot = table.entries.vacant_entry();
         let key = slot.key();
         let [a, b] = tunnel.sockets();
@@ -228,32 +236,38 @@ impl Future for Watch {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = &mut *self;
-        this.readable(cx);
+        let mut more = this.readable(cx);
         let next = {
             let mut table = this.park.table();
             let registry = &this.park.registry;
             let now = Instant::now();
-            while let Some(&(at, key)) = table.timers.first()
-                && at <= now
+            while this.due.len() < RESUMES_PER_POLL
+                && table.timers.first().is_some_and(|&(at, _)| at <= now)
+                && let Some((_, key)) = table.timers.pop_first()
             {
                 if let Some(tunnel) = table.take(registry, key) {
                     this.due.push(tunnel);
                 }
             }
+            more |= table.timers.first().is_some_and(|&(at, _)| at <= now);
             let fired: HashSet<GroupKey> = table
                 .groups
                 .iter_mut()
                 .filter_map(|(key, group)| group.stop.as_mut().poll(cx).is_ready().then_some(*key))
                 .collect();
             if !fired.is_empty() {
-                // Rare (a drain changing, shutdown): one pass over the table for all of them.
+                // Rare (a drain changing, shutdown): one pass over the table for all of them. A group
+                // stays fired (its signal is cancelled for good) until its last member is taken.
+                let room = RESUMES_PER_POLL.saturating_sub(this.due.len());
                 let members: Vec<usize> = table
                     .entries
                     .iter()
                     .filter(|(_, e)| fired.contains(&e.group))
                     .map(|(key, _)| key)
+                    .take(room + 1)
                     .collect();
-                for key in members {
+                more |= members.len() > room;
+                for &key in members.iter().take(room) {
                     if let Some(tunnel) = table.take(registry, key) {
                         this.due.push(tunnel);
                     }
@@ -273,6 +287,11 @@ impl Future for Watch {
         for tunnel in this.due.drain(..) {
             tunnel.resume();
         }
+        if more {
+            // Work left for the next wake-up, after the worker's other tasks have had theirs.
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
         if let Some(at) = next {
             if this.timer.deadline() != at {
                 this.timer.as_mut().reset(at);
@@ -287,15 +306,20 @@ impl Future for Watch {
 }
 
 impl Watch {
-    /// Gathers the tunnels whose sockets have something to read (or hung up).
-    fn readable(&mut self, cx: &mut Context<'_>) {
+    /// Gathers the tunnels whose sockets have something to read (or hung up); true if it stopped for
+    /// the budget with events perhaps left.
+    fn readable(&mut self, cx: &mut Context<'_>) -> bool {
         loop {
+            if self.due.len() >= RESUMES_PER_POLL {
+                // The set stays marked readable: the next wake-up goes on from here.
+                return true;
+            }
             let mut guard = match self.ready.poll_read_ready_mut(cx) {
-                Poll::Pending => return,
+                Poll::Pending => return false,
                 Poll::Ready(Ok(guard)) => guard,
                 Poll::Ready(Err(error)) => {
                     tracing::warn!(%error, "the tunnel park's epoll set failed");
-                    return;
+                    return false;
                 }
             };
             match guard
@@ -307,11 +331,12 @@ impl Watch {
                 Err(error) => {
                     tracing::warn!(%error, "the tunnel park's epoll set failed");
                     guard.clear_ready();
-                    return;
+                    return false;
                 }
             }
             let mut count = 0;
             let mut table = self.park.table();
+            // The whole batch, whatever the budget: these events are not reported again.
             for event in &self.events {
                 count += 1;
                 if let Some(tunnel) = table.take(&self.park.registry, event.token().0) {
@@ -328,10 +353,15 @@ impl Watch {
 }
 
 impl Drop for Watch {
-    /// The runtime is going away: the tunnels still parked go with it, as their tasks would have.
+    /// The runtime is going away: the tunnels still parked end with it, as their tasks would have.
     fn drop(&mut self) {
-        self.park.alive.store(false, Ordering::Release);
-        let table = std::mem::take(&mut *self.park.table());
-        drop(table);
+        let table = {
+            let mut table = self.park.table();
+            self.park.alive.store(false, Ordering::Release);
+            std::mem::take(&mut *table)
+        };
+        for (_, entry) in table.entries {
+            entry.tunnel.abandon();
+        }
     }
 }

@@ -309,6 +309,7 @@ fn park<C: Transport + 'static, B: Transport + 'static, X: TunnelContext>(
     let held = tunnel.context.tracked();
     // The waker of the task it leaves: kept, it would keep that whole task allocated.
     tunnel.stop_watch.waker = None;
+    tunnel.flush_traffic();
     let (tunnel, client, backend) = tunnel.swap_streams((), ());
     let client = match client.into_socket() {
         Ok(socket) => socket,
@@ -364,13 +365,37 @@ impl<C: Transport + 'static, B: Transport + 'static, X: TunnelContext> Parked
     }
 
     fn resume(self: Box<Self>) {
-        let ParkedTunnel { tunnel, held, .. } = *self;
+        let ParkedTunnel {
+            mut tunnel, held, ..
+        } = *self;
         tunnel.context.parked(false);
+        // What woke it may be bytes that the reactor, which gets the sockets back only now, reports a
+        // turn later: the tunnel must read them before it judges a deadline (`Half::input_pending`).
+        tunnel.up.input_pending = input_waiting(&tunnel.client);
+        tunnel.down.input_pending = input_waiting(&tunnel.backend);
         match tunnel.restore::<C, B>() {
             // Spawned before `held` goes: the tracker never sees the tunnel untracked.
             Ok(tunnel) => drop(held.task_tracker().spawn(TunnelFuture::resumed(tunnel))),
             Err((outcome, context)) => context.ended(&outcome),
         }
+    }
+
+    fn abandon(self: Box<Self>) {
+        let ParkedTunnel { tunnel, .. } = *self;
+        tunnel.context.parked(false);
+        let (outcome, context) = tunnel.outcome(Some(EndReason::Shutdown));
+        context.ended(&outcome);
+    }
+}
+
+/// Whether a read of `socket` would return something now: bytes, the peer's FIN or an error.
+fn input_waiting(socket: &std::net::TcpStream) -> bool {
+    match socket.peek(&mut [0; 1]) {
+        Ok(_) => true,
+        Err(error) => !matches!(
+            error.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+        ),
     }
 }
 
@@ -452,6 +477,10 @@ struct Half {
     /// Boxed: usually there are none, and an empty `Bytes` inline would cost every tunnel its size twice
     /// over (one per direction).
     early: Option<Box<Bytes>>,
+    /// Back from the park for bytes (or a hang-up) waiting in `src` that the reactor has not reported
+    /// yet: until they are read, the tunnel judges no deadline (they may be what keeps it alive) and
+    /// does not park again.
+    input_pending: bool,
     traffic: Traffic,
 }
 
@@ -547,6 +576,7 @@ impl Half {
             forwarding: true,
             close_received: false,
             gone: false,
+            input_pending: false,
             traffic: Traffic::default(),
         }
     }
@@ -722,11 +752,13 @@ impl Half {
     fn src_gone(&mut self, step: &mut Step) {
         self.reading = false;
         self.gone = true;
+        self.input_pending = false;
         step.src_gone = true;
     }
 
     /// Scans a freshly read chunk and queues what is to be forwarded.
     fn accept(&mut self, mut buf: Buffer, filled: usize, step: &mut Step) {
+        self.input_pending = false;
         let scan = self.scanner.scan(&mut buf, filled);
         step.data |= scan.data;
         step.frames |= scan.frames > 0;
@@ -786,6 +818,7 @@ impl Half {
             && !self.unflushed
             && self.early.is_none()
             && self.blocked_since.is_none()
+            && !self.input_pending
     }
 }
 
@@ -1071,13 +1104,23 @@ impl<C: Transport, B: Transport, X: TunnelContext> Tunnel<C, B, X> {
             let yielded = up.yielded || down.yielded;
             self.after_step(Side::Client, up, now);
             self.after_step(Side::Backend, down, now);
-            self.check_timers(now);
+            let awaiting_input = self.up.input_pending || self.down.input_pending;
+            if !awaiting_input {
+                self.check_timers(now);
+            }
             if now.since(self.last_flush) >= FLUSH_EVERY {
                 self.flush_traffic();
                 self.last_flush = now;
             }
             if self.finished(now) {
                 return Poll::Ready(Turn::Over);
+            }
+            if awaiting_input {
+                // The reactor's report of those bytes wakes the task; the timer waits until they are read.
+                if yielded || !(progressed || self.queued) {
+                    return Poll::Pending;
+                }
+                continue;
             }
             // The moment to park is worked out only in a round where nothing moved, so a busy tunnel does
             // not pay for it. After a round that moved something the tunnel cannot be quiet enough
@@ -1760,6 +1803,38 @@ mod tests {
         // The backend is told, with wsgate's own Close.
         assert_eq!(read_n(&mut backend_peer, 1).await, [0x88]);
         assert_eq!(recorder.parking().0, 0, "nothing left in the park");
+    }
+
+    /// A tunnel that comes back from the park for bytes sent just before its idle deadline reads them
+    /// before it judges the deadline, as it would have in its task: they keep it alive.
+    #[tokio::test(start_paused = true)]
+    async fn a_tunnel_back_from_the_park_reads_before_it_judges_its_deadlines() {
+        use tokio::io::AsyncWriteExt;
+        let ((client, mut client_peer), (backend, mut backend_peer)) = (pair().await, pair().await);
+        let settings = WebSocketSettings {
+            ping_interval: None,
+            idle_timeout: Duration::from_secs(60),
+            park_after: Some(Duration::from_secs(1)),
+            ..WebSocketSettings::default()
+        };
+        let started = Instant::now();
+        let recorder = start_recorded(client, backend, settings);
+        recorder.until("parked", |r| r.parking() == (1, 1)).await;
+
+        tokio::time::sleep_until(started + Duration::from_millis(59_500)).await;
+        let frame = masked(0x1, b"just in time", [5, 6, 7, 8]);
+        client_peer.write_all(&frame).await.unwrap();
+        // The clock passes the deadline before the park or the tunnel sees the bytes.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(read_n(&mut backend_peer, frame.len()).await, frame);
+        recorder
+            .until("parked again", |r| r.parking() == (1, 2))
+            .await;
+        assert!(
+            recorder.ended.lock().unwrap().is_none(),
+            "ended: {:?}",
+            recorder.ended.lock().unwrap()
+        );
     }
 
     /// A parked tunnel's timers run (its keepalive ping goes out on time) and its stop signal is
