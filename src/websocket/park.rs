@@ -31,9 +31,7 @@ use mio::{Events, Interest, Token};
 use slab::Slab;
 use tokio::io::unix::AsyncFd;
 use tokio::time::{Instant, Sleep};
-use tokio_util::sync::WaitForCancellationFutureOwned;
-
-use super::tunnel::StopSignal;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 /// Socket events taken from the park's epoll set per system call.
 const EVENTS: usize = 256;
@@ -52,8 +50,8 @@ pub(super) trait Parked: Send + 'static {
 }
 
 /// Tunnels handed the same stop signal (every tunnel to a backend, until its next drain change): the
-/// park waits once per signal, not once per tunnel. `StopSignal::source` and its epoch.
-type GroupKey = (usize, u64);
+/// park waits once per signal, not once per tunnel. The signal's source and epoch (`tunnel::StopSignal`).
+pub(super) type GroupKey = (usize, u64);
 
 struct Entry {
     tunnel: Box<dyn Parked>,
@@ -164,13 +162,14 @@ impl Park {
         self.table.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Takes `tunnel` in until its sockets are readable, `deadline` comes, or `stop` fires. On failure
-    /// (its sockets could not join the epoll set) it is handed back, its sockets as they were.
+    /// Takes `tunnel` in until its sockets are readable, `deadline` comes, or `stop` (the signal of
+    /// `group`) fires. On failure (its sockets could not join the epoll set, or the park is closing) it
+    /// is handed back, its sockets as they were.
     pub(super) fn admit<P: Parked>(
         &self,
         tunnel: Box<P>,
         deadline: Instant,
-        stop: StopSignal,
+        (group, stop): (GroupKey, CancellationToken),
     ) -> Result<(), Box<P>> {
         let mut table = self.table();
         if !self.alive.load(Ordering::Acquire) {
@@ -194,7 +193,6 @@ impl Park {
             let _ = self.registry.deregister(&mut SourceFd(&a));
             return Err(tunnel);
         }
-        let group = (stop.source, stop.epoch);
         slot.insert(Entry {
             tunnel: tunnel as Box<dyn Parked>,
             deadline,
@@ -208,7 +206,7 @@ impl Park {
             .or_insert_with(|| {
                 wake = true;
                 Group {
-                    stop: Box::pin(stop.token.cancelled_owned()),
+                    stop: Box::pin(stop.cancelled_owned()),
                     members: 0,
                 }
             })

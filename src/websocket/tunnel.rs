@@ -332,7 +332,8 @@ fn park<C: Transport + 'static, B: Transport + 'static, X: TunnelContext>(
         held,
         streams: PhantomData,
     });
-    match park.admit(parked, deadline, signal) {
+    let stop = ((signal.source, signal.epoch), signal.token);
+    match park.admit(parked, deadline, stop) {
         Ok(()) => Parking::Parked,
         Err(refused) => {
             let ParkedTunnel { tunnel, .. } = *refused;
