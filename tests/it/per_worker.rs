@@ -360,16 +360,7 @@ async fn shutdown_closes_every_tunnel_on_every_worker() {
     );
 
     let started = Instant::now();
-    let shutdown = tokio::spawn(gateway.shutdown());
-    let waiters: Vec<_> = clients
-        .into_iter()
-        .map(|mut ws| tokio::spawn(async move { close_of(&mut ws).await }))
-        .collect();
-    for waiter in waiters {
-        let (code, reason) = within("a client", waiter).await.expect("client task");
-        assert_eq!((code, reason.as_str()), (1001, "going away"));
-    }
-    within("shutdown", shutdown).await.expect("shutdown task");
+    shut_down_closing_all(gateway, clients).await;
     // Every tunnel was answered at once: the shutdown did not need its drain timeout.
     assert!(
         started.elapsed() < Duration::from_secs(20),
@@ -380,6 +371,20 @@ async fn shutdown_closes_every_tunnel_on_every_worker() {
         "a socket still accepts after shutdown"
     );
     threads.stop().await;
+}
+
+/// Shuts `gateway` down: every one of `clients` gets Close 1001 "going away", and shutdown returns.
+async fn shut_down_closing_all(gateway: Gateway, clients: Vec<Client>) {
+    let shutdown = tokio::spawn(gateway.shutdown());
+    let waiters: Vec<_> = clients
+        .into_iter()
+        .map(|mut ws| tokio::spawn(async move { close_of(&mut ws).await }))
+        .collect();
+    for waiter in waiters {
+        let (code, reason) = within("a client", waiter).await.expect("client task");
+        assert_eq!((code, reason.as_str()), (1001, "going away"));
+    }
+    within("shutdown", shutdown).await.expect("shutdown task");
 }
 
 /// The binary: `--runtime` overrides the config's `runtime`, as `--threads` overrides `workers`. Which
@@ -496,15 +501,6 @@ async fn tunnels_park_on_every_worker_and_come_back() {
         echo(ws, &format!("back from the park {i}")).await;
     }
 
-    let shutdown = tokio::spawn(gateway.shutdown());
-    let waiters: Vec<_> = clients
-        .into_iter()
-        .map(|mut ws| tokio::spawn(async move { close_of(&mut ws).await }))
-        .collect();
-    for waiter in waiters {
-        let (code, reason) = within("a client", waiter).await.expect("client task");
-        assert_eq!((code, reason.as_str()), (1001, "going away"));
-    }
-    within("shutdown", shutdown).await.expect("shutdown task");
+    shut_down_closing_all(gateway, clients).await;
     threads.stop().await;
 }
