@@ -21,8 +21,8 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// jemalloc's options, read before `main`. `background_thread`: freed memory goes back to the system
 /// after jemalloc's decay time even while nothing else allocates. Without it jemalloc purges only
 /// during other allocations, so a gateway whose tunnels have gone quiet (and into the park, which frees
-/// their tasks) would keep the freed pages for as long as it stays quiet (BENCHMARKS.md, "Parked
-/// tunnels"). `_RJEM_MALLOC_CONF` in the environment still overrides it.
+/// their tasks) would keep the freed pages for as long as it stays quiet (BENCHMARKS.md, "Idle tunnels
+/// in the park"). `_RJEM_MALLOC_CONF` in the environment still overrides it.
 #[cfg(all(feature = "jemalloc", target_os = "linux"))]
 // SAFETY: jemalloc declares `malloc_conf` (prefixed `_rjem_` by tikv-jemalloc-sys on Linux) as a weak
 // `const char *` for the program to define; this is a pointer to a NUL-terminated string that lives
