@@ -809,6 +809,12 @@ impl Half {
         self.inject.is_none() && self.close.is_none()
     }
 
+    /// Bytes the park saw are still to be read from `src`. Only while `src` is read at all: a side the
+    /// tunnel stopped reading (it hung up on the other direction, an ending) never clears the mark.
+    fn awaiting_input(&self) -> bool {
+        self.input_pending && self.reading
+    }
+
     /// Nothing in flight either way and nothing unusual: all it holds is its scanner's state.
     fn parkable(&self) -> bool {
         self.idle()
@@ -1105,7 +1111,7 @@ impl<C: Transport, B: Transport, X: TunnelContext> Tunnel<C, B, X> {
             let yielded = up.yielded || down.yielded;
             self.after_step(Side::Client, up, now);
             self.after_step(Side::Backend, down, now);
-            let awaiting_input = self.up.input_pending || self.down.input_pending;
+            let awaiting_input = self.up.awaiting_input() || self.down.awaiting_input();
             if !awaiting_input {
                 self.check_timers(now);
             }
