@@ -32,7 +32,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::record_layer::{RecordLayer, Role};
-use crate::websocket::Transport;
+use crate::websocket::{ParkedStream, Transport};
 
 /// Ciphertext asked of the socket per read: two full records, so that a bulk transfer is read in few
 /// system calls.
@@ -231,6 +231,16 @@ impl<C, IO> TlsSession<C, IO> {
 
     /// The same session over another stream (the socket out of a wrapper that is no longer needed).
     pub fn map_io<T>(self, f: impl FnOnce(IO) -> T) -> TlsSession<C, T> {
+        let Ok(session) = self.try_map_io(|io| Ok::<_, std::convert::Infallible>(f(io)));
+        session
+    }
+
+    /// The same session over the stream `f` makes of this one, if it can (the socket in and out of the
+    /// runtime's reactor, for the park).
+    pub fn try_map_io<T, E>(
+        self,
+        f: impl FnOnce(IO) -> Result<T, E>,
+    ) -> Result<TlsSession<C, T>, E> {
         let (conn, rest) = self.split();
         rest.join(conn, f)
     }
@@ -302,7 +312,10 @@ impl<C: Side, IO> TlsSession<C, IO> {
         }
         let (conn, rest) = self.split();
         match RecordLayer::take(conn) {
-            Ok(layer) => Established::Own(Box::new(rest.join(layer, |io| io))),
+            Ok(layer) => {
+                let Ok(session) = rest.join(layer, Ok::<_, std::convert::Infallible>);
+                Established::Own(Box::new(session))
+            }
             Err(error) => {
                 tracing::warn!(%error, "TLS session lost when handed to wsgate's record layer");
                 Established::Lost(Box::new(rest.io))
@@ -313,16 +326,20 @@ impl<C: Side, IO> TlsSession<C, IO> {
 
 impl<IO> TlsSession<(), IO> {
     /// The session with `conn` as its engine, over the stream `io` makes of its own.
-    fn join<C, T>(self, conn: C, io: impl FnOnce(IO) -> T) -> TlsSession<C, T> {
-        TlsSession {
+    fn join<C, T, E>(
+        self,
+        conn: C,
+        io: impl FnOnce(IO) -> Result<T, E>,
+    ) -> Result<TlsSession<C, T>, E> {
+        Ok(TlsSession {
             conn,
-            io: io(self.io),
+            io: io(self.io)?,
             bufs: self.bufs,
             eof: self.eof,
             close_queued: self.close_queued,
             may_hand_over: self.may_hand_over,
             failed: self.failed,
-        }
+        })
     }
 }
 
@@ -351,11 +368,20 @@ impl<C: Side, IO> Established<C, IO> {
 
     /// The same session over another stream (the socket out of a wrapper that is no longer needed).
     pub fn map_io<T>(self, f: impl FnOnce(IO) -> T) -> Established<C, T> {
-        match self {
-            Established::Own(session) => Established::Own(Box::new(session.map_io(f))),
-            Established::Rustls(session) => Established::Rustls(Box::new(session.map_io(f))),
-            Established::Lost(io) => Established::Lost(Box::new(f(*io))),
-        }
+        let Ok(session) = self.try_map_io(|io| Ok::<_, std::convert::Infallible>(f(io)));
+        session
+    }
+
+    /// The same session over the stream `f` makes of this one, if it can (`TlsSession::try_map_io`).
+    pub fn try_map_io<T, E>(
+        self,
+        f: impl FnOnce(IO) -> Result<T, E>,
+    ) -> Result<Established<C, T>, E> {
+        Ok(match self {
+            Established::Own(session) => Established::Own(Box::new(session.try_map_io(f)?)),
+            Established::Rustls(session) => Established::Rustls(Box::new(session.try_map_io(f)?)),
+            Established::Lost(io) => Established::Lost(Box::new(f(*io)?)),
+        })
     }
 }
 
@@ -773,7 +799,11 @@ impl<C: Engine + Unpin, IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsSe
 
 /// A tunnel over a session on a raw socket: readiness comes from what the session holds, else from the
 /// socket, so an idle tunnel neither reads nor holds a buffer.
-impl<C: Engine + Unpin + Send> Transport for TlsSession<C, TcpStream> {
+impl<C: Engine + Unpin + Send + 'static> Transport for TlsSession<C, TcpStream> {
+    /// The session over its socket out of the reactor: keys, sequence numbers and state stay as they
+    /// are, and no buffer goes along (`settled`).
+    type Parked = TlsSession<C, std::net::TcpStream>;
+
     fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         // A failure is ready too: the record that caused it may be gone (rustls consumed it).
         if self.bufs.has_plaintext()
@@ -813,13 +843,43 @@ impl<C: Engine + Unpin + Send> Transport for TlsSession<C, TcpStream> {
     fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.poll_shutdown_plain(cx)
     }
+
+    fn parkable(&self) -> bool {
+        true
+    }
+
+    /// Quiet: no buffer held (no partial record, plaintext or unsent record), and nothing ending.
+    fn settled(&self) -> bool {
+        self.buffered_capacity() == 0
+            && !self.eof
+            && !self.bufs.peer_closed
+            && !self.close_queued
+            && self.failed.is_none()
+    }
+
+    fn into_parked(self) -> io::Result<Self::Parked> {
+        self.try_map_io(TcpStream::into_std)
+    }
+
+    fn from_parked(parked: Self::Parked) -> io::Result<Self> {
+        // `into_std` left the socket non-blocking, as the reactor needs it.
+        parked.try_map_io(TcpStream::from_std)
+    }
+}
+
+impl<C: Send + 'static> ParkedStream for TlsSession<C, std::net::TcpStream> {
+    fn socket(&self) -> &std::net::TcpStream {
+        &self.io
+    }
 }
 
 /// A tunnel over an established session: whichever engine it kept.
-impl<C: Side + Unpin + Send> Transport for Established<C, TcpStream>
+impl<C: Side + Unpin + Send + 'static> Transport for Established<C, TcpStream>
 where
     C::Data: Send + Sync,
 {
+    type Parked = Established<C, std::net::TcpStream>;
+
     fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         established!(self, s => s.poll_read_ready(cx), lost => Poll::Ready(Ok(())))
     }
@@ -838,6 +898,32 @@ where
 
     fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         established!(self, s => Transport::poll_shutdown(s, cx), lost => Poll::Ready(Ok(())))
+    }
+
+    /// Either engine's session parks; a lost one ends.
+    fn parkable(&self) -> bool {
+        !matches!(self, Established::Lost(_))
+    }
+
+    fn settled(&self) -> bool {
+        established!(self, s => s.settled(), lost => false)
+    }
+
+    fn into_parked(self) -> io::Result<Self::Parked> {
+        self.try_map_io(TcpStream::into_std)
+    }
+
+    fn from_parked(parked: Self::Parked) -> io::Result<Self> {
+        parked.try_map_io(TcpStream::from_std)
+    }
+}
+
+impl<C: Side + Send + 'static> ParkedStream for Established<C, std::net::TcpStream>
+where
+    C::Data: Send + Sync,
+{
+    fn socket(&self) -> &std::net::TcpStream {
+        self.get_ref()
     }
 }
 
@@ -1137,7 +1223,7 @@ mod tests {
     }
 
     /// Reads through `Transport` as a tunnel does: waits for readiness, then reads into a fresh buffer.
-    async fn tunnel_read<C: Engine + Unpin + Send>(
+    async fn tunnel_read<C: Engine + Unpin + Send + 'static>(
         session: &mut TlsSession<C, TcpStream>,
         buf: &mut [u8],
     ) -> io::Result<usize> {
@@ -1146,7 +1232,7 @@ mod tests {
     }
 
     async fn a_megabyte_each_way_arrives_whole_through_small_and_large_reads<
-        C: Engine + Unpin + Send,
+        C: Engine + Unpin + Send + 'static,
     >(
         make: Make<C>,
     ) {
@@ -1235,7 +1321,7 @@ mod tests {
         );
     }
 
-    async fn an_idle_session_holds_no_buffer<C: Engine + Unpin + Send>(make: Make<C>) {
+    async fn an_idle_session_holds_no_buffer<C: Engine + Unpin + Send + 'static>(make: Make<C>) {
         let Pair { server, mut client } = pair().await;
         let mut server = make(server);
         // Session tickets went out with the handshake: nothing is left queued.
@@ -1272,13 +1358,33 @@ mod tests {
             0,
             "an idle session kept a buffer"
         );
+        // Settled, so its tunnel may park it: out of the reactor and back, it is the same session.
+        assert!(Transport::settled(&server));
+        let parked = server.into_parked().expect("out of the reactor");
+        let mut server = TlsSession::from_parked(parked).expect("back in the reactor");
+        client.write_all(b"after the park").await.expect("write");
+        client.flush().await.expect("flush");
+        let n = tokio::time::timeout(LIMIT, tunnel_read(&mut server, &mut buf))
+            .await
+            .expect("in time")
+            .expect("read");
+        assert_eq!(&buf[..n], b"after the park");
+        std::future::poll_fn(|cx| Transport::poll_write(&mut server, cx, b"and back"))
+            .await
+            .expect("write");
+        std::future::poll_fn(|cx| Transport::poll_flush(&mut server, cx))
+            .await
+            .expect("flush");
+        let mut back = [0u8; 8];
+        client.read_exact(&mut back).await.expect("echo");
+        assert_eq!(&back, b"and back");
     }
 
     /// A partial record at the end of a full read is kept, while the tunnel waits for the rest, in a
     /// buffer of its own size rather than in the read's. (Before, the buffer's size was read after the
     /// processed records were split off its front, which counts only what is left: a partial record at the
     /// end of the buffer looked small enough to keep it.)
-    async fn a_partial_record_waits_in_a_buffer_of_its_size<C: Engine + Unpin + Send>(
+    async fn a_partial_record_waits_in_a_buffer_of_its_size<C: Engine + Unpin + Send + 'static>(
         make: Make<C>,
     ) {
         let Pair { server, client } = pair().await;
@@ -1323,6 +1429,10 @@ mod tests {
             held <= SHRINK_FACTOR * partial,
             "{held} bytes held for a {partial}-byte partial record"
         );
+        assert!(
+            !Transport::settled(&server),
+            "a session holding part of a record may not park"
+        );
         tcp.write_all(&last[partial..]).await.expect("send");
         let n = tokio::time::timeout(LIMIT, tunnel_read(&mut server, &mut buf))
             .await
@@ -1332,7 +1442,9 @@ mod tests {
     }
 
     /// A record that arrives a byte at a time is held until whole, then read.
-    async fn a_record_trickled_byte_by_byte_is_read_whole<C: Engine + Unpin + Send>(make: Make<C>) {
+    async fn a_record_trickled_byte_by_byte_is_read_whole<C: Engine + Unpin + Send + 'static>(
+        make: Make<C>,
+    ) {
         let (server_config, client_config) = configs();
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
@@ -1387,7 +1499,9 @@ mod tests {
         drop(client.await.expect("client"));
     }
 
-    async fn close_notify_ends_reads_cleanly_both_ways<C: Engine + Unpin + Send>(make: Make<C>) {
+    async fn close_notify_ends_reads_cleanly_both_ways<C: Engine + Unpin + Send + 'static>(
+        make: Make<C>,
+    ) {
         let Pair { server, mut client } = pair().await;
         let mut server = make(server);
         client.write_all(b"last words").await.expect("write");
@@ -1412,7 +1526,9 @@ mod tests {
         assert_eq!(got, b"goodbye");
     }
 
-    async fn a_socket_closed_without_close_notify_is_an_unexpected_eof<C: Engine + Unpin + Send>(
+    async fn a_socket_closed_without_close_notify_is_an_unexpected_eof<
+        C: Engine + Unpin + Send + 'static,
+    >(
         make: Make<C>,
     ) {
         let Pair { server, client } = pair().await;
@@ -1430,7 +1546,7 @@ mod tests {
     }
 
     /// A client that updates its keys (and asks the server to update its own) is followed both ways.
-    async fn key_updates_are_followed<C: Engine + Unpin + Send>(make: Make<C>) {
+    async fn key_updates_are_followed<C: Engine + Unpin + Send + 'static>(make: Make<C>) {
         let Pair { server, mut client } = pair().await;
         let mut server = make(server);
         for round in 0..3u8 {
@@ -1519,7 +1635,7 @@ mod tests {
     /// `tls_session` fuzz target: the failing read dropped what it had put in the caller's buffer, and the
     /// next read returned the rest of the record, after the error.)
     async fn data_before_a_corrupt_record_is_read_then_reads_keep_failing<
-        C: Engine + Unpin + Send,
+        C: Engine + Unpin + Send + 'static,
     >(
         make: Make<C>,
     ) {
@@ -1560,7 +1676,9 @@ mod tests {
     /// the session is read and written after it. (Found by the `tls_session` fuzz target: each read
     /// processed the record that had failed once more, and rustls queued another alert; in a debug build
     /// rustls panics on the second, `assertion failed: !self.sent_fatal_alert`.)
-    async fn a_failed_session_sends_one_alert_and_stays_failed<C: Engine + Unpin + Send>(
+    async fn a_failed_session_sends_one_alert_and_stays_failed<
+        C: Engine + Unpin + Send + 'static,
+    >(
         make: Make<C>,
     ) {
         let (server_config, client_config) = configs();
@@ -1602,7 +1720,7 @@ mod tests {
     /// failure, not left waiting on a socket with nothing more to come. The client's 33rd key update in a
     /// row is refused (rustls' limit) and consumed, so no record is left to make the session readable.
     async fn a_tunnel_reads_the_data_then_the_failure_that_came_with_it<
-        C: Engine + Unpin + Send,
+        C: Engine + Unpin + Send + 'static,
     >(
         make: Make<C>,
     ) {
@@ -1634,7 +1752,7 @@ mod tests {
 
     /// A record header announcing more than any record may hold is refused at once, with an alert, not
     /// waited for.
-    async fn an_oversized_record_header_is_refused_at_once<C: Engine + Unpin + Send>(
+    async fn an_oversized_record_header_is_refused_at_once<C: Engine + Unpin + Send + 'static>(
         make: Make<C>,
     ) {
         let Pair { server, client } = pair().await;

@@ -19,7 +19,7 @@ use tokio::net::TcpStream;
 
 use crate::tls::record_layer::RecordLayer;
 use crate::tls::session::{ClientSession, Established, TlsSession};
-use crate::websocket::Transport;
+use crate::websocket::{ParkedStream, Transport};
 
 pub enum BackendStream {
     Plain(TcpStream),
@@ -131,20 +131,48 @@ impl Transport for BackendStream {
         each!(self, s => Transport::poll_shutdown(s, cx))
     }
 
-    /// A plain backend only: a TLS session holds its keys and record state beside the socket.
+    type Parked = ParkedBackend;
+
     fn parkable(&self) -> bool {
-        matches!(self, BackendStream::Plain(_))
+        each!(self, s => s.parkable())
     }
 
-    fn into_socket(self) -> io::Result<std::net::TcpStream> {
+    fn settled(&self) -> bool {
+        each!(self, s => s.settled())
+    }
+
+    fn into_parked(self) -> io::Result<ParkedBackend> {
+        Ok(match self {
+            BackendStream::Plain(s) => ParkedBackend::Plain(s.into_std()?),
+            BackendStream::Tls(s) => ParkedBackend::Tls(Box::new(s.into_parked()?)),
+            BackendStream::Own(s) => ParkedBackend::Own(Box::new(s.into_parked()?)),
+        })
+    }
+
+    fn from_parked(parked: ParkedBackend) -> io::Result<Self> {
+        Ok(match parked {
+            ParkedBackend::Plain(s) => BackendStream::Plain(TcpStream::from_std(s)?),
+            ParkedBackend::Tls(s) => BackendStream::Tls(Box::new(TlsSession::from_parked(*s)?)),
+            ParkedBackend::Own(s) => BackendStream::Own(Box::new(TlsSession::from_parked(*s)?)),
+        })
+    }
+}
+
+/// A backend stream in the park (`websocket::Transport::into_parked`): the socket out of the reactor,
+/// with the TLS session's state beside it.
+pub enum ParkedBackend {
+    Plain(std::net::TcpStream),
+    Tls(Box<ClientSession<std::net::TcpStream>>),
+    Own(Box<TlsSession<RecordLayer<ClientConnectionData>, std::net::TcpStream>>),
+}
+
+impl ParkedStream for ParkedBackend {
+    fn socket(&self) -> &std::net::TcpStream {
         match self {
-            BackendStream::Plain(s) => s.into_std(),
-            _ => Err(io::Error::other("a TLS backend stream cannot be parked")),
+            ParkedBackend::Plain(s) => s,
+            ParkedBackend::Tls(s) => s.socket(),
+            ParkedBackend::Own(s) => s.socket(),
         }
-    }
-
-    fn from_socket(socket: std::net::TcpStream) -> io::Result<Self> {
-        TcpStream::from_std(socket).map(BackendStream::Plain)
     }
 }
 

@@ -1,11 +1,12 @@
-//! The park: where quiet plain tunnels wait without a task of their own (docs/ARCHITECTURE.md, "The
+//! The park: where quiet tunnels wait without a task of their own (docs/ARCHITECTURE.md, "The
 //! tunnel").
 //!
 //! Most WebSocket connections are quiet most of the time, and a quiet tunnel's task (its future, with
 //! tokio's task header, timer entry and cache-line padding) and tokio's registrations of its two sockets
-//! are most of what it costs. A plain tunnel with nothing moving for its route's `park_after` gives them
-//! up (`tunnel.rs`): its sockets leave the runtime's reactor for the park's own epoll set (`mio`), and the
-//! tunnel itself waits boxed in the park's table, with its next deadline in the park's one timer. The
+//! are most of what it costs. A tunnel over sockets (plain, or TLS sessions over them) with nothing moving
+//! for its route's `park_after` gives them up (`tunnel.rs`): its sockets leave the runtime's reactor for
+//! the park's own epoll set (`mio`), a TLS session going along with its socket, and the tunnel itself waits
+//! boxed in the park's table, with its next deadline in the park's one timer. The
 //! park gives it a task again (`Parked::resume`) as soon as either socket is readable (data, a Close, a
 //! hang-up), its deadline comes (a keepalive ping, a pong's timeout, the idle timeout), or the stop
 //! signal it was listening to fires (its backend draining, shutdown). Nothing can be missed in between:

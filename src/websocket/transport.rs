@@ -2,10 +2,13 @@
 //! stream).
 //!
 //! A raw socket tells when it is readable without being read, so a tunnel borrows a read buffer only once
-//! data is there; so does a client's TLS session (`tls::session`), which knows what it holds. A buffered
-//! stream (a TLS session toward a backend, an HTTP/2 stream) cannot: its readiness depends on what it has
-//! buffered, so for it the tunnel borrows a buffer, tries a read, and gives the buffer back at once when
+//! data is there; so does a TLS session (`tls::session`, a client's or toward a backend), which knows what
+//! it holds. A buffered stream (an HTTP/2 stream) cannot: its readiness depends on what it has buffered,
+//! so for it the tunnel borrows a buffer, tries a read, and gives the buffer back at once when
 //! nothing came. Either way an idle tunnel holds no buffer of wsgate's.
+//!
+//! A stream over a socket also has a parked form (`Transport::Parked`), which a quiet tunnel takes into
+//! the park (`park.rs`): the socket out of the runtime's reactor, with what the stream keeps beside it.
 
 use std::io;
 use std::pin::Pin;
@@ -26,27 +29,52 @@ pub trait Transport: Send + Unpin {
     /// an HTTP/2 stream's END_STREAM. A raw socket needs nothing beyond the close that dropping it does.
     fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
 
-    /// Whether the stream is a bare socket that a quiet tunnel may hand to the park (`park.rs`): one that
-    /// holds nothing but the socket, which the park can watch. Other streams keep their task.
+    /// What the stream becomes in the park (`park.rs`): its socket out of the runtime's reactor, with
+    /// whatever state the stream keeps beside it (a TLS session's keys and sequence numbers). Streams
+    /// that never park name `Unparkable`.
+    type Parked: ParkedStream;
+
+    /// Whether a quiet tunnel over this stream may ever go to the park: a raw socket or a TLS session
+    /// over one, which the park can watch through the socket. Other streams keep their task.
     fn parkable(&self) -> bool {
         false
     }
 
-    /// The socket alone, out of the runtime's reactor, for the park. Only called when `parkable`.
-    fn into_socket(self) -> io::Result<std::net::TcpStream>
-    where
-        Self: Sized,
-    {
-        Err(io::Error::other("this stream cannot be parked"))
+    /// Whether the stream holds nothing in flight now (no record half read or unsent, no buffer): only
+    /// then may its tunnel park. A raw socket always; a TLS session when quiet.
+    fn settled(&self) -> bool {
+        true
     }
 
-    /// The stream again, registered with the current runtime's reactor, from what `into_socket` gave.
-    fn from_socket(socket: std::net::TcpStream) -> io::Result<Self>
+    /// The parked form, out of the runtime's reactor. Only called when `parkable` and `settled`. An error
+    /// loses the stream (the reactor would not let the socket go).
+    fn into_parked(self) -> io::Result<Self::Parked>
     where
-        Self: Sized,
-    {
-        drop(socket);
-        Err(io::Error::other("this stream cannot be parked"))
+        Self: Sized;
+
+    /// The stream again, registered with the current runtime's reactor, from what `into_parked` gave.
+    fn from_parked(parked: Self::Parked) -> io::Result<Self>
+    where
+        Self: Sized;
+}
+
+/// A stream in the park: the socket the park watches for readability, with what the stream keeps.
+pub trait ParkedStream: Send + 'static {
+    fn socket(&self) -> &std::net::TcpStream;
+}
+
+impl ParkedStream for std::net::TcpStream {
+    fn socket(&self) -> &std::net::TcpStream {
+        self
+    }
+}
+
+/// The parked form of a stream that never parks: there is none.
+pub enum Unparkable {}
+
+impl ParkedStream for Unparkable {
+    fn socket(&self) -> &std::net::TcpStream {
+        match *self {}
     }
 }
 
@@ -75,15 +103,17 @@ impl Transport for TcpStream {
         Poll::Ready(Ok(()))
     }
 
+    type Parked = std::net::TcpStream;
+
     fn parkable(&self) -> bool {
         true
     }
 
-    fn into_socket(self) -> io::Result<std::net::TcpStream> {
+    fn into_parked(self) -> io::Result<std::net::TcpStream> {
         self.into_std()
     }
 
-    fn from_socket(socket: std::net::TcpStream) -> io::Result<Self> {
+    fn from_parked(socket: std::net::TcpStream) -> io::Result<Self> {
         // `into_std` left it non-blocking, as the reactor needs it.
         TcpStream::from_std(socket)
     }
@@ -92,8 +122,10 @@ impl Transport for TcpStream {
 /// Any tokio stream that cannot tell readiness without a read (an HTTP/2 stream's upgraded body).
 pub struct Buffered<S>(pub S);
 
-/// A stream kept on the heap (a TLS session).
-impl<T: Transport + ?Sized> Transport for Box<T> {
+/// A stream kept on the heap (a TLS session toward a backend).
+impl<T: Transport> Transport for Box<T> {
+    type Parked = T::Parked;
+
     fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         (**self).poll_read_ready(cx)
     }
@@ -113,9 +145,36 @@ impl<T: Transport + ?Sized> Transport for Box<T> {
     fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         (**self).poll_shutdown(cx)
     }
+
+    fn parkable(&self) -> bool {
+        (**self).parkable()
+    }
+
+    fn settled(&self) -> bool {
+        (**self).settled()
+    }
+
+    fn into_parked(self) -> io::Result<T::Parked> {
+        (*self).into_parked()
+    }
+
+    fn from_parked(parked: T::Parked) -> io::Result<Self> {
+        T::from_parked(parked).map(Box::new)
+    }
 }
 
 impl<S: AsyncRead + AsyncWrite + Send + Unpin> Transport for Buffered<S> {
+    type Parked = Unparkable;
+
+    // Never called: `parkable` is false.
+    fn into_parked(self) -> io::Result<Unparkable> {
+        Err(io::Error::other("this stream cannot be parked"))
+    }
+
+    fn from_parked(parked: Unparkable) -> io::Result<Self> {
+        match parked {}
+    }
+
     fn poll_read_ready(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Poll::Ready(Ok(()))
     }

@@ -5,8 +5,8 @@
 //! reads, lets the direction's [`Scanner`] walk the frames in place, writes the result, and gives the buffer
 //! back. A direction reads nothing more until its last chunk is written, so a slow reader slows its writer
 //! and memory stays bounded. wsgate's own frames (keepalive pings, Close) go in only at frame boundaries.
-//! Timers (keepalive, pong, idle, lifetime, close) share one `Sleep`, re-armed lazily. A plain tunnel
-//! quiet for its route's `park_after` leaves its task for the worker's park (`park.rs`) and gets a new
+//! Timers (keepalive, pong, idle, lifetime, close) share one `Sleep`, re-armed lazily. A tunnel over
+//! sockets (plain or TLS) quiet for its route's `park_after` leaves its task for the worker's park (`park.rs`) and gets a new
 //! one when there is work again.
 
 use std::future::Future;
@@ -29,7 +29,7 @@ use super::end::OwnClose;
 use super::frame::{ClosePayload, ControlFrame, OP_PING, Role};
 use super::park::{Park, Parked};
 use super::scanner::{Scanner, Violation};
-use super::transport::Transport;
+use super::transport::{ParkedStream, Transport};
 use crate::config::WebSocketSettings;
 
 /// Reads per direction before the task yields, so one busy tunnel cannot hold a worker thread.
@@ -311,15 +311,15 @@ fn park<C: Transport + 'static, B: Transport + 'static, X: TunnelContext>(
     tunnel.stop_watch.waker = None;
     tunnel.flush_traffic();
     let (tunnel, client, backend) = tunnel.swap_streams((), ());
-    let client = match client.into_socket() {
-        Ok(socket) => socket,
+    let client = match client.into_parked() {
+        Ok(parked) => parked,
         Err(error) => {
             let (outcome, context) = tunnel.lost(Side::Client, &error);
             return Parking::Lost(outcome, context);
         }
     };
-    let backend = match backend.into_socket() {
-        Ok(socket) => socket,
+    let backend = match backend.into_parked() {
+        Ok(parked) => parked,
         Err(error) => {
             let (outcome, context) = tunnel.lost(Side::Backend, &error);
             return Parking::Lost(outcome, context);
@@ -347,8 +347,8 @@ fn park<C: Transport + 'static, B: Transport + 'static, X: TunnelContext>(
 }
 
 /// A parked tunnel: its sockets out of the reactor, its task gone.
-struct ParkedTunnel<C, B, X> {
-    tunnel: Tunnel<std::net::TcpStream, std::net::TcpStream, X>,
+struct ParkedTunnel<C: Transport, B: Transport, X> {
+    tunnel: Tunnel<C::Parked, B::Parked, X>,
     /// Keeps shutdown waiting for the tunnel, and runs its next task.
     held: TaskTrackerToken,
     /// The stream types it goes back to.
@@ -360,8 +360,8 @@ impl<C: Transport + 'static, B: Transport + 'static, X: TunnelContext> Parked
 {
     fn sockets(&self) -> [RawFd; 2] {
         [
-            self.tunnel.client.as_raw_fd(),
-            self.tunnel.backend.as_raw_fd(),
+            self.tunnel.client.socket().as_raw_fd(),
+            self.tunnel.backend.socket().as_raw_fd(),
         ]
     }
 
@@ -372,8 +372,8 @@ impl<C: Transport + 'static, B: Transport + 'static, X: TunnelContext> Parked
         tunnel.context.parked(false);
         // What woke it may be bytes that the reactor, which gets the sockets back only now, reports a
         // turn later: the tunnel must read them before it judges a deadline (`Half::input_pending`).
-        tunnel.up.input_pending = input_waiting(&tunnel.client);
-        tunnel.down.input_pending = input_waiting(&tunnel.backend);
+        tunnel.up.input_pending = input_waiting(tunnel.client.socket());
+        tunnel.down.input_pending = input_waiting(tunnel.backend.socket());
         match tunnel.restore::<C, B>() {
             // Spawned before `held` goes: the tracker never sees the tunnel untracked.
             Ok(tunnel) => drop(held.task_tracker().spawn(TunnelFuture::resumed(tunnel))),
@@ -400,15 +400,19 @@ fn input_waiting(socket: &std::net::TcpStream) -> bool {
     }
 }
 
-impl<X: TunnelContext> Tunnel<std::net::TcpStream, std::net::TcpStream, X> {
+impl<PC: ParkedStream, PB: ParkedStream, X: TunnelContext> Tunnel<PC, PB, X> {
     /// The sockets back in the current runtime's reactor, as the streams they were.
-    fn restore<C: Transport, B: Transport>(self) -> Result<Tunnel<C, B, X>, (TunnelOutcome, X)> {
+    fn restore<C, B>(self) -> Result<Tunnel<C, B, X>, (TunnelOutcome, X)>
+    where
+        C: Transport<Parked = PC>,
+        B: Transport<Parked = PB>,
+    {
         let (tunnel, client, backend) = self.swap_streams((), ());
-        let client = match C::from_socket(client) {
+        let client = match C::from_parked(client) {
             Ok(stream) => stream,
             Err(error) => return Err(tunnel.lost(Side::Client, &error)),
         };
-        let backend = match B::from_socket(backend) {
+        let backend = match B::from_parked(backend) {
             Ok(stream) => stream,
             Err(error) => return Err(tunnel.lost(Side::Backend, &error)),
         };
@@ -712,9 +716,11 @@ impl Half {
             let mut buf = buffers.take();
             let carried = self.scanner.prepare(&mut buf);
             match src.poll_read(cx, &mut buf[carried..]) {
-                // Nothing after all (a stream that cannot tell readiness): the buffer goes straight back.
+                // Nothing after all (a stream that cannot tell readiness, a TLS record that carried no
+                // data): the buffer goes straight back. Whatever the park saw waiting has been read.
                 Poll::Pending => {
                     self.read_pending = true;
+                    self.input_pending = false;
                     return step;
                 }
                 Poll::Ready(Ok(0)) => {
@@ -914,8 +920,8 @@ struct Tunnel<C, B, X> {
     stop_at: Option<(Mark, EndReason)>,
     /// The streams that have been ended in order (`poll_close`): client, backend.
     closed: (bool, bool),
-    /// Whether it may go to the park when quiet: both streams are bare sockets, and no park has failed
-    /// to take it.
+    /// Whether it may go to the park when quiet: both streams can (`Transport::parkable`: sockets, or TLS
+    /// sessions over them), and no park has failed to take it.
     may_park: bool,
     /// When it last came back from the park: it stays in its task at least `park_after` from then,
     /// which gives the reactor time to report what woke it.
@@ -1445,7 +1451,8 @@ impl<C: Transport, B: Transport, X: TunnelContext> Tunnel<C, B, X> {
 
     /// When the tunnel is to leave its task for the park: `park_after` after the last thing that moved
     /// either way, if it is quiet (nothing queued or half-written either way, no ending under way, the
-    /// stop verdict not final) and both streams are bare sockets. `None`: not while it is as it is.
+    /// stop verdict not final), both streams can park and hold nothing in flight (`Transport::settled`).
+    /// `None`: not while it is as it is.
     fn park_at(&self) -> Option<Mark> {
         let after = self.context.settings().park_after?;
         let quiet = self.may_park
@@ -1454,6 +1461,8 @@ impl<C: Transport, B: Transport, X: TunnelContext> Tunnel<C, B, X> {
             && !self.cut
             && self.up.parkable()
             && self.down.parkable()
+            && self.client.settled()
+            && self.backend.settled()
             && !self.client_alive.queued
             && !self.backend_alive.queued;
         if !quiet {

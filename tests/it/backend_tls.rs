@@ -13,6 +13,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use crate::common::*;
+use crate::tunnel_support::wait_metric;
 use futures_util::SinkExt;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -454,6 +455,37 @@ async fn websocket_echo_over_a_tls_backend() {
         Some(&b"http/1.1"[..])
     );
     within("close", ws.close(None)).await.expect("close");
+    gw.shutdown().await;
+}
+
+/// A quiet tunnel to a TLS backend parks with its session (wsgate's record layer over the socket) and
+/// comes back for each message, both ways, and for the closing handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_to_a_tls_backend_parks_with_its_session() {
+    let trust = Trust::new();
+    let backend = trust.backend("tls1").await;
+    let text = trust.config(&[backend.addr], "").replace(
+        "pool = \"p\"\n",
+        "pool = \"p\"\nwebsocket = { ping_interval = \"0s\", park_after = \"200ms\" }\n",
+    );
+    let (gw, addr) = gateway(&text).await;
+    let mut ws = ws_connect(addr, "/ws").await;
+    for lens in [&[10][..], &[70_000, 5], &[1 << 20]] {
+        wait_metric(&gw, "wsgate_ws_tunnels_parked 1").await;
+        echoes(&mut ws, lens).await;
+    }
+    wait_metric(&gw, "wsgate_ws_tunnels_parked 1").await;
+    // The closing handshake from the park: the backend's answer comes back.
+    within("close", ws.close(None)).await.expect("close");
+    while let Some(Ok(message)) = within(
+        "the backend's Close",
+        futures_util::StreamExt::next(&mut ws),
+    )
+    .await
+    {
+        assert!(matches!(message, Message::Close(_)), "{message:?}");
+    }
+    wait_metric(&gw, "wsgate_ws_tunnels_parked 0").await;
     gw.shutdown().await;
 }
 

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::common::*;
+use crate::tunnel_support::{OP_BINARY, OP_TEXT, WsBackend, wait_metric};
 use futures_util::SinkExt;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::net::TcpStream;
@@ -409,6 +410,91 @@ async fn tls_tunnels_end_with_close_notify() {
         .await
         .expect("close_notify after wsgate's own Close");
     within("shutdown", shutdown).await.expect("shutdown task");
+}
+
+/// Quiet `wss://` tunnels go to the park too, their TLS session (keys, sequence numbers) with them: they
+/// come back for what either side sends, and for a key update that carries no data (read, then parked
+/// again), and are closed from there at shutdown with a Close and `close_notify`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_wss_tunnels_keep_their_session() {
+    let pki = Pki::new();
+    let (cert, key, _) = pki.leaf("site", &["site.test"]);
+    let backend = WsBackend::bind().await;
+    let text = tls_config(backend.addr, &[(&cert, &key)]);
+    assert!(text.contains("websocket = {  }"), "{text}");
+    let text = text.replace(
+        "websocket = {  }",
+        r#"websocket = { ping_interval = "0s", park_after = "200ms" }"#,
+    ) + "\n[timeouts]\nclose_spread = \"0s\"\n";
+    let (gateway, addr) = gateway(&text).await;
+    let tls = tls_connect(&pki, addr, "site.test").await;
+    let request = format!("wss://site.test:{}/ws", addr.port())
+        .into_client_request()
+        .expect("request");
+    let (connected, mut server) = tokio::join!(
+        within("upgrade", tokio_tungstenite::client_async(request, tls)),
+        backend.accept()
+    );
+    let (mut ws, _) = connected.expect("upgrade over TLS");
+    wait_metric(&gateway, "wsgate_ws_tunnels_parked 1").await;
+
+    within("send", ws.send(Message::text("out of the park")))
+        .await
+        .expect("send");
+    let frame = server.next_frame().await;
+    assert_eq!(
+        (frame.opcode, &frame.payload[..]),
+        (OP_TEXT, &b"out of the park"[..])
+    );
+    wait_metric(&gateway, "wsgate_ws_tunnels_parked 1").await;
+    server.write_frame(true, OP_BINARY, &[7; 300]).await;
+    assert_eq!(next_message(&mut ws).await, Message::binary(vec![7; 300]));
+    wait_metric(&gateway, "wsgate_ws_tunnels_parked 1").await;
+
+    // A key update alone wakes the tunnel; it reads the record, finds no data, and parks again.
+    ws.get_mut()
+        .get_mut()
+        .1
+        .refresh_traffic_keys()
+        .expect("key update");
+    within("flush", ws.flush()).await.expect("flush");
+    wait_metric(&gateway, "wsgate_ws_tunnels_parked 0").await;
+    wait_metric(&gateway, "wsgate_ws_tunnels_parked 1").await;
+    // Both directions under the new keys.
+    within("send", ws.send(Message::text("new keys")))
+        .await
+        .expect("send");
+    let frame = server.next_frame().await;
+    assert_eq!(frame.payload, b"new keys");
+    server.write_frame(true, OP_TEXT, b"heard").await;
+    assert_eq!(next_message(&mut ws).await, Message::text("heard"));
+    wait_metric(&gateway, "wsgate_ws_tunnels_parked 1").await;
+
+    // Shutdown closes the parked tunnel in order: Close 1001 both ways, then `close_notify`.
+    let monitor = gateway.monitor();
+    let shutdown = tokio::spawn(gateway.shutdown());
+    let (close, ()) = tokio::join!(
+        async {
+            loop {
+                match within("Close", futures_util::StreamExt::next(&mut ws)).await {
+                    Some(Ok(Message::Close(frame))) => break frame,
+                    Some(Ok(_)) => continue,
+                    other => panic!("expected Close, got {other:?}"),
+                }
+            }
+        },
+        server.expect_close(1001, "going away"),
+    );
+    assert_eq!(close.map(|f| u16::from(f.code)), Some(1001));
+    server.send_close(1001, "").await;
+    let _ = within("flush", ws.flush()).await;
+    let mut tls = ws.into_inner();
+    read_to_clean_end(&mut tls)
+        .await
+        .expect("close_notify after wsgate's own Close");
+    within("shutdown", shutdown).await.expect("shutdown task");
+    let metrics = monitor.metrics_text();
+    assert!(metrics.contains("wsgate_ws_tunnels_parked 0"), "{metrics}");
 }
 
 /// A TLS connection to `site.test` at `addr`, offering `alpn`.
