@@ -218,7 +218,12 @@ impl Upstream {
         if self.tasks.is_closed() {
             return;
         }
-        let list = idle.entry(key.addr.clone()).or_default();
+        // The address's list is there but for its first connection: looked up by `&str` first, so the
+        // key is not copied for every return.
+        let list = match idle.get_mut(key.addr.as_str()) {
+            Some(list) => list,
+            None => idle.entry(key.addr.clone()).or_default(),
+        };
         // Nothing watches an idle connection: the oldest one is looked at on each return, so those the
         // backend closed (its keep-alive timeout) do not linger while the address is in use.
         let now = Instant::now();

@@ -20,7 +20,7 @@ use hyper::body::Incoming;
 
 use super::ProxyError;
 use super::attempt::{Attempts, preamble};
-use crate::balancer::BackendGuard;
+use crate::balancer::{Backend, BackendGuard};
 use crate::body::ProxyBody;
 use crate::config::Config;
 use crate::conn::ClientConn;
@@ -45,8 +45,9 @@ pub async fn forward(
         .then(|| (req.method().clone(), req.uri().path().to_string()));
     let route_name = route.config.name.as_str();
     let (result, backend) = proxy(req, route, config, conn, shared).await;
+    let backend = backend.as_ref().map(|b| b.addr.as_str());
     let response = result.unwrap_or_else(|error| {
-        error.log(conn, route_name, backend.as_deref());
+        error.log(conn, route_name, backend);
         error.response()
     });
     let status = response.status().as_u16();
@@ -67,7 +68,7 @@ pub async fn forward(
             %path,
             status,
             route = route_name,
-            backend = backend.as_deref().unwrap_or("-"),
+            backend = backend.unwrap_or("-"),
             duration_ms = elapsed.as_millis() as u64,
             "http request"
         );
@@ -75,14 +76,18 @@ pub async fn forward(
     response
 }
 
-/// The backend's response, or why there is none; and the backend that was last tried, if any.
+/// The backend's response, or why there is none; and the backend that was last tried, if any (its own
+/// reference, moved out rather than its address copied: only the logs read it).
 async fn proxy(
     req: Request<Incoming>,
     route: &Route,
     config: &Config,
     conn: &ClientConn,
     shared: &Shared,
-) -> (Result<Response<ProxyBody>, ProxyError>, Option<String>) {
+) -> (
+    Result<Response<ProxyBody>, ProxyError>,
+    Option<Arc<Backend>>,
+) {
     let (mut parts, mut body) = req.into_parts();
     let pool = &route.pool;
     // The sticky key is read before the headers are rewritten (X-Forwarded-For must be the client's).
@@ -121,7 +126,6 @@ async fn proxy(
             Err(error) => return (Err(error), last_tried),
         };
         let backend = Arc::clone(guard.backend());
-        last_tried = Some(backend.addr.clone());
         // A connection that begins with a PROXY header names one client: it is pooled for that client
         // connection alone.
         let client = backend.proxy_protocol.map(|_| conn.peer);
@@ -138,10 +142,14 @@ async fn proxy(
                 attempts.answered(&guard);
                 backend_conn
             }
-            Err(error) => match attempts.unreachable(&guard, &error) {
-                Ok(()) => continue,
-                Err(error) => return (Err(error), last_tried),
-            },
+            Err(error) => {
+                let verdict = attempts.unreachable(&guard, &error);
+                last_tried = Some(backend);
+                match verdict {
+                    Ok(()) => continue,
+                    Err(error) => return (Err(error), last_tried),
+                }
+            }
         };
         let mut exchange = Exchange::new(
             backend_conn,
@@ -170,7 +178,7 @@ async fn proxy(
                         response
                     },
                 );
-                return (response, last_tried);
+                return (response, Some(backend));
             }
             // The pooled connection had been closed by the backend before it answered, and the request
             // may go again (on a fresh connection, since closed ones are skipped); the backend is not
@@ -180,6 +188,7 @@ async fn proxy(
                 body = exchange.into_request_body();
                 stale_retries += 1;
                 if stale_retries <= MAX_STALE_RETRIES {
+                    last_tried = Some(backend);
                     continue;
                 }
                 ProxyError::Unreachable
@@ -191,7 +200,7 @@ async fn proxy(
             Err(ExchangeError::Backend(error)) => ProxyError::Backend(error),
             Err(ExchangeError::BackendTimeout) => ProxyError::Timeout(timeout),
         };
-        return (Err(error), last_tried);
+        return (Err(error), Some(backend));
     }
 }
 
