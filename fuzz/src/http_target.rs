@@ -38,6 +38,19 @@ pub(crate) fn reads(data: &[u8]) -> Option<(Vec<usize>, &[u8])> {
 // The first request
 
 /// How an independent reading of a complete head classifies it: an upgrade for wsgate's fast path or not.
+/// Whether the head's `Transfer-Encoding` lines name `chunked` and no other coding (empty list items
+/// aside), worked out here rather than with wsgate's own helper.
+fn chunked_alone(headers: &http::HeaderMap) -> bool {
+    let codings: Vec<&[u8]> = headers
+        .get_all(http::header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|c| !c.is_empty())
+        .collect();
+    matches!(codings[..], [only] if only.eq_ignore_ascii_case(b"chunked"))
+}
+
 fn reference_is_upgrade(head: &[u8]) -> Option<bool> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
@@ -166,6 +179,11 @@ pub fn first_request(data: &[u8]) {
                     matches!(verdict, Err(BadRequest::Repeated(_))),
                     "{verdict:?}"
                 );
+            } else if parts.headers.contains_key(http::header::TRANSFER_ENCODING)
+                && !chunked_alone(&parts.headers)
+            {
+                // A coding wsgate cannot take off is refused as such, before the body is.
+                assert_eq!(verdict, Err(BadRequest::TransferCoding));
             } else if body {
                 assert_eq!(verdict, Err(BadRequest::UpgradeWithBody));
             } else {
