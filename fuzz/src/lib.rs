@@ -5,6 +5,8 @@
 
 pub mod admin_tokens_target;
 pub mod config_target;
+#[cfg(test)]
+mod corpus;
 pub mod http_target;
 pub mod known;
 pub mod origin_target;
