@@ -50,7 +50,7 @@ pub fn parse_head_with(
     buf: &[u8],
     take: impl FnMut(&HeaderName, &HeaderValue) -> bool,
 ) -> Result<Option<Head>, BackendHttpError> {
-    // Uninitialised slots: filling a hundred empty ones copies 3 KiB for every answer.
+    // Uninitialised slots: filling a hundred empty ones writes 3 KiB before every answer is parsed.
     let mut slots = [const { MaybeUninit::uninit() }; MAX_HEADERS];
     let mut response = httparse::Response::new(&mut []);
     let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(

@@ -23,7 +23,7 @@ pub enum First {
 
 /// Reads a request head from the start of `buf`; only upgrades are taken apart.
 pub fn parse(buf: &[u8]) -> First {
-    // Uninitialised slots: filling a hundred empty ones copies 3 KiB for every first request.
+    // Uninitialised slots: filling a hundred empty ones writes 3 KiB before every first request is parsed.
     let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut []);
     let len = match request.parse_with_uninit_headers(buf, &mut headers) {

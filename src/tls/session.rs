@@ -32,7 +32,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::record_layer::{RecordLayer, Role};
-use crate::websocket::{ParkedStream, Transport};
+use crate::websocket::{ParkedStream, Transport, input_waiting};
 
 /// Ciphertext asked of the socket per read: two full records, so that a bulk transfer is read in few
 /// system calls.
@@ -848,6 +848,12 @@ impl<C: Engine + Unpin + Send + 'static> Transport for TlsSession<C, TcpStream> 
         true
     }
 
+    /// A read stops after a record that carried no data, and tokio may take the socket for empty after
+    /// a short read: the kernel is asked.
+    fn more_waiting(&self) -> bool {
+        input_waiting(&self.io)
+    }
+
     /// Quiet: no buffer held (no partial record, plaintext or unsent record), and nothing ending.
     fn settled(&self) -> bool {
         self.buffered_capacity() == 0
@@ -903,6 +909,10 @@ where
     /// Either engine's session parks; a lost one ends.
     fn parkable(&self) -> bool {
         !matches!(self, Established::Lost(_))
+    }
+
+    fn more_waiting(&self) -> bool {
+        established!(self, s => s.more_waiting(), lost => false)
     }
 
     fn settled(&self) -> bool {
@@ -1362,13 +1372,23 @@ mod tests {
         assert!(Transport::settled(&server));
         let parked = server.into_parked().expect("out of the reactor");
         let mut server = TlsSession::from_parked(parked).expect("back in the reactor");
+        assert!(!Transport::more_waiting(&server), "nothing sent yet");
         client.write_all(b"after the park").await.expect("write");
         client.flush().await.expect("flush");
+        // The kernel is asked, whatever the reactor (which has not reported the socket yet) says.
+        tokio::time::timeout(LIMIT, async {
+            while !Transport::more_waiting(&server) {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the record seen waiting in the socket");
         let n = tokio::time::timeout(LIMIT, tunnel_read(&mut server, &mut buf))
             .await
             .expect("in time")
             .expect("read");
         assert_eq!(&buf[..n], b"after the park");
+        assert!(!Transport::more_waiting(&server), "all of it was read");
         std::future::poll_fn(|cx| Transport::poll_write(&mut server, cx, b"and back"))
             .await
             .expect("write");

@@ -137,6 +137,10 @@ impl Transport for BackendStream {
         each!(self, s => s.parkable())
     }
 
+    fn more_waiting(&self) -> bool {
+        each!(self, s => s.more_waiting())
+    }
+
     fn settled(&self) -> bool {
         each!(self, s => s.settled())
     }

@@ -18,4 +18,4 @@ pub use end::EndReason;
 pub use handshake::{
     Rejection, accept_key, accepts, is_upgrade_request, new_key, validate, validate_version,
 };
-pub use transport::{Buffered, ParkedStream, Transport};
+pub use transport::{Buffered, ParkedStream, Transport, input_waiting};

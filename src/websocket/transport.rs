@@ -11,9 +11,12 @@
 //! the park (`park.rs`): the socket out of the runtime's reactor, with what the stream keeps beside it.
 
 use std::io;
+use std::mem::MaybeUninit;
+use std::os::fd::AsFd;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use socket2::SockRef;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
@@ -40,6 +43,14 @@ pub trait Transport: Send + Unpin {
         false
     }
 
+    /// After a read that found no data (`Pending` once readiness said ready): whether the socket still
+    /// holds bytes the read left there. A raw socket's read ends only when the socket is empty; a TLS
+    /// session may stop after a record that carried no data (a `KeyUpdate`) with more already arrived,
+    /// which a tunnel back from the park must read before it judges a deadline.
+    fn more_waiting(&self) -> bool {
+        false
+    }
+
     /// Whether the stream holds nothing in flight now (no record half read or unsent, no buffer): only
     /// then may its tunnel park. A raw socket always; a TLS session when quiet.
     fn settled(&self) -> bool {
@@ -56,6 +67,18 @@ pub trait Transport: Send + Unpin {
     fn from_parked(parked: Self::Parked) -> io::Result<Self>
     where
         Self: Sized;
+}
+
+/// Whether a read of `socket` would return something now (bytes, the peer's FIN or an error), asked of
+/// the kernel (`MSG_PEEK`) whatever the runtime's reactor last said of it.
+pub fn input_waiting(socket: &impl AsFd) -> bool {
+    match SockRef::from(socket).peek(&mut [MaybeUninit::uninit(); 1]) {
+        Ok(_) => true,
+        Err(error) => !matches!(
+            error.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+        ),
+    }
 }
 
 /// A stream in the park: the socket the park watches for readability, with what the stream keeps.
@@ -148,6 +171,10 @@ impl<T: Transport> Transport for Box<T> {
 
     fn parkable(&self) -> bool {
         (**self).parkable()
+    }
+
+    fn more_waiting(&self) -> bool {
+        (**self).more_waiting()
     }
 
     fn settled(&self) -> bool {

@@ -29,7 +29,7 @@ use super::end::OwnClose;
 use super::frame::{ClosePayload, ControlFrame, OP_PING, Role};
 use super::park::{Park, Parked};
 use super::scanner::{Scanner, Violation};
-use super::transport::{ParkedStream, Transport};
+use super::transport::{ParkedStream, Transport, input_waiting};
 use crate::config::WebSocketSettings;
 
 /// Reads per direction before the task yields, so one busy tunnel cannot hold a worker thread.
@@ -389,17 +389,6 @@ impl<C: Transport + 'static, B: Transport + 'static, X: TunnelContext> Parked
     }
 }
 
-/// Whether a read of `socket` would return something now: bytes, the peer's FIN or an error.
-fn input_waiting(socket: &std::net::TcpStream) -> bool {
-    match socket.peek(&mut [0; 1]) {
-        Ok(_) => true,
-        Err(error) => !matches!(
-            error.kind(),
-            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-        ),
-    }
-}
-
 impl<PC: ParkedStream, PB: ParkedStream, X: TunnelContext> Tunnel<PC, PB, X> {
     /// The sockets back in the current runtime's reactor, as the streams they were.
     fn restore<C, B>(self) -> Result<Tunnel<C, B, X>, (TunnelOutcome, X)>
@@ -717,10 +706,13 @@ impl Half {
             let carried = self.scanner.prepare(&mut buf);
             match src.poll_read(cx, &mut buf[carried..]) {
                 // Nothing after all (a stream that cannot tell readiness, a TLS record that carried no
-                // data): the buffer goes straight back. Whatever the park saw waiting has been read.
+                // data): the buffer goes straight back. What the park saw waiting has been read, unless
+                // the stream stopped short of bytes the socket still holds.
                 Poll::Pending => {
                     self.read_pending = true;
-                    self.input_pending = false;
+                    if self.input_pending {
+                        self.input_pending = src.more_waiting();
+                    }
                     return step;
                 }
                 Poll::Ready(Ok(0)) => {

@@ -497,6 +497,65 @@ async fn parked_wss_tunnels_keep_their_session() {
     assert!(metrics.contains("wsgate_ws_tunnels_parked 0"), "{metrics}");
 }
 
+/// The same over TLS 1.2, whose sessions stay rustls' own (`Established::Rustls`): a parked tunnel comes
+/// back for each message, both ways, more than once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_tls12_tunnels_keep_their_session() {
+    let pki = Pki::new();
+    let (cert, key, _) = pki.leaf("site", &["site.test"]);
+    let backend = WsBackend::bind().await;
+    let text = tls_config(backend.addr, &[(&cert, &key)]).replace(
+        "websocket = {  }",
+        r#"websocket = { ping_interval = "0s", park_after = "200ms" }"#,
+    );
+    let (gateway, addr) = gateway(&text).await;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.ca_der.clone()).expect("CA");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tcp_connect(addr).await;
+    let name = ServerName::try_from("site.test").expect("name");
+    let tls = within(
+        "TLS 1.2 handshake",
+        TlsConnector::from(Arc::new(config)).connect(name, tcp),
+    )
+    .await
+    .expect("handshake");
+    assert_eq!(
+        tls.get_ref().1.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_2)
+    );
+    let request = format!("wss://site.test:{}/ws", addr.port())
+        .into_client_request()
+        .expect("request");
+    let (connected, mut server) = tokio::join!(
+        within("upgrade", tokio_tungstenite::client_async(request, tls)),
+        backend.accept()
+    );
+    let (mut ws, _) = connected.expect("upgrade over TLS 1.2");
+    for round in 0..3u8 {
+        wait_metric(&gateway, "wsgate_ws_tunnels_parked 1").await;
+        let text = format!("round {round}");
+        within("send", ws.send(Message::text(text.clone())))
+            .await
+            .expect("send");
+        assert_eq!(server.next_frame().await.payload, text.as_bytes());
+        wait_metric(&gateway, "wsgate_ws_tunnels_parked 1").await;
+        server.write_frame(true, OP_BINARY, &[round; 70_000]).await;
+        assert_eq!(
+            next_message(&mut ws).await,
+            Message::binary(vec![round; 70_000])
+        );
+    }
+    wait_metric(&gateway, "wsgate_ws_tunnels_parked 1").await;
+    gateway.shutdown().await;
+}
+
 /// A TLS connection to `site.test` at `addr`, offering `alpn`.
 async fn tls_connect_alpn(pki: &Pki, addr: SocketAddr, alpn: &[&[u8]]) -> TlsStream<TcpStream> {
     let name = ServerName::try_from("site.test").expect("name");
