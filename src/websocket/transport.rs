@@ -4,8 +4,8 @@
 //! A raw socket tells when it is readable without being read, so a tunnel borrows a read buffer only once
 //! data is there; so does a TLS session (`tls::session`, a client's or toward a backend), which knows what
 //! it holds. A buffered stream (an HTTP/2 stream) cannot: its readiness depends on what it has buffered,
-//! so for it the tunnel borrows a buffer, tries a read, and gives the buffer back at once when
-//! nothing came. Either way an idle tunnel holds no buffer of wsgate's.
+//! so for it the tunnel borrows a buffer, tries a read, and gives the buffer back at once when nothing
+//! came. Either way an idle tunnel holds no buffer of wsgate's.
 //!
 //! A stream over a socket also has a parked form (`Transport::Parked`), which a quiet tunnel takes into
 //! the park (`park.rs`): the socket out of the runtime's reactor, with what the stream keeps beside it.

@@ -1,13 +1,13 @@
 //! The frame-aware splice between a client and a backend after a successful upgrade (docs/ARCHITECTURE.md, "The tunnel").
 //!
-//! One task drives both directions over the two streams (raw `TcpStream`s, or a TLS session or HTTP/2
+//! One task drives both directions over the two streams (raw `TcpStream`s, TLS sessions, or an HTTP/2
 //! stream on the client side: see `transport.rs`): it waits for readiness, borrows a buffer,
 //! reads, lets the direction's [`Scanner`] walk the frames in place, writes the result, and gives the buffer
 //! back. A direction reads nothing more until its last chunk is written, so a slow reader slows its writer
 //! and memory stays bounded. wsgate's own frames (keepalive pings, Close) go in only at frame boundaries.
 //! Timers (keepalive, pong, idle, lifetime, close) share one `Sleep`, re-armed lazily. A tunnel over
-//! sockets (plain or TLS) quiet for its route's `park_after` leaves its task for the worker's park (`park.rs`) and gets a new
-//! one when there is work again.
+//! sockets (plain or TLS) quiet for its route's `park_after` leaves its task for the worker's park
+//! (`park.rs`) and gets a new one when there is work again.
 
 use std::future::Future;
 use std::io;
