@@ -7,12 +7,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::common::*;
-use crate::tunnel_support::{OP_BINARY, OP_TEXT, WsBackend, wait_metric};
+use crate::tunnel_support::{OP_BINARY, OP_TEXT, RawPeer, WsBackend, wait_metric};
 use futures_util::SinkExt;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
+use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use wsgate::{Config, Gateway};
@@ -412,30 +413,46 @@ async fn tls_tunnels_end_with_close_notify() {
     within("shutdown", shutdown).await.expect("shutdown task");
 }
 
-/// Quiet `wss://` tunnels go to the park too, their TLS session (keys, sequence numbers) with them: they
-/// come back for what either side sends, and for a key update that carries no data (read, then parked
-/// again), and are closed from there at shutdown with a Close and `close_notify`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn parked_wss_tunnels_keep_their_session() {
-    let pki = Pki::new();
+/// A gateway terminating TLS for `site.test` in front of `backend`, whose quiet tunnels park after
+/// 200 ms (no keepalive pings) and whose shutdown closes them all at once.
+async fn parking_gateway(pki: &Pki, backend: &WsBackend) -> (Gateway, SocketAddr) {
     let (cert, key, _) = pki.leaf("site", &["site.test"]);
-    let backend = WsBackend::bind().await;
     let text = tls_config(backend.addr, &[(&cert, &key)]);
     assert!(text.contains("websocket = {  }"), "{text}");
     let text = text.replace(
         "websocket = {  }",
         r#"websocket = { ping_interval = "0s", park_after = "200ms" }"#,
     ) + "\n[timeouts]\nclose_spread = \"0s\"\n";
-    let (gateway, addr) = gateway(&text).await;
-    let tls = tls_connect(&pki, addr, "site.test").await;
+    gateway(&text).await
+}
+
+/// A WebSocket over `tls` through the gateway at `addr`, and the backend's raw end of it.
+async fn wss_pair(
+    tls: TlsStream<TcpStream>,
+    addr: SocketAddr,
+    backend: &WsBackend,
+) -> (WebSocketStream<TlsStream<TcpStream>>, RawPeer) {
     let request = format!("wss://site.test:{}/ws", addr.port())
         .into_client_request()
         .expect("request");
-    let (connected, mut server) = tokio::join!(
+    let (connected, server) = tokio::join!(
         within("upgrade", tokio_tungstenite::client_async(request, tls)),
         backend.accept()
     );
-    let (mut ws, _) = connected.expect("upgrade over TLS");
+    let (ws, _) = connected.expect("upgrade over TLS");
+    (ws, server)
+}
+
+/// Quiet `wss://` tunnels go to the park too, their TLS session (keys, sequence numbers) with them: they
+/// come back for what either side sends, and for a key update that carries no data (read, then parked
+/// again), and are closed from there at shutdown with a Close and `close_notify`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_wss_tunnels_keep_their_session() {
+    let pki = Pki::new();
+    let backend = WsBackend::bind().await;
+    let (gateway, addr) = parking_gateway(&pki, &backend).await;
+    let tls = tls_connect(&pki, addr, "site.test").await;
+    let (mut ws, mut server) = wss_pair(tls, addr, &backend).await;
     wait_metric(&gateway, "wsgate_ws_tunnels_parked 1").await;
 
     within("send", ws.send(Message::text("out of the park")))
@@ -502,13 +519,8 @@ async fn parked_wss_tunnels_keep_their_session() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parked_tls12_tunnels_keep_their_session() {
     let pki = Pki::new();
-    let (cert, key, _) = pki.leaf("site", &["site.test"]);
     let backend = WsBackend::bind().await;
-    let text = tls_config(backend.addr, &[(&cert, &key)]).replace(
-        "websocket = {  }",
-        r#"websocket = { ping_interval = "0s", park_after = "200ms" }"#,
-    );
-    let (gateway, addr) = gateway(&text).await;
+    let (gateway, addr) = parking_gateway(&pki, &backend).await;
     let mut roots = rustls::RootCertStore::empty();
     roots.add(pki.ca_der.clone()).expect("CA");
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -530,14 +542,7 @@ async fn parked_tls12_tunnels_keep_their_session() {
         tls.get_ref().1.protocol_version(),
         Some(rustls::ProtocolVersion::TLSv1_2)
     );
-    let request = format!("wss://site.test:{}/ws", addr.port())
-        .into_client_request()
-        .expect("request");
-    let (connected, mut server) = tokio::join!(
-        within("upgrade", tokio_tungstenite::client_async(request, tls)),
-        backend.accept()
-    );
-    let (mut ws, _) = connected.expect("upgrade over TLS 1.2");
+    let (mut ws, mut server) = wss_pair(tls, addr, &backend).await;
     for round in 0..3u8 {
         wait_metric(&gateway, "wsgate_ws_tunnels_parked 1").await;
         let text = format!("round {round}");
