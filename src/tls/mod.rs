@@ -9,7 +9,8 @@
 //! owns their buffers.
 //!
 //! The loading (`read_certificates`, `load_certified_key`) also serves TLS toward backends
-//! (`upstream/tls_client.rs`): trusted roots, and wsgate's own client certificate.
+//! (`upstream/tls_client.rs`): trusted roots, and wsgate's own client certificate, and so does the
+//! cryptography (`provider`).
 
 pub mod record_layer;
 pub mod session;
@@ -44,9 +45,32 @@ fn error(path: &Path, message: impl Into<String>) -> TlsError {
     }
 }
 
+/// The cryptography of every TLS session wsgate takes part in, toward clients and toward backends.
+/// rustls' providers are made to be combined, and this one takes from each library what it does faster on
+/// the x86-64 servers measured (BENCHMARKS.md, "Full handshakes: two libraries"):
+/// - aws-lc (rustls' `aws_lc_rs`): the X25519 key exchange (s2n-bignum's), and the signing keys: its RSA
+///   uses AVX-512 IFMA where the CPU has it, as OpenSSL does; its ECDSA is about as fast as ring's;
+/// - ring (rustls' `ring`): everything else, in ring's order of preference: the cipher suites (so the
+///   record layer's AEAD), hashes and HKDF, the other groups, signature verification, randomness.
+///
+/// aws-lc for everything was tried: its SHA-384, which the key schedule of `TLS13_AES_256_GCM_SHA384`
+/// spends most on, is slower than ring's there, and its TLS 1.3 AES-GCM sealer would not fit the record
+/// layer as it is (it takes the first record a key seals to be number zero, and keys handed over after
+/// rustls sent session tickets start later).
+pub fn provider() -> CryptoProvider {
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider.key_provider = rustls::crypto::aws_lc_rs::default_provider().key_provider;
+    for group in &mut provider.kx_groups {
+        if group.name() == rustls::NamedGroup::X25519 {
+            *group = rustls::crypto::aws_lc_rs::kx_group::X25519;
+        }
+    }
+    provider
+}
+
 /// Loads every certificate of a listener and builds its acceptor, offering `alpn` in that order.
 pub fn acceptor(config: &TlsConfig, alpn: &[Alpn]) -> Result<TlsAcceptor, TlsError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(provider());
     let mut certs = Vec::new();
     for files in &config.certs {
         certs.push(load_one(&files.cert, &files.key, &provider)?);
@@ -249,6 +273,40 @@ mod tests {
             names: names.iter().map(|s| s.to_string()).collect(),
             key: Arc::new(certified),
         }
+    }
+
+    #[test]
+    fn the_provider_is_ring_with_aws_lc_key_exchange_and_keys() {
+        let ring = rustls::crypto::ring::default_provider();
+        let ours = provider();
+        let names = |p: &CryptoProvider| p.kx_groups.iter().map(|g| g.name()).collect::<Vec<_>>();
+        assert_eq!(names(&ours), names(&ring), "ring's groups, in ring's order");
+        for (group, ring_group) in ours.kx_groups.iter().zip(&ring.kx_groups) {
+            let same_as = |other: &'static dyn rustls::crypto::SupportedKxGroup| {
+                std::ptr::addr_eq(*group as *const _, other as *const _)
+            };
+            if group.name() == rustls::NamedGroup::X25519 {
+                assert!(same_as(rustls::crypto::aws_lc_rs::kx_group::X25519));
+            } else {
+                assert!(same_as(*ring_group), "{:?} is ring's", group.name());
+            }
+        }
+        let suites = |p: &CryptoProvider| {
+            p.cipher_suites
+                .iter()
+                .map(|s| s.suite())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(suites(&ours), suites(&ring));
+        let aws_lc = rustls::crypto::aws_lc_rs::default_provider();
+        assert!(
+            std::ptr::addr_eq(ours.key_provider, aws_lc.key_provider),
+            "aws-lc's signing keys"
+        );
+        assert!(
+            std::ptr::addr_eq(ours.secure_random, ring.secure_random),
+            "ring's randomness"
+        );
     }
 
     #[test]

@@ -111,7 +111,7 @@ impl TlsClients {
         config: &Config,
         previous: Option<&TlsClients>,
     ) -> Result<TlsClients, ConfigErrors> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = Arc::new(tls::provider());
         let mut clients = HashMap::new();
         let mut errors = Vec::new();
         for (pool_name, pool) in &config.pools {
