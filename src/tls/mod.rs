@@ -46,10 +46,10 @@ fn error(path: &Path, message: impl Into<String>) -> TlsError {
 }
 
 /// The cryptography of every TLS session wsgate takes part in, toward clients and toward backends.
-/// rustls' providers are made to be combined, and this one takes from each library what it does faster on
-/// the x86-64 servers measured (BENCHMARKS.md, "Full handshakes: two libraries"):
+/// rustls' providers are made to be combined, and this one takes from each library what it did faster on
+/// the x86-64 machine measured (BENCHMARKS.md, "Full handshakes: two libraries"):
 /// - aws-lc (rustls' `aws_lc_rs`): the X25519 key exchange (s2n-bignum's), and the signing keys: its RSA
-///   uses AVX-512 IFMA where the CPU has it, as OpenSSL does; its ECDSA is about as fast as ring's;
+///   uses AVX-512 IFMA where the CPU has it, ring's has no such code; its ECDSA is about as fast as ring's;
 /// - ring (rustls' `ring`): everything else, in ring's order of preference: the cipher suites (so the
 ///   record layer's AEAD), hashes and HKDF, the other groups, signature verification, randomness.
 ///
